@@ -1,0 +1,27 @@
+# Two commands do all set-up on a fresh machine with Python 3.11 and make:
+#   make demo   — create .venv if missing, install, run `autopar demo`
+#   make test   — same set-up, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,hf]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/autopar demo
+
+test: $(STAMP)
+	$(BIN)/pytest -n 2 -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check autopar passes kernels cost_models tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info
