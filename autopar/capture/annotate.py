@@ -64,7 +64,6 @@ class _Annotator(fx.Interpreter):
         with self._set_current_node(n):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             out = getattr(self, n.op)(n.target, args, kwargs)
-        out = tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
         n.meta[META_KEY] = self._record(n, args, kwargs, out)
         return out
 

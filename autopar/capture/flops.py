@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 FlopPair = tuple[int, int]
@@ -134,8 +134,3 @@ def count_node_flops(
             torch.autograd.grad(outputs, wrt, grads, allow_unused=True)
         backward = int(backward_counter.get_total_flops())
     return int(forward_counter.get_total_flops()), backward
-
-
-def detach_tree(value: Any) -> Any:
-    """Detached copies of the tensors in a pytree (for value propagation)."""
-    return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
