@@ -1,0 +1,1 @@
+"""The ``autopar`` command line: ``capture``, ``demo`` (and later plan/show/diff/explain)."""

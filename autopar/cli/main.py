@@ -1,0 +1,51 @@
+"""Entry point of the ``autopar`` console script.
+
+Every user mistake (``ValueError``/``TypeError``, a missing file, an untraceable
+model) prints one line and exits with code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from autopar import __version__
+from autopar.cli import capture_cmd, demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autopar",
+        description="autopar: capture, plan and run PyTorch models in parallel.",
+    )
+    parser.add_argument("--version", action="version", version=f"autopar {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--no-color", action="store_true", help="plain output without colours")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    capture_cmd.add_parser(subparsers)
+    demo.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    console = Console(no_color=args.no_color, highlight=False)
+    try:
+        return int(args.run(args, console))
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split())
+        print(f"autopar: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

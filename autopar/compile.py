@@ -1,0 +1,170 @@
+"""``autopar.compile``: the user-facing entry, as a function and as a class decorator.
+
+Data flow: ``compile(model, cluster, ...)`` → :class:`Compiled` (lazy) → first call
+captures (``autopar.capture``) → executes the captured graph. Multi-device
+execution comes from the runtime (``autopar.runtime``, a later issue); today a
+compiled model runs on one device and says so when asked for more.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from autopar.capture import Captured, LeafSpec, capture, normalize_inputs
+from autopar.cluster import ClusterSpec
+from autopar.config import Fix
+from autopar.losses import cross_entropy
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+DEFAULT_CLUSTER = "local:1"
+
+
+def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW, lr 3e-4, weight decay 0.01: used when ``optimizer=`` is not given."""
+    return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
+
+
+def _signature(args: tuple[Any, ...], kwargs: dict[str, Any], training: bool) -> Any:
+    leaves, spec = tree_flatten((args, kwargs))
+    described = tuple(
+        (tuple(v.shape), v.dtype, v.device.type) if isinstance(v, torch.Tensor) else repr(v)
+        for v in leaves
+    )
+    return (str(spec), described, training)
+
+
+class Compiled(nn.Module):
+    """A model compiled by autopar: call it like the model, train it with :meth:`step`.
+
+    Parameters are the original model's (``compiled.module``); capture happens on
+    the first call for each input signature (shapes, dtypes, train/eval), like
+    ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cluster: str | ClusterSpec = DEFAULT_CLUSTER,
+        *,
+        loss_fn: LossFn | None = None,
+        optimizer: OptimizerFactory | None = None,
+        fix: dict[str, Any] | Fix | None = None,
+        frontend: str = "auto",
+        leaf_modules: Iterable[LeafSpec] = (),
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"autopar.compile needs an nn.Module, got {type(model).__name__}")
+        self.module = model
+        self.cluster = cluster if isinstance(cluster, ClusterSpec) else ClusterSpec.parse(cluster)
+        self.fix = Fix.from_dict(fix)
+        _check_single_device(self.cluster, self.fix)
+        self.loss_fn: LossFn = loss_fn or cross_entropy
+        self._optimizer_factory = optimizer or default_optimizer
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._frontend = frontend
+        self._leaf_modules = tuple(leaf_modules)
+        self._graphs: dict[Any, Captured] = {}
+        self.num_steps = 0
+
+    def captured_for(self, *args: Any, **kwargs: Any) -> Captured:
+        """The capture for this input signature (captured now if it is new)."""
+        key = _signature(args, kwargs, self.training)
+        if key not in self._graphs:
+            self._graphs[key] = capture(
+                self.module, args, example_kwargs=kwargs,
+                frontend=self._frontend, leaf_modules=self._leaf_modules,  # type: ignore[arg-type]
+            )
+        return self._graphs[key]
+
+    @property
+    def captured(self) -> Captured:
+        """The most recent capture; raises before the first call."""
+        if not self._graphs:
+            raise RuntimeError("nothing captured yet: call the compiled model or .step() first")
+        return list(self._graphs.values())[-1]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.captured_for(*args, **kwargs).graph_module(*args, **kwargs)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer, built from the factory on first use."""
+        if self._optimizer is None:
+            self._optimizer = self._optimizer_factory(self.module.parameters())
+        return self._optimizer
+
+    def step(self, inputs: Any, targets: Any) -> float:
+        """One training step: forward, ``loss_fn(outputs, targets)``, backward, optimizer step.
+
+        ``inputs`` is a tensor, a tuple of positional arguments, or a dict of keyword
+        arguments. Returns the loss as a float.
+        """
+        self.train()
+        args, kwargs = _split_inputs(inputs)
+        optimizer = self.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self(*args, **kwargs), targets)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"loss_fn must return a scalar tensor, got {loss!r:.80}")
+        loss.backward()
+        optimizer.step()
+        self.num_steps += 1
+        return float(loss.detach())
+
+
+def _split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    return normalize_inputs(inputs), {}
+
+
+def _check_single_device(cluster: ClusterSpec, fix: Fix) -> None:
+    if cluster.num_devices != 1 or fix.world_size() != 1:
+        raise ValueError(
+            f"this build of autopar executes on one device, but cluster {cluster.text!r} has "
+            f"{cluster.num_devices} devices and fix={fix.pinned()} asks for "
+            f"dp×tp×pp = {fix.world_size()}; use cluster='local:1' (multi-device execution "
+            "arrives with autopar.runtime)"
+        )
+
+
+def compile(  # noqa: A001 - the public name mirrors torch.compile
+    model: nn.Module | type[nn.Module] | None = None,
+    cluster: str | ClusterSpec | None = None,
+    **options: Any,
+) -> Any:
+    """Compile a model for (distributed) training.
+
+    ``autopar.compile(model, cluster, loss_fn=..., optimizer=..., fix={...})`` returns a
+    :class:`Compiled`. As a decorator, ``@autopar.compile(cluster=..., **options)`` (or
+    bare ``@autopar.compile``) on an ``nn.Module`` subclass makes its constructor
+    return a :class:`Compiled` wrapping the new instance.
+    """
+    spec = DEFAULT_CLUSTER if cluster is None else cluster
+    if model is None:
+        return lambda target: compile(target, spec, **options)
+    if isinstance(model, type):
+        if not issubclass(model, nn.Module):
+            raise TypeError(f"@autopar.compile decorates nn.Module subclasses, got {model.__name__}")
+        return _decorate(model, spec, options)
+    return Compiled(model, spec, **options)
+
+
+def _decorate(cls: type[nn.Module], cluster: str | ClusterSpec, options: dict[str, Any]) -> Any:
+    ClusterSpec.parse(cluster) if isinstance(cluster, str) else cluster  # fail at decoration time
+
+    @functools.wraps(cls, updated=())
+    def construct(*args: Any, **kwargs: Any) -> Compiled:
+        return Compiled(cls(*args, **kwargs), cluster, **options)
+
+    construct.original_class = cls  # type: ignore[attr-defined]
+    return construct

@@ -1,0 +1,1 @@
+"""Benchmarks: named measurements whose results are committed under results/."""
