@@ -1,0 +1,32 @@
+"""The Plan: what autopar decided for one model on one cluster. A Plan is data.
+
+Data flow: the planner (or ``autopar.compile`` on one device) produces a :class:`Plan`;
+the runtime executes it; the CLI views, the HTML report and the benchmarks read it,
+from JSON only. Nothing here decides anything, and a hand-written Plan is as good as a
+planned one. The root record is defined here; its parts live in ``schema``, JSON and
+files in ``io``, and the graph fingerprint that ties a Plan to a model in ``fingerprint``.
+"""
+
+from autopar.plan.fingerprint import graph_fingerprint
+from autopar.plan.io import PlanNotFoundError, check_fingerprint
+from autopar.plan.plan import Plan
+from autopar.plan.schema import (
+    BREAKDOWN_KEYS,
+    SCHEMA_VERSION,
+    Alternative,
+    AppliedPass,
+    Mesh,
+    Parallelism,
+    Predicted,
+    Recompute,
+    Schedule,
+    ScheduleName,
+    Sharding,
+    Stage,
+)
+
+__all__ = [
+    "BREAKDOWN_KEYS", "SCHEMA_VERSION", "Alternative", "AppliedPass", "Mesh", "Parallelism",
+    "Plan", "PlanNotFoundError", "Predicted", "Recompute", "Schedule", "ScheduleName",
+    "Sharding", "Stage", "check_fingerprint", "graph_fingerprint",
+]

@@ -1,0 +1,86 @@
+"""Graph fingerprints: stable across processes, sensitive to what changes a plan."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from autopar.capture import capture
+from autopar.plan import graph_fingerprint
+from autopar.plan.fingerprint import canonical_graph_text
+
+
+def mlp(hidden: int = 8, act: type[nn.Module] = nn.GELU) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, hidden), act(), nn.Linear(hidden, 2))
+
+
+class Functional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.register_buffer("scale", torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.proj(x)) * self.scale
+        return torch.nn.functional.softmax(y[:, :2] + x.sum(dim=-1, keepdim=True), dim=-1)
+
+
+def test_fingerprint_is_stable() -> None:
+    assert graph_fingerprint(fx.symbolic_trace(mlp())) == graph_fingerprint(
+        fx.symbolic_trace(mlp()))
+    fp = graph_fingerprint(fx.symbolic_trace(Functional()))
+    assert fp == graph_fingerprint(fx.symbolic_trace(Functional())) and len(fp) == 16
+    text = canonical_graph_text(fx.symbolic_trace(Functional()))
+    assert "0x" not in text and "torch.relu" in text and "buffer scale: float32[4]" in text
+    with pytest.raises(TypeError, match="fx.GraphModule"):
+        graph_fingerprint(mlp())  # type: ignore[arg-type]
+
+
+def test_fingerprint_is_the_same_in_another_process() -> None:
+    code = ("from torch import fx; import sys; sys.path.insert(0, sys.argv[1]);"
+            "from test_fingerprint import Functional, mlp; from autopar.plan import graph_fingerprint;"
+            "print(graph_fingerprint(fx.symbolic_trace(Functional())),"
+            " graph_fingerprint(fx.symbolic_trace(mlp())))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env,
+                         capture_output=True, text=True, check=True, timeout=120).stdout.split()
+    assert out == [graph_fingerprint(fx.symbolic_trace(Functional())),
+                   graph_fingerprint(fx.symbolic_trace(mlp()))]
+
+
+def test_fingerprint_sees_changes() -> None:
+    base = graph_fingerprint(fx.symbolic_trace(mlp()))
+    assert graph_fingerprint(fx.symbolic_trace(mlp(hidden=16))) != base  # parameter shapes
+    assert graph_fingerprint(fx.symbolic_trace(mlp(act=nn.ReLU))) != base  # module class
+    tanh = nn.Sequential(nn.Linear(4, 8), nn.GELU(approximate="tanh"), nn.Linear(8, 2))
+    assert graph_fingerprint(fx.symbolic_trace(tanh)) != base  # module settings
+
+
+def test_fingerprint_sees_shapes() -> None:
+    def shaped(batch: int) -> str:
+        gm = fx.symbolic_trace(mlp())
+        ShapeProp(gm).propagate(torch.randn(batch, 4))  # fills node.meta["tensor_meta"]
+        return graph_fingerprint(gm)
+
+    assert shaped(3) == shaped(3) != shaped(5)
+    assert shaped(3) != graph_fingerprint(fx.symbolic_trace(mlp()))
+
+    def captured(batch: int, frontend: str) -> str:
+        return graph_fingerprint(capture(mlp(), torch.randn(batch, 4),
+                                         frontend=frontend).graph_module)  # type: ignore[arg-type]
+
+    for frontend in ("fx", "export"):  # node.meta["autopar"] (a NodeRecord)
+        assert captured(3, frontend) == captured(3, frontend) != captured(5, frontend)
+
+    def exported(batch: int) -> str:  # node.meta["val"] only
+        return graph_fingerprint(torch.export.export(mlp(), (torch.randn(batch, 4),)).module())
+
+    assert exported(3) == exported(3) != exported(5)
