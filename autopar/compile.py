@@ -8,6 +8,7 @@ compiled model runs on one device and says so when asked for more.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -20,6 +21,7 @@ from autopar.capture import Captured, LeafSpec, capture, normalize_inputs
 from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.losses import cross_entropy
+from autopar.plans import Plan, graph_fingerprint
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -91,6 +93,24 @@ class Compiled(nn.Module):
         if not self._graphs:
             raise RuntimeError("nothing captured yet: call the compiled model or .step() first")
         return list(self._graphs.values())[-1]
+
+    @property
+    def plan(self) -> Plan:
+        """The Plan being executed, for the most recent capture (one device today)."""
+        captured = self.captured
+        first = next((t for t in tree_flatten((captured.example_args, captured.example_kwargs))[0]
+                      if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        batch = int(first.shape[0]) if first is not None else 1
+        seq_len = int(first.shape[1]) if first is not None and first.dim() > 1 else None
+        first_node = next(iter(captured.graph_module.graph.nodes)).name
+        last_node = list(captured.graph_module.graph.nodes)[-1].name
+        plan = Plan.single_device(
+            captured.model_name, graph_fingerprint=graph_fingerprint(captured.graph_module),
+            cluster=self.cluster, global_batch_size=batch, seq_len=seq_len,
+            num_layers=len(captured.layers),
+        )
+        stage = dataclasses.replace(plan.stages[0], first_node=first_node, last_node=last_node)
+        return dataclasses.replace(plan, stages=(stage,))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.captured_for(*args, **kwargs).graph_module(*args, **kwargs)

@@ -61,6 +61,19 @@ def test_call_is_lazy_and_equals_eager():
     assert compiled.captured is not first  # new shape: captured again
 
 
+def test_plan_of_single_device_run(tmp_path):
+    model = autopar.models.build("gpt-tiny")
+    compiled = autopar.compile(model)
+    inputs, targets = autopar.models.example_batch(model, batch_size=4, seq_len=16)
+    compiled.step(inputs, targets)
+    plan = compiled.plan
+    assert plan.parallelism.world_size == 1 and plan.global_batch_size == 4 and plan.seq_len == 16
+    assert plan.stages[0].layers == (0, len(compiled.captured.layers))
+    assert plan.graph_fingerprint == autopar.plans.graph_fingerprint(compiled.captured.graph_module)
+    plan.save(tmp_path / "plan.json")
+    assert autopar.Plan.load(tmp_path / "plan.json", expect_fingerprint=plan.graph_fingerprint) == plan
+
+
 def test_hf_gpt2_step_through_export():
     tf = pytest.importorskip("transformers")
     torch.manual_seed(0)

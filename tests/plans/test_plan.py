@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from autopar.cluster import ClusterSpec
-from autopar.plan import (
+from autopar.plans import (
     SCHEMA_VERSION,
     Alternative,
     AppliedPass,

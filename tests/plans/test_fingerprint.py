@@ -13,8 +13,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from autopar.capture import capture
-from autopar.plan import graph_fingerprint
-from autopar.plan.fingerprint import canonical_graph_text
+from autopar.plans import graph_fingerprint
+from autopar.plans.fingerprint import canonical_graph_text
 
 
 def mlp(hidden: int = 8, act: type[nn.Module] = nn.GELU) -> nn.Module:
@@ -46,7 +46,7 @@ def test_fingerprint_is_stable() -> None:
 
 def test_fingerprint_is_the_same_in_another_process() -> None:
     code = ("from torch import fx; import sys; sys.path.insert(0, sys.argv[1]);"
-            "from test_fingerprint import Functional, mlp; from autopar.plan import graph_fingerprint;"
+            "from test_fingerprint import Functional, mlp; from autopar.plans import graph_fingerprint;"
             "print(graph_fingerprint(fx.symbolic_trace(Functional())),"
             " graph_fingerprint(fx.symbolic_trace(mlp())))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}

@@ -7,10 +7,10 @@ planned one. The root record is defined here; its parts live in ``schema``, JSON
 files in ``io``, and the graph fingerprint that ties a Plan to a model in ``fingerprint``.
 """
 
-from autopar.plan.fingerprint import graph_fingerprint
-from autopar.plan.io import PlanNotFoundError, check_fingerprint
-from autopar.plan.plan import Plan
-from autopar.plan.schema import (
+from autopar.plans.fingerprint import graph_fingerprint
+from autopar.plans.io import PlanNotFoundError, check_fingerprint
+from autopar.plans.plan import Plan
+from autopar.plans.schema import (
     BREAKDOWN_KEYS,
     SCHEMA_VERSION,
     Alternative,

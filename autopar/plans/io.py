@@ -18,10 +18,10 @@ import tempfile
 import types
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from autopar.plan.schema import SCHEMA_VERSION, unsupported_version
+from autopar.plans.schema import SCHEMA_VERSION, unsupported_version
 
 if TYPE_CHECKING:
-    from autopar.plan.plan import Plan
+    from autopar.plans.plan import Plan
 
 JSON_OPTIONS: dict[str, Any] = {"sort_keys": True, "indent": 2, "ensure_ascii": False,
                                 "allow_nan": False}
@@ -59,7 +59,7 @@ def plan_from_json(text: str, *, where: str = "plan JSON") -> Plan:
     version = data["schema_version"]
     if type(version) is not int or version != SCHEMA_VERSION:
         raise ValueError(f"{unsupported_version(version)} ({where})")
-    from autopar.plan.plan import Plan
+    from autopar.plans.plan import Plan
 
     try:
         return _decode(data, Plan, "plan")

@@ -1,7 +1,7 @@
 """The parts of a Plan (parallelism, mesh, stages, schedule, predictions) as frozen dataclasses.
 
-Data flow: the planner fills these; ``autopar.plan.Plan`` (the root record) holds them;
-``autopar.plan.io`` turns them into versioned JSON that the runtime, the CLI views and
+Data flow: the planner fills these; ``autopar.plans.Plan`` (the root record) holds them;
+``autopar.plans.io`` turns them into versioned JSON that the runtime, the CLI views and
 the benchmarks read. Each part validates itself at construction and names the field,
 the value and what is allowed.
 """

@@ -1,6 +1,6 @@
 """The :class:`Plan` root record: degrees, mesh, stages, schedule, passes, predictions.
 
-Re-exported by ``autopar.plan``; its parts live in ``schema``, JSON and files in ``io``.
+Re-exported by ``autopar.plans``; its parts live in ``schema``, JSON and files in ``io``.
 """
 
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autopar.cluster import ClusterSpec
-from autopar.plan.schema import (
+from autopar.plans.schema import (
     SCHEMA_VERSION,
     Alternative,
     AppliedPass,
@@ -110,23 +110,23 @@ class Plan:
 
     def to_json(self) -> str:
         """Deterministic JSON: sorted keys, two-space indent, trailing newline."""
-        from autopar.plan.io import plan_to_json
+        from autopar.plans.io import plan_to_json
         return plan_to_json(self)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        from autopar.plan.io import plan_from_json
+        from autopar.plans.io import plan_from_json
         return plan_from_json(text)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically: a temp file in the same folder, fsync, ``os.replace``."""
-        from autopar.plan.io import save_plan
+        from autopar.plans.io import save_plan
         save_plan(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, expect_fingerprint: str | None = None) -> Plan:
         """Read a plan file; with ``expect_fingerprint``, refuse a plan made for another graph."""
-        from autopar.plan.io import load_plan
+        from autopar.plans.io import load_plan
         return load_plan(path, expect_fingerprint=expect_fingerprint)
 
 
