@@ -5,8 +5,16 @@ cost models → planner → ``Plan`` (versioned JSON) → runtime. See the READM
 ``../shared/ARCHITECTURE.md``.
 """
 
+from autopar import models
 from autopar.capture import Captured, CaptureError, capture
+from autopar.cluster import ClusterSpec
+from autopar.compile import Compiled, compile
+from autopar.config import Fix
+from autopar.plans import Plan
 
 __version__ = "0.1.0"
 
-__all__ = ["CaptureError", "Captured", "__version__", "capture"]
+__all__ = [
+    "CaptureError", "Captured", "ClusterSpec", "Compiled", "Fix", "Plan", "__version__",
+    "capture", "compile", "models",
+]

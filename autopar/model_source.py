@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,8 @@ def _is_hf_config(spec: str) -> bool:
 def _from_callable(spec: str) -> tuple[nn.Module, Any]:
     """Call ``module:callable``; it returns a model or ``(model, example_inputs)``."""
     module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`, MODEL modules resolve from here
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
