@@ -15,6 +15,7 @@ from rich.console import Console
 from autopar import models
 from autopar.cli.capture_cmd import layer_table, summary_table
 from autopar.compile import compile as autopar_compile
+from autopar.losses import cross_entropy
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +37,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         model, "local:1", optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3)
     )
     console.print(f"[bold]autopar demo[/]: training {args.model} on {compiled.cluster}")
+    with torch.no_grad():
+        reference = float(cross_entropy(model(inputs), targets))  # eager PyTorch, before step 1
     start = time.perf_counter()
     losses = []
     for step in range(args.steps):
@@ -45,5 +48,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             console.print(layer_table(compiled.captured))
         console.print(f"step {step + 1:3d}  loss {losses[-1]:.4f}")
     elapsed = time.perf_counter() - start
+    verdict = "equal" if abs(reference - losses[0]) <= 1e-6 * max(1.0, abs(reference)) else "DIFFERENT"
+    console.print(f"eager PyTorch loss before step 1: {reference:.6f} (autopar: {losses[0]:.6f}, {verdict})")
     console.print(f"loss {losses[0]:.4f} → {losses[-1]:.4f} in {args.steps} steps ({elapsed:.1f} s)")
     return 0

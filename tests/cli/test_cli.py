@@ -134,3 +134,4 @@ def test_demo_trains_and_loss_falls(capsys):
     assert code == 0, err
     losses = [float(line.split("loss")[1]) for line in out.splitlines() if line.startswith("step")]
     assert len(losses) == 5 and losses[-1] < losses[0]
+    assert "eager PyTorch loss before step 1" in out and "equal" in out and "DIFFERENT" not in out
