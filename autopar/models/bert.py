@@ -12,28 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autopar.models.attention import SelfAttention
 from autopar.models.configs import BertConfig
 from autopar.models.init import init_weights
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        h = config.hidden_size
-        self.num_heads = config.num_heads
-        self.qkv = nn.Linear(h, 3 * h)
-        self.proj = nn.Linear(h, h)
-        self.dropout = config.dropout
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        b, s, h = x.shape
-        q, k, v = self.qkv(x).split(h, dim=2)  # 3 × (b, s, h)
-        q = q.view(b, s, self.num_heads, h // self.num_heads).transpose(1, 2)  # (b, a, s, h/a)
-        k = k.view(b, s, self.num_heads, h // self.num_heads).transpose(1, 2)
-        v = v.view(b, s, self.num_heads, h // self.num_heads).transpose(1, 2)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (b, a, s, h/a)
-        return self.proj(y.transpose(1, 2).reshape(b, s, h))
 
 
 class Layer(nn.Module):
@@ -41,7 +22,7 @@ class Layer(nn.Module):
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
-        self.attn = SelfAttention(config)
+        self.attn = SelfAttention(config.hidden_size, config.num_heads, config.dropout, causal=False)
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=1e-12)
         self.fc = nn.Linear(config.hidden_size, config.ffn_size)
         self.out = nn.Linear(config.ffn_size, config.hidden_size)

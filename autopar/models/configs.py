@@ -17,8 +17,8 @@ def _positive(owner: str, name: str, value: Any) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class GPTConfig:
-    """A decoder-only causal LM. ``ffn_size`` defaults to 4 × hidden_size."""
+class _TransformerConfig:
+    """Fields every zoo transformer has. ``ffn_size`` 0 means 4 × hidden_size."""
 
     num_layers: int = 2
     hidden_size: int = 64
@@ -27,7 +27,6 @@ class GPTConfig:
     seq_len: int = 32
     ffn_size: int = 0
     dropout: float = 0.0
-    tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -36,29 +35,27 @@ class GPTConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class BertConfig:
-    """A bidirectional encoder with a masked-LM head. ``ffn_size`` defaults to 4h."""
+class GPTConfig(_TransformerConfig):
+    """A decoder-only causal LM; the LM head shares the token embedding by default."""
 
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_heads: int = 4
-    vocab_size: int = 128
-    seq_len: int = 32
-    ffn_size: int = 0
+    tie_embeddings: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class BertConfig(_TransformerConfig):
+    """A bidirectional encoder with a masked-LM head."""
+
     type_vocab_size: int = 2
-    dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _validate(self)
+        super().__post_init__()
         _positive(type(self).__name__, "type_vocab_size", self.type_vocab_size)
-        if self.ffn_size == 0:
-            object.__setattr__(self, "ffn_size", 4 * self.hidden_size)
 
 
 ModelConfig = GPTConfig | BertConfig
 
 
-def _validate(config: ModelConfig) -> None:
+def _validate(config: _TransformerConfig) -> None:
     owner = type(config).__name__
     for name in ("num_layers", "hidden_size", "num_heads", "vocab_size", "seq_len"):
         _positive(owner, name, getattr(config, name))

@@ -13,28 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autopar.models.attention import SelfAttention
 from autopar.models.configs import GPTConfig
 from autopar.models.init import init_weights
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        h = config.hidden_size
-        self.num_heads = config.num_heads
-        self.qkv = nn.Linear(h, 3 * h)
-        self.proj = nn.Linear(h, h)
-        self.dropout = config.dropout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape
-        q, k, v = self.qkv(x).split(h, dim=2)  # 3 × (b, s, h)
-        q = q.view(b, s, self.num_heads, h // self.num_heads).transpose(1, 2)  # (b, a, s, h/a)
-        k = k.view(b, s, self.num_heads, h // self.num_heads).transpose(1, 2)
-        v = v.view(b, s, self.num_heads, h // self.num_heads).transpose(1, 2)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (b, a, s, h/a)
-        return self.proj(y.transpose(1, 2).reshape(b, s, h))
 
 
 class MLP(nn.Module):
@@ -53,7 +34,7 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.hidden_size)
-        self.attn = CausalSelfAttention(config)
+        self.attn = SelfAttention(config.hidden_size, config.num_heads, config.dropout, causal=True)
         self.ln_2 = nn.LayerNorm(config.hidden_size)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
