@@ -1,0 +1,69 @@
+"""A Plan from the user's pinned choices (``fix=``), without any search.
+
+Data flow: ``autopar.compile(..., fix={"pp": 2, "tp": 2, ...})`` → :func:`plan_from_fix`
+→ Plan → runtime. Every degree must be pinned or implied by the world size; what is
+not pinned gets a plain default (stated below), never a searched one: layers are
+split into contiguous, equal-as-possible stages (earlier stages take the remainder),
+the schedule is 1F1B (GPipe for one stage), one microbatch per data-parallel rank,
+no recomputation, ZeRO 0. The planner (a later issue) replaces these defaults with
+chosen values; the runtime runs either kind of Plan the same way.
+"""
+
+from __future__ import annotations
+
+from autopar.cluster import ClusterSpec
+from autopar.config import Fix
+from autopar.plans.plan import Plan
+from autopar.plans.schema import Mesh, Parallelism, Schedule, Stage
+
+
+def _degrees(fix: Fix, world: int) -> tuple[int, int, int]:
+    tp, pp = fix.tp or 1, fix.pp or 1
+    dp = fix.dp if fix.dp is not None else world // (tp * pp)
+    if dp * tp * pp != world:
+        raise ValueError(f"dp({dp}) × tp({tp}) × pp({pp}) = {dp * tp * pp} ≠ world size {world}; "
+                         "pin degrees whose product is the cluster's device count")
+    return dp, tp, pp
+
+
+def _layer_ranges(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
+    if num_layers < num_stages:
+        raise ValueError(f"the model has {num_layers} repeated layers, too few for {num_stages} "
+                         "pipeline stages; lower pp (or virtual_stages)")
+    base, extra = divmod(num_layers, num_stages)
+    ranges, start = [], 0
+    for k in range(num_stages):
+        size = base + (1 if k < extra else 0)
+        ranges.append((start, start + size))
+        start += size
+    return ranges
+
+
+def plan_from_fix(model: str, *, graph_fingerprint: str, num_layers: int, cluster: ClusterSpec,
+                  fix: Fix, global_batch_size: int, seq_len: int | None) -> Plan:
+    """The Plan the pinned choices describe, with the defaults above for the rest."""
+    world = cluster.num_devices
+    dp, tp, pp = _degrees(fix, world)
+    virtual = fix.virtual_stages or (2 if fix.schedule == "interleaved" else 1)
+    name = fix.schedule or ("1f1b" if pp > 1 else "gpipe")
+    if global_batch_size % dp:
+        raise ValueError(f"global batch {global_batch_size} is not divisible by dp({dp})")
+    local = global_batch_size // dp
+    micro = fix.microbatch_size or (local // fix.num_microbatches if fix.num_microbatches else local)
+    num_micro = fix.num_microbatches or local // micro
+    grid = [[[(p * dp + d) * tp + t for t in range(tp)] for d in range(dp)] for p in range(pp)]
+    stages = []
+    for k, layers in enumerate(_layer_ranges(num_layers, pp * virtual)):
+        devices = tuple(x for row in grid[k % pp] for x in row)
+        stages.append(Stage(index=k, first_node="", last_node="", layers=layers, devices=devices,
+                            recompute=fix.recompute or "none", virtual_chunk=k // pp))
+    return Plan(
+        model=model, graph_fingerprint=graph_fingerprint, cluster=cluster.to_dict(),
+        global_batch_size=global_batch_size, seq_len=seq_len,
+        parallelism=Parallelism(dp=dp, tp=tp, pp=pp, ep=fix.ep or 1),
+        mesh=Mesh(axis_names=("pp", "dp", "tp"), shape=(pp, dp, tp), device_ids=tuple(range(world))),
+        stages=tuple(stages),
+        schedule=Schedule(name=name, microbatch_size=micro, num_microbatches=num_micro,
+                          virtual_stages=virtual),
+        zero=fix.zero or 0,
+    )

@@ -1,0 +1,28 @@
+"""Data parallelism of a stage module over the mesh's ``dp`` axis, as the Plan says.
+
+``zero`` 0: FSDP2-based ``replicate`` (DDP semantics: full parameters on every rank,
+gradients all-reduced and averaged over dp; classic ``DistributedDataParallel``
+mis-rebuilds its buckets when a pipelining schedule runs several microbatch
+forwards before their backwards, torch 2.13).
+``zero`` 1–3: FSDP2 ``fully_shard`` — parameters, gradients and optimizer states
+sharded over dp (ZeRO-3); with ``zero`` < 3 parameters stay gathered between
+forward and backward (``reshard_after_forward=False``, ZeRO-2-like). Both are
+torch.distributed's own FSDP2 machinery, which pipelining schedules drive (gradient
+reduction deferred to the last microbatch).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed._composable.replicate_with_fsdp import replicate
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+
+
+def apply_data_parallel(module: nn.Module, *, zero: int, dp_mesh: DeviceMesh) -> nn.Module:
+    """``module`` replicated (DDP) or sharded (FSDP2) over ``dp_mesh``; unchanged if dp = 1."""
+    if dp_mesh.size() == 1:
+        return module
+    if zero == 0:
+        return replicate(module, mesh=dp_mesh)
+    return fully_shard(module, mesh=dp_mesh, reshard_after_forward=zero >= 3)

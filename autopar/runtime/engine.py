@@ -1,0 +1,174 @@
+"""The distributed engine: executes one Plan on an initialized process group.
+
+Data flow: ``Captured`` + ``Plan`` → :class:`Engine` (this rank's stages, wrapped
+for recomputation and data parallelism, in a pipelining schedule) →
+:meth:`Engine.step` runs one global batch and returns the same float loss on every
+rank. Mechanism only: the stage split, schedule, microbatches, recomputation and
+ZeRO level all come from the Plan.
+
+Loss: with the default loss (token cross-entropy) each microbatch contributes its
+*summed* loss divided by the number of counted tokens in the whole global batch,
+so the step's loss and gradients equal single-device training exactly, even when
+microbatches hold different numbers of counted tokens (masked LM). A user
+``loss_fn`` is applied per microbatch and averaged over microbatches and data-
+parallel ranks (exact when it is a mean over equally sized microbatches).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from autopar.capture import Captured
+from autopar.capture.annotate import flat_inputs
+from autopar.losses import IGNORE_INDEX, cross_entropy, logits_of
+from autopar.plans import Plan
+from autopar.runtime.data_parallel import apply_data_parallel
+from autopar.runtime.layout import Layout
+from autopar.runtime.pipeline import make_schedule, make_stage
+from autopar.runtime.recompute import apply_recompute
+from autopar.runtime.split import shared_parameters, split_stages
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class _GlobalMeanCrossEntropy:
+    """Per-microbatch summed cross-entropy over the global batch's counted tokens."""
+
+    def __init__(self, unflatten: Callable[[Any], Any], dp: int) -> None:
+        self.unflatten, self.dp, self.count = unflatten, dp, 1
+
+    def __call__(self, output: Any, target: torch.Tensor) -> torch.Tensor:
+        logits = logits_of(self.unflatten(output))
+        total = F.cross_entropy(logits.flatten(0, -2).float(), target.flatten(),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        return total * (self.dp / self.count)
+
+
+class Engine:
+    """This rank's share of a Plan: stages, schedule, optimizer, tied-weight groups."""
+
+    def __init__(self, captured: Captured, plan: Plan, *, loss_fn: Callable[[Any, Any], torch.Tensor],
+                 optimizer: OptimizerFactory, device: torch.device | None = None) -> None:
+        self.plan, self.captured = plan, captured
+        self.device = device or torch.device("cpu")
+        self.layout = Layout.build(plan, self.device.type)
+        graphs = split_stages(captured.graph_module, [s.layers for s in plan.stages])
+        tied_spec = shared_parameters(graphs)  # by identity, before wrapping replaces parameters
+        self.num_stages = len(graphs)
+        local = self.layout.local_stages()
+        dp_mesh = self.layout.mesh["dp"]
+        self.modules = [apply_data_parallel(apply_recompute(graphs[i].module, plan.stages[i].recompute),
+                                            zero=plan.zero, dp_mesh=dp_mesh) for i in local]
+        self.stage_indices = local
+        stages = [make_stage(m, i, self.num_stages, self.device, self.layout.group("pp"))
+                  for m, i in zip(self.modules, local, strict=True)]
+        self.exact = loss_fn is cross_entropy
+        unflatten = _output_unflattener(captured.graph_module)
+        if self.exact:
+            self.loss: Any = _GlobalMeanCrossEntropy(unflatten, plan.parallelism.dp)
+        else:
+            self.loss = lambda output, target: loss_fn(unflatten(output), target)
+        self.schedule = make_schedule(plan.schedule, stages, self.loss, scale_grads=not self.exact)
+        self.optimizer = optimizer([p for m in self.modules for p in m.parameters()])
+        self.tied = _tied_groups(tied_spec, self.layout, self.modules, local)
+        self.last_step_s = 0.0
+
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.stage_indices
+
+    @property
+    def has_last(self) -> bool:
+        return self.num_stages - 1 in self.stage_indices
+
+    def step(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any) -> float:
+        """One global batch: forward/backward through the schedule, optimizer step."""
+        start = time.perf_counter()
+        dp, dp_rank = self.plan.parallelism.dp, self.layout.dp_rank
+        if self.exact:
+            self.loss.count = max(int((targets != IGNORE_INDEX).sum()), 1)
+        flat = [_shard(v, dp, dp_rank) for v in flat_inputs(self.captured.graph_module, args, kwargs)]
+        target = _shard(targets, dp, dp_rank) if self.has_last else None
+        losses: list[torch.Tensor] = []
+        self.optimizer.zero_grad(set_to_none=True)
+        inputs = flat if self.has_first else []
+        self.schedule.step(*inputs, target=target, losses=losses if self.has_last else None)
+        self._sync_tied_gradients()
+        self.optimizer.step()
+        loss = self._global_loss(losses)
+        self.last_step_s = time.perf_counter() - start
+        return loss
+
+    def _sync_tied_gradients(self) -> None:
+        for group, params in self.tied:
+            for param in params:
+                if param.grad is not None:  # sharded/replicated grads: reduce the local part
+                    grad = param.grad
+                    dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=group)
+
+    def _global_loss(self, losses: list[torch.Tensor]) -> float:
+        if losses:
+            local = torch.stack([l.detach().float() for l in losses])
+            value = local.sum() if self.exact else local.mean()
+        else:
+            value = torch.zeros(())
+        value = value.reshape(1).to(self.device)
+        dist.all_reduce(value)
+        par = self.plan.parallelism
+        return float(value) / (par.dp * par.tp)
+
+
+def _shard(value: Any, dp: int, rank: int) -> Any:
+    if not isinstance(value, torch.Tensor) or dp == 1:
+        return value
+    if value.dim() == 0 or value.shape[0] % dp:
+        raise ValueError(f"a batch of {tuple(value.shape)} cannot be split over dp({dp}) ranks; "
+                         "the global batch must be a multiple of dp")
+    return value.chunk(dp)[rank]
+
+
+def _output_unflattener(gm: torch.fx.GraphModule) -> Callable[[Any], Any]:
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    spec = getattr(info, "out_spec", None)
+    if spec is None:
+        return lambda output: output
+    return lambda output: tree_unflatten(tree_flatten(output)[0], spec)
+
+
+def _tied_groups(tied_spec: list[tuple[tuple[int, str], ...]], layout: Layout, modules: list[nn.Module],
+                 local: list[int]) -> list[tuple[dist.ProcessGroup, list[torch.Tensor]]]:
+    """Process groups over the pp ranks that hold one tied parameter (collective: all ranks)."""
+    result = []
+    world_coords = layout.mesh.mesh  # (pp, dp, tp) grid of ranks
+    for group in tied_spec:
+        stage_ranks = sorted({layout.stage_ranks[stage] for stage, _ in group})
+        if len(stage_ranks) < 2:
+            continue
+        mine = None
+        for dp in range(world_coords.shape[1]):
+            for tp in range(world_coords.shape[2]):
+                ranks = [int(world_coords[p, dp, tp]) for p in stage_ranks]
+                pg = dist.new_group(ranks)
+                if layout.rank in ranks:
+                    mine = pg
+        if mine is None:
+            continue
+        params = [_find_param(modules[local.index(stage)], name) for stage, name in group if stage in local]
+        result.append((mine, params))
+    return result
+
+
+def _find_param(module: nn.Module, name: str) -> torch.Tensor:
+    for candidate, param in module.named_parameters(remove_duplicate=False):
+        if candidate.split("module.")[-1] == name or candidate.endswith(name):
+            return param
+    raise KeyError(name)

@@ -1,0 +1,67 @@
+"""Process launch: autopar's own local spawner and the torchrun environment.
+
+Data flow: ``autopar run script.py --nproc N``, ``autopar demo`` and the distributed
+tests call :func:`spawn`, which starts N processes on this machine, joins them in a
+gloo process group through a ``file://`` rendezvous with a short timeout, and runs
+one function per rank. Under ``torchrun`` the group is already described by the
+environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``…); :func:`init_from_env`
+joins it (NCCL on GPUs, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def _worker(rank: int, fn: Callable[..., Any], world_size: int, init_file: str, timeout_s: float,
+            args: tuple[Any, ...]) -> None:
+    torch.set_num_threads(1)
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "AUTOPAR_SPAWNED": "1"})
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable[..., Any], nproc: int, *args: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``nproc`` local processes over gloo.
+
+    ``fn`` must be importable (a module-level function). A failure in any rank is
+    raised here with that rank's traceback; a collective that waits longer than
+    ``timeout_s`` fails instead of hanging.
+    """
+    if type(nproc) is not int or nproc < 1:
+        raise ValueError(f"nproc = {nproc!r} is invalid: expected an int >= 1")
+    with tempfile.TemporaryDirectory(prefix="autopar-rdzv-") as folder:
+        init_file = os.path.join(folder, "rendezvous")
+        mp.start_processes(_worker, args=(fn, nproc, init_file, timeout_s, args), nprocs=nproc,
+                           join=True, start_method="spawn")
+
+
+def init_from_env(*, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Join the process group that ``torchrun`` described in the environment."""
+    if dist.is_initialized():
+        return
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(
+            f"no process group: environment variables {missing} are not set; launch with "
+            "`torchrun --nproc-per-node N script.py` or `autopar run script.py --nproc N`"
+        )
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))

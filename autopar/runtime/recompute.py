@@ -1,0 +1,93 @@
+"""Activation recomputation of a stage module, per the Plan's stage setting.
+
+``"full"``: every layer of the stage runs under ``torch.utils.checkpoint``, so only
+layer inputs are kept and the layer is recomputed in backward. ``"selective"``
+(Korthikanti et al. 2022): layers are checkpointed with a selective policy that
+saves the outputs of matrix multiplications and recomputes the rest (attention's
+softmax/dropout and the s×s scores, norms, activations). ``"none"``: unchanged.
+The stage graph is regrouped into one submodule per layer with
+``torch.fx.passes.split_module`` so that each layer is one checkpoint region.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.split_module import split_module
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
+
+from autopar.capture.record import META_KEY
+
+_SAVED_OPS = {
+    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten.linear.default, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _save_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class Recomputed(nn.Module):
+    """Runs ``inner`` under activation checkpointing (full or selective)."""
+
+    def __init__(self, inner: nn.Module, mode: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.mode = mode
+
+    def forward(self, *args: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self.inner(*args)
+        context = None
+        if self.mode == "selective":
+            context = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
+        kwargs = {"context_fn": context} if context is not None else {}
+        return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
+
+
+def apply_recompute(gm: fx.GraphModule, mode: str) -> nn.Module:
+    """``gm`` with each layer wrapped for recomputation; ``gm`` itself for ``"none"``."""
+    if mode == "none":
+        return gm
+    assert mode in ("selective", "full"), mode
+    part_of = _partitions(gm)
+    regrouped = split_module(gm, gm, lambda node: part_of[node], keep_original_order=True)
+    for name, child in list(regrouped.named_children()):
+        if name.startswith("submod_") and _is_layer_part(child):
+            setattr(regrouped, name, Recomputed(child, mode))
+    return regrouped
+
+
+def _partitions(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """Consecutive nodes of one layer share a partition; other runs get their own."""
+    part_of: dict[fx.Node, int] = {}
+    part, previous = 0, object()
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        record = node.meta.get(META_KEY)
+        layer = None if record is None else record.layer
+        if node.op != "get_attr" and layer != previous:
+            part += 1
+            previous = layer
+        part_of[node] = part
+    for node in gm.graph.nodes:  # attributes join the partition of their first user
+        if node.op == "get_attr" and node.users:
+            part_of[node] = min(part_of.get(u, part) for u in node.users)
+    return part_of
+
+
+def _is_layer_part(module: nn.Module) -> bool:
+    if not isinstance(module, fx.GraphModule):
+        return False
+    layers = {getattr(n.meta.get(META_KEY), "layer", None) for n in module.graph.nodes
+              if n.op not in ("placeholder", "output", "get_attr")}
+    return len(layers) == 1 and None not in layers

@@ -1,0 +1,145 @@
+"""Cut a captured graph into pipeline-stage modules at a Plan's layer boundaries.
+
+Data flow: ``Captured.graph_module`` + the Plan's ``stages`` (layer ranges) →
+:func:`split_stages` → one ``fx.GraphModule`` per stage. Stage k takes, in order,
+every value that crosses the boundary into it (activations, and model inputs that
+later layers still need, such as an attention mask) and returns every value that
+crosses the boundary out of it, so ``torch.distributed.pipelining`` can pass one
+tuple between adjacent stages. Nodes outside any layer go with the layer before
+them (the first stage takes what precedes layer 0: embeddings; the last stage what
+follows the last layer: final norm, LM head). Parameters used by several stages
+(tied embeddings) are copied into each; :func:`shared_parameters` names them so the
+runtime can sum their gradients.
+
+``torch.fx.passes.split_module`` does the node bookkeeping for arbitrary partitions
+but wires partition i's outputs straight to any later partition; a pipeline needs
+values relayed stage by stage, which is what this module adds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import fx
+
+from autopar.capture.record import META_KEY
+
+
+@dataclass(frozen=True)
+class StageGraph:
+    """One stage's module and the names of the values it receives and sends."""
+
+    index: int
+    module: fx.GraphModule
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    is_last: bool
+
+
+def assign_stages(gm: fx.GraphModule, layer_ranges: Sequence[tuple[int, int]]) -> dict[fx.Node, int]:
+    """Stage index of every non-output node; raises if the order is not monotonic."""
+    stage_of_layer = {layer: k for k, (lo, hi) in enumerate(layer_ranges) for layer in range(lo, hi)}
+    assignment: dict[fx.Node, int] = {}
+    current = 0
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        record = node.meta.get(META_KEY)
+        layer = None if record is None else record.layer
+        if layer is not None and node.op not in ("placeholder", "get_attr"):
+            if layer not in stage_of_layer:
+                raise ValueError(f"layer {layer} (node {node.name}) is in no stage of {list(layer_ranges)}")
+            if stage_of_layer[layer] < current:
+                raise ValueError(
+                    f"node {node.name} of layer {layer} runs after stage {current} began; "
+                    "the model's layers do not execute in order, so it cannot be pipelined here"
+                )
+            current = stage_of_layer[layer]
+        assignment[node] = current
+    _place_inputs(gm, assignment)
+    return assignment
+
+
+def _place_inputs(gm: fx.GraphModule, assignment: dict[fx.Node, int]) -> None:
+    """Placeholders live on stage 0; attributes on the first stage that uses them."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            assignment[node] = 0
+        elif node.op == "get_attr":
+            users = [assignment[u] for u in node.users if u.op != "output"]
+            assignment[node] = min(users) if users else 0
+
+
+def split_stages(gm: fx.GraphModule, layer_ranges: Sequence[tuple[int, int]]) -> list[StageGraph]:
+    """One GraphModule per stage, relaying crossing values from stage to stage."""
+    assignment = assign_stages(gm, layer_ranges)
+    num_stages = len(layer_ranges)
+    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    last_use: dict[fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        for user in node.users:
+            where = num_stages - 1 if user is output_node else assignment[user]
+            last_use[node] = max(last_use.get(node, 0), where)
+    stages = []
+    for k in range(num_stages):
+        crossing_in = [n for n in gm.graph.nodes if n in assignment and n.op != "get_attr"
+                       and assignment[n] < k <= last_use.get(n, -1)]
+        crossing_out = [n for n in gm.graph.nodes if n in assignment and n.op != "get_attr"
+                        and assignment[n] <= k < last_use.get(n, -1)]
+        own = [n for n in gm.graph.nodes if assignment.get(n) == k
+               or (n.op == "get_attr" and _used_in(n, assignment, k))]
+        stages.append(_build_stage(gm, k, num_stages, own, crossing_in, crossing_out, output_node))
+    return stages
+
+
+def _used_in(node: fx.Node, assignment: dict[fx.Node, int], k: int) -> bool:
+    return any(assignment.get(u) == k for u in node.users)
+
+
+def _build_stage(
+    gm: fx.GraphModule, k: int, num_stages: int, own: list[fx.Node],
+    crossing_in: list[fx.Node], crossing_out: list[fx.Node], output_node: fx.Node,
+) -> StageGraph:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in crossing_in:
+        env[node] = graph.placeholder(node.name)
+        env[node].meta = dict(node.meta)
+    for node in own:
+        if node.op == "placeholder" and k > 0:
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    is_last = k == num_stages - 1
+    if is_last:
+        graph.output(fx.node.map_arg(output_node.args[0], lambda n: env[n]))
+    else:
+        values = tuple(env[n] for n in crossing_out)
+        _require_tensors(crossing_out, k)
+        graph.output(values)
+    module = fx.GraphModule(gm, graph, f"{type(gm).__name__}Stage{k}")
+    return StageGraph(k, module, tuple(n.name for n in crossing_in),
+                      tuple(n.name for n in crossing_out), is_last)
+
+
+def _require_tensors(nodes: list[fx.Node], k: int) -> None:
+    for node in nodes:
+        record = node.meta.get(META_KEY)
+        if record is not None and len(record.shapes) != 1:
+            raise ValueError(
+                f"value {node.name} crosses from stage {k} to {k + 1} but is not one tensor "
+                f"(shapes {record.shapes}); pipeline stages can only pass tensors — move the "
+                "stage boundary or compute it inside the layer"
+            )
+
+
+def shared_parameters(stages: Sequence[StageGraph]) -> list[tuple[tuple[int, str], ...]]:
+    """Parameters that several stages use (tied weights), found by identity in the
+    captured model: each group lists ``(stage index, parameter name in that stage)``."""
+    groups: dict[int, list[tuple[int, str]]] = {}
+    for stage in stages:
+        for name, param in stage.module.named_parameters(remove_duplicate=False):
+            entries = groups.setdefault(id(param), [])
+            if all(index != stage.index for index, _ in entries):
+                entries.append((stage.index, name))
+    return [tuple(entries) for entries in groups.values() if len(entries) > 1]
