@@ -1,9 +1,10 @@
 """``autopar.compile``: the user-facing entry, as a function and as a class decorator.
 
-Data flow: ``compile(model, cluster, ...)`` → :class:`Compiled` (lazy) → first call
-captures (``autopar.capture``) → executes the captured graph. Multi-device
-execution comes from the runtime (``autopar.runtime``, a later issue); today a
-compiled model runs on one device and says so when asked for more.
+Data flow: ``compile(model, cluster, ...)`` → :class:`Compiled` (lazy) → the first
+call captures (``autopar.capture``). On one device the captured graph runs as is.
+On several, the first ``step`` turns the pinned choices (``fix=``) or a given
+``plan=`` into a Plan and hands it to the runtime (``autopar.runtime.Engine``),
+inside the process group that ``autopar run`` or ``torchrun`` started.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from autopar.capture import Captured, LeafSpec, capture, normalize_inputs
 from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.losses import cross_entropy
-from autopar.plans import Plan, graph_fingerprint
+from autopar.plans import Plan, check_fingerprint, graph_fingerprint
+from autopar.plans.pinned import plan_from_fix
+from autopar.runtime.engine import Engine
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -59,6 +63,7 @@ class Compiled(nn.Module):
         loss_fn: LossFn | None = None,
         optimizer: OptimizerFactory | None = None,
         fix: dict[str, Any] | Fix | None = None,
+        plan: Plan | None = None,
         frontend: str = "auto",
         leaf_modules: Iterable[LeafSpec] = (),
     ) -> None:
@@ -68,7 +73,11 @@ class Compiled(nn.Module):
         self.module = model
         self.cluster = cluster if isinstance(cluster, ClusterSpec) else ClusterSpec.parse(cluster)
         self.fix = Fix.from_dict(fix)
-        _check_single_device(self.cluster, self.fix)
+        if plan is not None and not isinstance(plan, Plan):
+            raise TypeError(f"plan must be an autopar.Plan, got {type(plan).__name__}")
+        self._given_plan = plan
+        self.distributed = _check_process_group(self.cluster, self.fix, plan)
+        self._engine: Engine | None = None
         self.loss_fn: LossFn = loss_fn or cross_entropy
         self._optimizer_factory = optimizer or default_optimizer
         self._optimizer: torch.optim.Optimizer | None = None
@@ -95,8 +104,17 @@ class Compiled(nn.Module):
         return list(self._graphs.values())[-1]
 
     @property
+    def engine(self) -> Engine:
+        """The runtime engine of a multi-device run (built by the first ``step``)."""
+        if self._engine is None:
+            raise RuntimeError("no engine yet: the first .step() builds it (multi-device runs only)")
+        return self._engine
+
+    @property
     def plan(self) -> Plan:
-        """The Plan being executed, for the most recent capture (one device today)."""
+        """The Plan being executed (the runtime's, or the single-device plan)."""
+        if self._engine is not None:
+            return self._engine.plan
         captured = self.captured
         first = next((t for t in tree_flatten((captured.example_args, captured.example_kwargs))[0]
                       if isinstance(t, torch.Tensor) and t.dim() > 0), None)
@@ -113,6 +131,11 @@ class Compiled(nn.Module):
         return dataclasses.replace(plan, stages=(stage,))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.distributed:
+            raise ValueError(
+                "a model compiled for several devices runs through .step(inputs, targets); "
+                "call compiled.module(...) for a local forward pass"
+            )
         return self.captured_for(*args, **kwargs).graph_module(*args, **kwargs)
 
     @property
@@ -130,6 +153,12 @@ class Compiled(nn.Module):
         """
         self.train()
         args, kwargs = _split_inputs(inputs)
+        if self.distributed:
+            if self._engine is None:
+                self._engine = self._build_engine(args, kwargs)
+            loss_value = self._engine.step(args, kwargs, targets)
+            self.num_steps += 1
+            return loss_value
         optimizer = self.optimizer
         optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self(*args, **kwargs), targets)
@@ -141,20 +170,65 @@ class Compiled(nn.Module):
         return float(loss.detach())
 
 
+    def _build_engine(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Engine:
+        """Capture at the microbatch shape, take or make the Plan, start the runtime."""
+        batch = _batch_size(args, kwargs)
+        plan = self._given_plan
+        if plan is None:
+            probe = self.captured_for(*args, **kwargs)
+            plan = plan_from_fix(probe.model_name, graph_fingerprint="pending", num_layers=len(probe.layers),
+                                 cluster=self.cluster, fix=self.fix, global_batch_size=batch,
+                                 seq_len=_seq_len(args, kwargs))
+        if plan.global_batch_size != batch:
+            raise ValueError(f"the plan is for a global batch of {plan.global_batch_size}, "
+                             f"but step() got {batch}")
+        micro = plan.schedule.microbatch_size
+        captured = self.captured_for(*_slice(args, micro), **_slice(kwargs, micro))
+        fingerprint = graph_fingerprint(captured.graph_module)
+        if self._given_plan is None:
+            plan = dataclasses.replace(plan, graph_fingerprint=fingerprint)
+        else:
+            check_fingerprint(plan, fingerprint)
+        return Engine(captured, plan, loss_fn=self.loss_fn, optimizer=self._optimizer_factory)
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
+    if not tensors:
+        raise ValueError("step() inputs hold no batched tensor; pass tensors with a batch dimension first")
+    return int(tensors[0].shape[0])
+
+
+def _seq_len(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() > 1]
+    return int(tensors[0].shape[1]) if tensors else None
+
+
+def _slice(values: Any, size: int) -> Any:
+    return tree_map(lambda v: v[:size] if isinstance(v, torch.Tensor) and v.dim() > 0 else v, values)
+
+
 def _split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(inputs, dict):
         return (), dict(inputs)
     return normalize_inputs(inputs), {}
 
 
-def _check_single_device(cluster: ClusterSpec, fix: Fix) -> None:
-    if cluster.num_devices != 1 or fix.world_size() != 1:
+def _check_process_group(cluster: ClusterSpec, fix: Fix, plan: Plan | None) -> bool:
+    """Whether the run is distributed; the process group must match the cluster."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    wanted = plan.world_size if plan is not None else cluster.num_devices
+    if wanted != world:
+        how = (f"`autopar run script.py --nproc {wanted}`" if cluster.local
+               else f"torchrun with {wanted} processes in all")
         raise ValueError(
-            f"this build of autopar executes on one device, but cluster {cluster.text!r} has "
-            f"{cluster.num_devices} devices and fix={fix.pinned()} asks for "
-            f"dp×tp×pp = {fix.world_size()}; use cluster='local:1' (multi-device execution "
-            "arrives with autopar.runtime)"
+            f"cluster {cluster.text!r} has {cluster.num_devices} devices (plan: {wanted}) but this "
+            f"process group has {world}; launch with {how}, or compile for cluster='local:{world}'"
         )
+    if plan is None and wanted == 1 and fix.world_size() != 1:
+        raise ValueError(f"fix={fix.pinned()} asks for dp×tp×pp = {fix.world_size()} devices "
+                         f"but cluster {cluster.text!r} has 1")
+    return wanted > 1
 
 
 def compile(  # noqa: A001 - the public name mirrors torch.compile

@@ -160,8 +160,10 @@ def test_option_errors():
         autopar.compile(model, fix={"pp": 0})
     with pytest.raises(ValueError, match="zero"):
         autopar.compile(model, fix={"zero": 4})
-    with pytest.raises(ValueError, match="16 devices.*local:1"):
+    with pytest.raises(ValueError, match="16 devices.*process group has 1.*torchrun"):
         autopar.compile(model, "2x8xA100-80GB")
+    with pytest.raises(ValueError, match="autopar run script.py --nproc 4"):
+        autopar.compile(model, "local:4")
     with pytest.raises(ValueError, match="dp×tp×pp = 4"):
         autopar.compile(model, fix={"tp": 2, "pp": 2})
     with pytest.raises(TypeError, match="needs an nn.Module"):

@@ -61,13 +61,17 @@ class Engine:
         self.plan, self.captured = plan, captured
         self.device = device or torch.device("cpu")
         self.layout = Layout.build(plan, self.device.type)
-        graphs = split_stages(captured.graph_module, [s.layers for s in plan.stages])
+        self.constants = _constant_inputs(captured)
+        graphs = split_stages(captured.graph_module, [s.layers for s in plan.stages], self.constants)
         tied_spec = shared_parameters(graphs)  # by identity, before wrapping replaces parameters
         self.num_stages = len(graphs)
         local = self.layout.local_stages()
         dp_mesh = self.layout.mesh["dp"]
-        self.modules = [apply_data_parallel(apply_recompute(graphs[i].module, plan.stages[i].recompute),
-                                            zero=plan.zero, dp_mesh=dp_mesh) for i in local]
+        canonical = {id(p): name for name, p in captured.graph_module.named_parameters()}
+        regrouped = [apply_recompute(graphs[i].module, plan.stages[i].recompute) for i in local]
+        self.fqns = [{name: canonical[id(p)] for name, p in m.named_parameters(remove_duplicate=False)}
+                     for m in regrouped]
+        self.modules = [apply_data_parallel(m, zero=plan.zero, dp_mesh=dp_mesh) for m in regrouped]
         self.stage_indices = local
         stages = [make_stage(m, i, self.num_stages, self.device, self.layout.group("pp"))
                   for m, i in zip(self.modules, local, strict=True)]
@@ -81,6 +85,14 @@ class Engine:
         self.optimizer = optimizer([p for m in self.modules for p in m.parameters()])
         self.tied = _tied_groups(tied_spec, self.layout, self.modules, local)
         self.last_step_s = 0.0
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """This rank's parameters under the original model's names (tied ones once per rank)."""
+        seen: dict[str, nn.Parameter] = {}
+        for names, module in zip(self.fqns, self.modules, strict=True):
+            for name, param in module.named_parameters():
+                seen.setdefault(names[name], param)
+        return list(seen.items())
 
     @property
     def has_first(self) -> bool:
@@ -96,7 +108,7 @@ class Engine:
         dp, dp_rank = self.plan.parallelism.dp, self.layout.dp_rank
         if self.exact:
             self.loss.count = max(int((targets != IGNORE_INDEX).sum()), 1)
-        flat = [_shard(v, dp, dp_rank) for v in flat_inputs(self.captured.graph_module, args, kwargs)]
+        flat = [_shard(v, dp, dp_rank) for v in self._tensor_inputs(args, kwargs)]
         target = _shard(targets, dp, dp_rank) if self.has_last else None
         losses: list[torch.Tensor] = []
         self.optimizer.zero_grad(set_to_none=True)
@@ -108,6 +120,17 @@ class Engine:
         self.last_step_s = time.perf_counter() - start
         return loss
 
+    def _tensor_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        """The graph's inputs without the constants baked into the stages (checked equal)."""
+        gm = self.captured.graph_module
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        values = flat_inputs(gm, args, kwargs)
+        for name, value in zip(names, values, strict=True):
+            if name in self.constants and value != self.constants[name]:
+                raise ValueError(f"input {name} was {self.constants[name]!r} when the model was "
+                                 f"compiled and is {value!r} now; non-tensor inputs cannot change")
+        return [v for name, v in zip(names, values, strict=True) if name not in self.constants]
+
     def _sync_tied_gradients(self) -> None:
         for group, params in self.tied:
             for param in params:
@@ -117,7 +140,7 @@ class Engine:
 
     def _global_loss(self, losses: list[torch.Tensor]) -> float:
         if losses:
-            local = torch.stack([l.detach().float() for l in losses])
+            local = torch.stack([loss.detach().float() for loss in losses])
             value = local.sum() if self.exact else local.mean()
         else:
             value = torch.zeros(())
@@ -125,6 +148,14 @@ class Engine:
         dist.all_reduce(value)
         par = self.plan.parallelism
         return float(value) / (par.dp * par.tp)
+
+
+def _constant_inputs(captured: Captured) -> dict[str, Any]:
+    """Placeholders whose example value is not a tensor (None defaults, flags)."""
+    gm = captured.graph_module
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    values = flat_inputs(gm, captured.example_args, captured.example_kwargs)
+    return {name: v for name, v in zip(names, values, strict=True) if not isinstance(v, torch.Tensor)}
 
 
 def _shard(value: Any, dp: int, rank: int) -> Any:

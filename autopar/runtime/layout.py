@@ -20,12 +20,14 @@ AXES = ("pp", "dp", "tp")
 
 def coordinates(plan: Plan) -> dict[int, dict[str, int]]:
     """Device id → its index along every mesh axis (axes the mesh lacks are 0)."""
-    ids = torch.tensor(plan.mesh.device_ids).view(*plan.mesh.shape)
     coords: dict[int, dict[str, int]] = {}
-    for index in torch.cartesian_prod(*[torch.arange(n) for n in plan.mesh.shape]).view(-1, len(plan.mesh.shape)):
-        device = int(ids[tuple(index.tolist())])
+    for flat, device in enumerate(plan.mesh.device_ids):
+        index = []
+        for size in reversed(plan.mesh.shape):  # row-major: last axis varies fastest
+            flat, position = divmod(flat, size)
+            index.append(position)
         coords[device] = {axis: 0 for axis in AXES}
-        coords[device].update(dict(zip(plan.mesh.axis_names, index.tolist(), strict=True)))
+        coords[device].update(dict(zip(plan.mesh.axis_names, reversed(index), strict=True)))
     return coords
 
 

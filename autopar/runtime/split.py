@@ -18,8 +18,9 @@ values relayed stage by stage, which is what this module adds.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import fx
 
@@ -71,8 +72,15 @@ def _place_inputs(gm: fx.GraphModule, assignment: dict[fx.Node, int]) -> None:
             assignment[node] = min(users) if users else 0
 
 
-def split_stages(gm: fx.GraphModule, layer_ranges: Sequence[tuple[int, int]]) -> list[StageGraph]:
-    """One GraphModule per stage, relaying crossing values from stage to stage."""
+def split_stages(gm: fx.GraphModule, layer_ranges: Sequence[tuple[int, int]],
+                 constants: Mapping[str, Any] | None = None) -> list[StageGraph]:
+    """One GraphModule per stage, relaying crossing values from stage to stage.
+
+    ``constants`` maps placeholder names to non-tensor input values (an unpassed
+    ``attention_mask=None``); they are baked into the stages instead of being sent.
+    """
+    fixed = {n: constants[n.name] for n in gm.graph.nodes
+             if n.op == "placeholder" and constants and n.name in constants}
     assignment = assign_stages(gm, layer_ranges)
     num_stages = len(layer_ranges)
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
@@ -83,13 +91,12 @@ def split_stages(gm: fx.GraphModule, layer_ranges: Sequence[tuple[int, int]]) ->
             last_use[node] = max(last_use.get(node, 0), where)
     stages = []
     for k in range(num_stages):
-        crossing_in = [n for n in gm.graph.nodes if n in assignment and n.op != "get_attr"
-                       and assignment[n] < k <= last_use.get(n, -1)]
-        crossing_out = [n for n in gm.graph.nodes if n in assignment and n.op != "get_attr"
-                        and assignment[n] <= k < last_use.get(n, -1)]
+        sent = [n for n in gm.graph.nodes if n in assignment and n.op != "get_attr" and n not in fixed]
+        crossing_in = [n for n in sent if assignment[n] < k <= last_use.get(n, -1)]
+        crossing_out = [n for n in sent if assignment[n] <= k < last_use.get(n, -1)]
         own = [n for n in gm.graph.nodes if assignment.get(n) == k
                or (n.op == "get_attr" and _used_in(n, assignment, k))]
-        stages.append(_build_stage(gm, k, num_stages, own, crossing_in, crossing_out, output_node))
+        stages.append(_build_stage(gm, k, num_stages, own, crossing_in, crossing_out, output_node, fixed))
     return stages
 
 
@@ -100,14 +107,15 @@ def _used_in(node: fx.Node, assignment: dict[fx.Node, int], k: int) -> bool:
 def _build_stage(
     gm: fx.GraphModule, k: int, num_stages: int, own: list[fx.Node],
     crossing_in: list[fx.Node], crossing_out: list[fx.Node], output_node: fx.Node,
+    fixed: dict[fx.Node, Any],
 ) -> StageGraph:
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
+    env: dict[fx.Node, Any] = dict(fixed)
     for node in crossing_in:
         env[node] = graph.placeholder(node.name)
         env[node].meta = dict(node.meta)
     for node in own:
-        if node.op == "placeholder" and k > 0:
+        if node.op == "placeholder" and (k > 0 or node in fixed):
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
     is_last = k == num_stages - 1

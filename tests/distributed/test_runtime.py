@@ -1,0 +1,23 @@
+"""Equivalence of the distributed runtime with single-process training, on real gloo
+processes (file:// rendezvous, short timeouts, one thread per rank, many checks per spawn)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from autopar.runtime import spawn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import workers  # noqa: E402
+
+
+def test_two_rank_matrix():
+    """dp2 (replicate, FSDP2), pp2 × each schedule, recomputation, uneven stages, BERT, HF GPT-2."""
+    pytest.importorskip("transformers")
+    spawn(workers.two_rank_matrix, 2, timeout_s=60)
+
+
+def test_four_rank_matrix():
+    """pp2 × dp2 with replicate and with FSDP2 + full recomputation; BERT with GPipe."""
+    spawn(workers.four_rank_matrix, 4, timeout_s=60)

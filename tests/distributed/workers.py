@@ -1,0 +1,129 @@
+"""Per-rank bodies of the distributed tests (importable, so spawned ranks can run them).
+
+Each case trains a model for 3 steps through ``autopar.compile`` on the spawned gloo
+group and compares every step's loss, and after the last step every gradient and
+parameter, with the same training done by plain PyTorch in one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+
+import torch
+from torch.distributed.tensor import DTensor, Shard
+
+import autopar
+from autopar.losses import cross_entropy
+
+# fp32 on CPU: the pipelined program sums the same terms in another order.
+RTOL, ATOL = 1e-5, 1e-6
+LAYER = re.compile(r"(?:^|\.)(?:blocks|layers|h)\.(\d+)\.")
+STEPS = 3
+LR = 0.05
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=LR, momentum=0.9)
+
+
+def build_case(name: str):
+    torch.manual_seed(0)
+    if name == "gpt":
+        model = autopar.models.build("gpt", num_layers=4)
+    elif name == "bert":
+        model = autopar.models.build("bert", num_layers=4)
+    elif name == "hf-gpt2":
+        import transformers as tf
+
+        config = tf.GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+                               bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                               attn_pdrop=0.0)
+        model = tf.GPT2LMHeadModel(config)
+        generator = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 64, (8, 16), generator=generator)
+        return model, ids, ids.roll(-1, dims=1)
+    else:
+        raise ValueError(name)
+    inputs, targets = autopar.models.example_batch(model, batch_size=8, seq_len=16, seed=1)
+    return model, inputs, targets
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def run_case(world: int, name: str, fix: dict, layers=None, expect=None) -> None:
+    """Train ``name`` under ``fix`` (and hand-set stage layer ranges) and compare."""
+    model, inputs, targets = build_case(name)
+    reference = copy.deepcopy(model)
+    compiled = autopar.compile(model, f"local:{world}", fix=fix, optimizer=_sgd)
+    if layers is not None:  # a hand-written Plan: uneven stages
+        probe = autopar.compile(copy.deepcopy(model), f"local:{world}", fix=fix, optimizer=_sgd)
+        probe.step(inputs, targets)
+        plan = probe.plan
+        stages = tuple(dataclasses.replace(s, layers=r) for s, r in zip(plan.stages, layers, strict=True))
+        compiled = autopar.compile(model, f"local:{world}", plan=dataclasses.replace(plan, stages=stages),
+                                   optimizer=_sgd)
+    optimizer = _sgd(reference.parameters())
+    for step in range(STEPS):
+        loss = compiled.step(inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        expected = cross_entropy(reference(inputs), targets)
+        expected.backward()
+        optimizer.step()
+        assert abs(loss - expected.item()) <= RTOL * abs(expected.item()) + ATOL, (name, fix, step, loss,
+                                                                                  expected.item())
+    _compare_parameters(compiled.engine, reference, (name, fix))
+    _check_transformation(compiled.engine, reference, fix, expect or {})
+
+
+def _compare_parameters(engine, reference, label) -> None:
+    ref = dict(reference.named_parameters(remove_duplicate=False))
+    for fqn, param in engine.named_parameters():
+        torch.testing.assert_close(_full(param.grad), ref[fqn].grad, rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, f=fqn: f"{label} grad {f}: {m}")
+        torch.testing.assert_close(_full(param.detach()), ref[fqn].detach(), rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, f=fqn: f"{label} param {f}: {m}")
+
+
+def _check_transformation(engine, reference, fix: dict, expect: dict) -> None:
+    """The parallelism really happened: stages, layers per rank, sharded parameters."""
+    plan = engine.plan
+    pp = fix.get("pp", 1)
+    assert engine.num_stages == pp * plan.schedule.virtual_stages
+    mine = engine.named_parameters()
+    total = len(dict(reference.named_parameters()))
+    if pp > 1:
+        assert len(mine) < total, "a pipeline rank must hold only its stages' parameters"
+        layers = {int(m.group(1)) for n, _ in mine if (m := LAYER.search(n))}
+        wanted = {layer for i in engine.stage_indices for layer in range(*plan.stages[i].layers)}
+        assert layers and layers <= wanted, (layers, wanted)
+    if fix.get("dp", 1) > 1:
+        assert all(isinstance(p, DTensor) for _, p in mine)
+        if fix.get("zero", 0) >= 1:
+            sharded = [p for _, p in mine if any(isinstance(x, Shard) for x in p.placements)]
+            assert sharded and all(p.to_local().numel() < p.numel() for p in sharded if p.shape[0] > 1)
+    for key, value in expect.items():
+        assert getattr(engine, key) == value, (key, getattr(engine, key), value)
+
+
+def two_rank_matrix(rank: int, world: int) -> None:
+    torch.set_num_threads(1)
+    run_case(world, "gpt", {"dp": 2, "num_microbatches": 2})
+    run_case(world, "gpt", {"dp": 2, "num_microbatches": 2, "zero": 3})
+    for schedule in ("gpipe", "1f1b", "interleaved", "zero_bubble"):
+        run_case(world, "gpt", {"pp": 2, "schedule": schedule, "num_microbatches": 4})
+    run_case(world, "gpt", {"pp": 2, "num_microbatches": 2, "recompute": "full"})
+    run_case(world, "gpt", {"pp": 2, "num_microbatches": 2, "recompute": "selective"})
+    run_case(world, "gpt", {"pp": 2, "num_microbatches": 2}, layers=[(0, 3), (3, 4)])
+    run_case(world, "bert", {"pp": 2, "num_microbatches": 4})
+    run_case(world, "hf-gpt2", {"pp": 2, "num_microbatches": 2})
+
+
+def four_rank_matrix(rank: int, world: int) -> None:
+    torch.set_num_threads(1)
+    run_case(world, "gpt", {"pp": 2, "dp": 2, "num_microbatches": 2})
+    run_case(world, "gpt", {"pp": 2, "dp": 2, "num_microbatches": 2, "zero": 3, "recompute": "full"})
+    run_case(world, "bert", {"pp": 2, "dp": 2, "num_microbatches": 2, "schedule": "gpipe"})
