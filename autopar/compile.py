@@ -24,6 +24,7 @@ from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.losses import cross_entropy
 from autopar.plans import Plan, check_fingerprint, graph_fingerprint
+from autopar.plans.megatron import megatron_shardings
 from autopar.plans.pinned import plan_from_fix
 from autopar.runtime.engine import Engine
 
@@ -178,7 +179,8 @@ class Compiled(nn.Module):
             probe = self.captured_for(*args, **kwargs)
             plan = plan_from_fix(probe.model_name, graph_fingerprint="pending", num_layers=len(probe.layers),
                                  cluster=self.cluster, fix=self.fix, global_batch_size=batch,
-                                 seq_len=_seq_len(args, kwargs))
+                                 seq_len=_seq_len(args, kwargs),
+                                 shardings=megatron_shardings(probe.graph_module, self.fix.tp or 1))
         if plan.global_batch_size != batch:
             raise ValueError(f"the plan is for a global batch of {plan.global_batch_size}, "
                              f"but step() got {batch}")

@@ -5,8 +5,10 @@ Data flow: ``autopar.compile(..., fix={"pp": 2, "tp": 2, ...})`` → :func:`plan
 not pinned gets a plain default (stated below), never a searched one: layers are
 split into contiguous, equal-as-possible stages (earlier stages take the remainder),
 the schedule is 1F1B (GPipe for one stage), one microbatch per data-parallel rank,
-no recomputation, ZeRO 0. The planner (a later issue) replaces these defaults with
-chosen values; the runtime runs either kind of Plan the same way.
+no recomputation, ZeRO 0, and with tp > 1 the caller's shardings (Megatron's
+column/row alternation from ``autopar.plans.megatron``). The planner (a later
+issue) replaces these defaults with chosen values; the runtime runs either kind of
+Plan the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.plans.plan import Plan
-from autopar.plans.schema import Mesh, Parallelism, Schedule, Stage
+from autopar.plans.schema import Mesh, Parallelism, Schedule, Sharding, Stage
 
 
 def _degrees(fix: Fix, world: int) -> tuple[int, int, int]:
@@ -40,7 +42,8 @@ def _layer_ranges(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
 
 
 def plan_from_fix(model: str, *, graph_fingerprint: str, num_layers: int, cluster: ClusterSpec,
-                  fix: Fix, global_batch_size: int, seq_len: int | None) -> Plan:
+                  fix: Fix, global_batch_size: int, seq_len: int | None,
+                  shardings: tuple[Sharding, ...] = ()) -> Plan:
     """The Plan the pinned choices describe, with the defaults above for the rest."""
     world = cluster.num_devices
     dp, tp, pp = _degrees(fix, world)
@@ -63,6 +66,7 @@ def plan_from_fix(model: str, *, graph_fingerprint: str, num_layers: int, cluste
         parallelism=Parallelism(dp=dp, tp=tp, pp=pp, ep=fix.ep or 1),
         mesh=Mesh(axis_names=("pp", "dp", "tp"), shape=(pp, dp, tp), device_ids=tuple(range(world))),
         stages=tuple(stages),
+        shardings=shardings if tp > 1 else (),
         schedule=Schedule(name=name, microbatch_size=micro, num_microbatches=num_micro,
                           virtual_stages=virtual),
         zero=fix.zero or 0,

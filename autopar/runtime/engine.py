@@ -36,6 +36,7 @@ from autopar.runtime.layout import Layout
 from autopar.runtime.pipeline import make_schedule, make_stage
 from autopar.runtime.recompute import apply_recompute
 from autopar.runtime.split import shared_parameters, split_stages
+from autopar.runtime.tensor_parallel import TensorParallelStage, implicit_replication, shard_parameters
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -68,9 +69,11 @@ class Engine:
         local = self.layout.local_stages()
         dp_mesh = self.layout.mesh["dp"]
         canonical = {id(p): name for name, p in captured.graph_module.named_parameters()}
-        regrouped = [apply_recompute(graphs[i].module, plan.stages[i].recompute) for i in local]
-        self.fqns = [{name: canonical[id(p)] for name, p in m.named_parameters(remove_duplicate=False)}
-                     for m in regrouped]
+        regrouped, self.fqns = [], []
+        for i in local:
+            module, names = _prepare_stage(graphs[i].module, plan, i, self.layout.mesh["tp"], canonical)
+            regrouped.append(module)
+            self.fqns.append(names)
         self.modules = [apply_data_parallel(m, zero=plan.zero, dp_mesh=dp_mesh) for m in regrouped]
         self.stage_indices = local
         stages = [make_stage(m, i, self.num_stages, self.device, self.layout.group("pp"))
@@ -113,7 +116,8 @@ class Engine:
         losses: list[torch.Tensor] = []
         self.optimizer.zero_grad(set_to_none=True)
         inputs = flat if self.has_first else []
-        self.schedule.step(*inputs, target=target, losses=losses if self.has_last else None)
+        with implicit_replication():  # backward too: tensors made inside a TP graph join replicated
+            self.schedule.step(*inputs, target=target, losses=losses if self.has_last else None)
         self._sync_tied_gradients()
         self.optimizer.step()
         loss = self._global_loss(losses)
@@ -148,6 +152,19 @@ class Engine:
         dist.all_reduce(value)
         par = self.plan.parallelism
         return float(value) / (par.dp * par.tp)
+
+
+def _prepare_stage(gm: torch.fx.GraphModule, plan: Plan, index: int, tp_mesh: Any,
+                   canonical: dict[int, str]) -> tuple[nn.Module, dict[str, str]]:
+    """Tensor parallelism, then recomputation, for one stage; and its parameter names
+    (module name → original model name), tracked by identity through both."""
+    before = {name: canonical[id(p)] for name, p in gm.named_parameters(remove_duplicate=False)}
+    shard_parameters(gm, plan.shardings, tp_mesh)
+    by_id = {id(p): before[name] for name, p in gm.named_parameters(remove_duplicate=False)}
+    module = apply_recompute(gm, plan.stages[index].recompute)
+    if tp_mesh.size() > 1:
+        module = TensorParallelStage(module, tp_mesh)
+    return module, {name: by_id[id(p)] for name, p in module.named_parameters(remove_duplicate=False)}
 
 
 def _constant_inputs(captured: Captured) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import dataclasses
 import re
 
 import torch
+import torch.distributed._functional_collectives as funcol
 from torch.distributed.tensor import DTensor, Shard
 
 import autopar
@@ -22,6 +23,29 @@ RTOL, ATOL = 1e-5, 1e-6
 LAYER = re.compile(r"(?:^|\.)(?:blocks|layers|h)\.(\d+)\.")
 STEPS = 3
 LR = 0.05
+
+
+class CollectiveCounter:
+    """Counts DTensor's functional collectives during a step (wraps and calls through)."""
+
+    NAMES = ("all_reduce", "reduce_scatter_tensor", "all_gather_tensor")
+
+    def __enter__(self):
+        self.counts: dict[str, int] = {}
+        self.saved = {name: getattr(funcol, name) for name in self.NAMES}
+        for name, original in self.saved.items():
+            setattr(funcol, name, self._counting(name, original))
+        return self
+
+    def _counting(self, name, original):
+        def wrapper(*args, **kwargs):
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    def __exit__(self, *exc):
+        for name, original in self.saved.items():
+            setattr(funcol, name, original)
 
 
 def _sgd(params):
@@ -67,8 +91,14 @@ def run_case(world: int, name: str, fix: dict, layers=None, expect=None) -> None
         compiled = autopar.compile(model, f"local:{world}", plan=dataclasses.replace(plan, stages=stages),
                                    optimizer=_sgd)
     optimizer = _sgd(reference.parameters())
+    counts = {}
     for step in range(STEPS):
-        loss = compiled.step(inputs, targets)
+        if step == 0:  # the first step captures; count collectives on a later one
+            loss = compiled.step(inputs, targets)
+        else:
+            with CollectiveCounter() as counter:
+                loss = compiled.step(inputs, targets)
+            counts = dict(counter.counts)
         optimizer.zero_grad(set_to_none=True)
         expected = cross_entropy(reference(inputs), targets)
         expected.backward()
@@ -77,6 +107,8 @@ def run_case(world: int, name: str, fix: dict, layers=None, expect=None) -> None
                                                                                   expected.item())
     _compare_parameters(compiled.engine, reference, (name, fix))
     _check_transformation(compiled.engine, reference, fix, expect or {})
+    if fix.get("tp", 1) > 1:  # DTensor issued the tensor-parallel all-reduces
+        assert any("all_reduce" in op and n > 0 for op, n in counts.items()), counts
 
 
 def _compare_parameters(engine, reference, label) -> None:
@@ -105,6 +137,12 @@ def _check_transformation(engine, reference, fix: dict, expect: dict) -> None:
         if fix.get("zero", 0) >= 1:
             sharded = [p for _, p in mine if any(isinstance(x, Shard) for x in p.placements)]
             assert sharded and all(p.to_local().numel() < p.numel() for p in sharded if p.shape[0] > 1)
+    if fix.get("tp", 1) > 1:
+        tp_sharded = [p for _, p in mine if isinstance(p, DTensor)
+                      and any(isinstance(x, Shard) for x in p.placements[-1:])]
+        assert tp_sharded, "tensor parallelism must shard some weights"
+        for p in tp_sharded:
+            assert p.to_local().numel() * fix["tp"] <= p.numel() * fix.get("dp", 1), (p.shape, p.placements)
     for key, value in expect.items():
         assert getattr(engine, key) == value, (key, getattr(engine, key), value)
 
@@ -120,6 +158,9 @@ def two_rank_matrix(rank: int, world: int) -> None:
     run_case(world, "gpt", {"pp": 2, "num_microbatches": 2}, layers=[(0, 3), (3, 4)])
     run_case(world, "bert", {"pp": 2, "num_microbatches": 4})
     run_case(world, "hf-gpt2", {"pp": 2, "num_microbatches": 2})
+    run_case(world, "gpt", {"tp": 2, "num_microbatches": 2})
+    run_case(world, "bert", {"tp": 2, "num_microbatches": 2})
+    run_case(world, "hf-gpt2", {"tp": 2, "num_microbatches": 2})
 
 
 def four_rank_matrix(rank: int, world: int) -> None:
@@ -127,3 +168,10 @@ def four_rank_matrix(rank: int, world: int) -> None:
     run_case(world, "gpt", {"pp": 2, "dp": 2, "num_microbatches": 2})
     run_case(world, "gpt", {"pp": 2, "dp": 2, "num_microbatches": 2, "zero": 3, "recompute": "full"})
     run_case(world, "bert", {"pp": 2, "dp": 2, "num_microbatches": 2, "schedule": "gpipe"})
+    run_case(world, "gpt", {"pp": 2, "tp": 2, "num_microbatches": 4})
+    run_case(world, "gpt", {"dp": 2, "tp": 2, "num_microbatches": 2, "zero": 3})
+
+
+def eight_rank_matrix(rank: int, world: int) -> None:
+    torch.set_num_threads(1)
+    run_case(world, "gpt", {"pp": 2, "dp": 2, "tp": 2, "num_microbatches": 2})
