@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,9 @@ from autopar.losses import cross_entropy
 from autopar.plans import Plan, check_fingerprint, graph_fingerprint
 from autopar.plans.megatron import megatron_shardings
 from autopar.plans.pinned import plan_from_fix
-from autopar.runtime.engine import Engine
+
+if TYPE_CHECKING:
+    from autopar.runtime.engine import Engine
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -173,6 +175,8 @@ class Compiled(nn.Module):
 
     def _build_engine(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Engine:
         """Capture at the microbatch shape, take or make the Plan, start the runtime."""
+        from autopar.runtime.engine import Engine  # torch.distributed.pipelining is slow to import
+
         batch = _batch_size(args, kwargs)
         plan = self._given_plan
         if plan is None:

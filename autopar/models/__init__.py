@@ -37,8 +37,15 @@ def build(name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype |
     """Build a zoo model by name, e.g. ``build("gpt3-175b", device="meta")`` or
     ``build("gpt", num_layers=24, hidden_size=2304, num_heads=24, device="meta")``."""
     config = get_config(name, **overrides)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype = {dtype!r} is invalid: expected a floating-point torch.dtype "
+                         "such as torch.bfloat16, or None for the default")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device = {device!r} is invalid: {err}") from None
     cls = GPT if isinstance(config, GPTConfig) else Bert
-    with torch.device(device):
+    with torch.device(device):  # meta: parameters without storage, init skipped
         model = cls(config)
     if dtype is not None:
         model = model.to(dtype)

@@ -57,6 +57,9 @@ def example_batch(
 def _masked(config: BertConfig, batch_size: int, seq: int, generator: torch.Generator,
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     mask_id = config.vocab_size - 1
+    if mask_id < 1:
+        raise ValueError(f"BertConfig.vocab_size = {config.vocab_size} is too small for masked-LM "
+                         "batches: expected >= 2 (the last id is [MASK])")
     original = torch.randint(0, mask_id, (batch_size, seq), generator=generator)
     masked = torch.rand(batch_size, seq, generator=generator) < MASK_FRACTION
     masked[torch.arange(batch_size), torch.randint(0, seq, (batch_size,), generator=generator)] = True

@@ -1,6 +1,7 @@
 """A BERT-style encoder with a masked-LM head, written for clarity.
 
-Part of the built-in zoo (``autopar.models``). Word + position + token-type
+Part of the built-in zoo (``autopar.models``), which feeds ``autopar.capture``, the
+benchmarks and ``autopar capture MODEL``. Word + position + token-type
 embeddings, post-LayerNorm layers as in BERT (Devlin et al. 2019), a padding mask
 from ``attention_mask``, and the MLM head (dense, GELU, LayerNorm, decoder tied to
 the word embeddings). The layers live in one ``nn.ModuleList`` (``layers``).
@@ -30,8 +31,8 @@ class Layer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.ln_1(x + self.drop(self.attn(x, mask)))
-        return self.ln_2(x + self.drop(self.out(F.gelu(self.fc(x)))))
+        x = self.ln_1(x + self.drop(self.attn(x, mask)))  # (b, s, h)
+        return self.ln_2(x + self.drop(self.out(F.gelu(self.fc(x)))))  # (b, s, h)
 
 
 class Bert(nn.Module):
@@ -69,5 +70,5 @@ class Bert(nn.Module):
             mask = attention_mask[:, None, None, :].to(torch.bool)  # (b, 1, 1, s): True = attend
         for layer in self.layers:
             x = layer(x, mask)
-        x = self.head_ln(F.gelu(self.head_dense(x)))
+        x = self.head_ln(F.gelu(self.head_dense(x)))  # (b, s, h)
         return self.decoder(x)  # (b, s, V)

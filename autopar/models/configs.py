@@ -40,6 +40,12 @@ class GPTConfig(_TransformerConfig):
 
     tie_embeddings: bool = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"GPTConfig.tie_embeddings = {self.tie_embeddings!r} is invalid: "
+                             "expected True or False")
+
 
 @dataclass(frozen=True, kw_only=True)
 class BertConfig(_TransformerConfig):
@@ -60,13 +66,15 @@ def _validate(config: _TransformerConfig) -> None:
     for name in ("num_layers", "hidden_size", "num_heads", "vocab_size", "seq_len"):
         _positive(owner, name, getattr(config, name))
     if type(config.ffn_size) is not int or config.ffn_size < 0:
-        raise ValueError(f"{owner}.ffn_size = {config.ffn_size!r} is invalid: expected an int >= 1")
+        raise ValueError(f"{owner}.ffn_size = {config.ffn_size!r} is invalid: expected an int >= 1, "
+                         "or 0 for 4 × hidden_size")
     if config.hidden_size % config.num_heads:
         raise ValueError(
             f"{owner}.hidden_size = {config.hidden_size} is not divisible by num_heads = "
             f"{config.num_heads}; choose a hidden_size that is a multiple of num_heads"
         )
-    if not 0.0 <= float(config.dropout) < 1.0:
+    dropout = config.dropout
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"{owner}.dropout = {config.dropout!r} is invalid: expected 0 <= dropout < 1")
 
 

@@ -25,7 +25,7 @@ class MLP(nn.Module):
         self.proj = nn.Linear(config.ffn_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(F.gelu(self.fc(x)))  # (b, s, ffn_size) -> (b, s, h)
 
 
 class Block(nn.Module):
@@ -40,8 +40,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x)))
-        return x + self.drop(self.mlp(self.ln_2(x)))
+        x = x + self.drop(self.attn(self.ln_1(x)))  # (b, s, h)
+        return x + self.drop(self.mlp(self.ln_2(x)))  # (b, s, h)
 
 
 class GPT(nn.Module):
