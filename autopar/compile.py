@@ -184,7 +184,8 @@ class Compiled(nn.Module):
             plan = plan_from_fix(probe.model_name, graph_fingerprint="pending", num_layers=len(probe.layers),
                                  cluster=self.cluster, fix=self.fix, global_batch_size=batch,
                                  seq_len=_seq_len(args, kwargs),
-                                 shardings=megatron_shardings(probe.graph_module, self.fix.tp or 1))
+                                 shardings=megatron_shardings(probe.graph_module, self.fix.tp or 1,
+                                                              vocab_parallel=(self.fix.pp or 1) == 1))
         if plan.global_batch_size != batch:
             raise ValueError(f"the plan is for a global batch of {plan.global_batch_size}, "
                              f"but step() got {batch}")

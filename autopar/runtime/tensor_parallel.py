@@ -25,13 +25,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from autopar.plans import Sharding
-from autopar.plans.megatron import linear_weight
+from autopar.plans.megatron import embedding_weight, linear_weight
 
 _ADDMM_LIKE = {torch.ops.aten.addmm.default, torch.ops.aten.mm.default}
 
 
 def _placements(gm: fx.GraphModule, node: fx.Node, strategy: str) -> dict[str, Placement]:
-    """Parameter name → placement for one sharded linear node."""
+    """Parameter name → placement for one sharded linear or embedding node."""
+    if strategy == "vocab":
+        if node.op == "call_module":
+            return {f"{node.target}.weight": Shard(0)}
+        position = 0 if node.target is torch.ops.aten.embedding.default else 1
+        return {str(node.args[position].target): Shard(0)}
     out_dim = 1 if node.op == "call_function" and node.target in _ADDMM_LIKE else 0
     in_dim = 1 - out_dim
     if node.op == "call_module":
@@ -52,7 +57,7 @@ def _placements(gm: fx.GraphModule, node: fx.Node, strategy: str) -> dict[str, P
     if strategy == "rowwise":
         return {weight_name: Shard(in_dim)}
     raise ValueError(f"unknown sharding strategy {strategy!r} for node {node.name}; "
-                     "expected 'colwise' or 'rowwise'")
+                     "expected 'colwise', 'rowwise' or 'vocab'")
 
 
 def _set_parameter(module: nn.Module, name: str, value: nn.Parameter) -> None:
@@ -120,9 +125,10 @@ def shard_parameters(gm: fx.GraphModule, shardings: Iterable[Sharding], tp_mesh:
         node = by_name.get(sharding.node)
         if node is None:
             continue  # the node lives in another stage
-        if linear_weight(gm, node) is None:
+        is_table = sharding.strategy == "vocab" and embedding_weight(gm, node) is not None
+        if linear_weight(gm, node) is None and not is_table:
             raise ValueError(f"sharding {sharding.strategy!r} names node {sharding.node}, which is not "
-                             "a linear layer with a weight parameter")
+                             "a linear layer (or, for 'vocab', an embedding) with a weight parameter")
         placements.update(_placements(gm, node, sharding.strategy))
     names: dict[int, list[str]] = {}
     originals: dict[int, nn.Parameter] = {}

@@ -114,12 +114,14 @@ def run_case(world: int, name: str, fix: dict, layers=None, expect=None) -> None
 
 
 def _check_megatron_forward(compiled, inputs, num_layers: int) -> None:
-    """Megatron's forward: two all-reduces per layer (attention and MLP outputs), no
-    all-gather — so attention ran head-sharded, not replicated."""
+    """Megatron's forward: two all-reduces per layer (attention and MLP outputs) plus one
+    for the vocabulary-parallel embedding, no all-gather — attention ran head-sharded."""
     micro = inputs[: compiled.plan.schedule.microbatch_size]
+    vocab = sum(s.strategy == "vocab" for s in compiled.plan.shardings)
+    assert vocab == 1, compiled.plan.shardings
     with CollectiveCounter() as counter, torch.no_grad():
         compiled.engine.modules[0](micro)
-    assert counter.counts == {"all_reduce": 2 * num_layers}, counter.counts
+    assert counter.counts == {"all_reduce": 2 * num_layers + vocab}, counter.counts
 
 
 def _compare_parameters(engine, reference, label) -> None:
