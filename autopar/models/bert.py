@@ -15,7 +15,7 @@ from torch import nn
 
 from autopar.models.attention import SelfAttention
 from autopar.models.configs import BertConfig
-from autopar.models.init import init_weights
+from autopar.models.init import embedding, init_weights
 
 
 class Layer(nn.Module):
@@ -42,9 +42,9 @@ class Bert(nn.Module):
         super().__init__()
         self.config = config
         h = config.hidden_size
-        self.word_embeddings = nn.Embedding(config.vocab_size, h)
-        self.position_embeddings = nn.Embedding(config.seq_len, h)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, h)
+        self.word_embeddings = embedding(config.vocab_size, h)
+        self.position_embeddings = embedding(config.seq_len, h)
+        self.token_type_embeddings = embedding(config.type_vocab_size, h)
         self.ln_emb = nn.LayerNorm(h, eps=1e-12)
         self.drop = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))

@@ -15,7 +15,7 @@ from torch import nn
 
 from autopar.models.attention import SelfAttention
 from autopar.models.configs import GPTConfig
-from autopar.models.init import init_weights
+from autopar.models.init import embedding, init_weights
 
 
 class MLP(nn.Module):
@@ -50,8 +50,8 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.wpe = nn.Embedding(config.seq_len, config.hidden_size)
+        self.wte = embedding(config.vocab_size, config.hidden_size)
+        self.wpe = embedding(config.seq_len, config.hidden_size)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size)

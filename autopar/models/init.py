@@ -23,3 +23,12 @@ def init_weights(model: nn.Module) -> None:
         if isinstance(module, nn.LayerNorm) and module.weight.device.type != "meta":
             module.weight.fill_(1.0)
             module.bias.zero_()
+
+
+def embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """An ``nn.Embedding`` left uninitialized (``init_weights`` fills it).
+
+    ``nn.Embedding``'s own ``normal_`` init on ``meta`` costs about a second on first use
+    (it imports torch's Python decompositions); handing it an empty weight skips that.
+    """
+    return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))

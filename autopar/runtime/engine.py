@@ -60,7 +60,7 @@ class Engine:
     def __init__(self, captured: Captured, plan: Plan, *, loss_fn: Callable[[Any, Any], torch.Tensor],
                  optimizer: OptimizerFactory, device: torch.device | None = None) -> None:
         self.plan, self.captured = plan, captured
-        self.device = device or torch.device("cpu")
+        self.device = device or default_device()
         self.layout = Layout.build(plan, self.device.type)
         self.constants = _constant_inputs(captured)
         graphs = split_stages(captured.graph_module, [s.layers for s in plan.stages], self.constants)
@@ -71,7 +71,8 @@ class Engine:
         canonical = {id(p): name for name, p in captured.graph_module.named_parameters()}
         regrouped, self.fqns = [], []
         for i in local:
-            module, names = _prepare_stage(graphs[i].module, plan, i, self.layout.mesh["tp"], canonical)
+            module, names = _prepare_stage(graphs[i].module.to(self.device), plan, i,
+                                           self.layout.mesh["tp"], canonical)
             regrouped.append(module)
             self.fqns.append(names)
         self.modules = [apply_data_parallel(m, zero=plan.zero, dp_mesh=dp_mesh) for m in regrouped]
@@ -111,8 +112,8 @@ class Engine:
         dp, dp_rank = self.plan.parallelism.dp, self.layout.dp_rank
         if self.exact:
             self.loss.count = max(int((targets != IGNORE_INDEX).sum()), 1)
-        flat = [_shard(v, dp, dp_rank) for v in self._tensor_inputs(args, kwargs)]
-        target = _shard(targets, dp, dp_rank) if self.has_last else None
+        flat = [_to(_shard(v, dp, dp_rank), self.device) for v in self._tensor_inputs(args, kwargs)]
+        target = _to(_shard(targets, dp, dp_rank), self.device) if self.has_last else None
         losses: list[torch.Tensor] = []
         self.optimizer.zero_grad(set_to_none=True)
         inputs = flat if self.has_first else []
@@ -173,6 +174,17 @@ def _constant_inputs(captured: Captured) -> dict[str, Any]:
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     values = flat_inputs(gm, captured.example_args, captured.example_kwargs)
     return {name: v for name, v in zip(names, values, strict=True) if not isinstance(v, torch.Tensor)}
+
+
+def default_device() -> torch.device:
+    """This rank's GPU under NCCL (``LOCAL_RANK``), else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def _shard(value: Any, dp: int, rank: int) -> Any:
