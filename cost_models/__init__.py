@@ -2,10 +2,27 @@
 
 Data flow: the annotated graph (``node.meta["autopar"]``) and a ``ClusterSpec`` go in;
 per-node and per-stage times and bytes come out for the planner. ``hardware`` is the
-table of devices and links that ``ClusterSpec`` references and every model reads.
-Imported only as ``autopar.cost_models`` (see ARCHITECTURE.md).
+table of devices and links that ``ClusterSpec`` references and every model reads;
+``profile`` summarizes a captured model (``ModelProfile``); ``compute``, ``comm``,
+``memory`` and ``schedule`` are the analytic models; ``simulate`` draws a schedule's
+timeline; ``estimate`` turns a Plan into ``Predicted``; ``megatron`` holds the published
+measurements the models are validated against. Imported only as ``autopar.cost_models``
+(see ARCHITECTURE.md). Modules here import ``autopar.cluster`` and ``autopar.plans`` only
+inside functions: those import the hardware catalog, so a module-level import would cycle.
 """
 
+from autopar.cost_models.comm import (
+    Group,
+    all_gather_time_s,
+    all_reduce_time_s,
+    all_to_all_time_s,
+    broadcast_time_s,
+    p2p_time_s,
+    reduce_scatter_time_s,
+    tp_volume_elements_per_layer,
+)
+from autopar.cost_models.compute import LayerTimes, matmul_efficiency, matmul_time_s, transformer_layer_times
+from autopar.cost_models.estimate import CostOptions, estimate, estimate_plan, simulate_plan, stage_costs
 from autopar.cost_models.hardware import (
     DEVICE_ALIASES,
     DEVICE_CATALOG,
@@ -23,9 +40,26 @@ from autopar.cost_models.hardware import (
     get_device,
     valid_device_names,
 )
+from autopar.cost_models.megatron import MEGATRON_2021, megatron_plan, megatron_profile
+from autopar.cost_models.memory import (
+    activation_bytes_per_layer,
+    in_flight_microbatches,
+    model_state_bytes,
+    peak_memory_bytes,
+    plan_memory,
+)
+from autopar.cost_models.profile import LayerProfile, ModelProfile
+from autopar.cost_models.schedule import StageTimes, bubble_fraction, pipeline_time, rank_actions
+from autopar.cost_models.simulate import Timeline, TimelineEvent, simulate
 
 __all__ = [
     "DEVICE_ALIASES", "DEVICE_CATALOG", "DTYPES", "GLOO_LOOPBACK", "GLOO_TCP", "IB_HDR", "IB_NDR",
-    "NVLINK_A100", "NVLINK_H100", "DeviceSpec", "LinkLevel", "canonical_dtype", "default_links",
-    "get_device", "valid_device_names",
+    "MEGATRON_2021", "NVLINK_A100", "NVLINK_H100", "CostOptions", "DeviceSpec", "Group", "LayerProfile",
+    "LayerTimes", "LinkLevel", "ModelProfile", "StageTimes", "Timeline", "TimelineEvent",
+    "activation_bytes_per_layer", "all_gather_time_s", "all_reduce_time_s", "all_to_all_time_s",
+    "broadcast_time_s", "bubble_fraction", "canonical_dtype", "default_links", "estimate",
+    "estimate_plan", "get_device", "in_flight_microbatches", "matmul_efficiency", "matmul_time_s",
+    "megatron_plan", "megatron_profile", "model_state_bytes", "p2p_time_s", "peak_memory_bytes",
+    "pipeline_time", "plan_memory", "rank_actions", "reduce_scatter_time_s", "simulate", "simulate_plan",
+    "stage_costs", "tp_volume_elements_per_layer", "transformer_layer_times", "valid_device_names",
 ]

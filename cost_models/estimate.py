@@ -1,0 +1,261 @@
+"""Estimate API: a Plan and a ModelProfile in, ``Predicted`` (step time, throughput, memory) out.
+
+Data flow: ``ModelProfile`` (``profile``) + ``Plan`` (``autopar.plans``) → per-stage costs from
+the compute and communication models → step time from the schedule model → ``Predicted``
+(``plan.predicted``), read by the planner, the CLI views and the benchmarks.
+
+Step time = pipeline time (``schedule.pipeline_time``: per-stage forward, backward,
+recomputation, tensor-parallel collectives and P2P sends, steady part plus bubble)
++ exposed data-parallel sync (``comm.dp_sync_time_s`` minus the overlap factor)
++ optimizer step (memory-bound: :data:`OPTIMIZER_BYTES_PER_PARAM` read and written per
+parameter shard). The breakdown splits it into compute, recompute, tp_comm, pp_comm, dp_comm,
+ep_comm (0: no expert parallelism modelled yet), bubble and optimizer, summing to the step.
+``tflops_per_device`` counts the FLOPs executed (recomputation included, as Megatron-LM
+reports); ``mfu`` the model FLOPs (no recomputation) against the dtype's peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from autopar.cost_models.comm import (
+    DEFAULT_DP_OVERLAP,
+    Group,
+    all_reduce_time_s,
+    dp_sync_time_s,
+    exposed_dp_time_s,
+    pipeline_p2p_time_s,
+)
+from autopar.cost_models.compute import (
+    Kernels,
+    LayerTimes,
+    device_efficiency,
+    embedding_times,
+    head_times,
+    transformer_layer_times,
+)
+from autopar.cost_models.memory import peak_memory_bytes
+from autopar.cost_models.profile import LayerProfile, ModelProfile
+from autopar.cost_models.schedule import StageTimes, pipeline_time
+from autopar.cost_models.simulate import Timeline, simulate
+
+if TYPE_CHECKING:
+    from autopar.cluster import ClusterSpec
+    from autopar.plans import Plan, Predicted
+
+OPTIMIZER_BYTES_PER_PARAM = 32
+"""Adam step traffic: read and write the 16 bytes of state per parameter (weights, gradient
+zeroing, fp32 master and moments)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostOptions:
+    """How the training code overlaps and shards what the Plan does not say.
+
+    ``dp_overlap``: fraction of the data-parallel sync hidden behind backward (``comm``).
+    ``tp_overlap``: fraction of the backward pass's tensor-parallel all-reduces hidden behind
+    the weight-gradient matmuls (Megatron-LM's asynchronous all-reduce; 0 in its 2021 code and
+    in ``torch.distributed.tensor.parallel``). ``sequence_parallel``: Korthikanti et al.'s
+    sequence parallelism (activations and elementwise work ÷ t). ``p2p_scatter_gather``:
+    pipeline sends split over the t tensor-parallel ranks, re-gathered over NVLink.
+    """
+
+    dp_overlap: float = DEFAULT_DP_OVERLAP
+    tp_overlap: float = 0.0
+    sequence_parallel: bool = False
+    p2p_scatter_gather: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("dp_overlap", "tp_overlap"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"CostOptions.{name} = {value!r}: expected a fraction in [0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageCost:
+    """One stage (model chunk) per microbatch on one of its devices, split by cause."""
+
+    compute: LayerTimes
+    tp_forward_s: float
+    tp_backward_s: float
+    tp_recompute_s: float
+    send_forward_s: float
+    send_backward_s: float
+    params_per_device: float
+    hardware_flops: float
+
+    def times(self) -> StageTimes:
+        c = self.compute
+        return StageTimes(forward_s=c.forward_s + self.tp_forward_s,
+                          backward_s=c.backward_input_s + self.tp_backward_s,
+                          backward_weight_s=c.backward_weight_s,
+                          recompute_s=c.recompute_s + self.tp_recompute_s,
+                          send_forward_s=self.send_forward_s, send_backward_s=self.send_backward_s)
+
+
+def mesh_group(plan: Plan, axis: str) -> tuple[int, ...]:
+    """Device ids of the ``axis`` group that contains the mesh's first device."""
+    mesh, degree = plan.mesh, getattr(plan.parallelism, axis)
+    if axis in mesh.axis_names:
+        i = mesh.axis_names.index(axis)
+        stride = 1
+        for size in mesh.shape[i + 1:]:
+            stride *= size
+        return tuple(mesh.device_ids[j * stride] for j in range(mesh.shape[i]))
+    stride = plan.parallelism.tp if axis == "dp" else 1  # autopar's default layout: tp fastest
+    return tuple(j * stride for j in range(degree))
+
+
+def _check(plan: Plan, profile: ModelProfile) -> None:
+    end = plan.stages[-1].layers[1]
+    if plan.stages[0].layers[0] != 0 or end != profile.num_layers:
+        raise ValueError(f"the plan's stages cover layers [{plan.stages[0].layers[0]}, {end}) but the "
+                         f"profile has {profile.num_layers}; estimate with the profile of the planned model")
+    if plan.seq_len is not None and plan.seq_len != profile.seq_len:
+        raise ValueError(f"plan.seq_len = {plan.seq_len} but the profile was made for {profile.seq_len}; "
+                         "rebuild the profile at the plan's sequence length")
+
+
+def stage_costs(plan: Plan, profile: ModelProfile, *, options: CostOptions | None = None
+                ) -> tuple[StageCost, ...]:
+    """Per-microbatch costs of every stage of ``plan``, in stage order."""
+    _check(plan, profile)
+    options = options or CostOptions()
+    cluster = plan.cluster_spec()
+    t, b = plan.parallelism.tp, plan.schedule.microbatch_size
+    kernels = Kernels(device=cluster.device, dtype=profile.dtype, bytes_per_element=profile.bytes_per_element,
+                      microbatch_size=b, tp=t)
+    boundary_bytes = b * profile.seq_len * profile.hidden_size * profile.bytes_per_element
+    tp_group = Group.of(mesh_group(plan, "tp"), cluster=cluster)
+    all_reduce_s = all_reduce_time_s(boundary_bytes, group=tp_group, cluster=cluster)
+    cache: dict[tuple[object, ...], LayerTimes] = {}
+
+    def layer_times(layer: LayerProfile, recompute: str) -> LayerTimes:
+        key = (layer.flops_fwd, layer.hidden_size, layer.num_heads, layer.ffn_size, recompute)
+        if key not in cache:
+            cache[key] = transformer_layer_times(
+                layer, kernels=kernels, recompute=recompute, fused_attention=profile.fused_attention,
+                causal=profile.causal, sequence_parallel=options.sequence_parallel)
+        return cache[key]
+
+    costs = []
+    for stage in plan.stages:
+        layers = profile.layers[stage.layers[0]:stage.layers[1]]
+        compute = sum((layer_times(layer, stage.recompute) for layer in layers), LayerTimes())
+        flops = b * sum(_layer_flops(layer, stage.recompute, profile.fused_attention) for layer in layers)
+        params = sum(layer.param_count for layer in layers)
+        # two all-reduces per layer each way (TECHNIQUES §3); the recomputed forward repeats its two
+        forward = backward = 2 * sum(layer.is_transformer for layer in layers) if t > 1 else 0
+        recompute = forward if stage.recompute == "full" else 0
+        if stage.index == 0:
+            compute += embedding_times(profile, kernels=kernels)
+            forward += 1 if t > 1 else 0  # the vocabulary-parallel embedding's output
+            params += profile.embedding_params
+            flops += 3 * profile.embedding_flops_fwd * b
+        if stage.index == len(plan.stages) - 1:
+            compute += head_times(profile, kernels=kernels)
+            backward += 1 if t > 1 else 0  # the gradient of the LM head's input
+            params += profile.head_params + (profile.tied_head_params if stage.index > 0 else 0)
+            flops += (profile.head_flops_fwd + profile.head_flops_bwd) * b
+        send_next, send_previous = _sends(plan, stage.index, boundary_bytes, cluster, options)
+        costs.append(StageCost(
+            compute=compute, tp_forward_s=forward * all_reduce_s,
+            tp_backward_s=backward * all_reduce_s * (1 - options.tp_overlap),
+            tp_recompute_s=recompute * all_reduce_s, send_forward_s=send_next,
+            send_backward_s=send_previous, params_per_device=params / t, hardware_flops=flops))
+    return tuple(costs)
+
+
+def _layer_flops(layer: LayerProfile, recompute: str, fused_attention: bool) -> float:
+    """FLOPs executed for one sequence: forward, backward, and what recomputation repeats."""
+    flops = layer.flops_fwd + layer.flops_bwd
+    if recompute == "full":
+        return flops + layer.flops_fwd
+    if recompute == "selective" and layer.is_transformer and not fused_attention:
+        return flops + 4 * layer.seq_len * layer.seq_len * layer.hidden_size  # QKᵀ and attention·V
+    return flops
+
+
+def _sends(plan: Plan, index: int, size_bytes: float, cluster: ClusterSpec, options: CostOptions
+           ) -> tuple[float, float]:
+    stages, per_node = plan.stages, cluster.devices_per_node
+
+    def send(other: int) -> float:
+        same = stages[index].devices[0] // per_node == stages[other].devices[0] // per_node
+        return pipeline_p2p_time_s(activation_bytes=size_bytes, tp=plan.parallelism.tp, cluster=cluster,
+                                   same_node=same, scatter_gather=options.p2p_scatter_gather)
+
+    forward = send(index + 1) if index + 1 < len(stages) else 0.0
+    return forward, send(index - 1) if index > 0 else 0.0
+
+
+def _dp_and_optimizer_s(plan: Plan, profile: ModelProfile, costs: tuple[StageCost, ...],
+                        options: CostOptions) -> tuple[float, float]:
+    """(exposed data-parallel sync, optimizer step) of the slowest pipeline rank."""
+    cluster, par = plan.cluster_spec(), plan.parallelism
+    dp_group = Group.of(mesh_group(plan, "dp"), cluster=cluster)
+    bandwidth = (cluster.device.memory_bandwidth_bytes_per_s
+                 * device_efficiency(cluster.device).memory_bandwidth_fraction)
+    tied = 0.0
+    if profile.tied_embeddings and len(plan.stages) > 1:  # first and last stage sum their copies
+        pair = Group.of((plan.stages[0].devices[0], plan.stages[-1].devices[0]), cluster=cluster)
+        tied = all_reduce_time_s(profile.tied_head_params / par.tp * profile.bytes_per_element,
+                                 group=pair, cluster=cluster) if pair.size > 1 else 0.0
+    dp_s = optimizer_s = 0.0
+    for rank in range(par.pp):
+        mine = costs[rank::par.pp]
+        params = sum(c.params_per_device for c in mine)
+        sync = dp_sync_time_s(params, bytes_per_element=profile.bytes_per_element, zero=plan.zero,
+                              group=dp_group, cluster=cluster,
+                              num_microbatches=plan.schedule.num_microbatches)
+        window = sum(c.times().backward_s + c.times().backward_weight_s for c in mine)
+        dp_s = max(dp_s, exposed_dp_time_s(sync, overlap=options.dp_overlap, backward_window_s=window))
+        shard = par.dp if plan.zero >= 1 else 1
+        optimizer_s = max(optimizer_s, params / shard * OPTIMIZER_BYTES_PER_PARAM / bandwidth)
+    return dp_s + tied, optimizer_s
+
+
+def estimate(plan: Plan, profile: ModelProfile, *, options: CostOptions | None = None) -> Predicted:
+    """The cost model's prediction for ``plan`` running the model ``profile`` describes."""
+    from autopar.plans import Predicted
+
+    options = options or CostOptions()
+    costs = stage_costs(plan, profile, options=options)
+    sched, par = plan.schedule, plan.parallelism
+    pipe = pipeline_time([c.times() for c in costs], schedule=sched.name, pp=par.pp,
+                         num_microbatches=sched.num_microbatches, virtual_stages=sched.virtual_stages)
+    dp_s, optimizer_s = _dp_and_optimizer_s(plan, profile, costs, options)
+    mine, m = costs[pipe.critical_rank::par.pp], sched.num_microbatches
+    c = sum((x.compute for x in mine), LayerTimes())
+    breakdown = {
+        "compute": m * (c.forward_s + c.backward_s), "recompute": m * c.recompute_s,
+        "tp_comm": m * sum(x.tp_forward_s + x.tp_backward_s + x.tp_recompute_s for x in mine),
+        "pp_comm": m * sum(x.send_forward_s + x.send_backward_s for x in mine),
+        "dp_comm": dp_s, "ep_comm": 0.0, "bubble": pipe.bubble_s, "optimizer": optimizer_s,
+    }
+    step_s = pipe.total_s + dp_s + optimizer_s
+    world, device = plan.world_size, plan.cluster_spec().device
+    hardware_flops = par.dp * m * sum(x.hardware_flops for x in costs)
+    model_flops = plan.global_batch_size * profile.model_flops_per_sequence
+    return Predicted(
+        step_time_s=step_s, tokens_per_s=plan.global_batch_size * profile.seq_len / step_s,
+        tflops_per_device=hardware_flops / (world * step_s) / 1e12,
+        mfu=model_flops / (world * device.peak_flops_per_s_for(profile.dtype) * step_s),
+        peak_memory_bytes=peak_memory_bytes(plan, profile, sequence_parallel=options.sequence_parallel),
+        breakdown=breakdown)
+
+
+def estimate_plan(plan: Plan, profile: ModelProfile, *, options: CostOptions | None = None) -> Plan:
+    """``plan`` with ``predicted`` filled in by :func:`estimate`."""
+    return dataclasses.replace(plan, predicted=estimate(plan, profile, options=options))
+
+
+def simulate_plan(plan: Plan, profile: ModelProfile, *, options: CostOptions | None = None) -> Timeline:
+    """The discrete-event timeline of ``plan``'s pipeline part (``simulate``)."""
+    costs = stage_costs(plan, profile, options=options)
+    sched = plan.schedule
+    return simulate([c.times() for c in costs], schedule=sched.name, pp=plan.parallelism.pp,
+                    num_microbatches=sched.num_microbatches, virtual_stages=sched.virtual_stages)

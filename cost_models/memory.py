@@ -1,0 +1,165 @@
+"""Memory model: peak bytes per device for a Plan.
+
+Data flow: a ``Plan`` and a ``ModelProfile`` go in; ``estimate`` stores the per-device peaks
+in ``plan.predicted.peak_memory_bytes`` and the planner compares them with device memory.
+
+Per device: model states + activations + logits + reserve.
+
+* Model states, mixed-precision Adam: 16 bytes per parameter (2 bf16 weight, 2 bf16 gradient,
+  12 fp32 master weight and two moments), the parameters of the device's stages ÷ t. ZeRO
+  shards over the ``dp`` replicas: 1 the 12 optimizer bytes, 2 also the gradient, 3 also
+  the weight. The first stage holds the embedding; the last the final norm and LM head, and
+  under pipelining a copy of a weight tied to the embedding (as Megatron-LM does).
+* Activations of one layer and microbatch: Korthikanti et al. 2022 exactly (TECHNIQUES §2,
+  16-bit; scaled for other dtypes), times the microbatches in flight on that pipeline rank:
+  GPipe ``m``; 1F1B and zero-bubble (ZB-H1) ``min(p − r, m)`` on rank ``r``; interleaved
+  Megatron warm-up ``min(2(p − r − 1) + (v − 1)p + 1, m v)`` model chunks of ``1/v`` of the
+  rank's layers (``p (1 + (p−1)/(p v))`` microbatches on the first rank). Fused attention
+  stores no ``s × s`` scores (drops the ``5as/h`` term). Recomputation adds a working set:
+  one layer's full activations (full) or its attention scores (selective).
+* Logits on the last stage: the fp32 probabilities the vocabulary-parallel cross-entropy keeps
+  for backward, ``4 s b V / t`` bytes, for one microbatch (GPipe: all ``m``).
+* Reserve (ASSUMED, not fitted): :data:`WORKSPACE_BYTES` on GPUs for the CUDA context and
+  cuBLAS/NCCL workspaces, plus :data:`FRAGMENTATION_FRACTION` of everything else for the
+  caching allocator's fragmentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from autopar.cost_models.profile import LayerProfile, ModelProfile
+
+if TYPE_CHECKING:
+    from autopar.plans import Plan
+
+WEIGHT_BYTES_PER_PARAM = 2
+GRADIENT_BYTES_PER_PARAM = 2
+OPTIMIZER_BYTES_PER_PARAM = 12
+WORKSPACE_BYTES = 2**30
+FRAGMENTATION_FRACTION = 0.05
+LOGITS_BYTES_PER_ELEMENT = 4
+
+
+def model_state_bytes(num_params: float, *, zero: int = 0, dp: int = 1) -> float:
+    """Weights + gradients + Adam states of ``num_params`` parameters under ZeRO ``zero`` over ``dp``."""
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero = {zero!r}: expected 0, 1, 2 or 3")
+    weight = WEIGHT_BYTES_PER_PARAM / (dp if zero >= 3 else 1)
+    gradient = GRADIENT_BYTES_PER_PARAM / (dp if zero >= 2 else 1)
+    optimizer = OPTIMIZER_BYTES_PER_PARAM / (dp if zero >= 1 else 1)
+    return num_params * (weight + gradient + optimizer)
+
+
+def activation_bytes_per_layer(*, seq_len: int, microbatch_size: int, hidden_size: int, num_heads: int,
+                               tp: int = 1, recompute: str = "none", sequence_parallel: bool = False,
+                               fused_attention: bool = False, bytes_per_element: int = 2) -> float:
+    """Korthikanti et al.'s activation bytes of one transformer layer for one microbatch.
+
+    none ``sbh(10 + 24/t + 5as/(ht))`` (t = 1: ``sbh(34 + 5as/h)``); with sequence parallelism
+    ``sbh(34/t + 5as/(ht))``; selective drops the ``5as/(ht)`` term; full keeps only the
+    layer input, ``2sbh`` (÷ t with sequence parallelism).
+    """
+    s, b, h, a, t = seq_len, microbatch_size, hidden_size, num_heads, tp
+    sbh, scale = s * b * h, bytes_per_element / 2
+    if recompute == "full":
+        return 2 * sbh / (t if sequence_parallel else 1) * scale
+    scores = 0.0 if recompute == "selective" or fused_attention else 5 * a * s / (h * t)
+    per_token = 34 / t if sequence_parallel else 10 + 24 / t
+    return sbh * (per_token + scores) * scale
+
+
+def in_flight_microbatches(schedule: str, *, pp: int, rank: int, num_microbatches: int,
+                           virtual_stages: int = 1) -> float:
+    """Microbatches' worth of the rank's layer activations alive at its peak."""
+    m, p, v = num_microbatches, pp, virtual_stages
+    if schedule == "gpipe":
+        return float(m)
+    if schedule in ("1f1b", "zero_bubble"):
+        return float(min(p - rank, m))
+    if schedule == "interleaved":
+        return min(2 * (p - rank - 1) + (v - 1) * p + 1, m * v) / v
+    raise ValueError(f"schedule {schedule!r}: expected gpipe, 1f1b, interleaved or zero_bubble")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryBreakdown:
+    """Bytes on one device at its peak."""
+
+    model_states_bytes: float
+    activations_bytes: float
+    logits_bytes: float
+    reserve_bytes: float
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.model_states_bytes + self.activations_bytes + self.logits_bytes
+                   + self.reserve_bytes)
+
+
+def _layer_bytes(layer: LayerProfile, profile: ModelProfile, *, microbatch_size: int, tp: int,
+                 recompute: str, sequence_parallel: bool) -> tuple[float, float]:
+    """(stored per in-flight microbatch, recomputation working set) of one layer."""
+    def act(mode: str) -> float:
+        if not layer.is_transformer:  # unknown shape: what its forward writes, nothing if recomputed
+            return 0.0 if mode == "full" else layer.activation_bytes * microbatch_size / tp
+        return activation_bytes_per_layer(
+            seq_len=layer.seq_len, microbatch_size=microbatch_size, hidden_size=layer.hidden_size,
+            num_heads=layer.num_heads, tp=tp, recompute=mode, sequence_parallel=sequence_parallel,
+            fused_attention=profile.fused_attention, bytes_per_element=profile.bytes_per_element)
+
+    stored = act(recompute)
+    working = {"none": 0.0, "selective": act("none") - stored, "full": act("none")}[recompute]
+    return stored, working
+
+
+def _stage_set_memory(plan: Plan, profile: ModelProfile, stage_indices: tuple[int, ...], *,
+                      gpu: bool, sequence_parallel: bool) -> MemoryBreakdown:
+    par, sched = plan.parallelism, plan.schedule
+    t, b, last = par.tp, sched.microbatch_size, len(plan.stages) - 1
+    params = stored = working = logits = 0.0
+    for stage in (plan.stages[i] for i in stage_indices):
+        layers = profile.layers[stage.layers[0]:stage.layers[1]]
+        params += sum(layer.param_count for layer in layers) / t
+        if stage.index == 0:
+            params += profile.embedding_params / t
+        if stage.index == last:
+            params += (profile.head_params + (profile.tied_head_params if last > 0 else 0)) / t
+            count = sched.num_microbatches if sched.name == "gpipe" else 1
+            logits = count * LOGITS_BYTES_PER_ELEMENT * b * profile.seq_len * profile.vocab_size / t
+        for layer in layers:
+            kept, extra = _layer_bytes(layer, profile, microbatch_size=b, tp=t, recompute=stage.recompute,
+                                       sequence_parallel=sequence_parallel)
+            stored, working = stored + kept, max(working, extra)
+    rank = stage_indices[0] % par.pp if stage_indices else 0
+    in_flight = in_flight_microbatches(sched.name, pp=par.pp, rank=rank,
+                                       num_microbatches=sched.num_microbatches,
+                                       virtual_stages=sched.virtual_stages)
+    states = model_state_bytes(params, zero=plan.zero, dp=par.dp)
+    activations = stored * in_flight + working
+    reserve = FRAGMENTATION_FRACTION * (states + activations + logits) + (WORKSPACE_BYTES if gpu else 0)
+    return MemoryBreakdown(model_states_bytes=states, activations_bytes=activations,
+                           logits_bytes=logits, reserve_bytes=reserve)
+
+
+def plan_memory(plan: Plan, profile: ModelProfile, *, sequence_parallel: bool = False
+                ) -> tuple[MemoryBreakdown, ...]:
+    """The memory breakdown of every device, in device-id order (0 … world − 1)."""
+    held: list[list[int]] = [[] for _ in range(plan.world_size)]
+    for stage in plan.stages:
+        for device in stage.devices:
+            held[device].append(stage.index)
+    gpu = plan.cluster["device"]["name"] != "CPU"
+    cache: dict[tuple[int, ...], MemoryBreakdown] = {}
+    for indices in map(tuple, held):
+        if indices not in cache:
+            cache[indices] = _stage_set_memory(plan, profile, indices, gpu=gpu,
+                                               sequence_parallel=sequence_parallel)
+    return tuple(cache[tuple(indices)] for indices in held)
+
+
+def peak_memory_bytes(plan: Plan, profile: ModelProfile, *, sequence_parallel: bool = False
+                      ) -> tuple[int, ...]:
+    """Peak bytes of every device, in device-id order (0 … world − 1)."""
+    return tuple(m.total_bytes for m in plan_memory(plan, profile, sequence_parallel=sequence_parallel))

@@ -1,0 +1,204 @@
+"""``ModelProfile``: the torch-free summary of a model that every cost model reads.
+
+Data flow: ``autopar.capture`` → :meth:`ModelProfile.from_captured` (or
+:meth:`ModelProfile.gpt` from a zoo ``GPTConfig``, analytically) → the compute, memory and
+schedule models and ``autopar.cost_models.estimate``. It holds per-layer FLOPs and parameter
+counts (and, for transformer layers, the shapes the compute and memory models need), the
+parts outside the repeated layers (embedding before the first layer, LM head after the
+last), the vocabulary and the training dtype. FLOPs are *per sequence* (one sample of
+``seq_len`` tokens); the models multiply by the microbatch size. Counts follow capture:
+a matmul (m×k)(k×n) is 2mkn FLOPs, attention is counted without the causal saving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from autopar.cost_models.hardware import canonical_dtype
+
+_ELEMENT_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4}
+_ATTENTION_WORDS = ("attn", "attention")
+_DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerProfile:
+    """One repeated layer. Shapes are None where the layer is not a recognized transformer;
+    ``activation_bytes`` (per sequence, training dtype) is what its forward writes, used by the
+    memory model only for such layers."""
+
+    name: str
+    flops_fwd: float
+    flops_bwd: float
+    param_count: int
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    seq_len: int | None = None
+    ffn_size: int | None = None
+    activation_bytes: float = 0.0
+
+    @property
+    def is_transformer(self) -> bool:
+        return None not in (self.hidden_size, self.num_heads, self.seq_len, self.ffn_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelProfile:
+    """Per-sequence FLOPs and parameter counts of a model, plus what the cost model needs.
+
+    ``embedding_*`` covers nodes before the first layer, ``head_*`` nodes after it (final
+    norm, LM head, loss). ``head_params`` excludes a weight tied to the embedding
+    (``tied_embeddings``); a pipeline's last stage still holds a copy of it.
+    ``fused_attention`` says whether attention runs as one fused (flash) kernel.
+    """
+
+    name: str
+    layers: tuple[LayerProfile, ...]
+    seq_len: int
+    hidden_size: int
+    vocab_size: int
+    embedding_params: int
+    embedding_flops_fwd: float
+    head_params: int
+    head_flops_fwd: float
+    head_flops_bwd: float
+    tied_embeddings: bool
+    dtype: str = "bf16"
+    fused_attention: bool = True
+    causal: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        for name in ("seq_len", "hidden_size"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:
+                raise ValueError(f"ModelProfile.{name} = {getattr(self, name)!r}: expected an int >= 1")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def bytes_per_element(self) -> int:
+        """Bytes of one activation/weight element in the training dtype."""
+        return _DTYPE_BYTES[self.dtype]
+
+    @property
+    def param_count(self) -> int:
+        """Unique parameters (a tied weight once)."""
+        return sum(layer.param_count for layer in self.layers) + self.embedding_params + self.head_params
+
+    @property
+    def tied_head_params(self) -> int:
+        """Parameters of the LM-head weight shared with the embedding (0 if untied)."""
+        return self.vocab_size * self.hidden_size if self.tied_embeddings else 0
+
+    @property
+    def model_flops_per_sequence(self) -> float:
+        """Forward + backward FLOPs of one sequence, no recomputation (MFU's numerator)."""
+        layers = sum(layer.flops_fwd + layer.flops_bwd for layer in self.layers)
+        return layers + 3 * self.embedding_flops_fwd + self.head_flops_fwd + self.head_flops_bwd
+
+    @classmethod
+    def gpt(cls, config: Any, *, name: str = "gpt", dtype: str = "bf16",
+            fused_attention: bool = True) -> ModelProfile:
+        """Analytic profile of a zoo ``GPTConfig`` (Megatron-LM's counts, TECHNIQUES §1)."""
+        h, s, f, a, vocab = (config.hidden_size, config.seq_len, config.ffn_size, config.num_heads,
+                             config.vocab_size)
+        fwd = 8 * s * h * h + 4 * s * h * f + 4 * s * s * h  # QKV+proj, MLP, QKᵀ and attn·V
+        layer_params = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h
+        scale = _DTYPE_BYTES[canonical_dtype(dtype)] / 2
+        written = (34 * s * h + 5 * a * s * s) * scale  # Korthikanti's count, no recomputation
+        layers = tuple(
+            LayerProfile(name=f"blocks.{i}", flops_fwd=fwd, flops_bwd=2 * fwd, param_count=layer_params,
+                         hidden_size=h, num_heads=a, seq_len=s, ffn_size=f, activation_bytes=written)
+            for i in range(config.num_layers))
+        tied = bool(config.tie_embeddings)
+        return cls(name=name, layers=layers, seq_len=s, hidden_size=h, vocab_size=vocab,
+                   embedding_params=(vocab + s) * h, embedding_flops_fwd=0.0,
+                   head_params=2 * h + (0 if tied else vocab * h), head_flops_fwd=2 * s * h * vocab,
+                   head_flops_bwd=4 * s * h * vocab, tied_embeddings=tied, dtype=dtype,
+                   fused_attention=fused_attention)
+
+    @classmethod
+    def from_captured(cls, captured: Any, *, batch_size: int, name: str | None = None,
+                      dtype: str = "bf16", fused_attention: bool | None = None) -> ModelProfile:
+        """Summarize a ``Captured`` made on an example batch of ``batch_size`` sequences.
+
+        Layer FLOPs come from ``captured.layers`` divided by ``batch_size``; shapes and the
+        parts outside the layers from the node records. ``fused_attention`` defaults to
+        whether the graph calls ``scaled_dot_product_attention`` (``causal`` to its
+        ``is_causal``); nodes between stacks of layers count with the head.
+        """
+        if type(batch_size) is not int or batch_size < 1:
+            raise ValueError(f"batch_size = {batch_size!r}: expected the int >= 1 used for capture")
+        nodes = [(node, record) for node, record in captured.records()]
+        layer_nodes = [i for i, (_, record) in enumerate(nodes) if record.layer is not None]
+        first = layer_nodes[0] if layer_nodes else len(nodes)
+        outside = [(i < first, record) for i, (_, record) in enumerate(nodes) if record.layer is None]
+        shapes = [_layer_shapes(nodes, info.index) for info in captured.layers]
+        scale = _DTYPE_BYTES[canonical_dtype(dtype)] / batch_size
+        written = [sum(r.bytes_written / _ELEMENT_BYTES.get(r.dtypes[0], 4) for _, r in nodes
+                       if r.layer == info.index and r.dtypes) * scale for info in captured.layers]
+        layers = tuple(
+            LayerProfile(name=info.name, flops_fwd=info.flops_fwd / batch_size,
+                         flops_bwd=info.flops_bwd / batch_size, param_count=info.param_count,
+                         activation_bytes=act, **shape)
+            for info, shape, act in zip(captured.layers, shapes, written, strict=True))
+        seq, hidden = _sequence_and_hidden(captured, shapes)
+        vocab = _vocab_size(nodes)
+        head = [record for before, record in outside if not before]
+        head_params = sum(_param_count(r) for r in head)
+        sdpa = [node for node, _ in nodes if "scaled_dot_product" in str(node.target)]
+        return cls(
+            name=name or captured.model_name, layers=layers, seq_len=seq, hidden_size=hidden,
+            vocab_size=vocab,
+            embedding_params=sum(_param_count(r) for before, r in outside if before),
+            embedding_flops_fwd=sum(r.flops_fwd for before, r in outside if before) / batch_size,
+            head_params=head_params, head_flops_fwd=sum(r.flops_fwd for r in head) / batch_size,
+            head_flops_bwd=sum(r.flops_bwd for r in head) / batch_size,
+            tied_embeddings=vocab > 0 and head_params < vocab * hidden, dtype=dtype,
+            fused_attention=bool(sdpa) if fused_attention is None else fused_attention,
+            causal=any(node.kwargs.get("is_causal", False) for node in sdpa) if sdpa else True)
+
+
+def _param_count(record: Any) -> int:
+    size = _ELEMENT_BYTES.get(record.dtypes[0], 4) if record.dtypes else 4
+    return record.param_bytes // size
+
+
+def _layer_shapes(nodes: list[tuple[Any, Any]], index: int) -> dict[str, int | None]:
+    """hidden, seq from the layer's last (b, s, h) output; heads from a (b, a, s, h/a) tensor;
+    ffn from the widest parameter-owning matmul outside attention modules."""
+    mine = [(node, record) for node, record in nodes if record.layer == index]
+    outputs = [record.shapes[0] for _, record in mine if record.shapes and len(record.shapes[0]) == 3]
+    if not outputs:
+        return {}
+    _, seq, hidden = outputs[-1]
+    heads = next((shape[1] for _, record in mine for shape in record.shapes
+                  if len(shape) == 4 and shape[2] == seq and shape[1] * shape[3] == hidden), None)
+    widths = [record.shapes[0][-1] for _, record in mine
+              if record.param_bytes > 0 and record.flops_fwd > 0 and record.shapes
+              and not any(word in record.module_path.lower() for word in _ATTENTION_WORDS)]
+    ffn = max(widths, default=None)
+    return {"hidden_size": hidden, "seq_len": seq, "num_heads": heads, "ffn_size": ffn}
+
+
+def _sequence_and_hidden(captured: Any, shapes: list[dict[str, int | None]]) -> tuple[int, int]:
+    for shape in shapes:
+        if shape.get("seq_len") and shape.get("hidden_size"):
+            return int(shape["seq_len"]), int(shape["hidden_size"])
+    args = captured.example_args
+    seq = int(args[0].shape[1]) if args and getattr(args[0], "ndim", 0) >= 2 else 1
+    return seq, 1
+
+
+def _vocab_size(nodes: list[tuple[Any, Any]]) -> int:
+    """The last dim of the graph's 3-D output (logits ``(b, s, V)``), else 0."""
+    for node, record in reversed(nodes):
+        if node.op == "output" or record.layer is not None:
+            continue
+        if record.shapes and len(record.shapes[0]) == 3 and record.flops_fwd > 0:
+            return int(record.shapes[0][-1])
+    return 0
