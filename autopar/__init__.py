@@ -10,11 +10,12 @@ from autopar.capture import Captured, CaptureError, capture
 from autopar.cluster import ClusterSpec
 from autopar.compile import Compiled, compile
 from autopar.config import Fix
+from autopar.planning import estimate, plan
 from autopar.plans import Plan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CaptureError", "Captured", "ClusterSpec", "Compiled", "Fix", "Plan", "__version__",
-    "capture", "compile", "models",
+    "capture", "compile", "estimate", "models", "plan",
 ]

@@ -22,7 +22,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from autopar.capture import Captured, LeafSpec, capture, normalize_inputs
 from autopar.cluster import ClusterSpec
 from autopar.config import Fix
+from autopar.cost_models.estimate import estimate_plan
 from autopar.losses import cross_entropy
+from autopar.planning import profile_of
 from autopar.plans import Plan, check_fingerprint, graph_fingerprint
 from autopar.plans.megatron import megatron_shardings
 from autopar.plans.pinned import plan_from_fix
@@ -196,6 +198,8 @@ class Compiled(nn.Module):
             plan = dataclasses.replace(plan, graph_fingerprint=fingerprint)
         else:
             check_fingerprint(plan, fingerprint)
+        if plan.predicted.step_time_s is None:
+            plan = estimate_plan(plan, profile_of(captured))
         return Engine(captured, plan, loss_fn=self.loss_fn, optimizer=self._optimizer_factory)
 
 
