@@ -12,10 +12,11 @@ from autopar.compile import Compiled, compile
 from autopar.config import Fix
 from autopar.planning import estimate, plan
 from autopar.plans import Plan
+from autopar.transform import transform
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CaptureError", "Captured", "ClusterSpec", "Compiled", "Fix", "Plan", "__version__",
-    "capture", "compile", "estimate", "models", "plan",
+    "capture", "compile", "estimate", "models", "plan", "transform",
 ]

@@ -1,8 +1,12 @@
 """Graph passes over captured graphs, imported as ``autopar.passes``.
 
 Data flow: ``autopar.capture`` → annotated ``fx.GraphModule`` → passes (each a
-``*_pass(gm, ctx) -> gm`` function, applied in order by one runner) → cost models
-and planner. Random layerwise token dropping, Mixture-of-Experts routing and fused
-attention land here with their own issues; this package exists now so that the
-import name is fixed (``autopar.passes``, never a bare ``passes``).
+``*_pass(gm, ctx) -> gm`` function behind a config object, applied in order by
+:func:`run_passes`) → cost models, planner, runtime. ``autopar.transform`` runs them
+on a model. Random layerwise token dropping, Mixture-of-Experts routing and fused
+attention each add their pass here.
 """
+
+from autopar.passes.runner import GraphPass, PassContext, PassError, check_passes, run_passes
+
+__all__ = ["GraphPass", "PassContext", "PassError", "check_passes", "run_passes"]
