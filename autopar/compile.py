@@ -175,6 +175,14 @@ class Compiled(nn.Module):
         return float(loss.detach())
 
 
+    def report(self, inputs: Any, targets: Any) -> Any:
+        """Run one measured training step and return a table of what each rank spent
+        (forward, backward, communication, bubble, memory) beside the Plan's predictions.
+        Multi-device runs call it on every rank."""
+        from autopar.runtime.report import report
+
+        return report(self, inputs, targets)
+
     def _build_engine(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Engine:
         """Capture at the microbatch shape, take or make the Plan, start the runtime."""
         from autopar.runtime.engine import Engine  # torch.distributed.pipelining is slow to import

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from autopar import __version__
-from autopar.cli import capture_cmd, demo
+from autopar.cli import calibrate_cmd, capture_cmd, demo, run_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--no-color", action="store_true", help="plain output without colours")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    calibrate_cmd.add_parser(subparsers)
     capture_cmd.add_parser(subparsers)
     demo.add_parser(subparsers)
+    run_cmd.add_parser(subparsers)
     return parser
 
 

@@ -129,9 +129,17 @@ def test_no_command_prints_help(capsys):
     assert "usage" in capsys.readouterr().out
 
 
-def test_demo_trains_and_loss_falls(capsys):
-    code, out, err = run(capsys, "demo", "--steps", "5")
+def test_demo_trains_and_loss_falls(capfd):
+    """4 local processes (pp2 × dp2): the loss falls, equals the single-process reference, and the
+    measured report has a row per rank. The ranks print to the terminal, hence capfd."""
+    code, out, err = run(capfd, "demo", "--steps", "5")
     assert code == 0, err
-    losses = [float(line.split("loss")[1]) for line in out.splitlines() if line.startswith("step")]
+    steps = [line.split() for line in out.splitlines() if line.startswith("step")]
+    losses = [float(words[3]) for words in steps]
+    references = [float(words[5]) for words in steps]
     assert len(losses) == 5 and losses[-1] < losses[0]
-    assert "eager PyTorch loss before step 1" in out and "equal" in out and "DIFFERENT" not in out
+    assert losses == pytest.approx(references, rel=1e-5)
+    assert "single-process reference" in out and "(equal" in out and "DIFFERENT" not in out
+    assert "pp2 × dp2" in out and "predicted" in out
+    rows = [line for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"], ["3"])]
+    assert len(rows) == 4, out

@@ -1,0 +1,156 @@
+"""``autopar run``: a script on 2 gloo processes, one-line errors, and the measured report's table."""
+
+import dataclasses
+import json
+import textwrap
+
+import pytest
+from rich.console import Console
+
+from autopar.cli.main import main
+from autopar.cluster import ClusterSpec
+from autopar.config import Fix
+from autopar.plans.pinned import plan_from_fix
+from autopar.plans.schema import Predicted
+from autopar.runtime.report import COLUMNS, STEP_LABEL, StepReport, _from_events, format_report
+
+SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+
+    import autopar
+    from autopar.runtime.report import report
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    print(f"hello from rank {rank}", flush=True)
+    if "--hello-only" in sys.argv:
+        sys.exit(0)
+    if "--fail" in sys.argv and rank == 1:
+        raise KeyError("no such layer on purpose")
+    torch.manual_seed(0)
+    model = autopar.models.build("gpt-tiny")
+    inputs, targets = autopar.models.example_batch(model, batch_size=4, seq_len=8)
+    compiled = autopar.compile(model, f"local:{world}", fix={"pp": 2, "num_microbatches": 2})
+    loss = compiled.step(inputs, targets)
+    table = report(compiled, inputs, targets)
+    stage = compiled.engine.schedule._stage
+    out = Path(sys.argv[sys.argv.index("--out") + 1])
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "world": world, "local_rank": int(os.environ["LOCAL_RANK"]),
+        "dist_rank": dist.get_rank(), "loss": loss, "stages": compiled.engine.stage_indices,
+        "rows": table.row_count, "columns": [str(c.header) for c in table.columns],
+        "unwrapped": "forward_one_chunk" not in vars(stage), "steps": compiled.num_steps,
+    }))
+""")
+
+
+def run(capfd, *argv):
+    code = main(["--no-color", *argv])
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "train.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def test_run_script_on_two_ranks(script, tmp_path, capfd):
+    code, out, err = run(capfd, "run", str(script), "--nproc", "2", "--", "--out", str(tmp_path))
+    assert code == 0, err
+    assert "hello from rank 0" in out and "hello from rank 1" not in out  # rank 0's output only
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank, result in enumerate(results):
+        assert (result["rank"], result["dist_rank"], result["local_rank"], result["world"]) == (rank, rank,
+                                                                                              rank, 2)
+        assert result["stages"] == [rank]  # the pipeline really has one stage per rank
+        assert result["rows"] == 2 and result["columns"] == list(COLUMNS)
+        assert result["unwrapped"] and result["steps"] == 2
+    assert results[0]["loss"] == results[1]["loss"] > 0
+
+
+def test_failing_rank_is_named_in_one_line(script, tmp_path, capfd):
+    code, out, err = run(capfd, "run", str(script), "--nproc", "2", "--", "--fail", "--out", str(tmp_path))
+    assert code == 2
+    assert err == "autopar: error: rank 1 failed: KeyError: 'no such layer on purpose'\n", err
+
+
+def test_all_ranks_shows_every_rank(script, capfd):
+    code, out, err = run(capfd, "run", "--nproc", "2", "--all-ranks", str(script), "--", "--hello-only")
+    assert code == 0, err  # sys.exit(0) in the script is a normal end
+    assert "hello from rank 0" in out and "hello from rank 1" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "/no/such/train.py", "--nproc", "2"], "no script '/no/such/train.py'"),
+    (["run", "{script}", "--nproc", "0"], "--nproc must be >= 1, got 0"),
+    (["run", "{script}", "--nproc", "two"], "invalid int value: 'two'"),
+    (["run", "{script}"], "--nproc is required"),
+    (["run", "{script}", "--nproc", "2", "--lr", "3"], "the script's own arguments go after `--`"),
+    (["run", "{script}", "--nproc", "2", "--timeout", "0"], "--timeout must be > 0"),
+    (["run"], "no script given"),
+])
+def test_user_errors_are_one_line(script, capfd, argv, message):
+    code, out, err = run(capfd, *[a.format(script=script) for a in argv])
+    assert code == 2
+    assert message in err and err.startswith("autopar: error:") and err.count("\n") == 1, err
+
+
+def _plan():
+    return plan_from_fix("GPT", graph_fingerprint="test", num_layers=4, cluster=ClusterSpec.parse("local:4"),
+                         fix=Fix(pp=2, dp=2, num_microbatches=4), global_batch_size=16, seq_len=32)
+
+
+def _report(rank: int) -> StepReport:
+    return StepReport(rank=rank, stages=(rank // 2,), forward_s=(0.012,), backward_s=(0.025,),
+                      optimizer_s=0.004, comm_s=0.01, bubble_s=0.02, p2p_wait_s=0.015, step_s=0.071,
+                      loss=4.5, peak_memory_bytes=300 * 2**20, memory_kind="rss")
+
+
+def _render(table) -> str:
+    console = Console(width=120, no_color=True)
+    with console.capture() as capture:
+        console.print(table)
+    return capture.get()
+
+
+def test_report_table_has_a_row_per_rank_and_the_columns():
+    table = format_report([_report(r) for r in range(4)], _plan())
+    assert table.row_count == 4
+    assert [str(c.header) for c in table.columns] == list(COLUMNS)
+    for name in ("stages", "fwd s", "bwd s", "comm s", "bubble s", "peak mem", "predicted"):
+        assert name in COLUMNS
+    text = _render(table)
+    assert text.count("not estimated") == 4 and "300.0 MiB" in text and "pp2 × dp2 × tp1" in text
+
+
+def test_report_predicted_column_reads_the_plan():
+    predicted = Predicted(step_time_s=0.25, peak_memory_bytes=(2**30,) * 4,
+                          breakdown={"compute": 0.2, "bubble": 0.05, "tp_comm": 1e-6})
+    plan = dataclasses.replace(_plan(), predicted=predicted)
+    text = _render(format_report([_report(r) for r in range(4)], plan))
+    assert "not estimated" not in text and text.count("0.250 s · 1.0 GiB") == 4
+    assert "predicted s: bubble 0.050, compute 0.200" in text and "tp_comm" not in text
+
+
+def test_report_arithmetic_from_events():
+    """Known answer: compute minus collectives, comm = collectives in flight, bubble = the rest."""
+    events = [
+        (STEP_LABEL, (0.0, 10.0)),
+        ("autopar::forward::0", (1.0, 3.0)),
+        ("gloo:recv", (3.0, 4.0)),                  # a pipeline wait: part of the bubble
+        ("autopar::backward::0", (4.0, 7.0)),
+        ("gloo:all_reduce", (6.0, 8.0)),            # overlaps the backward: counted as comm
+        ("Optimizer.step#AdamW.step", (8.5, 9.0)),
+        ("gloo:all_reduce", (9.5, 11.0)),           # clipped to the step
+    ]
+    r = _from_events(events, rank=0, stages=(0,), loss=1.0, peak_memory_bytes=1, memory_kind="rss")
+    assert r.forward_s == (2.0,) and r.backward_s == (2.0,) and r.optimizer_s == 0.5
+    assert r.comm_s == 2.5 and r.p2p_wait_s == 1.0 and r.step_s == 10.0
+    assert r.bubble_s == pytest.approx(10.0 - 4.5 - 2.5)
+    assert r.compute_s + r.comm_s + r.bubble_s == pytest.approx(r.step_s)
