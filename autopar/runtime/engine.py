@@ -63,6 +63,7 @@ class Engine:
         self.device = device or default_device()
         self.layout = Layout.build(plan, self.device.type)
         self.constants = _constant_inputs(captured)
+        _check_supported(plan)
         graphs = split_stages(captured.graph_module, [s.layers for s in plan.stages], self.constants)
         tied_spec = shared_parameters(graphs)  # by identity, before wrapping replaces parameters
         self.num_stages = len(graphs)
@@ -174,6 +175,17 @@ def _constant_inputs(captured: Captured) -> dict[str, Any]:
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     values = flat_inputs(gm, captured.example_args, captured.example_kwargs)
     return {name: v for name, v in zip(names, values, strict=True) if not isinstance(v, torch.Tensor)}
+
+
+def _check_supported(plan: Plan) -> None:
+    """Plan features this runtime cannot execute yet fail here, by name, before any work."""
+    if plan.parallelism.pp > 1 and any(s.strategy == "vocab" for s in plan.shardings):
+        raise ValueError("vocabulary-parallel embeddings ('vocab' shardings) with pipeline stages (pp > 1) "
+                         "are not supported by this runtime yet: the embedding and a tied LM head sit on "
+                         "different ranks; drop the 'vocab' sharding or use pp = 1")
+    if plan.parallelism.ep > 1:
+        raise ValueError(f"expert parallelism (ep = {plan.parallelism.ep}) needs MoE layers, which this "
+                         "runtime does not execute yet; use ep = 1")
 
 
 def default_device() -> torch.device:
