@@ -174,6 +174,21 @@ def two_rank_matrix(rank: int, world: int) -> None:
     run_case(world, "gpt", {"tp": 2, "num_microbatches": 2})
     run_case(world, "bert", {"tp": 2, "num_microbatches": 2})
     run_case(world, "hf-gpt2", {"tp": 2, "num_microbatches": 2})
+    unsupported_plans(world)
+
+
+def unsupported_plans(world: int) -> None:
+    """Plans this runtime cannot execute fail by name, on every rank, before any work."""
+    model, inputs, targets = build_case("gpt")
+    probe = autopar.compile(copy.deepcopy(model), f"local:{world}", fix={"pp": 2, "num_microbatches": 2})
+    probe.step(inputs, targets)
+    vocab = dataclasses.replace(probe.plan, shardings=(autopar.plans.Sharding(node="wte", strategy="vocab"),))
+    try:
+        autopar.compile(model, f"local:{world}", plan=vocab).step(inputs, targets)
+    except ValueError as err:
+        assert "vocabulary-parallel" in str(err) and "pp > 1" in str(err), err
+    else:
+        raise AssertionError("a vocab sharding with pp > 1 must be refused")
 
 
 def four_rank_matrix(rank: int, world: int) -> None:
