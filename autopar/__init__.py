@@ -12,11 +12,12 @@ from autopar.compile import Compiled, compile
 from autopar.config import Fix
 from autopar.planning import estimate, plan
 from autopar.plans import Plan
+from autopar.runtime.checkpoint import load, save
 from autopar.transform import transform
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CaptureError", "Captured", "ClusterSpec", "Compiled", "Fix", "Plan", "__version__",
-    "capture", "compile", "estimate", "models", "plan", "transform",
+    "capture", "compile", "estimate", "load", "models", "plan", "save", "transform",
 ]

@@ -175,6 +175,16 @@ class Compiled(nn.Module):
         return float(loss.detach())
 
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Under the runtime: the checkpoint state (parameters and optimizer state under the
+        original model's names, DTensor shards kept as such; see ``autopar.save``).
+        On one device: ``nn.Module.state_dict``."""
+        if self._engine is None:
+            return super().state_dict(*args, **kwargs)
+        from autopar.runtime.checkpoint import state_dict
+
+        return state_dict(self)
+
     def report(self, inputs: Any, targets: Any) -> Any:
         """Run one measured training step and return a table of what each rank spent
         (forward, backward, communication, bubble, memory) beside the Plan's predictions.

@@ -1,0 +1,347 @@
+"""Sharded checkpoints of a compiled model that any other Plan can load.
+
+Data flow: Plan → runtime (``Engine``: this rank's stage modules, parameters
+possibly DTensors sharded by FSDP2 or tensor parallelism) → :func:`state_dict`
+names every tensor by the ORIGINAL model's parameter FQN → ``torch.distributed.
+checkpoint`` (DCP) writes each rank's shards into one directory → :func:`load`
+under any Plan and world size: DCP reads, for each rank, the slices its own
+(DTensor or plain) tensors hold. Single-device runs use the same format with no
+process group, so a checkpoint moves freely between one and many devices.
+
+State dict (nested; DCP flattens keys with dots)::
+
+    model.<fqn>                   parameter
+    optimizer.state.<fqn>.<name>  optimizer state (``exp_avg``, ``step``, …)
+    optimizer.hyper.<fqn>         numeric hyperparameters of the parameter's group
+    num_steps                     ``compiled.num_steps``
+    extra.<name>                  the caller's tensors (pass state, e.g. random-LTD)
+
+Every entry is a tensor: DCP reads non-tensor entries back with ``pickle``. (DCP's
+own ``.metadata`` file is a pickle too: load only checkpoints you trust.)
+Saving is atomic: ranks write ``<path>.partial``; rank 0 then swaps it in (the old
+checkpoint stays as ``<path>.previous`` until the swap is done, and :func:`load`
+falls back to it), so a crash mid-save never loses the last good checkpoint. All
+ranks must see one shared file system.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+if TYPE_CHECKING:
+    from autopar.compile import Compiled
+
+PARTIAL, PREVIOUS = ".partial", ".previous"
+
+
+def state_dict(compiled: Compiled, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """This rank's checkpoint content, keyed by the original model's parameter names.
+
+    Its tensors alias the live ones (DTensors stay DTensors): DCP reads them on save and
+    writes into them on load."""
+    params = _parameters(compiled)
+    optimizer = _optimizer(compiled)
+    names = {id(p): fqn for fqn, copies in params.items() for p in copies}
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    hyper: dict[str, torch.Tensor] = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            fqn = names[id(param)]
+            if fqn in hyper:  # a tied copy of a parameter already seen
+                continue
+            hyper[fqn] = _hyper(group)
+            tensors = {k: v.detach() for k, v in optimizer.state.get(param, {}).items()
+                       if isinstance(v, torch.Tensor)}
+            if tensors:
+                state[fqn] = tensors
+    return {
+        "model": {fqn: copies[0].detach() for fqn, copies in params.items()},
+        "optimizer": {"state": state, "hyper": hyper},
+        "num_steps": torch.tensor(compiled.num_steps, dtype=torch.int64),
+        "extra": _check_extra(extra or {}),
+    }
+
+
+def save(compiled: Compiled, path: str | os.PathLike[str], *, extra: dict[str, Any] | None = None) -> None:
+    """Write a checkpoint directory (collective: every rank calls it with the same path)."""
+    path = os.fspath(path).rstrip("/")
+    partial = path + PARTIAL
+    content = state_dict(compiled, extra=extra)
+    if _rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a crashed save
+    _barrier()
+    with _quiet():  # returns once every rank wrote and rank 0 wrote the metadata
+        dcp.save(content, checkpoint_id=partial)
+    if _rank() == 0:
+        _swap_in(partial, path)
+    _barrier()
+
+
+def load(compiled: Compiled, path: str | os.PathLike[str], *,
+         example_inputs: Any = None) -> dict[str, torch.Tensor]:
+    """Restore a checkpoint saved under any Plan; returns its ``extra`` tensors.
+
+    A multi-device ``compiled`` builds its engine at the first ``step``; call ``load``
+    after that, or pass ``example_inputs`` (the inputs of a ``step``) to build it now.
+    """
+    path = os.fspath(path).rstrip("/")
+    _ensure_engine(compiled, example_inputs)
+    optimizer = _optimizer(compiled)
+    created = _init_optimizer_state(optimizer)
+    try:
+        where, metadata, target = _checked_target(compiled, path)
+    except ValueError:
+        for param in created:  # a failed load leaves the optimizer as it was
+            optimizer.state.pop(param, None)
+        raise
+    _drop_unsaved_state(target, metadata, optimizer, _parameters(compiled))
+    with _quiet():
+        dcp.load(target, checkpoint_id=where)
+    _restore(target, compiled, optimizer)
+    return target["extra"]
+
+
+def exists(path: str | os.PathLike[str]) -> bool:
+    """Whether :func:`load` would find a checkpoint at ``path`` (for resume-if-present logic)."""
+    path = os.fspath(path).rstrip("/")
+    return any(os.path.isdir(p) for p in (path, path + PREVIOUS))
+
+
+def _checked_target(compiled: Compiled, path: str) -> tuple[str, Metadata, dict[str, Any]]:
+    """The directory to read, its metadata, and the state dict to load into; raises on every
+    rank if any rank finds the checkpoint missing, unreadable or not of this model."""
+    where, metadata, problems = _read(path)
+    target = state_dict(compiled)
+    if metadata is not None:
+        target["extra"] = {key[len("extra."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+                           for key, meta in metadata.state_dict_metadata.items()
+                           if key.startswith("extra.") and isinstance(meta, TensorStorageMetadata)}
+        problems = _mismatches(target, metadata, _all_fqns(compiled))
+    _agree(problems, path, _device(compiled))
+    assert where is not None and metadata is not None
+    return where, metadata, target
+
+
+def _optimizer(compiled: Compiled) -> torch.optim.Optimizer:
+    return compiled.engine.optimizer if compiled.distributed else compiled.optimizer
+
+
+def _parameters(compiled: Compiled) -> dict[str, list[torch.Tensor]]:
+    """FQN → this rank's copies of that parameter (several when a tied weight's stages share a rank)."""
+    if not compiled.distributed:
+        return {fqn: [p] for fqn, p in compiled.module.named_parameters()}
+    try:
+        engine = compiled.engine
+    except RuntimeError:
+        raise ValueError("nothing to checkpoint yet: a multi-device model has no engine before its "
+                         "first compiled.step(...); save after a step") from None
+    copies: dict[str, list[torch.Tensor]] = {}
+    for names, module in zip(engine.fqns, engine.modules, strict=True):
+        for name, param in module.named_parameters():
+            copies.setdefault(names[name], []).append(param)
+    return copies
+
+
+def _all_fqns(compiled: Compiled) -> set[str]:
+    """Every parameter of the whole model (all ranks' together)."""
+    module = compiled.engine.captured.graph_module if compiled.distributed else compiled.module
+    return {fqn for fqn, _ in module.named_parameters()}
+
+
+def _ensure_engine(compiled: Compiled, example_inputs: Any) -> None:
+    if not compiled.distributed or compiled._engine is not None:
+        return
+    if example_inputs is None:
+        raise ValueError("cannot load into a multi-device model before its engine exists: call "
+                         "autopar.load(compiled, path) after the first compiled.step(inputs, targets), or "
+                         "pass example_inputs=inputs (what step would get) to build it now")
+    from autopar.compile import _split_inputs
+
+    compiled._engine = compiled._build_engine(*_split_inputs(example_inputs))
+
+
+def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Create lazily made state (Adam's moments) so DCP has tensors to load into: one step
+    with zero gradients and zero learning rate, which leaves the parameters as they are.
+    Returns the parameters whose state it created."""
+    missing = [p for g in optimizer.param_groups for p in g["params"]
+               if p.requires_grad and p not in optimizer.state]
+    if not missing:
+        return []
+    grads = {p: p.grad for g in optimizer.param_groups for p in g["params"]}
+    for param in grads:
+        param.grad = None
+    for param in missing:
+        param.grad = torch.zeros_like(param)
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], torch.Tensor) else 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    for param, grad in grads.items():
+        param.grad = grad
+    return [p for p in missing if p in optimizer.state]
+
+
+def _hyper(group: dict[str, Any]) -> torch.Tensor:
+    """The group's numeric hyperparameters (lr, betas, eps, weight decay) in key order."""
+    values: list[float] = []
+    for key in sorted(group):
+        value = group[key]
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            values.append(float(value))
+        elif isinstance(value, tuple) and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                              for v in value):
+            values.extend(float(v) for v in value)
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _set_hyper(group: dict[str, Any], saved: torch.Tensor) -> None:
+    values = iter(saved.tolist())
+    for key in sorted(group):
+        value = group[key]
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            group[key] = type(value)(next(values))
+        elif isinstance(value, tuple) and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                              for v in value):
+            group[key] = tuple(type(v)(next(values)) for v in value)
+
+
+def _check_extra(extra: dict[str, Any]) -> dict[str, torch.Tensor]:
+    checked = {}
+    for name, value in extra.items():
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"extra key {name!r} is invalid: expected a non-empty str without dots")
+        if isinstance(value, int | float):
+            value = torch.tensor(value)
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"extra[{name!r}] is a {type(value).__name__}: checkpoints hold tensors and "
+                             "numbers only (never pickled objects); convert it to a tensor")
+        checked[name] = value.detach()
+    return checked
+
+
+def _read(path: str) -> tuple[str | None, Metadata | None, list[str]]:
+    """The directory to read (the previous one if a swap was cut short), its DCP metadata."""
+    where = next((p for p in (path, path + PREVIOUS) if os.path.isdir(p)), None)
+    if where is None:
+        return None, None, [f"no checkpoint directory at {path}; pass the path given to autopar.save"]
+    try:
+        return where, dcp.FileSystemReader(where).read_metadata(), []
+    except Exception as err:  # noqa: BLE001 - any unreadable metadata means the same to the user
+        return None, None, [f"{where} is not a complete checkpoint ({type(err).__name__}: {err}); "
+                            "load an earlier checkpoint, or save again"]
+
+
+def _mismatches(target: dict[str, Any], metadata: Metadata, all_fqns: set[str]) -> list[str]:
+    saved = metadata.state_dict_metadata
+    problems = []
+    for key, tensor in _flatten(target):
+        meta = saved.get(key)
+        if meta is None and not key.startswith("optimizer.state."):
+            problems.append(f"{key} is missing")
+        elif isinstance(meta, TensorStorageMetadata) and tuple(meta.size) != tuple(tensor.shape):
+            problems.append(f"{key} was saved with shape {tuple(meta.size)}, "
+                            f"this run has {tuple(tensor.shape)}")
+    for fqn, names in target["optimizer"]["state"].items():  # none saved (no step yet) is fine
+        found = [f"optimizer.state.{fqn}.{name}" in saved for name in names]
+        if any(found) and not all(found):
+            problems.append(f"optimizer state of {fqn} has {sorted(names)} here but not all of them in "
+                            "the checkpoint; was it saved with another optimizer?")
+    extra = sorted(k for k in saved if k.startswith("model.") and k[len("model."):] not in all_fqns)
+    problems += [f"{key} is not a parameter of this model" for key in extra]
+    return problems
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    items = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            items += _flatten(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def _agree(problems: list[str], path: str, device: torch.device) -> None:
+    """Raise on every rank if any rank found a problem (so none waits in a collective)."""
+    failed = torch.tensor([len(problems)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(failed)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; … {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ValueError(f"cannot load checkpoint {path}: {shown}. A checkpoint loads under any Plan and "
+                         "world size, but only into the model it was saved from")
+    if int(failed.item()):
+        raise ValueError(f"cannot load checkpoint {path}: another rank found it does not fit this model "
+                         "(see that rank's error)")
+
+
+def _drop_unsaved_state(target: dict[str, Any], metadata: Metadata, optimizer: torch.optim.Optimizer,
+                        params: dict[str, list[torch.Tensor]]) -> None:
+    """Parameters that had no optimizer state when saved (no step yet) get none now."""
+    state = target["optimizer"]["state"]
+    for fqn in list(state):
+        if not any(f"optimizer.state.{fqn}.{name}" in metadata.state_dict_metadata for name in state[fqn]):
+            del state[fqn]
+            for param in params[fqn]:
+                optimizer.state.pop(param, None)
+
+
+def _restore(target: dict[str, Any], compiled: Compiled, optimizer: torch.optim.Optimizer) -> None:
+    """What DCP cannot load in place: step counter, hyperparameters, tied copies on one rank."""
+    compiled.num_steps = int(target["num_steps"])
+    params = _parameters(compiled)
+    names = {id(p): fqn for fqn, copies in params.items() for p in copies}
+    for group in optimizer.param_groups:
+        if group["params"]:
+            _set_hyper(group, target["optimizer"]["hyper"][names[id(group["params"][0])]])
+    with torch.no_grad():
+        for first, *others in params.values():
+            for other in others:
+                other.copy_(first)
+                for name, value in optimizer.state.get(first, {}).items():
+                    if isinstance(value, torch.Tensor):
+                        optimizer.state[other][name].copy_(value)
+
+
+def _swap_in(partial: str, path: str) -> None:
+    """Replace ``path`` by ``partial``; at every instant ``path`` or ``path.previous`` is complete."""
+    previous = path + PREVIOUS
+    if os.path.isdir(path):
+        shutil.rmtree(previous, ignore_errors=True)
+        os.rename(path, previous)
+    os.rename(partial, path)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """DCP warns that it runs in one process whenever there is no process group: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _device(compiled: Compiled) -> torch.device:
+    return compiled.engine.device if compiled.distributed else torch.device("cpu")
