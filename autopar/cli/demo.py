@@ -25,9 +25,8 @@ from autopar.cli.run_cmd import run_ranks
 from autopar.compile import compile as autopar_compile
 from autopar.losses import cross_entropy
 
-# The demo's pinned plan. Issue 3 item 9 asks for pp=2 × tp=2; until tensor parallelism
-# lands it is pp=2 × dp=2. Switch to {"pp": 2, "tp": 2, "schedule": "1f1b", "num_microbatches": 4}.
-DEMO_FIX: dict[str, Any] = {"pp": 2, "dp": 2, "schedule": "1f1b", "num_microbatches": 4}
+# The demo's pinned plan: two pipeline stages, each split over two tensor-parallel ranks.
+DEMO_FIX: dict[str, Any] = {"pp": 2, "tp": 2, "schedule": "1f1b", "num_microbatches": 4}
 DEMO_MODEL = "gpt-tiny"
 DEMO_LAYERS = 4
 # fp32 on CPU: the pipelined program sums the same terms in another order.

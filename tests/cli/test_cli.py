@@ -130,7 +130,7 @@ def test_no_command_prints_help(capsys):
 
 
 def test_demo_trains_and_loss_falls(capfd):
-    """4 local processes (pp2 × dp2): the loss falls, equals the single-process reference, and the
+    """4 local processes (pp2 × tp2): the loss falls, equals the single-process reference, and the
     measured report has a row per rank. The ranks print to the terminal, hence capfd."""
     code, out, err = run(capfd, "demo", "--steps", "5")
     assert code == 0, err
@@ -140,6 +140,6 @@ def test_demo_trains_and_loss_falls(capfd):
     assert len(losses) == 5 and losses[-1] < losses[0]
     assert losses == pytest.approx(references, rel=1e-5)
     assert "single-process reference" in out and "(equal" in out and "DIFFERENT" not in out
-    assert "pp2 × dp2" in out and "predicted" in out
+    assert "pp2 × dp1 × tp2" in out and "predicted" in out
     rows = [line for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"], ["3"])]
     assert len(rows) == 4, out
