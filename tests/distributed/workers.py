@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 import autopar
 from autopar.losses import cross_entropy
+from autopar.runtime.recompute import Recomputed
 
 # fp32 on CPU: the pipelined program sums the same terms in another order.
 RTOL, ATOL = 1e-5, 1e-6
@@ -78,16 +79,20 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def run_case(world: int, name: str, fix: dict, layers=None, expect=None) -> None:
-    """Train ``name`` under ``fix`` (and hand-set stage layer ranges) and compare."""
+def run_case(world: int, name: str, fix: dict, layers=None, expect=None, recompute=None) -> None:
+    """Train ``name`` under ``fix`` (and hand-set stage layer ranges or per-stage
+    recomputation: a hand-written Plan) and compare."""
     model, inputs, targets = build_case(name)
     reference = copy.deepcopy(model)
     compiled = autopar.compile(model, f"local:{world}", fix=fix, optimizer=_sgd)
-    if layers is not None:  # a hand-written Plan: uneven stages
+    if layers is not None or recompute is not None:  # a hand-written Plan
         probe = autopar.compile(copy.deepcopy(model), f"local:{world}", fix=fix, optimizer=_sgd)
         probe.step(inputs, targets)
         plan = probe.plan
-        stages = tuple(dataclasses.replace(s, layers=r) for s, r in zip(plan.stages, layers, strict=True))
+        layers = layers or [s.layers for s in plan.stages]
+        recompute = recompute or [s.recompute for s in plan.stages]
+        stages = tuple(dataclasses.replace(s, layers=r, recompute=c)
+                       for s, r, c in zip(plan.stages, layers, recompute, strict=True))
         compiled = autopar.compile(model, f"local:{world}", plan=dataclasses.replace(plan, stages=stages),
                                    optimizer=_sgd)
     optimizer = _sgd(reference.parameters())
@@ -156,6 +161,10 @@ def _check_transformation(engine, reference, fix: dict, expect: dict) -> None:
         assert tp_sharded, "tensor parallelism must shard some weights"
         for p in tp_sharded:
             assert p.to_local().numel() * fix["tp"] <= p.numel() * fix.get("dp", 1), (p.shape, p.placements)
+    for index, module in zip(engine.stage_indices, engine.modules, strict=True):
+        wrapped = [m.mode for m in module.modules() if isinstance(m, Recomputed)]
+        mode = plan.stages[index].recompute
+        assert (set(wrapped) == {mode}) if mode != "none" else not wrapped, (index, mode, wrapped)
     for key, value in expect.items():
         assert getattr(engine, key) == value, (key, getattr(engine, key), value)
 
@@ -168,7 +177,8 @@ def two_rank_matrix(rank: int, world: int) -> None:
         run_case(world, "gpt", {"pp": 2, "schedule": schedule, "num_microbatches": 4})
     run_case(world, "gpt", {"pp": 2, "num_microbatches": 2, "recompute": "full"})
     run_case(world, "gpt", {"pp": 2, "num_microbatches": 2, "recompute": "selective"})
-    run_case(world, "gpt", {"pp": 2, "num_microbatches": 2}, layers=[(0, 3), (3, 4)])
+    run_case(world, "gpt", {"pp": 2, "num_microbatches": 2}, layers=[(0, 3), (3, 4)],
+             recompute=["full", "none"])  # uneven stages; stage-aware recomputation
     run_case(world, "bert", {"pp": 2, "num_microbatches": 4})
     run_case(world, "hf-gpt2", {"pp": 2, "num_microbatches": 2})
     run_case(world, "gpt", {"tp": 2, "num_microbatches": 2})
