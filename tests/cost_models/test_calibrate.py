@@ -1,0 +1,285 @@
+"""Calibration: the profile file (round trip, atomic write, version and corrupt-file errors),
+applying it to local clusters, the fits on synthetic data, and a shrunken real calibration."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from autopar.cli.main import main
+from autopar.cluster import ClusterSpec
+from autopar.cost_models import calibrate as cal
+from autopar.cost_models.compute import MATMUL_TILE_DIM, matmul_time_s
+from autopar.cost_models.local_profile import (
+    SCHEMA_VERSION,
+    LinkFit,
+    LocalProfile,
+    ProcessShare,
+    apply_profile,
+    calibrated,
+    calibrated_efficiency,
+    default_profile_path,
+    load_profile,
+    save_profile,
+)
+
+
+def _profile(**changes: object) -> LocalProfile:
+    values: dict[str, object] = dict(
+        hostname="test-host", created="2026-01-01T00:00:00+00:00", num_cores=2, torch_version="2.x",
+        quick=True, calibration_time_s=1.0,
+        peak_flops_per_s={"fp32": 400e9, "bf16": 3e12, "fp16": 300e9},
+        best_matmul_flops_per_s={"fp32": 200e9, "bf16": 1.6e12, "fp16": 190e9},
+        matmul_tile_dim=2.0, matmul_curve_peak_flops_per_s=200e9, memory_bandwidth_bytes_per_s=20e9,
+        elementwise_bandwidth_bytes_per_s=15e9, op_overhead_s=1e-6, attention_flops_per_s=40e9,
+        layer_matmul_fraction=0.9,
+        optimizer_time_s_per_param=3e-9,
+        shares=(ProcessShare(num_processes=1, matmul_fraction=1.0, copy_fraction=1.0),
+                ProcessShare(num_processes=2, matmul_fraction=0.9, copy_fraction=0.6),
+                ProcessShare(num_processes=4, matmul_fraction=0.45, copy_fraction=0.3)),
+        links=(LinkFit(num_ranks=2, bandwidth_bytes_per_s=3e9, latency_s=40e-6, rms_relative_error=0.1),
+               LinkFit(num_ranks=4, bandwidth_bytes_per_s=1e9, latency_s=90e-6, rms_relative_error=0.2)),
+        measurements={"collectives": [{"kind": "p2p", "num_ranks": 2, "size_bytes": 4, "time_s": 1e-5}]})
+    values.update(changes)
+    return LocalProfile(**values)  # type: ignore[arg-type]
+
+
+def test_profile_json_round_trip(tmp_path: Path) -> None:
+    profile = _profile()
+    path = save_profile(profile, tmp_path / "sub" / "profile.json")
+    assert path == tmp_path / "sub" / "profile.json"
+    data = json.loads(path.read_text())
+    assert data["format"] == "autopar-local-profile" and data["schema_version"] == SCHEMA_VERSION
+    assert data["peak_flops_per_s"] == {"bf16": 3e12, "fp16": 300e9, "fp32": 400e9}
+    assert load_profile(path) == profile
+
+
+def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = save_profile(_profile(), tmp_path / "profile.json")
+    before = path.read_text()
+
+    def broken_replace(src: str, dst: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        save_profile(_profile(hostname="other"), path)
+    assert path.read_text() == before  # the old profile is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.json"]  # no temporary left behind
+    monkeypatch.undo()
+    save_profile(_profile(hostname="other"), path)
+    assert load_profile(path).hostname == "other"  # type: ignore[union-attr]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.json"]
+
+
+def test_default_path_and_missing_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_profile_path().parent == tmp_path / "autopar"
+    assert default_profile_path().name.startswith("profile-")
+    assert load_profile() is None  # no profile yet: the placeholders stay
+    with pytest.raises(ValueError, match="not found; run `autopar calibrate"):
+        load_profile(tmp_path / "nope.json")
+    save_profile(_profile())
+    assert load_profile() == _profile()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(schema_version=99), "schema_version 99"),
+    (lambda d: d.pop("format"), "not an autopar local profile"),
+    (lambda d: d.pop("links"), r"missing \['links'\]"),
+    (lambda d: d.update(extra=1), r"unknown \['extra'\]"),
+    (lambda d: d["peak_flops_per_s"].update(fp32=-1.0), r"peak_flops_per_s\[fp32\]"),
+    (lambda d: d.update(links=[{"num_ranks": 2}]), "malformed"),
+])
+def test_version_and_content_errors(tmp_path: Path, edit, message: str) -> None:
+    data = _profile().to_dict()
+    edit(data)
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message) as info:
+        load_profile(path)
+    assert str(path) in str(info.value) and "autopar calibrate" in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["", "{not json", '{"format": "autopar-local-profile"', "[1]", "\xff\xfe"])
+def test_corrupt_files_raise_one_clear_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "profile.json"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match="is unreadable"):
+        load_profile(path)
+
+
+def test_apply_profile_sets_measured_numbers() -> None:
+    profile = _profile()
+    for num, matmul, copy, link in ((2, 0.9, 0.6, 0), (4, 0.45, 0.3, 1)):
+        before = ClusterSpec.parse(f"local:{num}")
+        after = apply_profile(before, profile)
+        assert before.device.placeholder and not after.device.placeholder
+        assert after.device.peak_flops_per_s_for("fp32") == pytest.approx(400e9 * matmul)
+        assert after.device.peak_flops_per_s_for("bf16") == pytest.approx(3e12 * matmul)
+        assert after.device.memory_bandwidth_bytes_per_s == pytest.approx(20e9 * copy)
+        assert after.device.memory_bytes == before.device.memory_bytes
+        assert after.intra_node.bandwidth_bytes_per_s == profile.links[link].bandwidth_bytes_per_s
+        assert after.intra_node.latency_s == profile.links[link].latency_s
+        assert not after.intra_node.placeholder and "FITTED" in after.intra_node.source
+        assert after.inter_node == before.inter_node and after.local and after.text == before.text
+        assert ClusterSpec.from_dict(after.to_dict()) == after  # Plans can record it
+        slow = matmul_time_s(4096, 4096, 4096, device=before.device, dtype="fp32")
+        fast = matmul_time_s(4096, 4096, 4096, device=after.device, dtype="fp32")
+        assert slow / fast == pytest.approx(after.device.peak_flops_per_s_for("fp32")
+                                            / before.device.peak_flops_per_s_for("fp32"))
+
+
+def test_apply_profile_beyond_measured_sizes_and_wrong_clusters() -> None:
+    profile = _profile()
+    eight = apply_profile(ClusterSpec.parse("local:8"), profile)
+    assert eight.device.peak_flops_per_s_for("fp32") == pytest.approx(400e9 * 2 / 8)  # cores / N
+    assert eight.intra_node.bandwidth_bytes_per_s == 1e9  # the nearest measured group, 4 ranks
+    alone = apply_profile(ClusterSpec.parse("local:4"), profile, busy_processes=1)
+    assert alone.device.peak_flops_per_s_for("fp32") == 400e9  # one rank computing alone
+    assert alone.intra_node.bandwidth_bytes_per_s == 1e9  # the link is still the 4-rank one
+    with pytest.raises(ValueError, match=r"busy_processes = 5 is invalid: expected an int in 1\.\.4"):
+        apply_profile(ClusterSpec.parse("local:4"), profile, busy_processes=5)
+    with pytest.raises(ValueError, match="A100-80GB devices over nccl"):
+        apply_profile(ClusterSpec.parse("2x8xA100-80GB"), profile)
+    gpus = ClusterSpec.parse("8xH100")
+    assert calibrated(gpus, profile) is gpus
+
+
+def test_calibrated_uses_the_default_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    local = ClusterSpec.parse("local:2")
+    assert calibrated(local) is local
+    save_profile(_profile())
+    assert calibrated(local) == apply_profile(local, _profile())
+
+
+def _synthetic_points(num_ranks: int, bandwidth: float, latency: float, noise: float) -> list[dict]:
+    rng = random.Random(num_ranks)
+    kinds = ("all_reduce", "all_gather", "reduce_scatter") + (("p2p",) if num_ranks == 2 else ())
+    points = []
+    for kind in kinds:
+        for size in (4096, 65536, 2**20, 2**24):
+            x, y = cal.ring_coefficients(kind, num_ranks, size)
+            time_s = (x / bandwidth + y * latency) * (1 + rng.uniform(-noise, noise))
+            points.append({"kind": kind, "num_ranks": num_ranks, "size_bytes": size, "time_s": time_s})
+    return points
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_alpha_beta_fit_recovers_known_parameters(num_ranks: int) -> None:
+    exact = cal.fit_alpha_beta(_synthetic_points(num_ranks, 2.5e9, 60e-6, 0.0))
+    assert exact.bandwidth_bytes_per_s == pytest.approx(2.5e9, rel=1e-9)
+    assert exact.latency_s == pytest.approx(60e-6, rel=1e-9)
+    assert exact.rms_relative_error < 1e-9 and exact.num_ranks == num_ranks
+    noisy = cal.fit_alpha_beta(_synthetic_points(num_ranks, 2.5e9, 60e-6, 0.05))
+    assert noisy.bandwidth_bytes_per_s == pytest.approx(2.5e9, rel=0.1)
+    assert noisy.latency_s == pytest.approx(60e-6, rel=0.1)
+
+
+def test_alpha_beta_fit_keeps_parameters_non_negative() -> None:
+    points = [{"kind": "p2p", "num_ranks": 2, "size_bytes": s, "time_s": s / 1e9} for s in (1e3, 1e6)]
+    points.append({"kind": "p2p", "num_ranks": 2, "size_bytes": 1e2, "time_s": 1e-8})  # pulls α below 0
+    fit = cal.fit_alpha_beta(points)
+    assert fit.latency_s > 0 and fit.bandwidth_bytes_per_s > 0
+    with pytest.raises(ValueError, match="one group size"):
+        cal.fit_alpha_beta(_synthetic_points(2, 1e9, 1e-5, 0) + _synthetic_points(4, 1e9, 1e-5, 0))
+
+
+def test_matmul_fits_recover_known_curves() -> None:
+    shapes = cal.transformer_shapes((256, 1024, 4096), (64, 256, 1024))
+
+    def points(peak: float, tile: float) -> list:
+        return [((m, k, n), peak / (1 + tile * (1 / m + 1 / k + 1 / n))) for m, k, n in shapes]
+
+    assert cal.fit_matmul_peak(points(300e9, MATMUL_TILE_DIM)) == pytest.approx(300e9)
+    peak, tile = cal.fit_matmul_curve(points(200e9, 16.0))
+    assert peak == pytest.approx(200e9, rel=1e-6) and tile == pytest.approx(16.0)
+    flat_peak, flat_tile = cal.fit_matmul_curve(points(200e9, 0.0))
+    assert flat_peak == pytest.approx(200e9) and flat_tile == 0.0
+    # a flat measured curve seen through the model's T = 128 roll-off needs a higher peak
+    assert cal.fit_matmul_peak(points(200e9, 0.0)) > 200e9 * (1 + MATMUL_TILE_DIM * 3 / 4096)
+
+
+def test_layer_fraction_fit_recovers_a_known_fraction() -> None:
+    shapes = ((4, 128, 128), (2, 256, 512))
+    points = [{"batch": b, "seq": s, "hidden": h, "heads": h // 32} for b, s, h in shapes]
+    kw = {"peak_flops_per_s": 300e9, "memory_bytes_per_s": 15e9}
+    for point in points:
+        matmul_s, attention_s, rest_s = cal._layer_parts_s(point, **kw)
+        assert matmul_s > 10 * attention_s > 0 and rest_s > 0
+        point["time_s"] = matmul_s / 0.8 + attention_s * 300e9 / 50e9 + rest_s
+    fraction = cal.fit_layer_matmul_fraction(points, attention_flops_per_s=50e9, **kw)
+    assert fraction == pytest.approx(0.8, rel=0.01)
+    efficiency = calibrated_efficiency(_profile(layer_matmul_fraction=fraction))
+    assert efficiency.matmul_peak_fraction == fraction
+    assert efficiency.fused_attention_peak_fraction == pytest.approx(40e9 / 400e9)
+
+
+def test_other_load_warning() -> None:
+    def busy(single: float | None, shares: float | None) -> LocalProfile:
+        return _profile(measurements={"environment": {"others_busy_cores": {"single_process": single,
+                                                                            "shares": shares}}})
+
+    assert cal.other_load_warning(_profile()) is None
+    assert cal.other_load_warning(busy(0.1, None)) is None
+    warning = cal.other_load_warning(busy(0.9, 0.05))
+    assert warning is not None and "0.90 cores during the single process part" in warning
+    assert "again on an idle machine" in warning
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="nproc = 1 is invalid"):
+        cal.CalibrationConfig(nproc=1)
+    with pytest.raises(ValueError, match="repeats = 0"):
+        cal.CalibrationConfig(repeats=0)
+    with pytest.raises(ValueError, match="is a directory"):
+        cal.calibrate(out=Path(__file__).parent, quick=True)
+
+
+def test_quick_calibration_writes_a_loadable_profile(tmp_path: Path) -> None:
+    config = dataclasses.replace(
+        cal.CalibrationConfig.preset(quick=True, nproc=2),
+        matmul_shapes=cal.transformer_shapes((64, 256), (64,)), low_precision_shapes=((64, 64, 64),),
+        copy_bytes=4 * cal.MIB, cold_pool_bytes=2 * cal.MIB, elementwise_elements=4096,
+        attention_shapes=((1, 2, 32, 16),), layer_shapes=((1, 32, 64, 2),), optimizer_params=2**18,
+        share_seconds=0.03,
+        collective_bytes=(1024, 65536), repeats=1)
+    profile, path = cal.calibrate(out=tmp_path / "profile.json", config=config)
+    assert path == tmp_path / "profile.json"
+    assert load_profile(path) == profile
+    assert [s.num_processes for s in profile.shares] == [1, 2] and profile.shares[0].matmul_fraction == 1.0
+    assert [fit.num_ranks for fit in profile.links] == [2]
+    assert set(profile.measurements["environment"]["others_busy_cores"]) == {"single_process", "shares"}
+    assert "2 ranks p2p" in profile.measurements["fits"]["links_by_kind"]
+    assert profile.layer_matmul_fraction > 0 and len(profile.measurements["transformer_layer"]) == 1
+    kinds = {p["kind"] for p in profile.measurements["collectives"]}
+    assert kinds == {"all_reduce", "all_gather", "reduce_scatter", "p2p"}
+    assert 1e9 < profile.peak_for("fp32") < 1e13 and 1e8 < profile.memory_bandwidth_bytes_per_s < 1e12
+    assert math.isfinite(profile.links[0].latency_s) and profile.links[0].latency_s < 0.1
+    cluster = apply_profile(ClusterSpec.parse("local:2"), profile)
+    assert cluster.device.peak_flops_per_s_for("fp32") == pytest.approx(
+        profile.peak_for("fp32") * profile.shares[1].matmul_fraction)
+
+
+def test_cli_calibrate(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["calibrate", "--nproc", "1", "--quick"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0  # one line, no traceback
+    calls = {}
+
+    def fake(**kwargs: object) -> tuple[LocalProfile, Path]:
+        calls.update(kwargs)
+        return _profile(), save_profile(_profile(), tmp_path / "p.json")
+
+    monkeypatch.setattr(cal, "calibrate", fake)
+    assert main(["--no-color", "calibrate", "--quick", "--out", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    assert calls == {"out": str(tmp_path / "p.json"), "nproc": 4, "quick": True}
+    assert "matmul fp32" in out and "gloo 2 ranks FITTED" in out and "profile written to" in out
