@@ -1,0 +1,127 @@
+"""Lower bounds on a Config's step time and memory, for pruning the outer search.
+
+Data flow: ``search`` computes :func:`step_lower_bound_s` for every Config (cheap: per-layer
+work from the ``Prober`` cache and a few collective formulas), visits Configs in increasing
+bound and stops at the first bound that cannot beat the best Plan found.
+:func:`states_fit` discards Configs whose model states alone, spread perfectly over the
+model-parallel devices, exceed the device (no split or recomputation can help them).
+
+Each term bounds the matching term of ``cost_models.estimate`` from below:
+
+* pipeline: the layers' work at no recomputation spread evenly over ``pp`` ranks, times the
+  schedule's minimum number of slots — ``m/p + (p−1)/(p v)`` (1F1B/GPipe/interleaved:
+  ``T = (m − 1/v) max_r W_r + Σ_r W_r / v`` is smallest when all ``W_r`` are equal) or ``m/p``
+  (zero-bubble); fixed parts and imbalance only add;
+* data-parallel sync: the exposed share ``(1 − overlap)`` of the sync of an even share of the
+  parameters (collective time grows with size, the slowest rank holds at least the average);
+* optimizer: the memory-bound Adam step over that even share.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from autopar.cost_models import CostOptions, Group, ModelProfile, in_flight_microbatches
+from autopar.cost_models import memory as memory_model
+from autopar.cost_models.comm import dp_sync_time_s
+from autopar.cost_models.compute import device_efficiency
+from autopar.cost_models.estimate import OPTIMIZER_BYTES_PER_PARAM
+from autopar.planner.layout import PlanContext
+from autopar.planner.probes import Prober
+from autopar.planner.space import Config
+
+
+def pipeline_lower_bound_s(layer_work_s: float, config: Config) -> float:
+    """Seconds the pipeline needs at least, from ``layer_work_s`` (Σ layers per microbatch)."""
+    p, m, v = config.pp, config.num_microbatches, config.virtual_stages
+    if config.schedule == "zero_bubble":
+        return layer_work_s * m / p
+    return layer_work_s * (m / p + (p - 1) / (p * v))
+
+
+def _share(profile: ModelProfile, config: Config) -> float:
+    """An even share of the parameters per device (the slowest rank holds at least this)."""
+    return profile.param_count / (config.tp * config.pp)
+
+
+def outside_lower_bound_s(
+    profile: ModelProfile, ctx: PlanContext, config: Config, options: CostOptions
+) -> float:
+    """Data-parallel sync and optimizer seconds at least (module docstring)."""
+    cluster, params = ctx.cluster, _share(profile, config)
+    dp_s = 0.0
+    if config.dp > 1:
+        group = Group.of([d * config.tp for d in range(config.dp)], cluster=cluster)
+        sync = dp_sync_time_s(
+            params,
+            bytes_per_element=profile.bytes_per_element,
+            zero=config.zero,
+            group=group,
+            cluster=cluster,
+            num_microbatches=config.num_microbatches,
+        )
+        dp_s = (1 - options.dp_overlap) * sync
+    bandwidth = (
+        cluster.device.memory_bandwidth_bytes_per_s
+        * device_efficiency(cluster.device).memory_bandwidth_fraction
+    )
+    shard = config.dp if config.zero >= 1 else 1
+    return dp_s + params / shard * OPTIMIZER_BYTES_PER_PARAM / bandwidth
+
+
+def forced_recompute_s(prober: Prober, config: Config, modes: tuple[str, ...]) -> float:
+    """Recomputation seconds per microbatch that memory forces at least (inf: nothing fits).
+
+    Rank ``k`` keeps ``in_flight_k`` microbatches of activations; with every layer at mode ``r``
+    or lighter it can host at most ``⌊C / (states + in_flight_k · stored_r)⌋`` layers (``C`` the
+    device less workspace and fragmentation; the cheapest layer's bytes, fixed parts ignored — so
+    this over-counts what fits). Layers beyond the ranks' total must use a heavier mode, each
+    paying at least the cheapest layer's extra work of the next mode.
+    """
+    ctx, profile = prober.ctx, prober.profile
+    gpu = ctx.cluster.device.name != "CPU"
+    room = (ctx.cluster.device.memory_bytes - (memory_model.WORKSPACE_BYTES if gpu else 0)) / (
+        1 + memory_model.FRAGMENTATION_FRACTION
+    )
+    in_flight = np.array(
+        [
+            in_flight_microbatches(
+                config.schedule,
+                pp=config.pp,
+                rank=k,
+                num_microbatches=config.num_microbatches,
+                virtual_stages=config.virtual_stages,
+            )
+            for k in range(config.pp)
+        ]
+    )
+    per_param = memory_model.model_state_bytes(1.0, zero=config.zero, dp=config.dp)
+    states = min(layer.param_count for layer in profile.layers) / config.tp * per_param
+    extra = 0.0
+    for r, mode in enumerate(modes):
+        stored = float(prober.layer_bytes(config, mode)[0].min())
+        per_rank = room / np.maximum(states + in_flight * stored, 1e-9)
+        need = max(0.0, profile.num_layers - float(np.floor(np.minimum(per_rank, profile.num_layers)).sum()))
+        if r + 1 == len(modes):
+            return np.inf if need > 0 else extra
+        step = prober.per_layer_work_s(config, modes[r + 1]) - prober.per_layer_work_s(config, mode)
+        extra += need * max(0.0, float(step.min()))
+    return extra
+
+
+def step_lower_bound_s(prober: Prober, config: Config, modes: tuple[str, ...], options: CostOptions) -> float:
+    """The whole step's lower bound (inf when memory rules the Config out)."""
+    if not prober.profile.layers:
+        return outside_lower_bound_s(prober.profile, prober.ctx, config, options)
+    work = prober.layer_work_lower_bound_s(config) + forced_recompute_s(prober, config, modes)
+    return pipeline_lower_bound_s(work, config) + outside_lower_bound_s(
+        prober.profile, prober.ctx, config, options
+    )
+
+
+def states_fit(profile: ModelProfile, ctx: PlanContext, config: Config) -> bool:
+    """Whether an even share of the model states fits the device at all."""
+    states = memory_model.model_state_bytes(_share(profile, config), zero=config.zero, dp=config.dp)
+    gpu = ctx.cluster.device.name != "CPU"
+    need = (1 + memory_model.FRAGMENTATION_FRACTION) * states + (memory_model.WORKSPACE_BYTES if gpu else 0)
+    return need <= ctx.cluster.device.memory_bytes

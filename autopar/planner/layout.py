@@ -1,0 +1,90 @@
+"""Turn a chosen configuration and stage split into a ``Plan``.
+
+Data flow: ``search`` (a :class:`~autopar.planner.space.Config`, layer ranges and a
+recomputation mode per stage) → :func:`build_plan` → ``Plan`` (then ``estimate_plan``
+fills its prediction). The device layout is autopar's standard one, the same as pinned
+plans (``autopar.plans.pinned``): tensor parallelism fastest (inside a node), then data
+parallelism, then pipeline ranks; stage ``k`` runs on pipeline rank ``k mod pp`` as
+virtual chunk ``k // pp``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from autopar.cluster import ClusterSpec
+from autopar.planner.space import Config
+from autopar.plans import Mesh, Parallelism, Plan, Schedule, Sharding, Stage
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanContext:
+    """What every Plan of one search shares."""
+
+    model: str
+    graph_fingerprint: str
+    cluster: ClusterSpec
+    global_batch_size: int
+    seq_len: int | None
+    num_layers: int
+    shardings: Callable[[int, int], tuple[Sharding, ...]] = lambda tp, pp: ()
+    """``shardings(tp, pp)``: the per-node tensor-parallel strategies for a degree pair."""
+
+
+def rank_devices(config: Config, rank: int) -> tuple[int, ...]:
+    """Device ids of pipeline rank ``rank``: ``dp × tp`` of them, tp fastest."""
+    dp, tp = config.dp, config.tp
+    return tuple((rank * dp + d) * tp + t for d in range(dp) for t in range(tp))
+
+
+def even_split(num_layers: int, num_stages: int) -> tuple[tuple[int, int], ...]:
+    """Contiguous, equal-as-possible layer ranges (earlier stages take the remainder)."""
+    base, extra = divmod(num_layers, num_stages)
+    ranges, start = [], 0
+    for k in range(num_stages):
+        size = base + (1 if k < extra else 0)
+        ranges.append((start, start + size))
+        start += size
+    return tuple(ranges)
+
+
+def build_plan(
+    ctx: PlanContext, config: Config, split: Sequence[tuple[int, int]], recompute: Sequence[str]
+) -> Plan:
+    """The Plan running ``config`` with stage ``k`` on layers ``split[k]``."""
+    pp = config.pp
+    stages = tuple(
+        Stage(
+            index=k,
+            first_node="",
+            last_node="",
+            layers=tuple(layers),
+            devices=rank_devices(config, k % pp),
+            recompute=mode,
+            virtual_chunk=k // pp,
+        )  # type: ignore[arg-type]
+        for k, (layers, mode) in enumerate(zip(split, recompute, strict=True))
+    )
+    return Plan(
+        model=ctx.model,
+        graph_fingerprint=ctx.graph_fingerprint,
+        cluster=ctx.cluster.to_dict(),
+        global_batch_size=ctx.global_batch_size,
+        seq_len=ctx.seq_len,
+        parallelism=Parallelism(dp=config.dp, tp=config.tp, pp=pp),
+        mesh=Mesh(
+            axis_names=("pp", "dp", "tp"),
+            shape=(pp, config.dp, config.tp),
+            device_ids=tuple(range(ctx.cluster.num_devices)),
+        ),
+        stages=stages,
+        shardings=ctx.shardings(config.tp, pp) if config.tp > 1 else (),
+        schedule=Schedule(
+            name=config.schedule,
+            microbatch_size=config.microbatch_size,  # type: ignore[arg-type]
+            num_microbatches=config.num_microbatches,
+            virtual_stages=config.virtual_stages,
+        ),
+        zero=config.zero,
+    )

@@ -1,0 +1,219 @@
+"""The outer search: degrees × schedule × microbatching × ZeRO, pruned by lower bounds.
+
+Data flow: ``autopar.plan`` → :func:`search` (a ``ModelProfile``, a :class:`PlanContext`,
+the pins) → for each :class:`~autopar.planner.space.Config` in order of its lower bound:
+``inter_op.solve_split`` (stage split and per-stage recomputation; interleaved schedules use
+equal chunks) → ``layout.build_plan`` → ``cost_models.estimate_plan`` (the exact prediction,
+peak memory checked against the device) → the fastest Plan plus the runner-ups as
+``Plan.alternatives``. Policy only: nothing is applied.
+
+Pruning. A Config's lower bound is its layers' cheapest work per microbatch spread perfectly
+over the pipeline, times the schedule's minimum number of such slots (``pipeline_lower_bound_s``,
+valid because fixed parts, recomputation, communication outside the pipeline and imbalance only
+add time). Configs are visited in increasing bound; the search stops at the first bound that
+is not below the best step time found, so its answer is the optimum over the space (up to the
+split solver's own cap, reported) unless the time limit cut it short (also reported).
+Ties break on the Config's field order, so the same inputs give byte-identical Plans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from autopar.config import Fix
+from autopar.cost_models import CostOptions, ModelProfile
+from autopar.cost_models.estimate import estimate_plan
+from autopar.planner.bounds import states_fit, step_lower_bound_s
+from autopar.planner.explain import Infeasible, alternative_reason, infeasible_error, memory_shortfall
+from autopar.planner.inter_op import solve_split
+from autopar.planner.layout import PlanContext, build_plan
+from autopar.planner.probes import RECOMPUTE_MODES, Prober
+from autopar.planner.space import Config, candidates, explain_empty
+from autopar.plans import Alternative, Plan, Schedule
+
+NUM_ALTERNATIVES = 5
+Progress = Callable[[int, int, float | None], None]
+"""``progress(done, total, best_step_time_s)`` after each Config is evaluated."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evaluated:
+    config: Config
+    plan: Plan
+    step_time_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchResult:
+    """The chosen Plan and how the search went (for ``explain`` and the benchmarks)."""
+
+    plan: Plan
+    configs_total: int
+    configs_evaluated: int
+    configs_pruned: int
+    configs_infeasible: int
+    exact: bool
+    timed_out: bool
+    elapsed_s: float
+    probes: int
+
+
+def _modes(fix: Fix) -> tuple[str, ...]:
+    return (fix.recompute,) if fix.recompute else RECOMPUTE_MODES
+
+
+class _Search:
+    def __init__(self, profile: ModelProfile, ctx: PlanContext, fix: Fix, options: CostOptions) -> None:
+        self.profile, self.ctx, self.fix, self.options = profile, ctx, fix, options
+        self.prober = Prober(profile, ctx, options)
+        self.infeasible: list[Infeasible] = []
+        self.exact = True
+
+    def evaluate(self, config: Config) -> Evaluated | None:
+        """The best Plan for ``config``, estimated, or None (recorded) when nothing fits."""
+        if config.virtual_stages > 1:
+            return self._interleaved(config)
+        model = self.prober.stage_model(config, _modes(self.fix))
+        split = solve_split(
+            model, num_stages=config.pp, num_microbatches=config.num_microbatches, schedule=config.schedule
+        )
+        if split is None:
+            self.infeasible.append(memory_shortfall(self.profile, self.ctx, config, model))
+            return None
+        self.exact &= split.exact
+        return self._checked(config, build_plan(self.ctx, config, split.layers, split.recompute))
+
+    def _interleaved(self, config: Config) -> Evaluated | None:
+        from autopar.planner.layout import even_split
+
+        chunks = even_split(self.profile.num_layers, config.pp * config.virtual_stages)
+        for mode in _modes(self.fix):  # uniform recomputation, lightest first
+            found = self._checked(config, build_plan(self.ctx, config, chunks, [mode] * len(chunks)))
+            if found is not None:
+                return found
+        model = self.prober.stage_model(
+            dataclasses.replace(config, schedule="1f1b", virtual_stages=1), _modes(self.fix)
+        )
+        self.infeasible.append(memory_shortfall(self.profile, self.ctx, config, model))
+        return None
+
+    def explain_too_big(self, configs: list[Config]) -> None:
+        """Break down the memory of the few Configs that came closest to fitting."""
+        for config in sorted(configs, key=lambda c: (-c.tp * c.pp * (c.dp if c.zero else 1), c))[:4]:
+            one = dataclasses.replace(config, schedule="1f1b" if config.pp > 1 else "gpipe", virtual_stages=1)
+            model = self.prober.stage_model(one, _modes(self.fix))
+            self.infeasible.append(memory_shortfall(self.profile, self.ctx, config, model))
+
+    def _checked(self, config: Config, plan: Plan) -> Evaluated | None:
+        plan = estimate_plan(plan, self.profile, options=self.options)
+        peak, capacity = max(plan.predicted.peak_memory_bytes or (0,)), self.ctx.cluster.device.memory_bytes
+        if peak > capacity:
+            return None
+        assert plan.predicted.step_time_s is not None
+        return Evaluated(config=config, plan=plan, step_time_s=plan.predicted.step_time_s)
+
+
+def search(
+    profile: ModelProfile,
+    ctx: PlanContext,
+    *,
+    fix: Fix | None = None,
+    options: CostOptions | None = None,
+    time_limit_s: float = 60.0,
+    progress: Progress | None = None,
+) -> SearchResult:
+    """The fastest Plan within device memory over the search space (module docstring)."""
+    fix, options = fix or Fix(), options or CostOptions()
+    if not (isinstance(time_limit_s, (int, float)) and time_limit_s > 0):
+        raise ValueError(f"time_limit_s = {time_limit_s!r}: expected seconds > 0")
+    start = time.perf_counter()
+    configs = list(candidates(profile, ctx.cluster, global_batch_size=ctx.global_batch_size, fix=fix))
+    if not configs:
+        raise ValueError(
+            "no configuration to search: "
+            + explain_empty(profile, ctx.cluster, global_batch_size=ctx.global_batch_size, fix=fix)
+        )
+    state = _Search(profile, ctx, fix, options)
+    fits = [states_fit(profile, ctx, c) for c in configs]
+    fitting = [c for c, ok in zip(configs, fits, strict=True) if ok]
+    too_big = [c for c, ok in zip(configs, fits, strict=True) if not ok]
+    modes = _modes(fix)
+    bounded = sorted((step_lower_bound_s(state.prober, c, modes, options), c) for c in fitting)
+    too_big += [c for bound, c in bounded if bound == float("inf")]
+    bounded = [(bound, c) for bound, c in bounded if bound < float("inf")]
+    results: list[Evaluated] = []
+    best: Evaluated | None = None
+    evaluated = timed_out = 0
+    for bound, config in bounded:
+        if best is not None and bound >= best.step_time_s:
+            break
+        if time.perf_counter() - start > time_limit_s and best is not None:
+            timed_out = True
+            break
+        evaluated += 1
+        found = state.evaluate(config)
+        if found is not None:
+            results.append(found)
+            if best is None or (found.step_time_s, found.config) < (best.step_time_s, best.config):
+                best = found
+        if progress is not None:
+            progress(evaluated, len(configs), None if best is None else best.step_time_s)
+    if best is None:
+        state.explain_too_big(too_big)
+        raise infeasible_error(state.infeasible, ctx.cluster, fix)
+    plan = dataclasses.replace(best.plan, alternatives=_alternatives(best, results, state.infeasible))
+    return SearchResult(
+        plan=plan,
+        configs_total=len(configs),
+        configs_evaluated=evaluated,
+        configs_pruned=len(configs) - evaluated,
+        configs_infeasible=len(state.infeasible) + len(too_big),
+        exact=state.exact and not timed_out,
+        timed_out=bool(timed_out),
+        elapsed_s=time.perf_counter() - start,
+        probes=state.prober.probes,
+    )
+
+
+def _alternatives(
+    best: Evaluated, results: list[Evaluated], infeasible: list[Infeasible]
+) -> tuple[Alternative, ...]:
+    """The fastest other degree triples first, then other schedules of the chosen degrees,
+    then (if room is left) the closest configurations that did not fit."""
+    others = sorted((r for r in results if r.config != best.config), key=lambda r: (r.step_time_s, r.config))
+    seen, chosen = {best.config.degrees}, []
+    for pool in ([r for r in others if r.config.degrees not in seen], others):
+        for r in pool:
+            if len(chosen) == NUM_ALTERNATIVES:
+                break
+            if r in chosen or (pool is not others and r.config.degrees in seen):
+                continue
+            seen.add(r.config.degrees)
+            chosen.append(r)
+    out = [
+        Alternative(
+            parallelism=r.plan.parallelism,
+            schedule=r.plan.schedule,
+            predicted_step_time_s=r.step_time_s,
+            reason=alternative_reason(best.plan, r.plan, r.config.describe()),
+        )
+        for r in chosen
+    ]
+    for item in sorted(infeasible, key=lambda x: x.excess_bytes)[: max(0, NUM_ALTERNATIVES - len(out))]:
+        out.append(
+            Alternative(
+                parallelism=item.parallelism,
+                schedule=Schedule(
+                    name=item.config.schedule,
+                    microbatch_size=item.config.microbatch_size,  # type: ignore[arg-type]
+                    num_microbatches=item.config.num_microbatches,
+                    virtual_stages=item.config.virtual_stages,
+                ),
+                predicted_step_time_s=None,
+                reason=f"{item.config.describe()}: does not fit — {item.message}",
+            )
+        )
+    return tuple(out)

@@ -1,0 +1,150 @@
+"""The planner's search space: every configuration the outer search may try.
+
+Data flow: a ``ModelProfile``, a ``ClusterSpec``, the global batch and the user's pins
+(``autopar.Fix``) go in; :func:`candidates` yields :class:`Config` records (degrees,
+schedule, microbatching, ZeRO stage) that the inter-op solver (``inter_op``) turns into
+stage splits with per-stage recomputation. Nothing here costs anything.
+
+Rules (each one a property of the runtime or of the model, not a heuristic):
+
+* ``dp × tp × pp`` is the device count; ``tp`` divides the attention heads and the hidden
+  size and, unless pinned, stays inside a node (Megatron-LM's rule; a pin may cross nodes);
+  ``pp`` is at most the number of repeated layers.
+* The global batch divides by ``dp × microbatch_size``; ``num_microbatches`` follows.
+* Without pipelining the only schedule is ``gpipe`` (plain gradient accumulation). With it:
+  GPipe, 1F1B, zero-bubble (ZB-H1) and interleaved 1F1B with ``v`` chunks per rank, where
+  ``pp × v`` divides the layers (equal chunks, as Megatron-LM requires) and
+  ``num_microbatches`` divides by ``pp``.
+* ZeRO stages 0, 1 and 3 (FSDP) when ``dp > 1``; stage 2 costs what stage 1 costs in this
+  cost model and saves less than 3, so it is not searched unless pinned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from autopar.cluster import ClusterSpec
+from autopar.config import Fix
+from autopar.cost_models import ModelProfile
+
+MAX_VIRTUAL_STAGES = 8
+"""Interleaving deeper than this adds P2P traffic for bubbles already below 1/8 of 1F1B's."""
+
+
+@dataclass(frozen=True, kw_only=True, order=True)
+class Config:
+    """One point of the outer search (stage split and recomputation are chosen per Config)."""
+
+    dp: int
+    tp: int
+    pp: int
+    schedule: str
+    virtual_stages: int
+    microbatch_size: int
+    num_microbatches: int
+    zero: int
+
+    @property
+    def degrees(self) -> tuple[int, int, int]:
+        return self.dp, self.tp, self.pp
+
+    def describe(self) -> str:
+        """``dp8 tp8 pp16 interleaved(v2) b1×m24 zero0``: how alternatives are named."""
+        sched = f"interleaved(v{self.virtual_stages})" if self.schedule == "interleaved" else self.schedule
+        return (
+            f"dp{self.dp} tp{self.tp} pp{self.pp} {sched} b{self.microbatch_size}"
+            f"×m{self.num_microbatches} zero{self.zero}"
+        )
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _tp_choices(profile: ModelProfile, cluster: ClusterSpec, world: int, fix: Fix) -> list[int]:
+    if fix.tp is not None:
+        return [fix.tp]
+    heads = {layer.num_heads for layer in profile.layers if layer.num_heads}
+    limit = cluster.devices_per_node
+    return [
+        t
+        for t in divisors(world)
+        if t <= limit and profile.hidden_size % t == 0 and all(a % t == 0 for a in heads)
+    ]
+
+
+def _schedules(pp: int, num_layers: int, m: int, fix: Fix) -> Iterator[tuple[str, int]]:
+    if pp == 1:
+        if fix.schedule in (None, "gpipe", "1f1b") and fix.virtual_stages in (None, 1):
+            yield "gpipe", 1
+        return
+    for name in ("gpipe", "1f1b", "zero_bubble"):
+        if fix.schedule in (None, name) and fix.virtual_stages in (None, 1):
+            yield name, 1
+    if fix.schedule not in (None, "interleaved") or m % pp:
+        return
+    for v in range(2, MAX_VIRTUAL_STAGES + 1):
+        if fix.virtual_stages in (None, v) and num_layers % (pp * v) == 0:
+            yield "interleaved", v
+
+
+def _microbatches(local_batch: int, fix: Fix) -> list[int]:
+    sizes = [b for b in divisors(local_batch) if fix.microbatch_size in (None, b)]
+    if fix.num_microbatches is not None:
+        sizes = [b for b in sizes if local_batch // b == fix.num_microbatches]
+    return sizes
+
+
+def candidates(
+    profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: int, fix: Fix
+) -> Iterator[Config]:
+    """Every configuration allowed by the rules above and the pins, in a fixed order."""
+    world, num_layers = cluster.num_devices, profile.num_layers
+    for tp in _tp_choices(profile, cluster, world, fix):
+        for pp in divisors(world // tp):
+            dp = world // (tp * pp)
+            if pp > max(num_layers, 1) or fix.pp not in (None, pp) or fix.dp not in (None, dp):
+                continue
+            if global_batch_size % dp:
+                continue
+            for b in _microbatches(global_batch_size // dp, fix):
+                m = global_batch_size // (dp * b)
+                for schedule, v in _schedules(pp, num_layers, m, fix):
+                    for zero in _zero_stages(dp, fix):
+                        yield Config(
+                            dp=dp,
+                            tp=tp,
+                            pp=pp,
+                            schedule=schedule,
+                            virtual_stages=v,
+                            microbatch_size=b,
+                            num_microbatches=m,
+                            zero=zero,
+                        )
+
+
+def _zero_stages(dp: int, fix: Fix) -> tuple[int, ...]:
+    if fix.zero is not None:
+        return (fix.zero,)
+    return (0, 1, 3) if dp > 1 else (0,)
+
+
+def explain_empty(profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: int, fix: Fix) -> str:
+    """Why :func:`candidates` yields nothing: the first rule every degree choice breaks."""
+    world = cluster.num_devices
+    if not _tp_choices(profile, cluster, world, fix):
+        return (
+            f"no tensor-parallel degree divides both the hidden size {profile.hidden_size} and "
+            f"the heads within a node of {cluster.devices_per_node} devices"
+            + (f" (pinned tp={fix.tp})" if fix.tp else "")
+        )
+    if fix.world_size() > world or world % fix.world_size():
+        return f"the pinned degrees {fix.pinned()} do not divide the cluster's {world} devices"
+    if fix.pp is not None and fix.pp > profile.num_layers:
+        return f"pp={fix.pp} exceeds the model's {profile.num_layers} repeated layers"
+    return (
+        f"no dp × tp × pp = {world} with dp dividing the global batch {global_batch_size} satisfies "
+        f"the pins {fix.pinned() or '{}'} (interleaving needs pp × v to divide the layers and "
+        "the microbatches to divide by pp)"
+    )
