@@ -1,18 +1,20 @@
 """``autopar.plan`` and ``autopar.estimate``: from a model to a Plan with predictions.
 
-Data flow: model + example inputs → ``autopar.capture`` → ``ModelProfile`` (cost
-models) → a Plan → ``cost_models.estimate`` fills ``plan.predicted``. Today the Plan
-comes from the pinned choices (``fix=``) with the plain defaults of
-``autopar.plans.pinned`` for anything not pinned — no search yet; the planner issue
-adds the search behind this same function.
+Data flow: model + example inputs → ``autopar.capture`` → graph passes (``passes=``, e.g.
+random-LTD, whose kept fractions scale the profile) → ``ModelProfile`` (cost models) →
+``autopar.planner.search`` (pinned choices kept, the rest searched) → the fastest Plan
+that fits, ``plan.predicted`` filled by ``cost_models.estimate`` and the runner-ups in
+``plan.alternatives``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from autopar.capture import Captured, capture, normalize_inputs
@@ -20,10 +22,12 @@ from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.cost_models import CostOptions, ModelProfile
 from autopar.cost_models import estimate as estimate_predicted
-from autopar.cost_models.estimate import estimate_plan
-from autopar.plans import Plan, Predicted, graph_fingerprint
+from autopar.passes import GraphPass, PassContext, check_passes, run_passes
+from autopar.passes.random_ltd import kept_fractions, ltd_profile
+from autopar.planner.layout import PlanContext
+from autopar.planner.search import Progress, SearchResult, search
+from autopar.plans import AppliedPass, Plan, Predicted, graph_fingerprint
 from autopar.plans.megatron import megatron_shardings
-from autopar.plans.pinned import plan_from_fix
 
 
 def _leading_dims(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int | None]:
@@ -49,25 +53,88 @@ def plan(
     fix: dict[str, Any] | Fix | None = None,
     example_kwargs: dict[str, Any] | None = None,
     options: CostOptions | None = None,
+    passes: Sequence[GraphPass] = (),
+    time_limit_s: float = 60.0,
+    progress: Progress | None = None,
 ) -> Plan:
-    """The Plan for ``model`` on ``cluster`` at ``global_batch_size``, with predictions.
+    """The fastest Plan for ``model`` on ``cluster`` at ``global_batch_size`` that fits in memory.
 
-    ``example_inputs`` is one example batch (any batch size; build the model on
-    ``meta`` for large models). Pinned choices are kept; the rest take the documented
-    defaults of ``autopar.plans.pinned`` until the planner's search lands.
+    ``example_inputs`` is one example batch (any batch size; build the model on ``meta``
+    for large models). Pinned choices (``fix=``) are kept; the planner searches the rest
+    (``autopar.planner``). ``passes`` run on the captured graph first and the search sees
+    their effect (random-LTD makes its layers cheaper). Raises ``InfeasiblePlanError`` (a
+    ValueError) naming the binding memory constraint when nothing fits.
     """
+    return plan_search(model, example_inputs, cluster=cluster, global_batch_size=global_batch_size,
+                       fix=fix, example_kwargs=example_kwargs, options=options, passes=passes,
+                       time_limit_s=time_limit_s, progress=progress).plan
+
+
+def plan_search(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    cluster: str | ClusterSpec,
+    global_batch_size: int,
+    fix: dict[str, Any] | Fix | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    options: CostOptions | None = None,
+    passes: Sequence[GraphPass] = (),
+    time_limit_s: float = 60.0,
+    progress: Progress | None = None,
+) -> SearchResult:
+    """:func:`plan` with the search's statistics (configurations pruned, time, exactness)."""
     spec = cluster if isinstance(cluster, ClusterSpec) else ClusterSpec.parse(cluster)
     pins = Fix.from_dict(fix)
     if type(global_batch_size) is not int or global_batch_size < 1:
         raise ValueError(f"global_batch_size = {global_batch_size!r} is invalid: expected an int >= 1")
+    if pins.world_size() > spec.num_devices or spec.num_devices % pins.world_size() or (
+            pins.dp is not None and pins.world_size() != spec.num_devices):
+        raise ValueError(f"pinned degrees {pins.pinned()} give dp × tp × pp = {pins.world_size()} ≠ world "
+                         f"size {spec.num_devices}; pin degrees whose product is the cluster's device count")
     args, kwargs = normalize_inputs(example_inputs), dict(example_kwargs or {})
     captured = capture(model, args, example_kwargs=kwargs)
+    gm, applied = captured.graph_module, []
+    if passes:
+        ctx = PassContext(captured=captured)
+        gm = run_passes(gm, check_passes(passes), ctx)
+        applied = [AppliedPass(name=name, config=_json_config(config)) for name, config, _ in ctx.applied]
+    full = profile_of(captured)
+    kept = kept_fractions(gm)  # the schedule's average: time; memory must fit full length
+    profile = ltd_profile(full, kept) if kept else full
     _, seq_len = _leading_dims(args, kwargs)
-    shardings = megatron_shardings(captured.graph_module, pins.tp or 1, vocab_parallel=(pins.pp or 1) == 1)
-    pinned = plan_from_fix(captured.model_name, graph_fingerprint=graph_fingerprint(captured.graph_module),
-                           num_layers=len(captured.layers), cluster=spec, fix=pins,
-                           global_batch_size=global_batch_size, seq_len=seq_len, shardings=shardings)
-    return estimate_plan(pinned, profile_of(captured), options=options)
+    fingerprint = graph_fingerprint(captured.graph_module)
+    context = PlanContext(model=captured.model_name, graph_fingerprint=fingerprint,
+                          cluster=spec, global_batch_size=global_batch_size, seq_len=seq_len,
+                          num_layers=len(captured.layers), shardings=_shardings(gm))
+    result = search(profile, context, fix=pins, options=options, time_limit_s=time_limit_s, progress=progress,
+                    memory_profile=full)
+    return dataclasses.replace(result, plan=dataclasses.replace(result.plan, passes=tuple(applied)))
+
+
+def _shardings(gm: fx.GraphModule) -> Any:
+    """Megatron's column/row alternation per tp; vocabulary-parallel only without pipelining
+    (the runtime refuses a vocabulary split across pipeline stages)."""
+    cache: dict[tuple[int, bool], tuple[Any, ...]] = {}
+
+    def shardings(tp: int, pp: int) -> tuple[Any, ...]:
+        key = (tp, pp == 1)
+        if key not in cache:
+            cache[key] = megatron_shardings(gm, tp, vocab_parallel=pp == 1)
+        return cache[key]
+
+    return shardings
+
+
+def _json_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A pass's config with values a Plan can store (tuples for sequences, repr otherwise)."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, (list, tuple)):
+            value = tuple(value)
+        ok = isinstance(value, (str, int, bool, float, type(None), tuple))
+        out[key] = value if ok else repr(value)
+    return out
 
 
 def estimate(plan: Plan, model: nn.Module | ModelProfile | Captured, example_inputs: Any = None, *,

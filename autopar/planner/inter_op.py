@@ -46,6 +46,10 @@ class Split:
     pipeline_s: float
     exact: bool
     bounds_tried: int
+    tie: Split | None = None
+    """An equally fast (by the formula) but more even split, when one exists: the caller
+    compares both with the full estimate, which also sees the optimizer and data-parallel
+    terms that depend on each rank's parameters."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,10 +158,28 @@ def solve_split(model: StageModel, *, num_stages: int, num_microbatches: int, sc
             break
         bound = bounds[below]
     assert best is not None  # the smallest feasible bound always yields a split
-    ends = best[1]
-    layers = tuple((ends[k], ends[k + 1]) for k in range(num_stages))
-    modes = tuple(model.modes[int(tables.mode[k, i, j])] for k, (i, j) in enumerate(layers))
-    return Split(layers=layers, recompute=modes, pipeline_s=best[0], exact=exact, bounds_tried=tried)
+    even = _balanced(tables, cost, best, m, schedule, num_layers)
+
+    def split(ends: list[int], tie: Split | None = None) -> Split:
+        layers = tuple((ends[k], ends[k + 1]) for k in range(num_stages))
+        modes = tuple(model.modes[int(tables.mode[k, i, j])] for k, (i, j) in enumerate(layers))
+        return Split(layers=layers, recompute=modes, pipeline_s=best[0], exact=exact, bounds_tried=tried,
+                     tie=tie)
+
+    return split(best[1], tie=split(even) if even != best[1] else None)
+
+
+def _balanced(tables: Tables, cost: np.ndarray, best: tuple[float, list[int]], m: int, schedule: str,
+              num_layers: int) -> list[int]:
+    """Among splits as fast as ``best``, the most even one: ties are common (any split whose
+    stages stay under the slowest has the same Σ + (m−1)·max), so re-solve with a small
+    ``W²`` term added, keeping the result only if it is no slower."""
+    top = _pipeline_s(tables, best[1], m, schedule)[1]
+    even = cost + 1e-6 * np.where(np.isfinite(tables.work), tables.work**2, 0.0) / max(top, 1e-30)
+    found = _dp(even, tables.work, top, num_layers)
+    if found is not None and _pipeline_s(tables, found[1], m, schedule)[0] <= best[0] * (1 + 1e-12):
+        return found[1]
+    return best[1]
 
 
 def _pipeline_s(tables: Tables, ends: list[int], m: int, schedule: str) -> tuple[float, float]:

@@ -13,6 +13,8 @@ the embedding / LM head and the P2P sends of the stage's position), so
 * probe B — one layer of each distinct kind on stage 0 — gives that layer's work per
   microbatch minus probe A's stage 0.
 
+Memory may come from another profile than time (``memory_profile``): with random-LTD the
+time is the schedule's average but memory must fit the full-length end of the schedule.
 Memory per layer uses the memory model's own per-layer function (stored activations per
 in-flight microbatch and the recomputation working set) and ``model_state_bytes``.
 """
@@ -67,8 +69,13 @@ def _kind(layer: LayerProfile) -> LayerProfile:
 class Prober:
     """Caches probe results across the Configs of one search."""
 
-    def __init__(self, profile: ModelProfile, ctx: PlanContext, options: CostOptions) -> None:
+    def __init__(self, profile: ModelProfile, ctx: PlanContext, options: CostOptions,
+                 memory_profile: ModelProfile | None = None) -> None:
         self.profile, self.ctx, self.options = profile, ctx, options
+        self.memory_profile = memory_profile or profile
+        mem_kinds = [_kind(layer) for layer in self.memory_profile.layers]
+        self._mem_kinds = tuple(dict.fromkeys(mem_kinds))
+        self._mem_kind_of = np.array([self._mem_kinds.index(kind) for kind in mem_kinds], dtype=np.int64)
         self._empty = dataclasses.replace(profile, layers=())
         kinds = [_kind(layer) for layer in profile.layers]
         self.kinds = tuple(dict.fromkeys(kinds))
@@ -177,16 +184,16 @@ class Prober:
             pairs = [
                 memory_model._layer_bytes(  # the memory model's own per-layer rule
                     kind,
-                    self.profile,
+                    self.memory_profile,
                     microbatch_size=config.microbatch_size,
                     tp=config.tp,
                     recompute=mode,
                     sequence_parallel=self.options.sequence_parallel,
                 )
-                for kind in self.kinds
+                for kind in self._mem_kinds
             ]
-            by_kind = np.array(pairs).reshape(len(self.kinds), 2)
-            self._bytes[key] = (by_kind[self.kind_of, 0], by_kind[self.kind_of, 1])
+            by_kind = np.array(pairs).reshape(len(self._mem_kinds), 2)
+            self._bytes[key] = (by_kind[self._mem_kind_of, 0], by_kind[self._mem_kind_of, 1])
         return self._bytes[key]
 
     def layer_work_lower_bound_s(self, config: Config) -> float:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from autopar.config import Fix
 from autopar.cost_models import CostOptions, ModelProfile
 from autopar.cost_models.estimate import estimate_plan
+from autopar.cost_models.memory import peak_memory_bytes
 from autopar.planner.bounds import states_fit, step_lower_bound_s
 from autopar.planner.explain import Infeasible, alternative_reason, infeasible_error, memory_shortfall
 from autopar.planner.inter_op import solve_split
@@ -66,9 +67,11 @@ def _modes(fix: Fix) -> tuple[str, ...]:
 
 
 class _Search:
-    def __init__(self, profile: ModelProfile, ctx: PlanContext, fix: Fix, options: CostOptions) -> None:
+    def __init__(self, profile: ModelProfile, ctx: PlanContext, fix: Fix, options: CostOptions,
+                 memory_profile: ModelProfile | None) -> None:
         self.profile, self.ctx, self.fix, self.options = profile, ctx, fix, options
-        self.prober = Prober(profile, ctx, options)
+        self.memory_profile = memory_profile or profile
+        self.prober = Prober(profile, ctx, options, memory_profile)
         self.infeasible: list[Infeasible] = []
         self.exact = True
 
@@ -81,10 +84,15 @@ class _Search:
             model, num_stages=config.pp, num_microbatches=config.num_microbatches, schedule=config.schedule
         )
         if split is None:
-            self.infeasible.append(memory_shortfall(self.profile, self.ctx, config, model))
+            self.infeasible.append(memory_shortfall(self.memory_profile, self.ctx, config, model))
             return None
         self.exact &= split.exact
-        return self._checked(config, build_plan(self.ctx, config, split.layers, split.recompute))
+        found = self._checked(config, build_plan(self.ctx, config, split.layers, split.recompute))
+        if split.tie is not None:
+            tie = self._checked(config, build_plan(self.ctx, config, split.tie.layers, split.tie.recompute))
+            if found is None or (tie is not None and tie.step_time_s <= found.step_time_s):
+                found = tie
+        return found
 
     def _interleaved(self, config: Config) -> Evaluated | None:
         from autopar.planner.layout import even_split
@@ -97,7 +105,7 @@ class _Search:
         model = self.prober.stage_model(
             dataclasses.replace(config, schedule="1f1b", virtual_stages=1), _modes(self.fix)
         )
-        self.infeasible.append(memory_shortfall(self.profile, self.ctx, config, model))
+        self.infeasible.append(memory_shortfall(self.memory_profile, self.ctx, config, model))
         return None
 
     def explain_too_big(self, configs: list[Config]) -> None:
@@ -105,10 +113,15 @@ class _Search:
         for config in sorted(configs, key=lambda c: (-c.tp * c.pp * (c.dp if c.zero else 1), c))[:4]:
             one = dataclasses.replace(config, schedule="1f1b" if config.pp > 1 else "gpipe", virtual_stages=1)
             model = self.prober.stage_model(one, _modes(self.fix))
-            self.infeasible.append(memory_shortfall(self.profile, self.ctx, config, model))
+            self.infeasible.append(memory_shortfall(self.memory_profile, self.ctx, config, model))
 
     def _checked(self, config: Config, plan: Plan) -> Evaluated | None:
         plan = estimate_plan(plan, self.profile, options=self.options)
+        if self.memory_profile is not self.profile:  # memory at the worst point of a pass's schedule
+            peak_bytes = peak_memory_bytes(plan, self.memory_profile,
+                                           sequence_parallel=self.options.sequence_parallel)
+            plan = dataclasses.replace(plan, predicted=dataclasses.replace(
+                plan.predicted, peak_memory_bytes=peak_bytes))
         peak, capacity = max(plan.predicted.peak_memory_bytes or (0,)), self.ctx.cluster.device.memory_bytes
         if peak > capacity:
             return None
@@ -124,6 +137,7 @@ def search(
     options: CostOptions | None = None,
     time_limit_s: float = 60.0,
     progress: Progress | None = None,
+    memory_profile: ModelProfile | None = None,
 ) -> SearchResult:
     """The fastest Plan within device memory over the search space (module docstring)."""
     fix, options = fix or Fix(), options or CostOptions()
@@ -136,7 +150,7 @@ def search(
             "no configuration to search: "
             + explain_empty(profile, ctx.cluster, global_batch_size=ctx.global_batch_size, fix=fix)
         )
-    state = _Search(profile, ctx, fix, options)
+    state = _Search(profile, ctx, fix, options, memory_profile)
     fits = [states_fit(profile, ctx, c) for c in configs]
     fitting = [c for c, ok in zip(configs, fits, strict=True) if ok]
     too_big = [c for c, ok in zip(configs, fits, strict=True) if not ok]

@@ -1,0 +1,19 @@
+"""The planner: policy only — it returns a Plan, it applies nothing.
+
+Data flow: ``autopar.plan`` captures the model, runs its graph passes and summarizes it as a
+``ModelProfile``; :func:`search` walks the space of ``space.candidates`` (dp × tp × pp,
+schedule, microbatching, ZeRO) in increasing order of ``bounds.step_lower_bound_s``, solves
+each configuration's stage split and per-stage recomputation exactly (``inter_op``, a dynamic
+program over costs probed from ``autopar.cost_models``: ``probes``), lays the result out as a
+Plan (``layout``), estimates it and keeps the fastest that fits, with the runner-ups and, when
+nothing fits, the binding constraint (``explain``).
+"""
+
+from autopar.planner.explain import InfeasiblePlanError
+from autopar.planner.inter_op import Split, solve_split
+from autopar.planner.layout import PlanContext, build_plan
+from autopar.planner.search import SearchResult, search
+from autopar.planner.space import Config, candidates
+
+__all__ = ["Config", "InfeasiblePlanError", "PlanContext", "SearchResult", "Split", "build_plan", "candidates",
+           "search", "solve_split"]
