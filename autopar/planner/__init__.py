@@ -15,5 +15,5 @@ from autopar.planner.layout import PlanContext, build_plan
 from autopar.planner.search import SearchResult, search
 from autopar.planner.space import Config, candidates
 
-__all__ = ["Config", "InfeasiblePlanError", "PlanContext", "SearchResult", "Split", "build_plan", "candidates",
-           "search", "solve_split"]
+__all__ = ["Config", "InfeasiblePlanError", "PlanContext", "SearchResult", "Split", "build_plan",
+           "candidates", "search", "solve_split"]

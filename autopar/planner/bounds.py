@@ -11,7 +11,9 @@ Each term bounds the matching term of ``cost_models.estimate`` from below:
 * pipeline: the layers' work at no recomputation spread evenly over ``pp`` ranks, times the
   schedule's minimum number of slots — ``m/p + (p−1)/(p v)`` (1F1B/GPipe/interleaved:
   ``T = (m − 1/v) max_r W_r + Σ_r W_r / v`` is smallest when all ``W_r`` are equal) or ``m/p``
-  (zero-bubble); fixed parts and imbalance only add;
+  plus, for zero-bubble, ``(p−1)/p`` of the drain ``Σ_k U_k ≥ Σ W − 2 Σ T_W`` (``T = m max W +
+  Σ U − max U``); fixed parts and imbalance only add (recomputation is added where memory
+  forces it, see :func:`forced_recompute_s`);
 * data-parallel sync: the exposed share ``(1 − overlap)`` of the sync of an even share of the
   parameters (collective time grows with size, the slowest rank holds at least the average);
 * optimizer: the memory-bound Adam step over that even share.
@@ -31,11 +33,12 @@ from autopar.planner.probes import Prober
 from autopar.planner.space import Config
 
 
-def pipeline_lower_bound_s(layer_work_s: float, config: Config) -> float:
-    """Seconds the pipeline needs at least, from ``layer_work_s`` (Σ layers per microbatch)."""
+def pipeline_lower_bound_s(layer_work_s: float, config: Config, weight_grad_s: float = 0.0) -> float:
+    """Seconds the pipeline needs at least, from ``layer_work_s`` (Σ layers per microbatch) and,
+    for zero-bubble, ``weight_grad_s`` (the deferrable part of it)."""
     p, m, v = config.pp, config.num_microbatches, config.virtual_stages
-    if config.schedule == "zero_bubble":
-        return layer_work_s * m / p
+    if config.schedule == "zero_bubble":  # m·max W + ΣU − max U, U = W − 2·T_W per stage
+        return layer_work_s * m / p + max(0.0, layer_work_s - 2 * weight_grad_s) * (p - 1) / p
     return layer_work_s * (m / p + (p - 1) / (p * v))
 
 
@@ -114,9 +117,9 @@ def step_lower_bound_s(prober: Prober, config: Config, modes: tuple[str, ...], o
     if not prober.profile.layers:
         return outside_lower_bound_s(prober.profile, prober.ctx, config, options)
     work = prober.layer_work_lower_bound_s(config) + forced_recompute_s(prober, config, modes)
-    return pipeline_lower_bound_s(work, config) + outside_lower_bound_s(
-        prober.profile, prober.ctx, config, options
-    )
+    weight = float(prober.per_layer_weight_grad_s(config, "none").sum())
+    pipeline = pipeline_lower_bound_s(work, config, weight)
+    return pipeline + outside_lower_bound_s(prober.profile, prober.ctx, config, options)
 
 
 def states_fit(profile: ModelProfile, ctx: PlanContext, config: Config) -> bool:

@@ -177,6 +177,10 @@ class Prober:
         """Each layer's work per microbatch under ``mode`` (seconds)."""
         return self._per_layer(config, mode, 0)
 
+    def per_layer_weight_grad_s(self, config: Config, mode: str) -> np.ndarray:
+        """Each layer's weight-gradient work per microbatch under ``mode`` (zero-bubble defers it)."""
+        return self._per_layer(config, mode, 1)
+
     def layer_bytes(self, config: Config, mode: str) -> tuple[np.ndarray, np.ndarray]:
         """Per layer: (activation bytes stored per in-flight microbatch, recomputation working set)."""
         key = (config.tp, config.microbatch_size, mode)
