@@ -1,17 +1,21 @@
 """``autopar.compile``: the user-facing entry, as a function and as a class decorator.
 
 Data flow: ``compile(model, cluster, ...)`` → :class:`Compiled` (lazy) → the first
-call captures (``autopar.capture``). On one device the captured graph runs as is.
+call captures (``autopar.capture``) and runs the graph passes (``passes=[...]``, e.g.
+``autopar.passes.RandomLTD``) on the captured graph. On one device that graph runs as is.
 On several, the first ``step`` turns the pinned choices (``fix=``) or a given
-``plan=`` into a Plan and hands it to the runtime (``autopar.runtime.Engine``),
-inside the process group that ``autopar run`` or ``torchrun`` started.
+``plan=`` into a Plan and hands it with the transformed graph to the runtime
+(``autopar.runtime.Engine``), inside the process group that ``autopar run`` or
+``torchrun`` started. Passes with run-time state (random-LTD's schedule) follow the
+compiled model's step counter and are saved with it (``autopar.runtime.pass_state``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,16 +28,21 @@ from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.cost_models.estimate import estimate_plan
 from autopar.losses import cross_entropy
+from autopar.passes import GraphPass, PassContext, run_passes
+from autopar.passes.random_ltd import kept_fractions, ltd_profile
 from autopar.planning import profile_of
 from autopar.plans import Plan, check_fingerprint, graph_fingerprint
 from autopar.plans.megatron import megatron_shardings
 from autopar.plans.pinned import plan_from_fix
+from autopar.runtime.pass_state import PassStates, pass_state_tensors, resolve_passes, split_pass_state
 
 if TYPE_CHECKING:
     from autopar.runtime.engine import Engine
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 LossFn = Callable[[Any, Any], torch.Tensor]
+
+log = logging.getLogger("autopar.compile")
 
 DEFAULT_CLUSTER = "local:1"
 
@@ -57,7 +66,8 @@ class Compiled(nn.Module):
 
     Parameters are the original model's (``compiled.module``); capture happens on
     the first call for each input signature (shapes, dtypes, train/eval), like
-    ``torch.compile``.
+    ``torch.compile``, and ``passes`` run on every capture. ``passes=None`` takes the
+    passes ``autopar run --random-ltd ...`` handed over, if any.
     """
 
     def __init__(
@@ -71,10 +81,14 @@ class Compiled(nn.Module):
         plan: Plan | None = None,
         frontend: str = "auto",
         leaf_modules: Iterable[LeafSpec] = (),
+        passes: Sequence[GraphPass] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"autopar.compile needs an nn.Module, got {type(model).__name__}")
+        self.passes = tuple(resolve_passes(passes))
+        self._pass_states = PassStates()
+        self._passes_applied: tuple[str, ...] = ()
         self.module = model
         self.cluster = cluster if isinstance(cluster, ClusterSpec) else ClusterSpec.parse(cluster)
         self.fix = Fix.from_dict(fix)
@@ -95,11 +109,52 @@ class Compiled(nn.Module):
         """The capture for this input signature (captured now if it is new)."""
         key = _signature(args, kwargs, self.training)
         if key not in self._graphs:
-            self._graphs[key] = capture(
+            captured = capture(
                 self.module, args, example_kwargs=kwargs,
                 frontend=self._frontend, leaf_modules=self._leaf_modules,  # type: ignore[arg-type]
             )
+            self._graphs[key] = self._transformed(captured)
         return self._graphs[key]
+
+    def _transformed(self, captured: Captured) -> Captured:
+        if not self.passes:
+            return captured
+        ctx = PassContext(captured=captured, step=self.num_steps)
+        gm = run_passes(captured.graph_module, self.passes, ctx)
+        names = tuple(name for name, _, _ in ctx.applied)
+        self._passes_applied = names
+        self._pass_states.attach(gm, names)
+        return dataclasses.replace(captured, graph_module=gm) if gm is not captured.graph_module else captured
+
+    @property
+    def passes_applied(self) -> tuple[str, ...]:
+        """Names of the passes that ran on the latest capture, in order (empty before it)."""
+        return self._passes_applied
+
+    @property
+    def pass_state(self) -> dict[str, dict[str, int]]:
+        """Pass name → its run-time state, e.g. ``{"random_ltd": {"step": 3, "microbatch": 0,
+        "consumed_layer_tokens": 9216}}`` (ints; what checkpoints save)."""
+        return self._pass_states.state_dict()
+
+    @property
+    def consumed_layer_tokens(self) -> int | None:
+        """Layer-tokens of the steps taken (``B × (n_ltd × k + (L − n_ltd) × s)`` a step),
+        counted by random-LTD; None without it."""
+        state = self.pass_state.get("random_ltd")
+        return None if state is None else state["consumed_layer_tokens"]
+
+    def set_step(self, step: int) -> None:
+        """Set the step counter (``num_steps``), which the passes' schedules follow from the next step."""
+        if type(step) is not int or step < 0:
+            raise ValueError(f"step = {step!r} is invalid: expected an int >= 0")
+        self.num_steps = step
+
+    def train(self, mode: bool = True) -> Compiled:
+        """Training or evaluation mode, passes included (random-LTD keeps every token in eval)."""
+        super().train(mode)
+        self._pass_states.train(mode)
+        return self
 
     @property
     def captured(self) -> Captured:
@@ -161,29 +216,53 @@ class Compiled(nn.Module):
         if self.distributed:
             if self._engine is None:
                 self._engine = self._build_engine(args, kwargs)
-            loss_value = self._engine.step(args, kwargs, targets)
+            loss_value = self._engine.step(args, kwargs, targets, step=self.num_steps)
             self.num_steps += 1
             return loss_value
+        gm = self.captured_for(*args, **kwargs).graph_module
+        self._pass_states.begin_step(self.num_steps)
         optimizer = self.optimizer
         optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self(*args, **kwargs), targets)
+        loss = self.loss_fn(gm(*args, **kwargs), targets)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError(f"loss_fn must return a scalar tensor, got {loss!r:.80}")
         loss.backward()
         optimizer.step()
+        self._pass_states.end_step(gm, _batch_size(args, kwargs))
         self.num_steps += 1
         return float(loss.detach())
-
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """Under the runtime: the checkpoint state (parameters and optimizer state under the
         original model's names, DTensor shards kept as such; see ``autopar.save``).
-        On one device: ``nn.Module.state_dict``."""
+        On one device: ``nn.Module.state_dict``, plus each pass's state as int64 scalars
+        under ``passes.<pass name>.<key>`` (e.g. ``passes.random_ltd.step``)."""
         if self._engine is None:
-            return super().state_dict(*args, **kwargs)
+            result = super().state_dict(*args, **kwargs)
+            result.update(pass_state_tensors(self.pass_state, prefix=kwargs.get("prefix", "")))
+            return result
         from autopar.runtime.checkpoint import state_dict
 
         return state_dict(self)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; the ``passes.*`` entries restore the passes' state and
+        the step counter (the schedule's step), so training resumes with the same token choices."""
+        rest, states = split_pass_state(state_dict)
+        result = super().load_state_dict(rest, strict=strict, assign=assign)
+        self.load_pass_state(states)
+        return result
+
+    def load_pass_state(self, states: dict[str, dict[str, int]]) -> None:
+        """Restore :attr:`pass_state`; the step counter follows a saved ``step``."""
+        unknown = sorted(set(states) - {p.name for p in self.passes})
+        if unknown:
+            log.warning("state of pass(es) %s ignored: this model was compiled without them", unknown)
+        states = {k: v for k, v in states.items() if k not in unknown}
+        self._pass_states.load_state_dict(states)
+        steps = {state["step"] for state in states.values() if "step" in state}
+        if len(steps) == 1:
+            self.num_steps = steps.pop()
 
     def report(self, inputs: Any, targets: Any) -> Any:
         """Run one measured training step and return a table of what each rank spent
@@ -217,8 +296,10 @@ class Compiled(nn.Module):
         else:
             check_fingerprint(plan, fingerprint)
         if plan.predicted.step_time_s is None:
-            plan = estimate_plan(plan, profile_of(captured))
-        return Engine(captured, plan, loss_fn=self.loss_fn, optimizer=self._optimizer_factory)
+            profile = ltd_profile(profile_of(captured), kept_fractions(captured.graph_module))
+            plan = estimate_plan(plan, profile)
+        return Engine(captured, plan, loss_fn=self.loss_fn, optimizer=self._optimizer_factory,
+                      passes=self._pass_states)
 
 
 def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:

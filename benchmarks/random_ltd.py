@@ -2,7 +2,8 @@
 model's prediction, and the loss curve of a short training with and without it.
 
 Run: ``.venv/bin/python -m benchmarks.random_ltd`` (writes ``benchmarks/results/random_ltd.json``,
-``.md`` and ``random_ltd.csv``, the loss curves; matplotlib is not installed here, so no plot).
+``.md`` and ``random_ltd.csv``, the loss curves). The longer loss-curve run through
+``autopar.compile(..., passes=[...])``, with plots, is ``benchmarks/random_ltd_loss.py``.
 Model: a zoo GPT, 12 layers, hidden 128, 4 heads, vocabulary 512, sequence 512, batch 4, AdamW.
 
 Case ``step time``: the captured graph (no passes) against ``RandomLTD(min_tokens=256)`` held at
@@ -213,7 +214,7 @@ def _markdown(step: dict[str, Any], loss: dict[str, Any], env: dict[str, Any]) -
         "shrink; the estimate has both). The CPU device in the hardware catalog has placeholder peaks, so "
         "the estimate's absolute times are not this machine's; the saving is a ratio of two of them.", "",
         f"## Loss curve: {loss['num_steps']} steps, schedule {loss['schedule']}", "",
-        "Full curves in `random_ltd.csv` (matplotlib is not installed here, so no plot).", "",
+        "Full curves in `random_ltd.csv`; a longer run with plots: `random_ltd_loss.md`.", "",
         "| step | " + " | ".join(str(m) for m in marks) + " |", "|---" * (len(marks) + 1) + "|",
         "| loss, no dropping | " + " | ".join(f"{curves['baseline'][m]:.3f}" for m in marks) + " |",
         "| loss, random-LTD | " + " | ".join(f"{curves['random_ltd'][m]:.3f}" for m in marks) + " |",

@@ -14,6 +14,11 @@ are ``min_tokens``/``num_steps``/``granularity`` here), for sequence length ``s`
 
 Layer-tokens of one step of ``B`` sequences, ``n`` of ``L`` layers dropping:
 ``B × (n × k(t) + (L − n) × s)``.
+
+Token choices depend on (seed, step, layer, sample) only, where ``sample`` is the sample's
+index in the step's global batch: a pipeline's microbatches and data-parallel shards (which
+say where their first sample sits through ``set_step(step, first_sample=...)``) keep exactly
+the tokens a single device keeps for the whole batch.
 """
 
 from __future__ import annotations
@@ -69,10 +74,10 @@ def layer_tokens_per_step(*, kept: int, seq_len: int, batch_size: int, num_layer
 class RandomLTDState:
     """The mutable part of random-LTD, saved in checkpoints.
 
-    ``step`` is the training step the schedule reads; ``microbatch`` tells apart the
-    microbatches of one step (token choices depend on seed, step, layer and microbatch
-    only, so recomputation and resumption repeat them); ``consumed_layer_tokens`` sums
-    :func:`layer_tokens_per_step` over the steps taken with :meth:`RandomLTDRuntime.advance`.
+    ``step`` is the training step the schedule reads; ``microbatch`` is one more component of
+    the token choices' seed (0 unless a caller sets it; samples are already told apart by their
+    index in the batch); ``consumed_layer_tokens`` sums :func:`layer_tokens_per_step` over the
+    steps taken with :meth:`RandomLTDRuntime.advance`.
     """
 
     KEYS: ClassVar[tuple[str, ...]] = ("step", "microbatch", "consumed_layer_tokens")
@@ -111,6 +116,11 @@ class RandomLTDRuntime(nn.Module):
     ``gm.eval()`` reaches it in fx graphs; export graphs cannot switch modes, so call
     ``random_ltd_runtime(gm).eval()``), in which case the gather and scatter ops pass their
     inputs through untouched.
+
+    Sample indices: the calls for one layer since :meth:`set_step` cover consecutive samples,
+    starting at ``first_sample``: a pipeline runs its microbatches through a layer in order.
+    Calls made while autograd runs a backward pass (activation recomputation) are counted
+    apart, so a recomputed layer keeps the tokens its forward kept.
     """
 
     def __init__(self, *, min_tokens: int, num_steps: int, granularity: int, seed: int, seq_len: int,
@@ -121,6 +131,8 @@ class RandomLTDRuntime(nn.Module):
         self.state = RandomLTDState(step=step)
         self.last_kept: dict[int, int] = {}
         self._probe: int | None = None
+        self._first_sample = 0
+        self._samples_seen: dict[tuple[int, bool], int] = {}
 
     def kept_tokens(self, step: int | None = None, *, seq_len: int | None = None) -> int:
         """Tokens kept per sample in a dropping layer at ``step`` (default: the current step)."""
@@ -128,12 +140,15 @@ class RandomLTDRuntime(nn.Module):
                            min_tokens=self.min_tokens, num_steps=self.num_steps,
                            granularity=self.granularity)
 
-    def set_step(self, step: int, *, microbatch: int = 0) -> None:
-        """Move the schedule to ``step`` (e.g. the trainer's step counter, or after resuming)."""
-        for name, value in (("step", step), ("microbatch", microbatch)):
+    def set_step(self, step: int, *, microbatch: int = 0, first_sample: int = 0) -> None:
+        """Move the schedule to ``step`` (e.g. the trainer's step counter, or after resuming);
+        the next call per layer starts at sample ``first_sample`` of the step's global batch."""
+        for name, value in (("step", step), ("microbatch", microbatch), ("first_sample", first_sample)):
             if type(value) is not int or value < 0:
                 raise ValueError(f"{name} = {value!r} is invalid: expected an int >= 0")
         self.state.step, self.state.microbatch = step, microbatch
+        self._first_sample = first_sample
+        self._samples_seen.clear()
 
     def layer_tokens_per_step(self, batch_size: int, step: int | None = None) -> int:
         return layer_tokens_per_step(kept=self.kept_tokens(step), seq_len=self.seq_len, batch_size=batch_size,
@@ -153,6 +168,7 @@ class RandomLTDRuntime(nn.Module):
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         self.state.load_state_dict(dict(state_dict))
+        self.set_step(self.state.step, microbatch=self.state.microbatch)
 
     @contextlib.contextmanager
     def probing(self, kept: int) -> Iterator[None]:
@@ -163,6 +179,14 @@ class RandomLTDRuntime(nn.Module):
         finally:
             self._probe = saved
 
+    def _first_of(self, layer: int, batch: int) -> int:
+        """Index of this call's first sample in the step's batch (see the class docstring). The
+        graph task id is -1 outside backward; torch.utils.checkpoint reads it the same way."""
+        key = (layer, torch._C._current_graph_task_id() != -1)
+        seen = self._samples_seen.get(key, 0)
+        self._samples_seen[key] = seen + batch
+        return self._first_sample + seen
+
     def forward(self, hidden: torch.Tensor, layer: int) -> torch.Tensor | None:
         b, s = hidden.shape[0], hidden.shape[1]
         if self._probe is not None:
@@ -171,11 +195,13 @@ class RandomLTDRuntime(nn.Module):
             return None
         k = self.kept_tokens(seq_len=s)
         self.last_kept[layer] = k
+        first = self._first_of(layer, b)
         if k >= s:
             return None
-        generator = torch.Generator().manual_seed(
-            _seed(self.seed, self.state.step, layer, self.state.microbatch))
-        scores = torch.rand(b, s, generator=generator)
+        step, microbatch = self.state.step, self.state.microbatch
+        generators = (torch.Generator().manual_seed(_seed(self.seed, step, layer, microbatch, i))
+                      for i in range(first, first + b))
+        scores = torch.stack([torch.rand(s, generator=g) for g in generators])
         kept = scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # (b, k), causal order
         return kept.to(hidden.device)
 

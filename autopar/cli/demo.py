@@ -5,7 +5,9 @@ The main job of the README's Quick start. Data flow: zoo GPT (4 layers) →
 :func:`autopar.cli.run_cmd.run_ranks` spawns → ``Compiled.step`` on a fixed batch,
 rank 0 printing each step's loss beside a single-process reference (a deepcopy of
 the model trained with plain PyTorch in rank 0) → the measured report
-(``autopar.runtime.report``). Nothing is planned yet: the plan is pinned.
+(``autopar.runtime.report``). Nothing is planned yet: the plan is pinned. With graph-pass
+options (``--random-ltd ...``) both runs use the pass: the reference trains
+``autopar.transform``'s graph with the schedule at each step's number.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -21,9 +23,13 @@ from rich.console import Console
 from torch import nn
 
 from autopar import models
+from autopar.cli.pass_args import add_pass_arguments, passes_from_args
 from autopar.cli.run_cmd import run_ranks
 from autopar.compile import compile as autopar_compile
 from autopar.losses import cross_entropy
+from autopar.passes import GraphPass
+from autopar.runtime.pass_state import pass_runtimes
+from autopar.transform import transform
 
 # The demo's pinned plan: two pipeline stages, each split over two tensor-parallel ranks.
 DEMO_FIX: dict[str, Any] = {"pp": 2, "tp": 2, "schedule": "1f1b", "num_microbatches": 4}
@@ -39,6 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=4, help="local processes (default 4)")
     p.add_argument("--batch", type=int, default=16, help="global batch size (default 16)")
     p.add_argument("--seed", type=int, default=0)
+    add_pass_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -60,10 +67,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     fix = demo_fix(args.nproc, args.batch)
+    passes = passes_from_args(args)
+    with_passes = f", passes={passes}" if passes else ""
     console.print(f"[bold]autopar demo[/]: training {DEMO_MODEL} with {DEMO_LAYERS} layers on {args.nproc} "
-                  f"local CPU processes, fix={fix}")
+                  f"local CPU processes, fix={fix}{with_passes}")
     start = time.perf_counter()
-    run_ranks(demo_rank, args.nproc, args.steps, args.batch, args.seed, fix, console.no_color)
+    run_ranks(demo_rank, args.nproc, args.steps, args.batch, args.seed, fix, console.no_color, passes)
     console.print(f"done in {time.perf_counter() - start:.1f} s (processes started, trained, measured)")
     return 0
 
@@ -73,7 +82,7 @@ def _optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
 
 
 def demo_rank(rank: int, world: int, steps: int, batch: int, seed: int, fix: dict[str, Any],
-              no_color: bool) -> None:
+              no_color: bool, passes: Sequence[GraphPass] = ()) -> None:
     """One rank of the demo; rank 0 also trains the single-process reference and prints."""
     from autopar.runtime.report import report  # the runtime is slow to import; the ranks need it
 
@@ -81,14 +90,16 @@ def demo_rank(rank: int, world: int, steps: int, batch: int, seed: int, fix: dic
     torch.manual_seed(seed)
     model = models.build(DEMO_MODEL, num_layers=DEMO_LAYERS)
     inputs, targets = models.example_batch(model, batch, seed=seed)
-    reference = copy.deepcopy(model) if rank == 0 else None
+    reference = _reference(copy.deepcopy(model), inputs, passes) if rank == 0 else None
     reference_optimizer = _optimizer(reference.parameters()) if reference is not None else None
-    compiled = autopar_compile(model, f"local:{world}", fix=fix, optimizer=_optimizer)
+    compiled = autopar_compile(model, f"local:{world}", fix=fix, optimizer=_optimizer, passes=list(passes))
     differences = []
     for step in range(steps):
         loss = compiled.step(inputs, targets)
         if reference is None or reference_optimizer is None:
             continue
+        for runtime in pass_runtimes(reference, [p.name for p in passes]).values():
+            runtime.set_step(step)
         expected = _reference_step(reference, reference_optimizer, inputs, targets)
         differences.append(abs(loss - expected))
         if step == 0:
@@ -99,9 +110,15 @@ def demo_rank(rank: int, world: int, steps: int, batch: int, seed: int, fix: dic
     if rank == 0:
         worst = max(differences)
         verdict = "equal" if worst <= LOSS_RTOL * max(1.0, abs(expected)) else "DIFFERENT"
-        console.print(f"single-process reference (plain PyTorch, same seed): max |Δloss| over {steps} "
+        how = "the transformed graph in plain PyTorch" if passes else "plain PyTorch"
+        console.print(f"single-process reference ({how}, same seed): max |Δloss| over {steps} "
                       f"steps = {worst:.1e} ({verdict}, fp32 tolerance {LOSS_RTOL:g})")
         console.print(table)
+
+
+def _reference(model: nn.Module, inputs: torch.Tensor, passes: Sequence[GraphPass]) -> nn.Module:
+    """The single-process reference: the model, or its graph after ``passes`` (same parameters)."""
+    return transform(model, inputs, passes=passes) if passes else model
 
 
 def _reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,

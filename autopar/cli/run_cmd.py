@@ -3,9 +3,11 @@
 Data flow: the CLI → :func:`autopar.runtime.launch.spawn` (N processes, a gloo process
 group with ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set) → in each rank
 :func:`run_script` runs the file as ``__main__`` with ``sys.argv`` set, so the script
-just calls ``autopar.compile(model, "local:N", fix=...)`` and ``.step(...)``. Only
-rank 0's output is shown unless ``--all-ranks``; a rank that fails is named with the
-last line of its exception, in one line, exit code 2.
+just calls ``autopar.compile(model, "local:N", fix=...)`` and ``.step(...)``. Graph-pass
+options (``--random-ltd ...``, :mod:`autopar.cli.pass_args`) reach every ``autopar.compile``
+in the script that gives no ``passes=`` itself, through the environment. Only rank 0's
+output is shown unless ``--all-ranks``; a rank that fails is named with the last line of
+its exception, in one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import logging
 import os
 import runpy
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
-USAGE = "autopar run SCRIPT --nproc N [--all-ranks] [--timeout S] [-- SCRIPT_ARGS ...]"
+from autopar.cli.pass_args import add_pass_arguments, passes_from_args
+from autopar.passes import GraphPass
+
+USAGE = "autopar run SCRIPT --nproc N [--all-ranks] [--timeout S] [--random-ltd K=V,...] [-- SCRIPT_ARGS ...]"
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +36,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all-ranks", action="store_true", help="show every rank's output (default: rank 0)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds a collective may wait before failing (default: the launcher's, 60)")
+    add_pass_arguments(parser)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -76,16 +82,21 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise ValueError(f"--nproc must be >= 1, got {options.nproc}")
     if options.timeout is not None and options.timeout <= 0:
         raise ValueError(f"--timeout must be > 0 seconds, got {options.timeout:g}")
+    passes = passes_from_args(options)
     sys.stdout.flush()
     launch_script(str(script.resolve()), script_args, nproc=options.nproc, all_ranks=options.all_ranks,
-                  timeout_s=options.timeout)
+                  timeout_s=options.timeout, passes=passes)
     return 0
 
 
 def launch_script(path: str, argv: list[str], *, nproc: int, all_ranks: bool = False,
-                  timeout_s: float | None = None) -> None:
-    """Run ``path`` as ``__main__`` in ``nproc`` ranks; a failed rank raises ValueError naming it."""
-    run_ranks(run_script, nproc, path, argv, all_ranks, timeout_s=timeout_s)
+                  timeout_s: float | None = None, passes: Sequence[GraphPass] = ()) -> None:
+    """Run ``path`` as ``__main__`` in ``nproc`` ranks; a failed rank raises ValueError naming it.
+    ``passes`` apply to the script's ``autopar.compile`` calls that give no ``passes=``."""
+    from autopar.runtime.pass_state import passes_to_json
+
+    handed = passes_to_json(passes) if passes else None
+    run_ranks(run_script, nproc, path, argv, all_ranks, handed, timeout_s=timeout_s)
 
 
 def run_ranks(fn: Callable[..., Any], nproc: int, *args: Any, timeout_s: float | None = None) -> None:
@@ -117,10 +128,16 @@ def _quiet_spawn_log() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def run_script(rank: int, world_size: int, path: str, argv: list[str], all_ranks: bool) -> None:
-    """One rank: run ``path`` like ``python path *argv`` inside the initialized process group."""
+def run_script(rank: int, world_size: int, path: str, argv: list[str], all_ranks: bool,
+               passes_json: str | None = None) -> None:
+    """One rank: run ``path`` like ``python path *argv`` inside the initialized process group,
+    with ``passes_json`` (``autopar.runtime.pass_state.passes_to_json``) in the environment."""
+    from autopar.runtime.pass_state import PASSES_ENV
+
     if rank != 0 and not all_ranks:
         _silence()
+    if passes_json is not None:
+        os.environ[PASSES_ENV] = passes_json
     sys.argv = [path, *argv]
     sys.path.insert(0, os.path.dirname(path))
     try:

@@ -36,6 +36,7 @@ from autopar.planner.space import Config, candidates, explain_empty
 from autopar.plans import Alternative, Plan, Schedule
 
 NUM_ALTERNATIVES = 5
+NUM_RANKED = 16
 Progress = Callable[[int, int, float | None], None]
 """``progress(done, total, best_step_time_s)`` after each Config is evaluated."""
 
@@ -60,6 +61,9 @@ class SearchResult:
     timed_out: bool
     elapsed_s: float
     probes: int
+    ranked: tuple[Plan, ...] = ()
+    """The best Plan of each evaluated configuration, fastest first (at most :data:`NUM_RANKED`),
+    for benchmarks that run the candidates and for ``explain``."""
 
 
 def _modes(fix: Fix) -> tuple[str, ...]:
@@ -189,6 +193,7 @@ def search(
         timed_out=bool(timed_out),
         elapsed_s=time.perf_counter() - start,
         probes=state.prober.probes,
+        ranked=tuple(r.plan for r in sorted(results, key=lambda r: (r.step_time_s, r.config))[:NUM_RANKED]),
     )
 
 

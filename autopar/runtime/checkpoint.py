@@ -14,7 +14,9 @@ State dict (nested; DCP flattens keys with dots)::
     optimizer.state.<fqn>.<name>  optimizer state (``exp_avg``, ``step``, …)
     optimizer.hyper.<fqn>         numeric hyperparameters of the parameter's group
     num_steps                     ``compiled.num_steps``
-    extra.<name>                  the caller's tensors (pass state, e.g. random-LTD)
+    passes.<pass>.<key>           graph passes' run-time state (``compiled.pass_state``: ints,
+                                  e.g. ``passes.random_ltd.consumed_layer_tokens``)
+    extra.<name>                  the caller's tensors
 
 Every entry is a tensor: DCP reads non-tensor entries back with ``pickle``. (DCP's
 own ``.metadata`` file is a pickle too: load only checkpoints you trust.)
@@ -27,6 +29,7 @@ ranks must see one shared file system.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import warnings
@@ -42,6 +45,8 @@ if TYPE_CHECKING:
     from autopar.compile import Compiled
 
 PARTIAL, PREVIOUS = ".partial", ".previous"
+
+log = logging.getLogger("autopar.checkpoint")
 
 
 def state_dict(compiled: Compiled, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -68,6 +73,8 @@ def state_dict(compiled: Compiled, *, extra: dict[str, Any] | None = None) -> di
         "model": {fqn: copies[0].detach() for fqn, copies in params.items()},
         "optimizer": {"state": state, "hyper": hyper},
         "num_steps": torch.tensor(compiled.num_steps, dtype=torch.int64),
+        "passes": {name: {key: torch.tensor(value, dtype=torch.int64) for key, value in state.items()}
+                   for name, state in compiled.pass_state.items()},
         "extra": _check_extra(extra or {}),
     }
 
@@ -126,10 +133,21 @@ def _checked_target(compiled: Compiled, path: str) -> tuple[str, Metadata, dict[
         target["extra"] = {key[len("extra."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
                            for key, meta in metadata.state_dict_metadata.items()
                            if key.startswith("extra.") and isinstance(meta, TensorStorageMetadata)}
+        target["passes"] = _saved_pass_state(metadata)
         problems = _mismatches(target, metadata, _all_fqns(compiled))
     _agree(problems, path, _device(compiled))
     assert where is not None and metadata is not None
     return where, metadata, target
+
+
+def _saved_pass_state(metadata: Metadata) -> dict[str, dict[str, torch.Tensor]]:
+    """Tensors to load the saved ``passes.<pass>.<key>`` entries into (whatever passes this run has)."""
+    passes: dict[str, dict[str, torch.Tensor]] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if key.startswith("passes.") and isinstance(meta, TensorStorageMetadata):
+            name, _, field = key[len("passes."):].partition(".")
+            passes.setdefault(name, {})[field] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    return passes
 
 
 def _optimizer(compiled: Compiled) -> torch.optim.Optimizer:
@@ -300,8 +318,15 @@ def _drop_unsaved_state(target: dict[str, Any], metadata: Metadata, optimizer: t
 
 
 def _restore(target: dict[str, Any], compiled: Compiled, optimizer: torch.optim.Optimizer) -> None:
-    """What DCP cannot load in place: step counter, hyperparameters, tied copies on one rank."""
+    """What DCP cannot load in place: step counter, pass state, hyperparameters, tied copies on one rank."""
     compiled.num_steps = int(target["num_steps"])
+    saved = {name: {key: int(value) for key, value in state.items()}
+             for name, state in target["passes"].items()}
+    missing = sorted({p.name for p in compiled.passes} - set(saved))
+    if missing and compiled.pass_state:
+        log.warning("the checkpoint holds no state of pass(es) %s (saved without them): their schedules "
+                    "follow the restored step %d, their counters restart at 0", missing, compiled.num_steps)
+    compiled.load_pass_state(saved)
     params = _parameters(compiled)
     names = {id(p): fqn for fqn, copies in params.items() for p in copies}
     for group in optimizer.param_groups:

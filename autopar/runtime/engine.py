@@ -12,6 +12,12 @@ so the step's loss and gradients equal single-device training exactly, even when
 microbatches hold different numbers of counted tokens (masked LM). A user
 ``loss_fn`` is applied per microbatch and averaged over microbatches and data-
 parallel ranks (exact when it is a mean over equally sized microbatches).
+
+Passes with run-time state (``autopar.runtime.pass_state``): the stage modules share the
+captured graph's pass modules; each step moves them to the step number and tells them
+where this rank's data-parallel shard starts in the global batch, so random-LTD keeps the
+tokens that one device would keep. Random-LTD gathers and scatters inside each layer, so
+its nodes always fall in the stage of their layer: any stage split works.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from autopar.losses import IGNORE_INDEX, cross_entropy, logits_of
 from autopar.plans import Plan
 from autopar.runtime.data_parallel import apply_data_parallel
 from autopar.runtime.layout import Layout
+from autopar.runtime.pass_state import PassStates
 from autopar.runtime.pipeline import make_schedule, make_stage
 from autopar.runtime.recompute import apply_recompute
 from autopar.runtime.split import shared_parameters, split_stages
@@ -58,8 +65,10 @@ class Engine:
     """This rank's share of a Plan: stages, schedule, optimizer, tied-weight groups."""
 
     def __init__(self, captured: Captured, plan: Plan, *, loss_fn: Callable[[Any, Any], torch.Tensor],
-                 optimizer: OptimizerFactory, device: torch.device | None = None) -> None:
+                 optimizer: OptimizerFactory, device: torch.device | None = None,
+                 passes: PassStates | None = None) -> None:
         self.plan, self.captured = plan, captured
+        self.passes = passes if passes is not None else PassStates()
         self.device = device or default_device()
         self.layout = Layout.build(plan, self.device.type)
         self.constants = _constant_inputs(captured)
@@ -78,7 +87,8 @@ class Engine:
             self.fqns.append(names)
         self.modules = [apply_data_parallel(m, zero=plan.zero, dp_mesh=dp_mesh) for m in regrouped]
         self.stage_indices = local
-        stages = [make_stage(m, i, self.num_stages, self.device, self.layout.group("pp"))
+        stages = [make_stage(m, i, self.num_stages, self.device, self.layout.group("pp"),
+                             after_shape_inference=self.passes.restart_step)
                   for m, i in zip(self.modules, local, strict=True)]
         self.exact = loss_fn is cross_entropy
         unflatten = _output_unflattener(captured.graph_module)
@@ -107,10 +117,13 @@ class Engine:
     def has_last(self) -> bool:
         return self.num_stages - 1 in self.stage_indices
 
-    def step(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any) -> float:
-        """One global batch: forward/backward through the schedule, optimizer step."""
+    def step(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *, step: int = 0) -> float:
+        """One global batch: forward/backward through the schedule, optimizer step.
+        ``step`` is the training step's number (passes with schedules read it)."""
         start = time.perf_counter()
         dp, dp_rank = self.plan.parallelism.dp, self.layout.dp_rank
+        batch = self.plan.global_batch_size
+        self.passes.begin_step(step, first_sample=dp_rank * (batch // dp))
         if self.exact:
             self.loss.count = max(int((targets != IGNORE_INDEX).sum()), 1)
         flat = [_to(_shard(v, dp, dp_rank), self.device) for v in self._tensor_inputs(args, kwargs)]
@@ -122,6 +135,7 @@ class Engine:
             self.schedule.step(*inputs, target=target, losses=losses if self.has_last else None)
         self._sync_tied_gradients()
         self.optimizer.step()
+        self.passes.end_step(self.captured.graph_module, batch)
         loss = self._global_loss(losses)
         self.last_step_s = time.perf_counter() - start
         return loss

@@ -43,8 +43,26 @@ def make_schedule(
     return MULTI_STAGE[schedule.name](stages, n, loss_fn=loss_fn, scale_grads=scale_grads)
 
 
+class _Stage(PipelineStage):
+    """A PipelineStage that says when torch's shape inference is done: on the first step it
+    runs the stage forward and backward once on real tensors before the microbatches, and
+    passes that count their calls (random-LTD's sample indices) must forget those runs."""
+
+    def __init__(self, *args: Any, after_shape_inference: Callable[[], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._after_shape_inference = after_shape_inference
+
+    def _post_metadata_inference_cleanup(self) -> None:  # torch 2.13's hook after the inference runs
+        super()._post_metadata_inference_cleanup()
+        if self._after_shape_inference is not None:
+            self._after_shape_inference()
+
+
 def make_stage(
-    module: nn.Module, index: int, num_stages: int, device: torch.device, group: Any
+    module: nn.Module, index: int, num_stages: int, device: torch.device, group: Any, *,
+    after_shape_inference: Callable[[], None] | None = None,
 ) -> PipelineStage:
-    """Wrap one stage module for the schedule (shapes are inferred at the first step)."""
-    return PipelineStage(module, index, num_stages, device, group=group)
+    """Wrap one stage module for the schedule (shapes are inferred at the first step, after
+    which ``after_shape_inference`` is called)."""
+    return _Stage(module, index, num_stages, device, group=group, after_shape_inference=after_shape_inference)

@@ -179,14 +179,15 @@ def _peak_memory(device: torch.device) -> tuple[int, Literal["rss", "cuda_alloca
     return int(rss if sys.platform == "darwin" else rss * 1024), "rss"  # Linux reports KiB
 
 
-def measure_step(engine: Engine, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any) -> StepReport:
-    """Run one training step (it updates the model) and measure it on this rank."""
+def measure_step(engine: Engine, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *,
+                 step: int = 0) -> StepReport:
+    """Run one training step number ``step`` (it updates the model) and measure it on this rank."""
     _warm_profiler()
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
     with labelled_compute(engine), profile(activities=[ProfilerActivity.CPU]) as prof:
         with record_function(STEP_LABEL):
-            loss = engine.step(args, kwargs, targets)
+            loss = engine.step(args, kwargs, targets, step=step)
     events = [(e.name, (e.time_range.start / 1e6, e.time_range.end / 1e6)) for e in prof.events()]
     peak, kind = _peak_memory(engine.device)
     return _from_events(events, rank=dist.get_rank(), stages=tuple(engine.stage_indices), loss=loss,
@@ -291,6 +292,6 @@ def report(compiled: Any, inputs: Any, targets: Any) -> Table:
         compiled.step(inputs, targets)
         engine = compiled.engine
     args, kwargs = ((), dict(inputs)) if isinstance(inputs, dict) else (normalize_inputs(inputs), {})
-    mine = measure_step(engine, args, kwargs, targets)
+    mine = measure_step(engine, args, kwargs, targets, step=compiled.num_steps)
     compiled.num_steps += 1
     return format_report(gather_reports(mine), engine.plan)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 import autopar
@@ -227,6 +228,38 @@ def test_token_choices_are_reproducible_and_resume_from_a_checkpoint():
         assert all(torch.equal(a[layer], b[layer]) for layer in a)
     with pytest.raises(ValueError, match="missing"):
         random_ltd_runtime(fresh).load_state_dict({"step": 1})
+
+
+def test_microbatches_shards_and_recomputation_keep_the_whole_batch_tokens():
+    """Choices follow each sample's index in the step's batch: microbatches run in order, a
+    shard that starts at ``first_sample``, and a recomputed forward all keep the same tokens."""
+    model = _gpt()
+    ids = torch.cat([_ids(1), _ids(2)])  # 2·B samples
+    gm = autopar.transform(model, ids, passes=[RandomLTD(min_tokens=8, num_steps=100)], step=1)
+    runtime, seen = random_ltd_runtime(gm), []
+    runtime.register_forward_hook(lambda mod, args, out: seen.append((args[1], out)))
+
+    def kept_by_layer(calls):
+        return {layer: torch.cat([out for lay, out in calls if lay == layer]) for layer in (1, 2)}
+
+    gm(ids)
+    whole = kept_by_layer(seen)
+    seen.clear()
+    runtime.set_step(1)
+    gm(ids[:B])
+    gm(ids[B:])
+    assert all(torch.equal(kept_by_layer(seen)[layer], whole[layer]) for layer in whole)
+    seen.clear()
+    runtime.set_step(1, first_sample=B)
+    gm(ids[B:])
+    assert all(torch.equal(kept_by_layer(seen)[layer], whole[layer][B:]) for layer in whole)
+    seen.clear()
+    runtime.set_step(1)
+    checkpoint(gm, ids, use_reentrant=False).sum().backward()
+    forward, recomputed = seen[:2], seen[2:]
+    assert len(recomputed) == 2
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(forward, recomputed, strict=True))
+    assert all(torch.equal(out, whole[layer]) for layer, out in forward)
 
 
 def test_lr_follows_consumed_layer_tokens():
