@@ -103,7 +103,7 @@ def plan_search(
     kept = kept_fractions(gm)  # the schedule's average: time; memory must fit full length
     profile = ltd_profile(full, kept) if kept else full
     _, seq_len = _leading_dims(args, kwargs)
-    fingerprint = graph_fingerprint(captured.graph_module)
+    fingerprint = graph_fingerprint(gm)  # of the transformed graph, which the runtime checks
     context = PlanContext(model=captured.model_name, graph_fingerprint=fingerprint,
                           cluster=spec, global_batch_size=global_batch_size, seq_len=seq_len,
                           num_layers=len(captured.layers), shardings=_shardings(gm))
