@@ -7,7 +7,10 @@ on a model. Random layerwise token dropping, Mixture-of-Experts routing and fuse
 attention each add their pass here.
 """
 
+from autopar.passes.fused_attention import FusedAttention
 from autopar.passes.random_ltd import RandomLTD
 from autopar.passes.runner import GraphPass, PassContext, PassError, check_passes, run_passes
 
-__all__ = ["GraphPass", "PassContext", "PassError", "RandomLTD", "check_passes", "run_passes"]
+__all__ = [
+    "FusedAttention", "GraphPass", "PassContext", "PassError", "RandomLTD", "check_passes", "run_passes",
+]
