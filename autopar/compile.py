@@ -32,8 +32,6 @@ from autopar.passes import GraphPass, PassContext, run_passes
 from autopar.passes.random_ltd import kept_fractions, ltd_profile
 from autopar.planning import profile_of
 from autopar.plans import Plan, check_fingerprint, graph_fingerprint
-from autopar.plans.megatron import megatron_shardings
-from autopar.plans.pinned import plan_from_fix
 from autopar.runtime.pass_state import PassStates, pass_state_tensors, resolve_passes, split_pass_state
 
 if TYPE_CHECKING:
@@ -67,7 +65,9 @@ class Compiled(nn.Module):
     Parameters are the original model's (``compiled.module``); capture happens on
     the first call for each input signature (shapes, dtypes, train/eval), like
     ``torch.compile``, and ``passes`` run on every capture. ``passes=None`` takes the
-    passes ``autopar run --random-ltd ...`` handed over, if any.
+    passes ``autopar run --random-ltd ...`` handed over, if any. Under a process group
+    without ``plan=``, the planner (``autopar.plan``, at most ``time_limit_s``) chooses what
+    ``fix=`` leaves open.
     """
 
     def __init__(
@@ -82,8 +82,10 @@ class Compiled(nn.Module):
         frontend: str = "auto",
         leaf_modules: Iterable[LeafSpec] = (),
         passes: Sequence[GraphPass] | None = None,
+        time_limit_s: float = 60.0,
     ) -> None:
         super().__init__()
+        self.plan_time_limit_s = time_limit_s
         if not isinstance(model, nn.Module):
             raise TypeError(f"autopar.compile needs an nn.Module, got {type(model).__name__}")
         self.passes = tuple(resolve_passes(passes))
@@ -272,6 +274,21 @@ class Compiled(nn.Module):
 
         return report(self, inputs, targets)
 
+    def _searched_plan(self, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int) -> Plan:
+        """The planner's Plan (pins kept, the rest searched), made on rank 0 and sent to every
+        rank as JSON bytes, so all ranks run the same Plan even if a search hit its time limit."""
+        from autopar.planning import plan_search
+
+        text = ""
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            result = plan_search(self.module, args, cluster=self.cluster, global_batch_size=batch,
+                                 fix=self.fix, example_kwargs=kwargs, passes=self.passes,
+                                 time_limit_s=self.plan_time_limit_s)
+            text = result.plan.to_json()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            text = _broadcast_text(text)
+        return Plan.from_json(text)
+
     def _build_engine(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Engine:
         """Capture at the microbatch shape, take or make the Plan, start the runtime."""
         from autopar.runtime.engine import Engine  # torch.distributed.pipelining is slow to import
@@ -279,12 +296,7 @@ class Compiled(nn.Module):
         batch = _batch_size(args, kwargs)
         plan = self._given_plan
         if plan is None:
-            probe = self.captured_for(*args, **kwargs)
-            plan = plan_from_fix(probe.model_name, graph_fingerprint="pending", num_layers=len(probe.layers),
-                                 cluster=self.cluster, fix=self.fix, global_batch_size=batch,
-                                 seq_len=_seq_len(args, kwargs),
-                                 shardings=megatron_shardings(probe.graph_module, self.fix.tp or 1,
-                                                              vocab_parallel=(self.fix.pp or 1) == 1))
+            plan = self._searched_plan(args, kwargs, batch)
         if plan.global_batch_size != batch:
             raise ValueError(f"the plan is for a global batch of {plan.global_batch_size}, "
                              f"but step() got {batch}")
@@ -300,6 +312,17 @@ class Compiled(nn.Module):
             plan = estimate_plan(plan, profile)
         return Engine(captured, plan, loss_fn=self.loss_fn, optimizer=self._optimizer_factory,
                       passes=self._pass_states)
+
+
+def _broadcast_text(text: str) -> str:
+    """Rank 0's ``text`` on every rank, as a length then UTF-8 bytes in tensors (no pickling)."""
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.int64)
+    dist.broadcast(size, src=0)
+    if dist.get_rank() != 0:
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.broadcast(data, src=0)
+    return bytes(data.tolist()).decode()
 
 
 def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:

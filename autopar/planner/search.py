@@ -66,8 +66,13 @@ class SearchResult:
     for benchmarks that run the candidates and for ``explain``."""
 
 
-def _modes(fix: Fix) -> tuple[str, ...]:
-    return (fix.recompute,) if fix.recompute else RECOMPUTE_MODES
+def _modes(fix: Fix, config: Config) -> tuple[str, ...]:
+    """Recomputation modes to consider. The runtime's zero-bubble schedule re-runs a recomputed
+    stage's forward for both of its backward halves (measured ~2x slower on CPU, and not yet
+    exact with random-LTD), so unpinned zero-bubble plans do not recompute."""
+    if fix.recompute:
+        return (fix.recompute,)
+    return ("none",) if config.schedule == "zero_bubble" else RECOMPUTE_MODES
 
 
 class _Search:
@@ -83,7 +88,7 @@ class _Search:
         """The best Plan for ``config``, estimated, or None (recorded) when nothing fits."""
         if config.virtual_stages > 1:
             return self._interleaved(config)
-        model = self.prober.stage_model(config, _modes(self.fix))
+        model = self.prober.stage_model(config, _modes(self.fix, config))
         split = solve_split(
             model, num_stages=config.pp, num_microbatches=config.num_microbatches, schedule=config.schedule
         )
@@ -102,12 +107,12 @@ class _Search:
         from autopar.planner.layout import even_split
 
         chunks = even_split(self.profile.num_layers, config.pp * config.virtual_stages)
-        for mode in _modes(self.fix):  # uniform recomputation, lightest first
+        for mode in _modes(self.fix, config):  # uniform recomputation, lightest first
             found = self._checked(config, build_plan(self.ctx, config, chunks, [mode] * len(chunks)))
             if found is not None:
                 return found
         model = self.prober.stage_model(
-            dataclasses.replace(config, schedule="1f1b", virtual_stages=1), _modes(self.fix)
+            dataclasses.replace(config, schedule="1f1b", virtual_stages=1), _modes(self.fix, config)
         )
         self.infeasible.append(memory_shortfall(self.memory_profile, self.ctx, config, model))
         return None
@@ -116,7 +121,7 @@ class _Search:
         """Break down the memory of the few Configs that came closest to fitting."""
         for config in sorted(configs, key=lambda c: (-c.tp * c.pp * (c.dp if c.zero else 1), c))[:4]:
             one = dataclasses.replace(config, schedule="1f1b" if config.pp > 1 else "gpipe", virtual_stages=1)
-            model = self.prober.stage_model(one, _modes(self.fix))
+            model = self.prober.stage_model(one, _modes(self.fix, config))
             self.infeasible.append(memory_shortfall(self.memory_profile, self.ctx, config, model))
 
     def _checked(self, config: Config, plan: Plan) -> Evaluated | None:
@@ -158,8 +163,7 @@ def search(
     fits = [states_fit(profile, ctx, c) for c in configs]
     fitting = [c for c, ok in zip(configs, fits, strict=True) if ok]
     too_big = [c for c, ok in zip(configs, fits, strict=True) if not ok]
-    modes = _modes(fix)
-    bounded = sorted((step_lower_bound_s(state.prober, c, modes, options), c) for c in fitting)
+    bounded = sorted((step_lower_bound_s(state.prober, c, _modes(fix, c), options), c) for c in fitting)
     too_big += [c for bound, c in bounded if bound == float("inf")]
     bounded = [(bound, c) for bound, c in bounded if bound < float("inf")]
     results: list[Evaluated] = []

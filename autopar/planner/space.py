@@ -80,6 +80,8 @@ def _schedules(pp: int, num_layers: int, m: int, fix: Fix) -> Iterator[tuple[str
             yield "gpipe", 1
         return
     for name in ("gpipe", "1f1b", "zero_bubble"):
+        if name == "zero_bubble" and fix.recompute not in (None, "none") and fix.schedule != name:
+            continue  # the runtime does not combine them unless asked (search._modes)
         if fix.schedule in (None, name) and fix.virtual_stages in (None, 1):
             yield name, 1
     if fix.schedule not in (None, "interleaved") or m % pp:

@@ -23,11 +23,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import fx
 
-from autopar.passes import GraphPass, RandomLTD, check_passes
+from autopar.passes import FusedAttention, GraphPass, RandomLTD, check_passes
 
 PASSES_ENV = "AUTOPAR_PASSES"
 STATE_PREFIX = "passes."  # pass state in a single-device ``compiled.state_dict()``
-PASS_TYPES: dict[str, type] = {RandomLTD.name: RandomLTD}  # pass name → config class, for JSON
+# pass name → config class, for JSON
+PASS_TYPES: dict[str, type] = {RandomLTD.name: RandomLTD, FusedAttention.name: FusedAttention}
 
 
 @runtime_checkable

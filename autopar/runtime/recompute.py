@@ -23,11 +23,13 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+import autopar.kernels  # noqa: F401 - registers torch.ops.autopar.flash_attention
 from autopar.capture.record import META_KEY
 
 _SAVED_OPS = {
     torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
     torch.ops.aten.linear.default, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.autopar.flash_attention.default,  # the fused kernel: saved, not re-run, by selective
 }
 
 
