@@ -33,7 +33,8 @@ SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     model = autopar.models.build("gpt-tiny")
     inputs, targets = autopar.models.example_batch(model, batch_size=4, seq_len=8)
-    compiled = autopar.compile(model, f"local:{world}", fix={"pp": 2, "num_microbatches": 2, "schedule": "1f1b"})
+    fix = {"pp": 2, "num_microbatches": 2, "schedule": "1f1b"}
+    compiled = autopar.compile(model, f"local:{world}", fix=fix)
     loss = compiled.step(inputs, targets)
     table = report(compiled, inputs, targets)
     stage = compiled.engine.schedule._stage
