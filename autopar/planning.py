@@ -24,10 +24,11 @@ from autopar.cost_models import CostOptions, ModelProfile
 from autopar.cost_models import estimate as estimate_predicted
 from autopar.passes import GraphPass, PassContext, check_passes, run_passes
 from autopar.passes.random_ltd import kept_fractions, ltd_profile
+from autopar.planner.intra_op import solve_intra_op
 from autopar.planner.layout import PlanContext
 from autopar.planner.search import Progress, SearchResult, search
+from autopar.planner.space import Config
 from autopar.plans import AppliedPass, Plan, Predicted, graph_fingerprint
-from autopar.plans.megatron import megatron_shardings
 
 
 def _leading_dims(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int | None]:
@@ -36,6 +37,11 @@ def _leading_dims(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, i
         raise ValueError("example inputs hold no tensor with a batch dimension")
     first = tensors[0]
     return int(first.shape[0]), (int(first.shape[1]) if first.dim() > 1 else None)
+
+
+def _tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    batch, seq = _leading_dims(args, kwargs)
+    return batch * (seq or 1)
 
 
 def profile_of(captured: Captured) -> ModelProfile:
@@ -106,24 +112,38 @@ def plan_search(
     fingerprint = graph_fingerprint(gm)  # of the transformed graph, which the runtime checks
     context = PlanContext(model=captured.model_name, graph_fingerprint=fingerprint,
                           cluster=spec, global_batch_size=global_batch_size, seq_len=seq_len,
-                          num_layers=len(captured.layers), shardings=_shardings(gm))
+                          num_layers=len(captured.layers),
+                          shardings=_shardings(gm, spec, profile.dtype, _tokens(args, kwargs)))
     result = search(profile, context, fix=pins, options=options, time_limit_s=time_limit_s, progress=progress,
                     memory_profile=full)
     return dataclasses.replace(result, plan=dataclasses.replace(result.plan, passes=tuple(applied)))
 
 
-def _shardings(gm: fx.GraphModule) -> Any:
-    """Megatron's column/row alternation per tp; vocabulary-parallel only without pipelining
-    (the runtime refuses a vocabulary split across pipeline stages)."""
-    cache: dict[tuple[int, bool], tuple[Any, ...]] = {}
+def _shardings(gm: fx.GraphModule, cluster: ClusterSpec, dtype: str, example_tokens: int) -> Any:
+    """The intra-op solver's strategies (``autopar.planner.intra_op``, Alpa's ILP) for each
+    (tp, microbatch) the search tries; vocabulary-parallel embeddings only without pipelining
+    (the runtime refuses a vocabulary split across stages)."""
+    cache: dict[tuple[int, bool, int], tuple[Any, ...]] = {}
 
-    def shardings(tp: int, pp: int) -> tuple[Any, ...]:
-        key = (tp, pp == 1)
+    def shardings(config: Config) -> tuple[Any, ...]:
+        key = (config.tp, config.pp == 1, config.microbatch_size)
         if key not in cache:
-            cache[key] = megatron_shardings(gm, tp, vocab_parallel=pp == 1)
+            tokens = config.microbatch_size * max(1, example_tokens // max(1, _example_batch(gm)))
+            solved = solve_intra_op(gm, tp=config.tp, cluster=cluster, dtype=dtype,
+                                    microbatch_scale=tokens / max(1, example_tokens))
+            cache[key] = tuple(s for s in solved.shardings if config.pp == 1 or s.strategy != "vocab")
         return cache[key]
 
     return shardings
+
+
+def _example_batch(gm: fx.GraphModule) -> int:
+    """The batch size of the graph's first tensor input (what it was captured with)."""
+    for node in gm.graph.nodes:
+        record = node.meta.get("autopar")
+        if node.op == "placeholder" and record is not None and record.shapes and record.shapes[0]:
+            return int(record.shapes[0][0])
+    return 1
 
 
 def _json_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -28,8 +28,10 @@ class PlanContext:
     global_batch_size: int
     seq_len: int | None
     num_layers: int
-    shardings: Callable[[int, int], tuple[Sharding, ...]] = lambda tp, pp: ()
-    """``shardings(tp, pp)``: the per-node tensor-parallel strategies for a degree pair."""
+    shardings: Callable[[Config], tuple[Sharding, ...] | None] = lambda config: None
+    """``shardings(config)``: the per-node tensor-parallel strategies for a configuration (the
+    intra-op solver's answer for a captured graph); None for an analytic profile (no graph),
+    where the cost model's Megatron-LM layout is assumed."""
 
 
 def rank_devices(config: Config, rank: int) -> tuple[int, ...]:
@@ -79,7 +81,7 @@ def build_plan(
             device_ids=tuple(range(ctx.cluster.num_devices)),
         ),
         stages=stages,
-        shardings=ctx.shardings(config.tp, pp) if config.tp > 1 else (),
+        shardings=(ctx.shardings(config) or ()) if config.tp > 1 else (),
         schedule=Schedule(
             name=config.schedule,
             microbatch_size=config.microbatch_size,  # type: ignore[arg-type]

@@ -28,7 +28,13 @@ from autopar.cost_models import CostOptions, ModelProfile
 from autopar.cost_models.estimate import estimate_plan
 from autopar.cost_models.memory import peak_memory_bytes
 from autopar.planner.bounds import states_fit, step_lower_bound_s
-from autopar.planner.explain import Infeasible, alternative_reason, infeasible_error, memory_shortfall
+from autopar.planner.explain import (
+    Infeasible,
+    InfeasiblePlanError,
+    alternative_reason,
+    infeasible_error,
+    memory_shortfall,
+)
 from autopar.planner.inter_op import solve_split
 from autopar.planner.layout import PlanContext, build_plan
 from autopar.planner.probes import RECOMPUTE_MODES, Prober
@@ -82,10 +88,14 @@ class _Search:
         self.memory_profile = memory_profile or profile
         self.prober = Prober(profile, ctx, options, memory_profile)
         self.infeasible: list[Infeasible] = []
+        self.unsharded: list[Config] = []
         self.exact = True
 
     def evaluate(self, config: Config) -> Evaluated | None:
         """The best Plan for ``config``, estimated, or None (recorded) when nothing fits."""
+        if config.tp > 1 and self.ctx.shardings(config) == ():
+            self.unsharded.append(config)  # the intra-op solver found tensor parallelism not worth it
+            return None
         if config.virtual_stages > 1:
             return self._interleaved(config)
         model = self.prober.stage_model(config, _modes(self.fix, config))
@@ -183,6 +193,11 @@ def search(
                 best = found
         if progress is not None:
             progress(evaluated, len(configs), None if best is None else best.step_time_s)
+    if best is None and state.unsharded and not state.infeasible and not too_big:
+        tps = sorted({c.tp for c in state.unsharded})
+        raise InfeasiblePlanError(
+            f"the intra-op solver shards nothing at tp={tps} for this model (tensor parallelism costs more "
+            "communication than it saves at its width), and no other configuration is allowed; unpin tp")
     if best is None:
         state.explain_too_big(too_big)
         raise infeasible_error(state.infeasible, ctx.cluster, fix)
