@@ -308,7 +308,8 @@ class Compiled(nn.Module):
         else:
             check_fingerprint(plan, fingerprint)
         if plan.predicted.step_time_s is None:
-            profile = ltd_profile(profile_of(captured), kept_fractions(captured.graph_module))
+            profile = profile_of(captured, plan.cluster_spec())
+            profile = ltd_profile(profile, kept_fractions(captured.graph_module))
             plan = estimate_plan(plan, profile)
         return Engine(captured, plan, loss_fn=self.loss_fn, optimizer=self._optimizer_factory,
                       passes=self._pass_states)

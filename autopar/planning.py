@@ -44,10 +44,16 @@ def _tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     return batch * (seq or 1)
 
 
-def profile_of(captured: Captured) -> ModelProfile:
-    """The cost model's summary of a capture (per-sequence FLOPs, shapes, parameters)."""
+def profile_of(captured: Captured, cluster: ClusterSpec | None = None) -> ModelProfile:
+    """The cost model's summary of a capture (per-sequence FLOPs, shapes, parameters).
+
+    The training dtype: on GPU clusters mixed-precision bf16 (the Megatron-LM setting every
+    published figure uses, whatever dtype the model was built in); on local CPU processes, or
+    without a cluster, the parameters' dtype (what the runtime computes in there).
+    """
     batch, _ = _leading_dims(captured.example_args, captured.example_kwargs)
-    return ModelProfile.from_captured(captured, batch_size=batch, name=captured.model_name)
+    dtype = "bf16" if cluster is not None and cluster.device.name != "CPU" else None
+    return ModelProfile.from_captured(captured, batch_size=batch, name=captured.model_name, dtype=dtype)
 
 
 def plan(
@@ -105,7 +111,7 @@ def plan_search(
         ctx = PassContext(captured=captured)
         gm = run_passes(gm, check_passes(passes), ctx)
         applied = [AppliedPass(name=name, config=_json_config(config)) for name, config, _ in ctx.applied]
-    full = profile_of(captured)
+    full = profile_of(captured, spec)
     kept = kept_fractions(gm)  # the schedule's average: time; memory must fit full length
     profile = ltd_profile(full, kept) if kept else full
     _, seq_len = _leading_dims(args, kwargs)
@@ -164,11 +170,11 @@ def estimate(plan: Plan, model: nn.Module | ModelProfile | Captured, example_inp
     if isinstance(model, ModelProfile):
         profile = model
     elif isinstance(model, Captured):
-        profile = profile_of(model)
+        profile = profile_of(model, plan.cluster_spec())
     elif isinstance(model, nn.Module):
         if example_inputs is None:
             raise ValueError("estimate(plan, model) needs example_inputs to capture the model")
-        profile = profile_of(capture(model, example_inputs))
+        profile = profile_of(capture(model, example_inputs), plan.cluster_spec())
     else:
         raise TypeError("estimate needs an nn.Module (with example_inputs), a Captured or a "
                         f"ModelProfile, got {type(model).__name__}")
