@@ -52,8 +52,9 @@ def profile_of(captured: Captured, cluster: ClusterSpec | None = None) -> ModelP
     without a cluster, the parameters' dtype (what the runtime computes in there).
     """
     batch, _ = _leading_dims(captured.example_args, captured.example_kwargs)
-    dtype = "bf16" if cluster is not None and cluster.device.name != "CPU" else None
-    return ModelProfile.from_captured(captured, batch_size=batch, name=captured.model_name, dtype=dtype)
+    gpu = cluster is not None and cluster.device.name != "CPU"
+    return ModelProfile.from_captured(captured, batch_size=batch, name=captured.model_name,
+                                      **({"dtype": "bf16"} if gpu else {}))
 
 
 def plan(
