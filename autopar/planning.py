@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from autopar.capture import Captured, capture, normalize_inputs
 from autopar.cluster import ClusterSpec
@@ -123,7 +123,39 @@ def plan_search(
                           shardings=_shardings(gm, spec, profile.dtype, _tokens(args, kwargs)))
     result = search(profile, context, fix=pins, options=options, time_limit_s=time_limit_s, progress=progress,
                     memory_profile=full)
-    return dataclasses.replace(result, plan=dataclasses.replace(result.plan, passes=tuple(applied)))
+    chosen = dataclasses.replace(result.plan, passes=tuple(applied))
+    if chosen.schedule.microbatch_size != _leading_dims(args, kwargs)[0]:
+        chosen = with_runtime_fingerprint(chosen, model, args, kwargs, passes)
+    return dataclasses.replace(result, plan=chosen)
+
+
+def with_runtime_fingerprint(plan: Plan, model: nn.Module, example_inputs: Any,
+                             example_kwargs: dict[str, Any] | None = None,
+                             passes: Sequence[GraphPass] = ()) -> Plan:
+    """``plan`` with the fingerprint of the graph the runtime will capture: the model at the
+    plan's microbatch size, after ``passes`` (``autopar.compile(..., plan=plan)`` checks it).
+    The example batch is cut or repeated along its first dimension to that size."""
+    args, kwargs = normalize_inputs(example_inputs), dict(example_kwargs or {})
+    micro = plan.schedule.microbatch_size
+    batch, _ = _leading_dims(args, kwargs)
+    if batch != micro:
+        args, kwargs = _resize_batch(args, batch, micro), _resize_batch(kwargs, batch, micro)
+    captured = capture(model, args, example_kwargs=kwargs)
+    gm = captured.graph_module
+    if passes:
+        gm = run_passes(gm, check_passes(passes), PassContext(captured=captured))
+    return dataclasses.replace(plan, graph_fingerprint=graph_fingerprint(gm))
+
+
+def _resize_batch(values: Any, batch: int, size: int) -> Any:
+    """Rows ``0, 1, …, size − 1`` (mod ``batch``) of every tensor whose first dimension is ``batch``."""
+    def resize(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            rows = torch.arange(size, device=value.device) % batch
+            return value.index_select(0, rows)
+        return value
+
+    return tree_map(resize, values)
 
 
 def _shardings(gm: fx.GraphModule, cluster: ClusterSpec, dtype: str, example_tokens: int) -> Any:

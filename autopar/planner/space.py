@@ -12,9 +12,9 @@ Rules (each one a property of the runtime or of the model, not a heuristic):
   ``pp`` is at most the number of repeated layers.
 * The global batch divides by ``dp × microbatch_size``; ``num_microbatches`` follows.
 * Without pipelining the only schedule is ``gpipe`` (plain gradient accumulation). With it:
-  GPipe, 1F1B, zero-bubble (ZB-H1) and interleaved 1F1B with ``v`` chunks per rank, where
-  ``pp × v`` divides the layers (equal chunks, as Megatron-LM requires) and
-  ``num_microbatches`` divides by ``pp``.
+  GPipe, 1F1B (at least ``pp`` microbatches, as torch's schedule requires), zero-bubble
+  (ZB-H1) and interleaved 1F1B with ``v`` chunks per rank, where ``pp × v`` divides the
+  layers (equal chunks, as Megatron-LM requires) and ``num_microbatches`` divides by ``pp``.
 * ZeRO stages 0, 1 and 3 (FSDP) when ``dp > 1``; stage 2 costs what stage 1 costs in this
   cost model and saves less than 3, so it is not searched unless pinned.
 """
@@ -82,6 +82,8 @@ def _schedules(pp: int, num_layers: int, m: int, fix: Fix) -> Iterator[tuple[str
     for name in ("gpipe", "1f1b", "zero_bubble"):
         if name == "zero_bubble" and fix.recompute not in (None, "none") and fix.schedule != name:
             continue  # the runtime does not combine them unless asked (search._modes)
+        if name == "1f1b" and m < pp:
+            continue  # torch's Schedule1F1B needs a microbatch per stage at least
         if fix.schedule in (None, name) and fix.virtual_stages in (None, 1):
             yield name, 1
     if fix.schedule not in (None, "interleaved") or m % pp:
