@@ -41,7 +41,7 @@ def test_estimate_recomputes_the_prediction(gpt3):
     assert again == plan.predicted
     captured = autopar.capture(model, inputs)
     assert autopar.estimate(plan, captured) == plan.predicted
-    profile = ModelProfile.from_captured(captured, batch_size=1)
+    profile = ModelProfile.from_captured(captured, batch_size=1, dtype="bf16")  # GPU plans: bf16
     assert autopar.estimate(plan, profile) == plan.predicted
 
 
@@ -67,3 +67,15 @@ def test_errors(gpt3):
     with pytest.raises(TypeError, match="estimate needs"):
         autopar.estimate(None, 42)  # type: ignore[arg-type]
     assert torch.is_tensor(inputs)
+
+
+def test_a_plan_carries_the_fingerprint_the_runtime_checks():
+    torch.manual_seed(0)
+    model = autopar.models.build("gpt", num_layers=4, hidden_size=64, num_heads=4, vocab_size=256, seq_len=32)
+    inputs, _ = autopar.models.example_batch(model, batch_size=16)
+    fix = {"pp": 2, "microbatch_size": 4}
+    plan = autopar.plan(model, inputs, cluster="local:2", global_batch_size=16, fix=fix)
+    assert plan.schedule.microbatch_size == 4
+    # what autopar.compile(model, "local:2", plan=plan) captures on each rank: one microbatch
+    runtime_graph = autopar.capture(model, inputs[:4]).graph_module
+    assert plan.graph_fingerprint == autopar.plans.graph_fingerprint(runtime_graph)
