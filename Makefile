@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/autopar demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/pytest -n 2 -q
+
+# Headless Chromium for the HTML report's browser test (tests/views/test_browser.py); Debian's
+# package, installed once. Without root the test says why it skipped.
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium) \
+		|| echo "warning: could not install chromium; the browser test will be skipped"
 
 lint: $(STAMP)
 	$(BIN)/ruff check autopar passes kernels cost_models tests benchmarks

@@ -160,9 +160,12 @@ def _resize_batch(values: Any, batch: int, size: int) -> Any:
 
 def _shardings(gm: fx.GraphModule, cluster: ClusterSpec, dtype: str, example_tokens: int) -> Any:
     """The intra-op solver's strategies (``autopar.planner.intra_op``, Alpa's ILP) for each
-    (tp, microbatch) the search tries; vocabulary-parallel embeddings only without pipelining
-    (the runtime refuses a vocabulary split across stages)."""
+    (tp, microbatch) the search tries. With pipelining only the repeated layers' strategies are
+    kept: the runtime cannot split a vocabulary (embedding, or an LM head tied to it) whose two
+    halves sit on different stages."""
     cache: dict[tuple[int, bool, int], tuple[Any, ...]] = {}
+    in_layers = {node.name for node in gm.graph.nodes
+                 if getattr(node.meta.get("autopar"), "layer", None) is not None}
 
     def shardings(config: Config) -> tuple[Any, ...]:
         key = (config.tp, config.pp == 1, config.microbatch_size)
@@ -170,7 +173,7 @@ def _shardings(gm: fx.GraphModule, cluster: ClusterSpec, dtype: str, example_tok
             tokens = config.microbatch_size * max(1, example_tokens // max(1, _example_batch(gm)))
             solved = solve_intra_op(gm, tp=config.tp, cluster=cluster, dtype=dtype,
                                     microbatch_scale=tokens / max(1, example_tokens))
-            cache[key] = tuple(s for s in solved.shardings if config.pp == 1 or s.strategy != "vocab")
+            cache[key] = tuple(s for s in solved.shardings if config.pp == 1 or s.node in in_layers)
         return cache[key]
 
     return shardings

@@ -13,7 +13,17 @@ from collections.abc import Sequence
 from rich.console import Console
 
 from autopar import __version__
-from autopar.cli import calibrate_cmd, capture_cmd, demo, run_cmd
+from autopar.cli import (
+    calibrate_cmd,
+    capture_cmd,
+    demo,
+    diff_cmd,
+    explain_cmd,
+    plan_cmd,
+    run_cmd,
+    show_cmd,
+)
+from autopar.passes import PassError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     capture_cmd.add_parser(subparsers)
     demo.add_parser(subparsers)
     run_cmd.add_parser(subparsers)
+    plan_cmd.add_parser(subparsers)
+    show_cmd.add_parser(subparsers)
+    diff_cmd.add_parser(subparsers)
+    explain_cmd.add_parser(subparsers)
     return parser
 
 
@@ -41,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(no_color=args.no_color, highlight=False)
     try:
         return int(args.run(args, console))
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, PassError) as err:
         if args.debug:
             raise
         message = " ".join(str(err).split())
