@@ -6,17 +6,16 @@ Run: ``.venv/bin/python -m benchmarks.cost_model_cpu`` (writes
 
 * **measured**: ``autopar.compile(gpt, "local:N", fix=...).step`` inside ``spawn``, one thread per
   rank; the median over ``--steps`` steps after ``--warmup``, each step timed on its slowest rank;
-* **predicted**: ``cost_models.estimate(plan, ModelProfile.from_captured(..., dtype="fp32"))`` for
-  the very Plan the runtime executed, its cluster replaced by the calibrated ``local:N`` cluster
-  (``local_profile.apply_profile``). Nothing is fitted to the step times measured here.
-
-* **proposed**: the same with two changes to the cost model's code prototyped here
-  (:func:`proposed_step_time_s`), shown beside ``estimate`` as it is.
+* **predicted**: ``cost_models.estimate(plan, ModelProfile.from_captured(...))`` for the very Plan
+  the runtime executed, with ``CostOptions(local_profile=profile)``: the local-cluster model
+  (``cost_models/cpu_step.py``) priced from the calibration's single-operation measurements.
+  Nothing is fitted to the step times measured here.
 
 Other users share this machine, so each case is timed in ``--rounds`` rounds, each after waiting
 for other processes to leave the cores quiet (``/proc`` CPU accounting); the best round is kept
 and the cores others used during it are recorded. ``--measured RESULTS.json`` re-predicts saved
-measurements (the results embed the executed Plans and the whole profile) without running them.
+measurements (the results embed the executed Plans) without running them; ``--predict-only`` does
+so for the committed results and prints the table (``--write`` also rewrites the results).
 
 The model is a zoo GPT (8 layers, hidden 256, 8 heads, vocabulary 4096, sequence 128), global
 batch 16, AdamW. Reported per case: predicted s, measured s, error %; overall the median |error|
@@ -26,8 +25,6 @@ and the Spearman rank correlation of predicted vs measured. Timings here, never 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import functools
 import gc
 import json
@@ -37,7 +34,6 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +42,9 @@ import torch.distributed as dist
 
 import autopar
 from autopar.capture import capture
-from autopar.cluster import ClusterSpec
-from autopar.cost_models import ModelProfile, compute, estimate, stage_costs
+from autopar.cost_models import CostOptions, ModelProfile, estimate
 from autopar.cost_models.calibrate import cpu_seconds, others_busy_cores
-from autopar.cost_models.local_profile import LocalProfile, apply_profile, calibrated_efficiency, load_profile
+from autopar.cost_models.local_profile import LocalProfile, load_profile
 from autopar.plans import Plan, Predicted
 from autopar.runtime import spawn
 
@@ -152,59 +147,17 @@ def bench_rank(rank: int, world: int, out: str, options: dict[str, Any]) -> None
 
 @functools.cache
 def model_profile(microbatch_size: int) -> ModelProfile:
-    """The cost model's view of the benchmark GPT, captured at the plan's microbatch, in fp32."""
+    """The cost model's view of the benchmark GPT, captured at the plan's microbatch (its
+    parameters' dtype, fp32)."""
     model = _build()
     inputs, _ = autopar.models.example_batch(model, microbatch_size, seed=1)
-    return ModelProfile.from_captured(capture(model, (inputs,)), batch_size=microbatch_size, dtype="fp32")
-
-
-def calibrated_plan(plan: Plan, profile: LocalProfile) -> Plan:
-    """``plan`` on the calibrated ``local:N`` cluster of its size."""
-    cluster = apply_profile(ClusterSpec.parse(f"local:{plan.world_size}"), profile)
-    return dataclasses.replace(plan, cluster=cluster.to_dict())
+    return ModelProfile.from_captured(capture(model, (inputs,)), batch_size=microbatch_size)
 
 
 def predict(plan: Plan, profile: LocalProfile) -> Predicted:
-    """``estimate`` for ``plan`` on the calibrated local cluster of its size."""
-    return estimate(calibrated_plan(plan, profile), model_profile(plan.schedule.microbatch_size))
-
-
-@contextlib.contextmanager
-def calibrated_cpu_efficiency(profile: LocalProfile) -> Iterator[None]:
-    """Prototype of a PROPOSED change to ``compute.device_efficiency`` (not in it yet): a calibrated
-    CPU's achievable fractions come from the profile (``local_profile.calibrated_efficiency``)
-    instead of the placeholder 1.0. Swapped in for the body only; this process only."""
-    saved = compute.EFFICIENCY["CPU"]
-    compute.EFFICIENCY["CPU"] = calibrated_efficiency(profile)
-    try:
-        yield
-    finally:
-        compute.EFFICIENCY["CPU"] = saved
-
-
-def proposed_step_time_s(plan: Plan, profile: LocalProfile) -> float:
-    """PROPOSED changes to the cost model for local clusters, reported beside ``estimate`` as is.
-
-    1. Efficiencies from the profile (:func:`calibrated_cpu_efficiency`).
-    2. Shared cores in ``estimate``: N ranks on C < N cores are not N devices of 1/N speed — a
-       rank waiting in a pipeline bubble or a collective leaves its core to the others. Each rank
-       computes at the rate of one process alone (``busy_processes=1``), and the step is at least
-       all ranks' CPU work spread over the cores (a work-conserving scheduler's bound):
-       ``max(estimate(plan).step_time_s, Σ_ranks busy_s / min(C, N))``, a rank's busy time being
-       its stages' per-microbatch work × m plus its optimizer step and data-parallel sync.
-    """
-    cluster = apply_profile(ClusterSpec.parse(f"local:{plan.world_size}"), profile, busy_processes=1)
-    alone = dataclasses.replace(plan, cluster=cluster.to_dict())
-    model = model_profile(plan.schedule.microbatch_size)
-    with calibrated_cpu_efficiency(profile):
-        predicted = estimate(alone, model)
-        costs = stage_costs(alone, model)
-    m = plan.schedule.num_microbatches
-    busy_s = sum(m * cost.times().work_s * len(stage.devices)
-                 for cost, stage in zip(costs, alone.stages, strict=True))
-    per_rank = dict(predicted.breakdown)
-    busy_s += plan.world_size * (per_rank["optimizer"] + per_rank["dp_comm"])
-    return max(predicted.step_time_s, busy_s / min(profile.num_cores, plan.world_size))
+    """``estimate`` for ``plan`` on its local cluster, priced from ``profile``."""
+    return estimate(plan, model_profile(plan.schedule.microbatch_size),
+                    options=CostOptions(local_profile=profile))
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -233,7 +186,6 @@ def result_row(raw: dict[str, Any], profile: LocalProfile) -> dict[str, Any]:
     plan = Plan.from_json(raw["plan"])
     predicted = predict(plan, profile)
     measured = statistics.median(raw["times_s"])
-    proposed = proposed_step_time_s(plan, profile)
     par, sched = plan.parallelism, plan.schedule
     return {
         "world_size": raw["world_size"], "case": raw["case"], "dp": par.dp, "tp": par.tp, "pp": par.pp,
@@ -243,8 +195,6 @@ def result_row(raw: dict[str, Any], profile: LocalProfile) -> dict[str, Any]:
         "measured_s": round(measured, 4), "measured_min_s": round(min(raw["times_s"]), 4),
         "measured_max_s": round(max(raw["times_s"]), 4),
         "error_pct": round(100 * (predicted.step_time_s / measured - 1), 1),
-        "proposed_predicted_s": round(proposed, 4),
-        "proposed_error_pct": round(100 * (proposed / measured - 1), 1),
         "predicted_breakdown_s": {k: round(v, 4) for k, v in dict(predicted.breakdown).items()},
         "num_steps": len(raw["times_s"]), "round_medians_s": raw["round_medians_s"],
         "others_busy_cores_before": raw["others_busy_cores_before"],
@@ -253,13 +203,19 @@ def result_row(raw: dict[str, Any], profile: LocalProfile) -> dict[str, Any]:
     }
 
 
-def summary(rows: list[dict[str, Any]], prefix: str = "") -> dict[str, Any]:
-    """Median and mean |error| and the rank correlation of ``{prefix}predicted_s`` vs measured."""
-    errors = [abs(r[f"{prefix}error_pct"]) for r in rows]
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and mean |error|, the rank correlation of predicted vs measured, and whether the
+    plan measured fastest is predicted fastest."""
+    errors = [abs(r["error_pct"]) for r in rows]
+    fastest = min(rows, key=lambda r: r["measured_s"])
+    predicted_fastest = min(rows, key=lambda r: r["predicted_s"])
     return {"num_cases": len(rows), "median_abs_error_pct": round(statistics.median(errors), 1),
             "mean_abs_error_pct": round(statistics.fmean(errors), 1),
-            "spearman_rank_correlation": round(spearman([r[f"{prefix}predicted_s"] for r in rows],
+            "max_abs_error_pct": round(max(errors), 1),
+            "spearman_rank_correlation": round(spearman([r["predicted_s"] for r in rows],
                                                         [r["measured_s"] for r in rows]), 3),
+            "measured_fastest": f"{fastest['world_size']} ranks {fastest['case']}",
+            "predicted_fastest": f"{predicted_fastest['world_size']} ranks {predicted_fastest['case']}",
             "target_median_abs_error_pct": TARGET_MEDIAN_ERROR_PCT}
 
 
@@ -273,62 +229,78 @@ def environment(profile: LocalProfile, profile_path: str) -> dict[str, Any]:
             "profile": profile.to_dict()}  # all of it: `--measured` re-predicts from this file alone
 
 
-def write(rows: list[dict[str, Any]], env: dict[str, Any]) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    stats, proposed = summary(rows), summary(rows, "proposed_")
-    payload = {"environment": env, "summary": stats, "summary_proposed": proposed, "rows": rows}
-    (RESULTS / "cost_model_cpu.json").write_text(json.dumps(payload, indent=1) + "\n")
+def _markdown(rows: list[dict[str, Any]], env: dict[str, Any], stats: dict[str, Any]) -> str:
+    predicted_at = env.get("predicted_at_commit", env["autopar_commit"])
     lines = [
         f"# cost model vs measured step time on CPU ({env['cores']} cores, torch {env['torch']}, "
-        f"commit {env['autopar_commit']})", "",
+        f"measured at commit {env['autopar_commit']}, predicted at {predicted_at})", "",
         f"Command: `.venv/bin/python -m benchmarks.cost_model_cpu`. GPT {env['model']}, global batch "
         f"{env['global_batch']}, AdamW, gloo, one thread per rank. Measured = median over "
         f"{env['num_steps']} steps (after {env['warmup_steps']} warm-up) of the slowest rank. Predicted = "
-        "`estimate(plan, ModelProfile.from_captured(..., dtype='fp32'))` for the executed Plan on "
-        f"`local:N` calibrated by the profile of {env['profile_created']} (`autopar calibrate`); nothing is "
-        "fitted to these step times. *Proposed* = two changes to the cost model's code that this "
-        "benchmark prototypes (`proposed_step_time_s`): the CPU's efficiencies from the profile (matmul "
-        "fraction FITTED to calibration transformer-layer timings, attention at the measured SDPA rate), "
-        "and shared cores (ranks compute at one process's rate; the step is at least all ranks' CPU work "
-        "over the cores).", "",
+        "`estimate(plan, ModelProfile.from_captured(...), options=CostOptions(local_profile=profile))` "
+        "for the executed Plan: the local-cluster model (`cost_models/cpu_step.py`) priced from the "
+        f"single-operation measurements of `autopar calibrate` (profile of {env['profile_created']}, "
+        f"{env['profile_note']}); nothing is fitted to these step times.", "",
         f"Other users share this machine: each case is timed in {env['rounds']} rounds, each after "
         f"waiting (≤ {env['quiet_timeout_s']:g} s) for other processes to use < {env['quiet_cores']} cores; "
         "the round with the lowest median is kept. `others` = cores other processes used during it.", "",
-        f"**`estimate` as is: median |error| {stats['median_abs_error_pct']} %** (target ≤ "
-        f"{TARGET_MEDIAN_ERROR_PCT:g} %), mean {stats['mean_abs_error_pct']} %, **Spearman rank "
-        f"correlation {stats['spearman_rank_correlation']}** over {stats['num_cases']} plans. "
-        f"Proposed: median |error| {proposed['median_abs_error_pct']} %, mean "
-        f"{proposed['mean_abs_error_pct']} %, Spearman {proposed['spearman_rank_correlation']}.", "",
+        f"**Median |error| {stats['median_abs_error_pct']} %** (target ≤ {TARGET_MEDIAN_ERROR_PCT:g} %), "
+        f"mean {stats['mean_abs_error_pct']} %, max {stats['max_abs_error_pct']} %, **Spearman rank "
+        f"correlation {stats['spearman_rank_correlation']}** over {stats['num_cases']} plans. Fastest "
+        f"measured: {stats['measured_fastest']}; fastest predicted: {stats['predicted_fastest']}.", "",
         "| ranks | case | dp×tp×pp | schedule | microbatches × size | zero | recompute | predicted s "
-        "| measured s | error % | proposed s | error % | others |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "| measured s | error % | largest predicted parts (s) | others |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        parts = sorted(r["predicted_breakdown_s"].items(), key=lambda kv: -kv[1])[:3]
         lines.append(f"| {r['world_size']} | {r['case']} | {r['dp']}×{r['tp']}×{r['pp']} | {r['schedule']} | "
                      f"{r['num_microbatches']} × {r['microbatch_size']} | {r['zero']} | {r['recompute']} | "
                      f"{r['predicted_s']:.3f} | {r['measured_s']:.3f} | {r['error_pct']:+.1f} | "
-                     f"{r['proposed_predicted_s']:.3f} | {r['proposed_error_pct']:+.1f} | "
-                     f"{r['others_busy_cores_during']:.2f} |")
-    (RESULTS / "cost_model_cpu.md").write_text("\n".join(lines) + "\n")
+                     f"{', '.join(f'{k} {v:.3f}' for k, v in parts)} | {r['others_busy_cores_during']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(rows: list[dict[str, Any]], env: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    stats = summary(rows)
+    payload = {"environment": env, "summary": stats, "rows": rows}
+    (RESULTS / "cost_model_cpu.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (RESULTS / "cost_model_cpu.md").write_text(_markdown(rows, env, stats))
 
 
 def _profile(args: argparse.Namespace, previous: dict[str, Any] | None) -> tuple[LocalProfile, str]:
-    """The profile to predict with: ``--profile``, else the one the ``--measured`` results embed,
-    else a fresh calibration."""
+    """The profile to predict with: ``--profile``, else the one the ``--measured`` results embed
+    (if this autopar still reads its version), else the default profile, else a fresh calibration."""
     if args.profile:
         profile = load_profile(args.profile)
         assert profile is not None
         return profile, args.profile
     if previous is not None:
         env = previous["environment"]
-        return LocalProfile.from_dict(env["profile"]), env["profile_path"]
-    from autopar.cost_models.calibrate import calibrate
+        try:
+            return LocalProfile.from_dict(env["profile"]), env["profile_path"]
+        except ValueError as error:
+            print(f"the results' profile is not usable ({error}); using the default profile")
+        default = load_profile()
+        if default is not None:
+            return default, "default profile"
+    from autopar.cost_models.calibrate import calibrate, other_load_warning
 
     profile, path = calibrate(out=os.path.join(tempfile.gettempdir(), "autopar-bench-profile.json"),
                               nproc=max(args.worlds), quick=args.quick_calibration)
+    warning = other_load_warning(profile)
+    if warning:
+        print(f"warning: {warning}")
     return profile, str(path)
 
 
-def main() -> None:
+def _note(profile: LocalProfile) -> str:
+    others = profile.measurements.get("environment", {}).get("others_busy_cores", {})
+    load = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in others.items() if v is not None)
+    return f"cores other processes kept busy while calibrating: {load or 'unknown'}"
+
+
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--warmup", type=int, default=2)
@@ -342,7 +314,19 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only cases whose name contains this (no write)")
     parser.add_argument("--measured", default="",
                         help="re-predict the step times measured in this results JSON instead of measuring")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="re-predict the committed results' measurements and print them (no write)")
+    parser.add_argument("--write", action="store_true", help="with --predict-only: rewrite the results")
+    parser.add_argument("--note", default="", help="provenance to record with the results (e.g. how the "
+                        "profile was made)")
     args = parser.parse_args()
+    if args.predict_only and not args.measured:
+        args.measured = str(RESULTS / "cost_model_cpu.json")
+    return args
+
+
+def main() -> None:
+    args = _arguments()
     from benchmarks import cost_model_cpu  # spawned ranks import the body by its module name
 
     options = {"warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "only": args.only,
@@ -353,10 +337,12 @@ def main() -> None:
     profile, profile_path = _profile(args, previous)
     env = environment(profile, profile_path) | {
         "num_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds,
-        "quiet_cores": args.quiet_cores, "quiet_timeout_s": args.quiet_timeout}
+        "quiet_cores": args.quiet_cores, "quiet_timeout_s": args.quiet_timeout,
+        "profile_note": _note(profile) + (f"; {args.note}" if args.note else "")}
     raw: list[dict[str, Any]] = []
     if previous is not None:  # the cost model or the profile changed: predict the same measurements again
-        raw = [row | {"plan": json.dumps(row["plan"])} for row in previous["rows"]]
+        raw = [row | {"plan": json.dumps(row["plan"])} for row in previous["rows"]
+               if args.only in row["case"]]
         env["predicted_at_commit"] = env["autopar_commit"]
         env |= {k: previous["environment"][k] for k in ("num_steps", "warmup_steps", "rounds", "quiet_cores",
                                                          "quiet_timeout_s", "autopar_commit")}
@@ -366,9 +352,8 @@ def main() -> None:
             spawn(cost_model_cpu.bench_rank, world, out, options, timeout_s=600)
             raw += json.loads(Path(out).read_text())
     rows = [result_row(r, profile) for r in raw]
-    if args.only:
-        stats = {"summary": summary(rows), "summary_proposed": summary(rows, "proposed_")}
-        print(json.dumps(stats | {"rows": rows}, indent=1))
+    if args.only or (args.predict_only and not args.write):
+        print(_markdown(rows, env, summary(rows)))
         return
     write(rows, env)
     print((RESULTS / "cost_model_cpu.md").read_text())

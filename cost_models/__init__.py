@@ -6,7 +6,9 @@ table of devices and links that ``ClusterSpec`` references and every model reads
 ``profile`` summarizes a captured model (``ModelProfile``); ``compute``, ``comm``,
 ``memory`` and ``schedule`` are the analytic models; ``simulate`` draws a schedule's
 timeline; ``estimate`` turns a Plan into ``Predicted``; ``megatron`` holds the published
-measurements the models are validated against. Imported only as ``autopar.cost_models``
+measurements the models are validated against. Local CPU clusters take ``cpu_step`` (with
+``cpu_compute``, ``cpu_rates`` and ``shared_cores``), priced from the profile ``calibrate``
+measures (``local_profile``). Imported only as ``autopar.cost_models``
 (see ARCHITECTURE.md). Modules here import ``autopar.cluster`` and ``autopar.plans`` only
 inside functions: those import the hardware catalog, so a module-level import would cycle.
 """

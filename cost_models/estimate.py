@@ -12,6 +12,9 @@ parameter shard). The breakdown splits it into compute, recompute, tp_comm, pp_c
 ep_comm (0: no expert parallelism modelled yet), bubble and optimizer, summing to the step.
 ``tflops_per_device`` counts the FLOPs executed (recomputation included, as Megatron-LM
 reports); ``mfu`` the model FLOPs (no recomputation) against the dtype's peak.
+
+Local clusters (``local:N``: one-thread CPU processes over gloo) take another model with the same
+API, ``cpu_step``, priced from this machine's calibration (``cpu_rates``).
 """
 
 from __future__ import annotations
@@ -36,13 +39,16 @@ from autopar.cost_models.compute import (
     head_times,
     transformer_layer_times,
 )
+from autopar.cost_models.cpu_step import cpu_stage_costs, estimate_local, local_rates
 from autopar.cost_models.memory import peak_memory_bytes
 from autopar.cost_models.profile import LayerProfile, ModelProfile
-from autopar.cost_models.schedule import StageTimes, pipeline_time
+from autopar.cost_models.schedule import pipeline_time
 from autopar.cost_models.simulate import Timeline, simulate
+from autopar.cost_models.stages import StageCost, layer_flops, mesh_group
 
 if TYPE_CHECKING:
     from autopar.cluster import ClusterSpec
+    from autopar.cost_models.local_profile import LocalProfile
     from autopar.plans import Plan, Predicted
 
 OPTIMIZER_BYTES_PER_PARAM = 32
@@ -60,53 +66,21 @@ class CostOptions:
     in ``torch.distributed.tensor.parallel``). ``sequence_parallel``: Korthikanti et al.'s
     sequence parallelism (activations and elementwise work ÷ t). ``p2p_scatter_gather``:
     pipeline sends split over the t tensor-parallel ranks, re-gathered over NVLink.
+    ``local_profile``: the measured profile of this machine for ``local`` clusters (default: the
+    one ``autopar calibrate`` saved, see ``cpu_step.local_rates``); other clusters ignore it.
     """
 
     dp_overlap: float = DEFAULT_DP_OVERLAP
     tp_overlap: float = 0.0
     sequence_parallel: bool = False
     p2p_scatter_gather: bool = True
+    local_profile: LocalProfile | None = None
 
     def __post_init__(self) -> None:
         for name in ("dp_overlap", "tp_overlap"):
             value = getattr(self, name)
             if type(value) not in (int, float) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"CostOptions.{name} = {value!r}: expected a fraction in [0, 1]")
-
-
-@dataclass(frozen=True, kw_only=True)
-class StageCost:
-    """One stage (model chunk) per microbatch on one of its devices, split by cause."""
-
-    compute: LayerTimes
-    tp_forward_s: float
-    tp_backward_s: float
-    tp_recompute_s: float
-    send_forward_s: float
-    send_backward_s: float
-    params_per_device: float
-    hardware_flops: float
-
-    def times(self) -> StageTimes:
-        c = self.compute
-        return StageTimes(forward_s=c.forward_s + self.tp_forward_s,
-                          backward_s=c.backward_input_s + self.tp_backward_s,
-                          backward_weight_s=c.backward_weight_s,
-                          recompute_s=c.recompute_s + self.tp_recompute_s,
-                          send_forward_s=self.send_forward_s, send_backward_s=self.send_backward_s)
-
-
-def mesh_group(plan: Plan, axis: str) -> tuple[int, ...]:
-    """Device ids of the ``axis`` group that contains the mesh's first device."""
-    mesh, degree = plan.mesh, getattr(plan.parallelism, axis)
-    if axis in mesh.axis_names:
-        i = mesh.axis_names.index(axis)
-        stride = 1
-        for size in mesh.shape[i + 1:]:
-            stride *= size
-        return tuple(mesh.device_ids[j * stride] for j in range(mesh.shape[i]))
-    stride = plan.parallelism.tp if axis == "dp" else 1  # autopar's default layout: tp fastest
-    return tuple(j * stride for j in range(degree))
 
 
 def _check(plan: Plan, profile: ModelProfile) -> None:
@@ -121,9 +95,13 @@ def _check(plan: Plan, profile: ModelProfile) -> None:
 
 def stage_costs(plan: Plan, profile: ModelProfile, *, options: CostOptions | None = None
                 ) -> tuple[StageCost, ...]:
-    """Per-microbatch costs of every stage of ``plan``, in stage order."""
+    """Per-microbatch costs of every stage of ``plan``, in stage order (local clusters:
+    ``cpu_step.cpu_stage_costs``)."""
     _check(plan, profile)
     options = options or CostOptions()
+    rates = local_rates(plan, options.local_profile)
+    if rates is not None:
+        return cpu_stage_costs(plan, profile, rates)
     cluster = plan.cluster_spec()
     t, b = plan.parallelism.tp, plan.schedule.microbatch_size
     kernels = Kernels(device=cluster.device, dtype=profile.dtype, bytes_per_element=profile.bytes_per_element,
@@ -145,7 +123,7 @@ def stage_costs(plan: Plan, profile: ModelProfile, *, options: CostOptions | Non
     for stage in plan.stages:
         layers = profile.layers[stage.layers[0]:stage.layers[1]]
         compute = sum((layer_times(layer, stage.recompute) for layer in layers), LayerTimes())
-        flops = b * sum(_layer_flops(layer, stage.recompute, profile.fused_attention) for layer in layers)
+        flops = b * sum(layer_flops(layer, stage.recompute, profile.fused_attention) for layer in layers)
         params = sum(layer.param_count for layer in layers)
         # two all-reduces per layer each way (TECHNIQUES §3); the recomputed forward repeats its two
         forward = backward = 2 * sum(layer.is_transformer for layer in layers) if t > 1 else 0
@@ -167,16 +145,6 @@ def stage_costs(plan: Plan, profile: ModelProfile, *, options: CostOptions | Non
             tp_recompute_s=recompute * all_reduce_s, send_forward_s=send_next,
             send_backward_s=send_previous, params_per_device=params / t, hardware_flops=flops))
     return tuple(costs)
-
-
-def _layer_flops(layer: LayerProfile, recompute: str, fused_attention: bool) -> float:
-    """FLOPs executed for one sequence: forward, backward, and what recomputation repeats."""
-    flops = layer.flops_fwd + layer.flops_bwd
-    if recompute == "full":
-        return flops + layer.flops_fwd
-    if recompute == "selective" and layer.is_transformer and not fused_attention:
-        return flops + 4 * layer.seq_len * layer.seq_len * layer.hidden_size  # QKᵀ and attention·V
-    return flops
 
 
 def _sends(plan: Plan, index: int, size_bytes: float, cluster: ClusterSpec, options: CostOptions
@@ -219,10 +187,15 @@ def _dp_and_optimizer_s(plan: Plan, profile: ModelProfile, costs: tuple[StageCos
 
 
 def estimate(plan: Plan, profile: ModelProfile, *, options: CostOptions | None = None) -> Predicted:
-    """The cost model's prediction for ``plan`` running the model ``profile`` describes."""
+    """The cost model's prediction for ``plan`` running the model ``profile`` describes (a local
+    cluster: ``cpu_step.estimate_local`` with this machine's measured rates)."""
     from autopar.plans import Predicted
 
     options = options or CostOptions()
+    rates = local_rates(plan, options.local_profile)
+    if rates is not None:
+        _check(plan, profile)
+        return estimate_local(plan, profile, rates)
     costs = stage_costs(plan, profile, options=options)
     sched, par = plan.schedule, plan.parallelism
     pipe = pipeline_time([c.times() for c in costs], schedule=sched.name, pp=par.pp,

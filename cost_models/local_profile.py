@@ -4,10 +4,12 @@ Data flow: ``autopar calibrate`` (``calibrate``) measures this machine → :clas
 → :func:`save_profile` writes versioned JSON atomically (default
 ``~/.cache/autopar/profile-<hostname>.json``) → :func:`load_profile` → :func:`apply_profile`
 replaces the placeholder CPU ``DeviceSpec`` and gloo ``LinkLevel`` of a ``local:N``
-``ClusterSpec`` with measured ones → the cost models (``estimate``) read them as they read a
-datasheet. :func:`calibrated` does the last two steps when a profile exists.
+``ClusterSpec`` with measured ones, for whatever reads a cluster as a datasheet (the GPU-style
+models, views). :func:`calibrated` does the last two steps when a profile exists. ``estimate``
+itself prices local clusters with the local-cluster model (``cpu_step``), which reads the
+profile's ``cpu`` rates (``cpu_rates.CpuRates``) — from the default file automatically.
 
-What is applied, per process of a ``local:N`` cluster (one thread each, as the runtime runs):
+What ``apply_profile`` sets, per process of a ``local:N`` cluster (one thread each):
 
 * ``peak_flops_per_s[dtype]`` = the matmul peak FITTED to the measured shapes under the compute
   model's own roll-off ``η = 1 / (1 + T(1/m + 1/k + 1/n))`` (``compute.MATMUL_TILE_DIM``), times
@@ -16,10 +18,7 @@ What is applied, per process of a ``local:N`` cluster (one thread each, as the r
 * ``intra_node`` = gloo over loopback: ``B`` and ``α`` FITTED by least squares to collective
   and send/recv timings of N ranks (the nearest measured group size).
 
-Measured but not applicable through today's models (kept for them): the free-``T`` matmul
-curve, the per-op dispatch overhead, fused-attention (SDPA) throughput, the in-training matmul
-fraction FITTED to transformer-layer timings (:func:`calibrated_efficiency` shows how
-``compute.device_efficiency`` would use them) and the AdamW step time.
+Version 2 added ``cpu``; a version-1 file is refused with the advice to calibrate again.
 """
 
 from __future__ import annotations
@@ -35,13 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autopar.cost_models.compute import DeviceEfficiency
+from autopar.cost_models.cpu_rates import CpuRates
 from autopar.cost_models.hardware import LinkLevel, canonical_dtype
 
 if TYPE_CHECKING:  # autopar.cluster imports the hardware catalog: no import cycle at run time
     from autopar.cluster import ClusterSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FORMAT = "autopar-local-profile"
 RERUN = "run `autopar calibrate` to measure this machine again"
 
@@ -71,6 +70,7 @@ class LocalProfile:
     """What ``autopar calibrate`` measured on one machine, one thread per process.
 
     Rates are per process running alone; :meth:`share` says how they divide when several run.
+    ``cpu`` holds the per-operation rates of the local-cluster model.
     ``peak_flops_per_s`` is FITTED under the compute model's fixed roll-off (what the model can
     use); ``matmul_tile_dim`` with ``matmul_curve_peak_flops_per_s`` is the fp32 curve FITTED
     with a free roll-off (what the machine does). ``measurements`` holds every raw point.
@@ -90,10 +90,10 @@ class LocalProfile:
     elementwise_bandwidth_bytes_per_s: float
     op_overhead_s: float
     attention_flops_per_s: float
-    layer_matmul_fraction: float
     optimizer_time_s_per_param: float
     shares: tuple[ProcessShare, ...]
     links: tuple[LinkFit, ...]
+    cpu: CpuRates
     measurements: Mapping[str, Any]
     schema_version: int = SCHEMA_VERSION
 
@@ -109,7 +109,7 @@ class LocalProfile:
         object.__setattr__(self, "links", tuple(sorted(self.links, key=lambda fit: fit.num_ranks)))
         positive = ["matmul_tile_dim", "matmul_curve_peak_flops_per_s", "memory_bandwidth_bytes_per_s",
                     "elementwise_bandwidth_bytes_per_s", "op_overhead_s", "attention_flops_per_s",
-                    "layer_matmul_fraction", "optimizer_time_s_per_param"]
+                    "optimizer_time_s_per_param"]
         values = {name: getattr(self, name) for name in positive}
         values |= {f"peak_flops_per_s[{k}]": v for k, v in self.peak_flops_per_s}
         for fit in self.links:
@@ -145,6 +145,7 @@ class LocalProfile:
         data["peak_flops_per_s"] = dict(self.peak_flops_per_s)
         data["best_matmul_flops_per_s"] = dict(self.best_matmul_flops_per_s)
         data["measurements"] = dict(self.measurements)
+        data["cpu"] = self.cpu.to_dict()
         return {"format": FORMAT, **data}
 
     @classmethod
@@ -163,9 +164,10 @@ class LocalProfile:
         try:
             shares = tuple(ProcessShare(**s) for s in body["shares"])
             links = tuple(LinkFit(**fit) for fit in body["links"])
-        except TypeError as error:
-            raise ValueError(f"profile shares/links are malformed ({error}); {RERUN}") from error
-        return cls(**{**body, "shares": shares, "links": links})
+            cpu = CpuRates.from_dict(body["cpu"])
+        except (TypeError, AttributeError) as error:
+            raise ValueError(f"profile shares/links/cpu are malformed ({error}); {RERUN}") from error
+        return cls(**{**body, "shares": shares, "links": links, "cpu": cpu})
 
 
 def default_profile_path() -> Path:
@@ -241,18 +243,6 @@ def apply_profile(cluster: ClusterSpec, profile: LocalProfile, *, busy_processes
         source=f"B and α FITTED by least squares to {fit.num_ranks}-rank gloo all-reduce, all-gather, "
         f"reduce-scatter and send/recv timings ({where}; rms error {100 * fit.rms_relative_error:.0f} %)")
     return dataclasses.replace(cluster, device=device, intra_node=link)
-
-
-def calibrated_efficiency(profile: LocalProfile) -> DeviceEfficiency:
-    """PROPOSED (not wired into ``compute.device_efficiency`` yet): the CPU's achievable fractions
-    from the profile instead of the placeholder 1.0 — the in-training matmul fraction FITTED to
-    the calibration's transformer-layer timings (as ``compute``'s A100 entry is fitted to a layer
-    timing) and fused attention at the measured SDPA rate."""
-    return DeviceEfficiency(
-        matmul_peak_fraction=profile.layer_matmul_fraction, memory_bandwidth_fraction=1.0,
-        fused_attention_peak_fraction=profile.attention_flops_per_s / profile.peak_for("fp32"),
-        source=f"`autopar calibrate` on {profile.hostname} at {profile.created}: matmul FITTED to "
-        "transformer-layer timings, attention measured (SDPA), memory measured (large copy)")
 
 
 def calibrated(cluster: ClusterSpec, profile: LocalProfile | None = None) -> ClusterSpec:

@@ -26,7 +26,8 @@ _DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 class LayerProfile:
     """One repeated layer. Shapes are None where the layer is not a recognized transformer;
     ``activation_bytes`` (per sequence, training dtype) is what its forward writes, used by the
-    memory model only for such layers."""
+    memory model only for such layers. ``param_tensors`` counts its parameter tensors (0:
+    unknown), which the CPU optimizer model needs (torch's AdamW loops over tensors on CPU)."""
 
     name: str
     flops_fwd: float
@@ -37,6 +38,7 @@ class LayerProfile:
     seq_len: int | None = None
     ffn_size: int | None = None
     activation_bytes: float = 0.0
+    param_tensors: int = 0
 
     @property
     def is_transformer(self) -> bool:
@@ -51,6 +53,7 @@ class ModelProfile:
     norm, LM head, loss). ``head_params`` excludes a weight tied to the embedding
     (``tied_embeddings``); a pipeline's last stage still holds a copy of it.
     ``fused_attention`` says whether attention runs as one fused (flash) kernel.
+    ``*_param_tensors`` count parameter tensors outside the layers (0: unknown).
     """
 
     name: str
@@ -67,6 +70,8 @@ class ModelProfile:
     dtype: str = "bf16"
     fused_attention: bool = True
     causal: bool = True
+    embedding_param_tensors: int = 0
+    head_param_tensors: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -100,6 +105,11 @@ class ModelProfile:
         layers = sum(layer.flops_fwd + layer.flops_bwd for layer in self.layers)
         return layers + 3 * self.embedding_flops_fwd + self.head_flops_fwd + self.head_flops_bwd
 
+    def param_tensors(self, layer: LayerProfile) -> int:
+        """Parameter tensors of ``layer``; when unknown, 12 for a transformer layer (weight and
+        bias of four linear layers and two LayerNorms), else 2."""
+        return layer.param_tensors or (12 if layer.is_transformer else 2)
+
     @classmethod
     def gpt(cls, config: Any, *, name: str = "gpt", dtype: str = "bf16",
             fused_attention: bool = True) -> ModelProfile:
@@ -112,27 +122,32 @@ class ModelProfile:
         written = (34 * s * h + 5 * a * s * s) * scale  # Korthikanti's count, no recomputation
         layers = tuple(
             LayerProfile(name=f"blocks.{i}", flops_fwd=fwd, flops_bwd=2 * fwd, param_count=layer_params,
-                         hidden_size=h, num_heads=a, seq_len=s, ffn_size=f, activation_bytes=written)
+                         hidden_size=h, num_heads=a, seq_len=s, ffn_size=f, activation_bytes=written,
+                         param_tensors=12)
             for i in range(config.num_layers))
         tied = bool(config.tie_embeddings)
         return cls(name=name, layers=layers, seq_len=s, hidden_size=h, vocab_size=vocab,
                    embedding_params=(vocab + s) * h, embedding_flops_fwd=0.0,
                    head_params=2 * h + (0 if tied else vocab * h), head_flops_fwd=2 * s * h * vocab,
                    head_flops_bwd=4 * s * h * vocab, tied_embeddings=tied, dtype=dtype,
-                   fused_attention=fused_attention)
+                   fused_attention=fused_attention, embedding_param_tensors=2,
+                   head_param_tensors=2 + (0 if tied else 1))
 
     @classmethod
     def from_captured(cls, captured: Any, *, batch_size: int, name: str | None = None,
-                      dtype: str = "bf16", fused_attention: bool | None = None) -> ModelProfile:
+                      dtype: str | None = None, fused_attention: bool | None = None) -> ModelProfile:
         """Summarize a ``Captured`` made on an example batch of ``batch_size`` sequences.
 
         Layer FLOPs come from ``captured.layers`` divided by ``batch_size``; shapes and the
-        parts outside the layers from the node records. ``fused_attention`` defaults to
-        whether the graph calls ``scaled_dot_product_attention`` (``causal`` to its
-        ``is_causal``); nodes between stacks of layers count with the head.
+        parts outside the layers from the node records. ``dtype`` defaults to the dtype of the
+        model's parameters — what the runtime trains in (bf16 for a model without
+        parameters). ``fused_attention`` defaults to whether the graph calls
+        ``scaled_dot_product_attention`` (``causal`` to its ``is_causal``); nodes between
+        stacks of layers count with the head.
         """
         if type(batch_size) is not int or batch_size < 1:
             raise ValueError(f"batch_size = {batch_size!r}: expected the int >= 1 used for capture")
+        dtype = dtype if dtype is not None else _parameter_dtype(captured.graph_module)
         nodes = [(node, record) for node, record in captured.records()]
         layer_nodes = [i for i, (_, record) in enumerate(nodes) if record.layer is not None]
         first = layer_nodes[0] if layer_nodes else len(nodes)
@@ -144,13 +159,15 @@ class ModelProfile:
         layers = tuple(
             LayerProfile(name=info.name, flops_fwd=info.flops_fwd / batch_size,
                          flops_bwd=info.flops_bwd / batch_size, param_count=info.param_count,
-                         activation_bytes=act, **shape)
-            for info, shape, act in zip(captured.layers, shapes, written, strict=True))
+                         activation_bytes=act, param_tensors=tensors, **shape)
+            for info, shape, act, tensors in zip(captured.layers, shapes, written,
+                                                 _layer_tensors(captured, len(captured.layers)), strict=True))
         seq, hidden = _sequence_and_hidden(captured, shapes)
         vocab = _vocab_size(nodes)
         head = [record for before, record in outside if not before]
         head_params = sum(_param_count(r) for r in head)
         sdpa = [node for node, _ in nodes if "scaled_dot_product" in str(node.target)]
+        gm, seen = captured.graph_module, set()  # a weight tied to the embedding counts there
         return cls(
             name=name or captured.model_name, layers=layers, seq_len=seq, hidden_size=hidden,
             vocab_size=vocab,
@@ -160,7 +177,42 @@ class ModelProfile:
             head_flops_bwd=sum(r.flops_bwd for r in head) / batch_size,
             tied_embeddings=vocab > 0 and head_params < vocab * hidden, dtype=dtype,
             fused_attention=bool(sdpa) if fused_attention is None else fused_attention,
-            causal=any(node.kwargs.get("is_causal", False) for node in sdpa) if sdpa else True)
+            causal=any(node.kwargs.get("is_causal", False) for node in sdpa) if sdpa else True,
+            embedding_param_tensors=_tensor_count(gm, [n for n, r in nodes[:first] if r.layer is None], seen),
+            head_param_tensors=_tensor_count(gm, [n for n, r in nodes[first:] if r.layer is None], seen))
+
+
+def _parameter_dtype(gm: Any) -> str:
+    param = next(iter(gm.parameters()), None)
+    return "bf16" if param is None else canonical_dtype(str(param.dtype))
+
+
+def _node_params(gm: Any, node: Any) -> list[Any]:
+    """The parameters a node owns: a leaf module's, or the one a ``get_attr`` reads."""
+    if node.op == "call_module":
+        return list(gm.get_submodule(str(node.target)).parameters())
+    if node.op == "get_attr":
+        target = gm
+        for part in str(node.target).split("."):
+            target = getattr(target, part, None)
+        return [target] if getattr(target, "requires_grad", False) else []
+    return []
+
+
+def _tensor_count(gm: Any, nodes: list[Any], seen: set[int] | None = None) -> int:
+    unique = {id(p) for node in nodes for p in _node_params(gm, node)}
+    if seen is not None:
+        unique -= seen
+        seen |= unique
+    return len(unique)
+
+
+def _layer_tensors(captured: Any, num_layers: int) -> list[int]:
+    by_layer: list[list[Any]] = [[] for _ in range(num_layers)]
+    for node, record in captured.records():
+        if record.layer is not None and record.layer < num_layers:
+            by_layer[record.layer].append(node)
+    return [_tensor_count(captured.graph_module, nodes) for nodes in by_layer]
 
 
 def _param_count(record: Any) -> int:

@@ -15,7 +15,9 @@ import pytest
 from autopar.cli.main import main
 from autopar.cluster import ClusterSpec
 from autopar.cost_models import calibrate as cal
+from autopar.cost_models.calibrate_fits import fit_activation_reread_s_per_byte
 from autopar.cost_models.compute import MATMUL_TILE_DIM, matmul_time_s
+from autopar.cost_models.cpu_rates import CpuRates
 from autopar.cost_models.local_profile import (
     SCHEMA_VERSION,
     LinkFit,
@@ -23,11 +25,11 @@ from autopar.cost_models.local_profile import (
     ProcessShare,
     apply_profile,
     calibrated,
-    calibrated_efficiency,
     default_profile_path,
     load_profile,
     save_profile,
 )
+from autopar.cost_models.memory import activation_bytes_per_layer
 
 
 def _profile(**changes: object) -> LocalProfile:
@@ -38,8 +40,7 @@ def _profile(**changes: object) -> LocalProfile:
         best_matmul_flops_per_s={"fp32": 200e9, "bf16": 1.6e12, "fp16": 190e9},
         matmul_tile_dim=2.0, matmul_curve_peak_flops_per_s=200e9, memory_bandwidth_bytes_per_s=20e9,
         elementwise_bandwidth_bytes_per_s=15e9, op_overhead_s=1e-6, attention_flops_per_s=40e9,
-        layer_matmul_fraction=0.9,
-        optimizer_time_s_per_param=3e-9,
+        optimizer_time_s_per_param=3e-9, cpu=CpuRates.assumed(2),
         shares=(ProcessShare(num_processes=1, matmul_fraction=1.0, copy_fraction=1.0),
                 ProcessShare(num_processes=2, matmul_fraction=0.9, copy_fraction=0.6),
                 ProcessShare(num_processes=4, matmul_fraction=0.45, copy_fraction=0.3)),
@@ -96,6 +97,8 @@ def test_default_path_and_missing_files(tmp_path: Path, monkeypatch: pytest.Monk
     (lambda d: d.update(extra=1), r"unknown \['extra'\]"),
     (lambda d: d["peak_flops_per_s"].update(fp32=-1.0), r"peak_flops_per_s\[fp32\]"),
     (lambda d: d.update(links=[{"num_ranks": 2}]), "malformed"),
+    (lambda d: d["cpu"].pop("shares"), r"CPU rates keys differ: unknown \[\], missing \['shares'\]"),
+    (lambda d: d.update(schema_version=1), "schema_version 1 is not 2"),
 ])
 def test_version_and_content_errors(tmp_path: Path, edit, message: str) -> None:
     data = _profile().to_dict()
@@ -207,19 +210,17 @@ def test_matmul_fits_recover_known_curves() -> None:
     assert cal.fit_matmul_peak(points(200e9, 0.0)) > 200e9 * (1 + MATMUL_TILE_DIM * 3 / 4096)
 
 
-def test_layer_fraction_fit_recovers_a_known_fraction() -> None:
-    shapes = ((4, 128, 128), (2, 256, 512))
-    points = [{"batch": b, "seq": s, "hidden": h, "heads": h // 32} for b, s, h in shapes]
-    kw = {"peak_flops_per_s": 300e9, "memory_bytes_per_s": 15e9}
-    for point in points:
-        matmul_s, attention_s, rest_s = cal._layer_parts_s(point, **kw)
-        assert matmul_s > 10 * attention_s > 0 and rest_s > 0
-        point["time_s"] = matmul_s / 0.8 + attention_s * 300e9 / 50e9 + rest_s
-    fraction = cal.fit_layer_matmul_fraction(points, attention_flops_per_s=50e9, **kw)
-    assert fraction == pytest.approx(0.8, rel=0.01)
-    efficiency = calibrated_efficiency(_profile(layer_matmul_fraction=fraction))
-    assert efficiency.matmul_peak_fraction == fraction
-    assert efficiency.fused_attention_peak_fraction == pytest.approx(40e9 / 400e9)
+def test_activation_reread_fit_recovers_a_known_cost() -> None:
+    shapes = ((4, 128, 128, 4), (2, 256, 512, 16), (8, 64, 256, 8))
+    points = []
+    for b, s, h, a in shapes:
+        saved = activation_bytes_per_layer(seq_len=s, microbatch_size=b, hidden_size=h, num_heads=a,
+                                           fused_attention=True, bytes_per_element=4)
+        points.append({"batch": b, "seq": s, "hidden": h, "heads": a, "time_s": 0.01 * h,
+                       "stacked_time_s": 0.01 * h + 2e-10 * saved})
+    assert fit_activation_reread_s_per_byte(points) == pytest.approx(2e-10)
+    faster = [dict(p, stacked_time_s=p["time_s"] * 0.9) for p in points]  # never negative
+    assert fit_activation_reread_s_per_byte(faster) == 0.0
 
 
 def test_other_load_warning() -> None:
@@ -247,9 +248,11 @@ def test_quick_calibration_writes_a_loadable_profile(tmp_path: Path) -> None:
     config = dataclasses.replace(
         cal.CalibrationConfig.preset(quick=True, nproc=2),
         matmul_shapes=cal.transformer_shapes((64, 256), (64,)), low_precision_shapes=((64, 64, 64),),
-        copy_bytes=4 * cal.MIB, cold_pool_bytes=2 * cal.MIB, elementwise_elements=4096,
-        attention_shapes=((1, 2, 32, 16),), layer_shapes=((1, 32, 64, 2),), optimizer_params=2**18,
-        share_seconds=0.03,
+        linear_shapes=cal.transformer_shapes((64, 128), (32,)), copy_bytes=4 * cal.MIB,
+        cold_pool_bytes=2 * cal.MIB, elementwise_elements=4096, op_elements=(4096, 32768),
+        cross_entropy_elements=(8192, 32768), attention_shapes=((1, 2, 32, 16),),
+        math_attention_shapes=((1, 2, 32, 16),), layer_shapes=((1, 32, 64, 2),), layer_stack=2,
+        optimizer_params=2**18, share_seconds=0.03, share_layer_shape=(1, 16, 32, 2), measure_runtime=False,
         collective_bytes=(1024, 65536), repeats=1)
     profile, path = cal.calibrate(out=tmp_path / "profile.json", config=config)
     assert path == tmp_path / "profile.json"
@@ -258,11 +261,16 @@ def test_quick_calibration_writes_a_loadable_profile(tmp_path: Path) -> None:
     assert [fit.num_ranks for fit in profile.links] == [2]
     assert set(profile.measurements["environment"]["others_busy_cores"]) == {"single_process", "shares"}
     assert "2 ranks p2p" in profile.measurements["fits"]["links_by_kind"]
-    assert profile.layer_matmul_fraction > 0 and len(profile.measurements["transformer_layer"]) == 1
+    assert len(profile.measurements["fits"]["layer_check"]) == 1
     kinds = {p["kind"] for p in profile.measurements["collectives"]}
     assert kinds == {"all_reduce", "all_gather", "reduce_scatter", "p2p"}
     assert 1e9 < profile.peak_for("fp32") < 1e13 and 1e8 < profile.memory_bandwidth_bytes_per_s < 1e12
     assert math.isfinite(profile.links[0].latency_s) and profile.links[0].latency_s < 0.1
+    cpu = profile.cpu
+    assert 1e9 < cpu.linear_peak_flops_per_s < 1e13 and cpu.shares[0] == (1, 1.0, 1.0)
+    assert cpu.runtime_step_s == cpu.runtime_microbatch_s == 0.0  # measure_runtime=False
+    assert {p[0] for p in cpu.collectives} == set(kinds) and cpu.dtensor_dispatch_s >= 0
+    assert all(cpu.elementwise_s(op, 1e5)[0] > 0 for op in cpu.elementwise)
     cluster = apply_profile(ClusterSpec.parse("local:2"), profile)
     assert cluster.device.peak_flops_per_s_for("fp32") == pytest.approx(
         profile.peak_for("fp32") * profile.shares[1].matmul_fraction)
@@ -283,3 +291,4 @@ def test_cli_calibrate(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     out = capsys.readouterr().out
     assert calls == {"out": str(tmp_path / "p.json"), "nproc": 4, "quick": True}
     assert "matmul fp32" in out and "gloo 2 ranks FITTED" in out and "profile written to" in out
+    assert "DTensor" in out and "share with 2 busy processes" in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 import autopar
 from autopar.cost_models import ModelProfile, megatron_plan, stage_costs
@@ -31,6 +32,19 @@ def test_from_captured_matches_the_analytic_gpt() -> None:
                  "head_params", "head_flops_fwd", "head_flops_bwd", "tied_embeddings", "fused_attention"):
         assert getattr(captured, name) == getattr(analytic, name), name
     assert captured.param_count == analytic.param_count == autopar.models.param_count(config)
+    assert [layer.param_tensors for layer in captured.layers] == [12] * config.num_layers
+    assert (captured.embedding_param_tensors, captured.head_param_tensors) == (2, 2)  # the tied head: once
+    assert (analytic.embedding_param_tensors, analytic.head_param_tensors) == (2, 2)
+
+
+def test_dtype_comes_from_the_parameters() -> None:
+    model = autopar.models.build("gpt-tiny", device="meta")
+    inputs, _ = autopar.models.example_batch(model, batch_size=1)
+    assert ModelProfile.from_captured(autopar.capture(model, inputs), batch_size=1).dtype == "fp32"
+    half = autopar.capture(model.to(dtype=torch.bfloat16), inputs)
+    assert ModelProfile.from_captured(half, batch_size=1).dtype == "bf16"
+    explicit = ModelProfile.from_captured(half, batch_size=1, dtype="fp16")
+    assert explicit.dtype == "fp16"  # an explicit choice wins
 
 
 def test_flops_are_per_sequence_whatever_the_capture_batch() -> None:

@@ -1,0 +1,196 @@
+"""CPU compute model: seconds per microbatch of a layer, the embedding and the LM head on one
+process of a local cluster, as autopar's runtime executes them there.
+
+Data flow: ``CpuRates`` (``cpu_rates``, measured by ``autopar calibrate``) + a ``ModelProfile``
+(``profile``) → :class:`CpuPart` per layer / embedding / head → ``cpu_step`` adds them into
+per-stage costs and runs the step on the machine's cores. The GPU model is ``compute``.
+
+A layer is a sum of measured operations, not a roofline: four linear layers (forward + backward
+on the FITTED linear curve), attention, two LayerNorms, two residual adds, the GELU and the
+head-merging transpose (each at its measured per-element rate), plus the backward's re-read of
+the layer's saved activations, which later layers have evicted from the caches. Under tensor parallelism
+(``t > 1``) the runtime runs the stage on DTensors (``autopar/runtime/tensor_parallel.py``), and
+this model follows what that execution does on CPU (:data:`DTENSOR_TP`): linear layers are
+sharded, but the fused QKV output is all-gathered because splitting it into q, k, v crosses the
+shards, so attention runs on every head on every rank with the unfused MATH backend (DTensor has
+no strategy for the CPU flash kernel); LayerNorms and residual adds run replicated; every op pays
+the DTensor dispatch; the LM head's logits are all-gathered (``full_tensor``) and the loss runs on
+all of them on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autopar.cost_models.compute import LayerTimes
+from autopar.cost_models.cpu_rates import CpuRates
+from autopar.cost_models.memory import activation_bytes_per_layer
+from autopar.cost_models.profile import LayerProfile, ModelProfile
+
+
+@dataclass(frozen=True, kw_only=True)
+class DTensorCounts:
+    """What torch's DTensor does per transformer layer and per step for autopar's Megatron
+    shardings (colwise QKV and MLP-in, rowwise projections, vocabulary-parallel embedding and
+    colwise LM head). COUNTED, not fitted, and not timings: ``torch.profiler`` events
+    (``_c10d_functional`` collectives with their shapes, ``PythonSubclass`` dispatches) of one step
+    of the zoo GPT (hidden 256, 8 heads, t = 2; torch 2.13), 4 layers minus 2 layers. The counts
+    follow from the graph and DTensor's sharding rules, not from sizes; another layer structure
+    or torch version can differ."""
+
+    all_reduces_forward: int = 2  # the two rowwise outputs (Partial → Replicate)
+    all_reduces_backward: int = 4  # input gradients of both colwise layers, and two more
+    all_gathers_forward: int = 1  # the fused QKV output (3bsh), to split it into q, k, v
+    all_gathers_backward: int = 2  # b·s·h each, attention-shaped
+    dispatches_per_layer: int = 234
+    dispatches_outside_layers: int = 58  # embedding, LM head, loss
+
+
+DTENSOR_TP = DTensorCounts()
+BACKWARD_DISPATCH_FRACTION = 2 / 3
+"""ASSUMED: the share of a layer's dispatches in its backward (about two ops per forward op)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CpuPart:
+    """Seconds per microbatch on one process: compute (``times``) and tensor-parallel collectives."""
+
+    times: LayerTimes = LayerTimes()
+    tp_forward_s: float = 0.0
+    tp_backward_s: float = 0.0
+
+    def __add__(self, other: CpuPart) -> CpuPart:
+        return CpuPart(times=self.times + other.times, tp_forward_s=self.tp_forward_s + other.tp_forward_s,
+                       tp_backward_s=self.tp_backward_s + other.tp_backward_s)
+
+
+def _linear(rates: CpuRates, m: float, k: float, n: float) -> LayerTimes:
+    third = rates.linear_s(m, k, n) / 3  # forward, input gradient, weight gradient: one matmul each
+    return LayerTimes(forward_s=third, backward_input_s=third, backward_weight_s=third)
+
+
+def _op(rates: CpuRates, op: str, num_elements: float, count: float = 1.0) -> LayerTimes:
+    fwd, bwd = rates.elementwise_s(op, num_elements)
+    return LayerTimes(forward_s=count * fwd, backward_input_s=count * bwd)
+
+
+def _dispatch(rates: CpuRates, count: float) -> LayerTimes:
+    seconds = count * rates.dtensor_dispatch_s
+    return LayerTimes(forward_s=(1 - BACKWARD_DISPATCH_FRACTION) * seconds,
+                      backward_input_s=BACKWARD_DISPATCH_FRACTION * seconds)
+
+
+def _recompute(times: LayerTimes, recompute: str) -> LayerTimes:
+    """Full recomputation repeats the forward before the backward (selective: nothing on CPU,
+    where attention is recomputed only inside the fused kernel)."""
+    return LayerTimes(forward_s=times.forward_s, backward_input_s=times.backward_input_s,
+                      backward_weight_s=times.backward_weight_s,
+                      recompute_s=times.forward_s if recompute == "full" else 0.0)
+
+
+def _attention(rates: CpuRates, layer: LayerProfile, *, b: int, tp: int, fused: bool, causal: bool
+               ) -> LayerTimes:
+    s, h, heads = layer.seq_len, layer.hidden_size, layer.num_heads
+    assert s is not None and h is not None and heads is not None
+    if fused and tp == 1:
+        flops = 4 * b * s * s * h * (0.5 if causal else 1.0)
+        fwd, bwd = rates.flash_attention_s(flops, seq_len=s, head_dim=h / heads)
+    else:  # unfused, and under DTensor on every head (see the module docstring)
+        fwd, bwd = rates.math_attention_s(b * heads * s * s)
+    return LayerTimes(forward_s=fwd, backward_input_s=bwd)
+
+
+def transformer_layer_part(layer: LayerProfile, *, rates: CpuRates, microbatch_size: int, tp: int,
+                           bytes_per_element: int, recompute: str = "none", fused_attention: bool = True,
+                           causal: bool = True) -> CpuPart:
+    """One pre-LN transformer layer per microbatch on one process (module docstring)."""
+    if not layer.is_transformer:
+        return generic_layer_part(layer, rates=rates, microbatch_size=microbatch_size, tp=tp,
+                                  recompute=recompute)
+    h, f, t = layer.hidden_size, layer.ffn_size, tp
+    assert h is not None and f is not None and layer.seq_len is not None
+    tokens = microbatch_size * layer.seq_len
+    times = (_linear(rates, tokens, h, 3 * h / t) + _linear(rates, tokens, h / t, h)
+             + _linear(rates, tokens, h, f / t) + _linear(rates, tokens, f / t, h)
+             + _attention(rates, layer, b=microbatch_size, tp=t, fused=fused_attention, causal=causal)
+             + _op(rates, "layer_norm", tokens * h, 2) + _op(rates, "add", tokens * h, 2)
+             + _op(rates, "gelu", tokens * f / t) + _op(rates, "copy", tokens * h))
+    saved = activation_bytes_per_layer(
+        seq_len=layer.seq_len, microbatch_size=microbatch_size, hidden_size=h, num_heads=layer.num_heads,
+        tp=t, recompute=recompute, fused_attention=fused_attention and t == 1,
+        bytes_per_element=bytes_per_element)
+    times += LayerTimes(backward_input_s=saved * rates.activation_reread_s_per_byte)
+    if t == 1:
+        return CpuPart(times=_recompute(times, recompute))
+    sbh_bytes = tokens * h * bytes_per_element
+    return _under_dtensor(times, rates=rates, sbh_bytes=sbh_bytes, tp=t, recompute=recompute)
+
+
+def _under_dtensor(times: LayerTimes, *, rates: CpuRates, sbh_bytes: float, tp: int, recompute: str
+                   ) -> CpuPart:
+    """A layer's compute plus what DTensor adds under tensor parallelism (:data:`DTENSOR_TP`): its
+    dispatches, its collectives, and the concatenations of the all-gathered (non-leading) dims."""
+    counts = DTENSOR_TP
+    times += _dispatch(rates, counts.dispatches_per_layer) + LayerTimes(
+        forward_s=rates.copy_s(2 * 3 * sbh_bytes), backward_input_s=rates.copy_s(2 * 2 * sbh_bytes))
+
+    def all_reduces(n: int) -> float:
+        return n * rates.collective_work_s("all_reduce", sbh_bytes, tp)
+
+    forward = all_reduces(counts.all_reduces_forward) + counts.all_gathers_forward * \
+        rates.collective_work_s("all_gather", 3 * sbh_bytes, tp)
+    backward = all_reduces(counts.all_reduces_backward) + counts.all_gathers_backward * \
+        rates.collective_work_s("all_gather", sbh_bytes, tp)
+    times = _recompute(times, recompute)
+    if recompute == "full":  # the recomputed forward repeats its collectives
+        times = LayerTimes(forward_s=times.forward_s, backward_input_s=times.backward_input_s,
+                           backward_weight_s=times.backward_weight_s, recompute_s=times.recompute_s + forward)
+    return CpuPart(times=times, tp_forward_s=forward, tp_backward_s=backward)
+
+
+def generic_layer_part(layer: LayerProfile, *, rates: CpuRates, microbatch_size: int, tp: int,
+                       recompute: str = "none") -> CpuPart:
+    """A layer of unknown shape: its FLOPs ÷ t on the linear curve at a 1024-wide square shape."""
+    rate_s = rates.linear_s(1024, 1024, 1024) / (6 * 1024**3)
+    scale = microbatch_size / tp * rate_s
+    times = LayerTimes(forward_s=layer.flops_fwd * scale, backward_input_s=layer.flops_bwd / 2 * scale,
+                       backward_weight_s=layer.flops_bwd / 2 * scale)
+    return CpuPart(times=_recompute(times, recompute))
+
+
+def embedding_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: int, tp: int,
+                   vocab_parallel: bool) -> CpuPart:
+    """Token + position lookup and their sum; backward zeroes and scatters the table gradient.
+    Vocabulary-parallel (``t > 1``): masked lookup on the table shard, all-reduced."""
+    tokens = microbatch_size * profile.seq_len
+    sbh = tokens * profile.hidden_size
+    shards = tp if vocab_parallel else 1
+    table_bytes = profile.vocab_size * profile.hidden_size / shards * profile.bytes_per_element
+    times = _op(rates, "add", sbh) + LayerTimes(
+        forward_s=rates.copy_s(2 * sbh * profile.bytes_per_element),
+        backward_weight_s=rates.copy_s(table_bytes) + rates.copy_s(2 * sbh * profile.bytes_per_element))
+    if tp == 1:
+        return CpuPart(times=times)
+    times += _op(rates, "add", sbh, 2) + _dispatch(rates, DTENSOR_TP.dispatches_outside_layers / 2)
+    sbh_bytes = sbh * profile.bytes_per_element
+    reduce = rates.collective_work_s("all_reduce", sbh_bytes, tp) if vocab_parallel else 0.0
+    return CpuPart(times=times, tp_forward_s=reduce)
+
+
+def head_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: int, tp: int) -> CpuPart:
+    """Final LayerNorm, the LM head (colwise under TP: logits all-gathered), the cross-entropy
+    over all logits, and the copy that merges the microbatches' logits at the end of the step."""
+    tokens, h, vocab = microbatch_size * profile.seq_len, profile.hidden_size, profile.vocab_size
+    logits = tokens * vocab
+    times = _op(rates, "layer_norm", tokens * h)
+    if vocab == 0:
+        return CpuPart(times=times + _op(rates, "add", tokens * h))
+    logit_bytes = 4 * logits  # the loss reads fp32 logits
+    merge = LayerTimes(forward_s=rates.copy_s(2 * logit_bytes))  # the schedule concatenates the outputs
+    times += _linear(rates, tokens, h, vocab / tp) + _op(rates, "cross_entropy", logits) + merge
+    if tp == 1:
+        return CpuPart(times=times)
+    times += _dispatch(rates, DTENSOR_TP.dispatches_outside_layers / 2) + LayerTimes(
+        forward_s=rates.copy_s(2 * logit_bytes), backward_input_s=rates.copy_s(2 * logit_bytes / tp))
+    gather = rates.collective_work_s("all_gather", logit_bytes, tp)
+    return CpuPart(times=times, tp_forward_s=gather)

@@ -1,0 +1,195 @@
+"""Step model of a local cluster: N one-thread processes over gloo on this machine's C cores.
+
+Data flow: ``estimate`` hands a Plan on a ``local:N`` cluster here. :func:`local_rates` finds the
+measured ``CpuRates`` (``CostOptions.local_profile``, else the profile ``autopar calibrate`` wrote
+to its default path, else :meth:`CpuRates.assumed`); :func:`cpu_stage_costs` prices every stage
+per microbatch with ``cpu_compute``; :func:`estimate_local` adds what the runtime does around the
+pipeline and runs the step on the cores (``shared_cores``) → ``Predicted``.
+
+What the runtime does on CPU, priced from measured rates (``CpuRates``):
+
+* per microbatch and stage: the layers, embedding and head (``cpu_compute``), sends to the
+  neighbouring stages (measured gloo P2P), the pipelining machinery (``runtime_microbatch_s``);
+  under ZeRO-3 (FSDP2 ``fully_shard``) the weights are all-gathered for forward and again for
+  backward;
+* after the pipeline, per rank: the data-parallel gradient sync (FSDP2 ``replicate``: an
+  all-reduce of every gradient, copied into and out of a flat buffer; ZeRO 1–3: reduce-scatter,
+  plus an all-gather of the weights for ZeRO 1–2), the tied-embedding all-reduce between the first
+  and last stages, AdamW (a loop over tensors on CPU, each op through DTensor when the runtime
+  wrapped the parameters: ``dp > 1`` or ``tp > 1``) and the per-step machinery
+  (``runtime_step_s``). Nothing of the sync overlaps the backward (FSDP2 reduces after the last
+  microbatch), so ``CostOptions.dp_overlap`` is not applied here.
+
+Breakdown: the components of the pipeline rank that finishes last, each stretched by the slowdown
+it saw from sharing the cores; ``bubble`` is its idle time (pipeline bubble and waiting).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from autopar.cost_models.compute import LayerTimes
+from autopar.cost_models.cpu_compute import CpuPart, embedding_part, head_part, transformer_layer_part
+from autopar.cost_models.cpu_rates import CpuRates
+from autopar.cost_models.memory import peak_memory_bytes
+from autopar.cost_models.profile import ModelProfile
+from autopar.cost_models.shared_cores import simulate_shared
+from autopar.cost_models.stages import StageCost, layer_flops
+
+if TYPE_CHECKING:
+    from autopar.cost_models.local_profile import LocalProfile
+    from autopar.plans import Plan, Predicted
+
+log = logging.getLogger("autopar.cost_models")
+_DEFAULT: dict[str, object] = {}
+
+
+def _default_profile() -> LocalProfile | None:
+    """The profile at ``local_profile.default_profile_path()``, reloaded when the file changes;
+    an unreadable or outdated file is reported once and ignored."""
+    from autopar.cost_models.local_profile import default_profile_path, load_profile
+
+    path = default_profile_path()
+    try:
+        key = (str(path), path.stat().st_mtime_ns)
+    except OSError:
+        return None
+    if _DEFAULT.get("key") != key:
+        try:
+            _DEFAULT.update(key=key, profile=load_profile(path))
+        except ValueError as error:
+            log.warning("ignoring the local profile: %s", error)
+            _DEFAULT.update(key=key, profile=None)
+    return _DEFAULT["profile"]  # type: ignore[return-value]
+
+
+def local_rates(plan: Plan, profile: LocalProfile | None = None) -> CpuRates | None:
+    """The CPU rates for ``plan`` if it runs on a local cluster (None otherwise): ``profile``'s,
+    else the default profile's, else the ASSUMED placeholders."""
+    if not plan.cluster.get("local", False):
+        return None
+    profile = profile if profile is not None else _default_profile()
+    return profile.cpu if profile is not None else CpuRates.assumed(os.cpu_count() or 1)
+
+
+def _parts(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[CpuPart, float, float]]:
+    """(CPU part, parameters per device, parameter tensors per device) of every stage."""
+    t, b, last = plan.parallelism.tp, plan.schedule.microbatch_size, len(plan.stages) - 1
+    cache: dict[tuple[object, ...], CpuPart] = {}
+    result = []
+    for stage in plan.stages:
+        part, params, tensors = CpuPart(), 0.0, 0.0
+        for layer in profile.layers[stage.layers[0]:stage.layers[1]]:
+            key = (layer.flops_fwd, layer.hidden_size, layer.num_heads, layer.ffn_size, layer.seq_len)
+            if key not in cache:
+                cache[key] = transformer_layer_part(
+                    layer, rates=rates, microbatch_size=b, tp=t, bytes_per_element=profile.bytes_per_element,
+                    recompute=stage.recompute, fused_attention=profile.fused_attention, causal=profile.causal)
+            part, params = part + cache[key], params + layer.param_count
+            tensors += profile.param_tensors(layer)
+        if stage.index == 0:
+            part += embedding_part(profile, rates=rates, microbatch_size=b, tp=t,
+                                   vocab_parallel=plan.parallelism.pp == 1)
+            params, tensors = params + profile.embedding_params, tensors + profile.embedding_param_tensors
+        if stage.index == last:
+            part += head_part(profile, rates=rates, microbatch_size=b, tp=t)
+            tied = stage.index > 0 and profile.tied_embeddings
+            params += profile.head_params + (profile.tied_head_params if tied else 0)
+            tensors += profile.head_param_tensors + int(tied)
+        result.append((part, params / t, tensors))
+    return result
+
+
+def cpu_stage_costs(plan: Plan, profile: ModelProfile, rates: CpuRates) -> tuple[StageCost, ...]:
+    """Per-microbatch costs of every stage of ``plan`` on one of its processes."""
+    par, b = plan.parallelism, plan.schedule.microbatch_size
+    boundary = b * profile.seq_len * profile.hidden_size * profile.bytes_per_element
+    send = rates.collective_work_s("p2p", boundary, 2)
+    costs = []
+    for stage, (part, params, _) in zip(plan.stages, _parts(plan, profile, rates), strict=True):
+        gather = 0.0
+        if plan.zero == 3 and par.dp > 1:  # FSDP2 gathers the weights for forward and for backward
+            size = params * profile.bytes_per_element
+            gather = rates.collective_work_s("all_gather", size, par.dp) + rates.copy_s(2 * size)
+        flops = b * sum(layer_flops(layer, stage.recompute, profile.fused_attention)
+                        for layer in profile.layers[stage.layers[0]:stage.layers[1]])
+        flops += b * (3 * profile.embedding_flops_fwd if stage.index == 0 else 0.0)
+        if stage.index == len(plan.stages) - 1:
+            flops += b * (profile.head_flops_fwd + profile.head_flops_bwd)
+        costs.append(StageCost(
+            compute=part.times, tp_forward_s=part.tp_forward_s, tp_backward_s=part.tp_backward_s,
+            tp_recompute_s=0.0, send_forward_s=send if stage.index < len(plan.stages) - 1 else 0.0,
+            send_backward_s=send if stage.index > 0 else 0.0, params_per_device=params, hardware_flops=flops,
+            dp_forward_s=gather, dp_backward_s=gather, overhead_s=rates.runtime_microbatch_s))
+    return tuple(costs)
+
+
+def _dp_sync_s(rates: CpuRates, size_bytes: float, *, dp: int, zero: int) -> float:
+    """The gradient sync after the pipeline: each collective, and the copies into and out of its
+    flat buffer."""
+    def sync_s(kind: str, copies: int) -> float:
+        return (rates.collective_work_s(kind, size_bytes, dp, memory_bound=True)
+                + rates.copy_s(copies * size_bytes))
+
+    if dp == 1:
+        return 0.0
+    if zero == 0:
+        return sync_s("all_reduce", 4)
+    return sync_s("reduce_scatter", 2) + (sync_s("all_gather", 2) if zero < 3 else 0.0)
+
+
+def _tails(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[float, float]]:
+    """(data-parallel and tied-weight sync, optimizer + per-step machinery) of each pipeline rank."""
+    par, parts = plan.parallelism, _parts(plan, profile, rates)
+    wrapped = par.dp > 1 or par.tp > 1
+    tied_bytes = profile.tied_head_params / par.tp * profile.bytes_per_element
+    tied = (rates.collective_work_s("all_reduce", tied_bytes, 2, memory_bound=True)
+            if profile.tied_embeddings and par.pp > 1 else 0.0)
+    tails = []
+    for rank in range(par.pp):
+        mine = parts[rank::par.pp]
+        params, tensors = sum(p for _, p, _ in mine), sum(n for _, _, n in mine)
+        sync = _dp_sync_s(rates, params * profile.bytes_per_element, dp=par.dp, zero=plan.zero)
+        shard = par.dp if plan.zero >= 1 else 1
+        optimizer = rates.optimizer_s(params / shard, tensors, dtensor=wrapped) + rates.runtime_step_s
+        ends = rank in (0, (len(plan.stages) - 1) % par.pp)
+        tails.append((sync + (tied if ends else 0.0), optimizer))
+    return tails
+
+
+def estimate_local(plan: Plan, profile: ModelProfile, rates: CpuRates) -> Predicted:
+    """The step of ``plan`` on this machine's cores (module docstring)."""
+    from autopar.plans import Predicted
+
+    costs = cpu_stage_costs(plan, profile, rates)
+    tails = _tails(plan, profile, rates)
+    par, sched = plan.parallelism, plan.schedule
+    run = simulate_shared([c.times() for c in costs], schedule=sched.name, pp=par.pp,
+                          num_microbatches=sched.num_microbatches, virtual_stages=sched.virtual_stages,
+                          tails=[sync + optimizer for sync, optimizer in tails],
+                          weights=[par.dp * par.tp] * par.pp, rate=lambda busy: rates.share(busy)[0],
+                          tail_rate=lambda busy: rates.share(busy)[1])
+    r, m = run.critical_rank, sched.num_microbatches
+    mine = costs[r::par.pp]
+    c = sum((x.compute for x in mine), LayerTimes())
+    solo = {
+        "compute": m * (c.forward_s + c.backward_s + sum(x.overhead_s for x in mine)),
+        "recompute": m * c.recompute_s,
+        "tp_comm": m * sum(x.tp_forward_s + x.tp_backward_s + x.tp_recompute_s for x in mine),
+        "pp_comm": m * sum(x.send_forward_s + x.send_backward_s for x in mine),
+        "dp_comm": m * sum(x.dp_forward_s + x.dp_backward_s for x in mine) + tails[r][0],
+        "optimizer": tails[r][1], "ep_comm": 0.0,
+    }
+    stretch = run.busy_s[r] / run.work_s[r] if run.work_s[r] > 0 else 1.0
+    breakdown = {k: v * stretch for k, v in solo.items()} | {"bubble": max(0.0, run.total_s - run.busy_s[r])}
+    step_s = sum(breakdown.values())
+    hardware_flops = par.dp * m * sum(x.hardware_flops for x in costs)
+    model_flops = plan.global_batch_size * profile.model_flops_per_sequence
+    peak = plan.world_size * rates.linear_peak_flops_per_s
+    return Predicted(
+        step_time_s=step_s, tokens_per_s=plan.global_batch_size * profile.seq_len / step_s,
+        tflops_per_device=hardware_flops / (plan.world_size * step_s) / 1e12,
+        mfu=min(1.0, model_flops / (peak * step_s)), peak_memory_bytes=peak_memory_bytes(plan, profile),
+        breakdown=breakdown)
