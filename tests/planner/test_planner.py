@@ -180,5 +180,5 @@ def test_token_dropping_moves_the_stage_split():
     assert ltd.predicted.step_time_s < plain.predicted.step_time_s
     assert [p.name for p in ltd.passes] == ["random_ltd"]
     # memory is checked at full length (the end of the schedule), not at the schedule's average
-    full = profile_of(autopar.capture(model, inputs))
+    full = profile_of(autopar.capture(model, inputs), ClusterSpec.parse("1x4xA100-80GB"))
     assert ltd.predicted.peak_memory_bytes == peak_memory_bytes(ltd, full)
