@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from autopar.cluster import ClusterSpec
 from autopar.planner.space import Config
 from autopar.plans import Mesh, Parallelism, Plan, Schedule, Sharding, Stage
+from autopar.plans.pinned import layer_ranges
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,14 +42,9 @@ def rank_devices(config: Config, rank: int) -> tuple[int, ...]:
 
 
 def even_split(num_layers: int, num_stages: int) -> tuple[tuple[int, int], ...]:
-    """Contiguous, equal-as-possible layer ranges (earlier stages take the remainder)."""
-    base, extra = divmod(num_layers, num_stages)
-    ranges, start = [], 0
-    for k in range(num_stages):
-        size = base + (1 if k < extra else 0)
-        ranges.append((start, start + size))
-        start += size
-    return tuple(ranges)
+    """Contiguous, equal-as-possible layer ranges (earlier stages take the remainder), as pinned
+    plans split them (``autopar.plans.pinned``)."""
+    return tuple(layer_ranges(num_layers, num_stages))
 
 
 def build_plan(

@@ -28,7 +28,8 @@ def _degrees(fix: Fix, world: int) -> tuple[int, int, int]:
     return dp, tp, pp
 
 
-def _layer_ranges(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
+def layer_ranges(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
+    """Contiguous, equal-as-possible ranges; earlier stages take the remainder."""
     if num_layers < num_stages:
         raise ValueError(f"the model has {num_layers} repeated layers, too few for {num_stages} "
                          "pipeline stages; lower pp (or virtual_stages)")
@@ -56,7 +57,7 @@ def plan_from_fix(model: str, *, graph_fingerprint: str, num_layers: int, cluste
     num_micro = fix.num_microbatches or local // micro
     grid = [[[(p * dp + d) * tp + t for t in range(tp)] for d in range(dp)] for p in range(pp)]
     stages = []
-    for k, layers in enumerate(_layer_ranges(num_layers, pp * virtual)):
+    for k, layers in enumerate(layer_ranges(num_layers, pp * virtual)):
         devices = tuple(x for row in grid[k % pp] for x in row)
         stages.append(Stage(index=k, first_node="", last_node="", layers=layers, devices=devices,
                             recompute=fix.recompute or "none", virtual_chunk=k // pp))
