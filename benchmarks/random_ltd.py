@@ -11,9 +11,9 @@ step 0 (keep ratio 0.5 on layers 1–10; layers 0 and 11 whole). Rounds alternat
 that load drifts hit both; step time is the median over every timed step. Predicted saving:
 ``estimate(plan, ltd_profile(profile, kept))`` against ``estimate(plan, profile)`` for the
 ``local:1`` single-device plan (the target: measured ≥ 80 % of it), and the FLOP ratio
-(``model_flops_per_sequence``), both reported. The CPU entry of the hardware catalog has
-placeholder peaks, so the estimate's absolute step times are not this machine's; its ratio is
-what is compared.
+(``model_flops_per_sequence``), both reported. The estimate uses the calibrated CPU model when
+``autopar calibrate`` has written a profile (else placeholder rates); only its ratio is compared
+here, the absolute step times are benchmarks/cost_model_cpu.py's subject.
 
 Case ``loss curve``: two identical models (same seed) trained for ``--train-steps`` steps on the same
 fixed synthetic corpus (a sparse random Markov chain, 4 successors per token), one with
@@ -211,8 +211,8 @@ def _markdown(step: dict[str, Any], loss: dict[str, Any], env: dict[str, Any]) -
         f"{'met' if step['target_met'] else 'NOT met'}). Predicted by the FLOP ratio alone: "
         f"{step['predicted_saving_flops']:.1%} → {step['measured_over_predicted_flops']:.2f} (the FLOP "
         "count has attention without the causal saving and no optimizer step, which does not "
-        "shrink; the estimate has both). The CPU device in the hardware catalog has placeholder peaks, so "
-        "the estimate's absolute times are not this machine's; the saving is a ratio of two of them.", "",
+        "shrink; the estimate has both). Only the estimate's ratio is compared; its absolute times "
+        "(calibrated CPU model if a profile is installed) are `cost_model_cpu.md`'s subject.", "",
         f"## Loss curve: {loss['num_steps']} steps, schedule {loss['schedule']}", "",
         "Full curves in `random_ltd.csv`; a longer run with plots: `random_ltd_loss.md`.", "",
         "| step | " + " | ".join(str(m) for m in marks) + " |", "|---" * (len(marks) + 1) + "|",
