@@ -152,7 +152,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
                   f"bounds, {result.configs_infeasible} out of memory ({exact})",
                   markup=False, highlight=False)
     if args.output:
-        console.print(f"wrote {args.output}", markup=False, highlight=False)
+        console.print(f"wrote {args.output}", markup=False, highlight=False, soft_wrap=True)
     if args.html:
         from autopar.cli.show_cmd import write_report
 

@@ -44,7 +44,7 @@ def write_report(view: PlanView, path: str, console: Console, started: float) ->
     except OSError as error:
         raise ValueError(f"cannot write the report to {path!r}: {error.strerror}") from None
     console.print(f"wrote {path} ({len(text.encode()) / 1024:,.0f} KiB, rendered in "
-                  f"{time.perf_counter() - started:.2f} s)", markup=False, highlight=False)
+                  f"{time.perf_counter() - started:.2f} s)", markup=False, highlight=False, soft_wrap=True)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:

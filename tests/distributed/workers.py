@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 import autopar
 from autopar.losses import cross_entropy
+from autopar.plans.megatron import megatron_shardings
 from autopar.runtime.recompute import Recomputed
 
 # fp32 on CPU: the pipelined program sums the same terms in another order.
@@ -85,10 +86,14 @@ def run_case(world: int, name: str, fix: dict, layers=None, expect=None, recompu
     model, inputs, targets = build_case(name)
     reference = copy.deepcopy(model)
     compiled = autopar.compile(model, f"local:{world}", fix=fix, optimizer=_sgd)
-    if layers is not None or recompute is not None:  # a hand-written Plan
+    megatron = fix.get("tp", 1) > 1  # run Megatron's own layout, whatever the planner would choose
+    if layers is not None or recompute is not None or megatron:  # a hand-written Plan
         probe = autopar.compile(copy.deepcopy(model), f"local:{world}", fix=fix, optimizer=_sgd)
         probe.step(inputs, targets)
         plan = probe.plan
+        if megatron:
+            plan = dataclasses.replace(plan, shardings=megatron_shardings(
+                probe.captured.graph_module, fix["tp"], vocab_parallel=fix.get("pp", 1) == 1))
         layers = layers or [s.layers for s in plan.stages]
         recompute = recompute or [s.recompute for s in plan.stages]
         stages = tuple(dataclasses.replace(s, layers=r, recompute=c)
