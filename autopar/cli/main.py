@@ -22,6 +22,7 @@ from autopar.cli import (
     plan_cmd,
     run_cmd,
     show_cmd,
+    sweep_cmd,
 )
 from autopar.passes import PassError
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     show_cmd.add_parser(subparsers)
     diff_cmd.add_parser(subparsers)
     explain_cmd.add_parser(subparsers)
+    sweep_cmd.add_parser(subparsers)
     return parser
 
 

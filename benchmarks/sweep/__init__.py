@@ -1,0 +1,1 @@
+"""Benchmark sweeps: named suites of cases (``cases``) run by one resumable driver (``driver``)."""
