@@ -74,13 +74,13 @@ def _step(gm: fx.GraphModule, optimizer: torch.optim.Optimizer, ids: torch.Tenso
     return float(loss.detach())
 
 
-def bench_step_time(warmup: int, rounds: int, steps: int) -> dict[str, Any]:
+def bench_step_time(warmup: int, rounds: int, steps: int, keep_ratio: float = KEEP_RATIO) -> dict[str, Any]:
     model = _model()
     ids, targets = autopar.models.example_batch(model, BATCH, seed=1)
     cap = autopar.capture(model, ids)
     baseline = cap.graph_module
     profile = ModelProfile.from_captured(cap, batch_size=BATCH, dtype="fp32")
-    keep = round(KEEP_RATIO * MODEL["seq_len"])
+    keep = round(keep_ratio * MODEL["seq_len"])
     second = autopar.capture(model, ids)
     dropping = run_passes(second.graph_module, [RandomLTD(min_tokens=keep, num_steps=10**9)],
                           PassContext(captured=second))
@@ -98,7 +98,7 @@ def bench_step_time(warmup: int, rounds: int, steps: int) -> dict[str, Any]:
                 _step(gm, optimizer, ids, targets)
                 times[name].append(time.perf_counter() - start)
     assert random_ltd_runtime(dropping).last_kept == dict.fromkeys(kept, keep)
-    return _step_row(times, profile, ltd_profile(profile, kept), kept)
+    return _step_row(times, profile, ltd_profile(profile, kept), kept) | {"kept_ratio": keep_ratio}
 
 
 def _step_row(times: dict[str, list[float]], profile: ModelProfile, dropped: ModelProfile,

@@ -19,7 +19,7 @@ from rich.console import Console
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("sweep", help="run a named benchmark suite (from the repository root)")
     p.add_argument("--suite", required=True,
-                   help="planner-scaling, plan-quality, runtime-cpu, kernels or smoke")
+                   help="planner-scaling, plan-quality, runtime-cpu, passes, kernels or smoke")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/sweeps)")
     p.set_defaults(run=run)
 

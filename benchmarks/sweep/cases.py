@@ -72,6 +72,16 @@ def _runtime_cpu() -> tuple[Case, ...]:
                       params={"world_size": w, "rounds": 2, "warmup": 2, "steps": 6}) for w in WORLD_SIZES)
 
 
+KEEP_RATIOS = (0.75, 0.5, 0.25)
+
+
+def _passes() -> tuple[Case, ...]:
+    """Random-LTD keep ratios against step time and FLOPs (benchmarks/random_ltd.py's model).
+    MoE expert counts join when the MoE pass exists (issue 7)."""
+    return tuple(Case(suite="passes", name=f"random-ltd-keep-{r}", kind="random-ltd",
+                      params={"keep_ratio": r, "warmup": 2, "rounds": 3, "steps": 3}) for r in KEEP_RATIOS)
+
+
 def _kernels() -> tuple[Case, ...]:
     from benchmarks.kernels.attention import IMPLEMENTATIONS
     return tuple(_kernel("kernels", seq, d, causal, impl) for d in (64, 128) for causal in (False, True)
@@ -87,7 +97,7 @@ def _smoke() -> tuple[Case, ...]:
 
 SUITES: dict[str, Callable[[], tuple[Case, ...]]] = {
     "planner-scaling": _planner_scaling, "plan-quality": _plan_quality, "runtime-cpu": _runtime_cpu,
-    "kernels": _kernels, "smoke": _smoke,
+    "kernels": _kernels, "passes": _passes, "smoke": _smoke,
 }
 
 
@@ -142,6 +152,15 @@ def _run_runtime(p: dict[str, Any]) -> dict[str, Any]:
             "candidates": rows, "not_planned": skipped}
 
 
+def _run_random_ltd(p: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.random_ltd import bench_step_time
+    row = bench_step_time(p["warmup"], p["rounds"], p["steps"], keep_ratio=p["keep_ratio"])
+    keys = ("kept_ratio", "baseline_step_s", "random_ltd_step_s", "measured_saving",
+            "predicted_saving_estimate", "predicted_saving_flops", "flops_per_step_baseline",
+            "flops_per_step_random_ltd")
+    return {key: row[key] for key in keys}
+
+
 def _run_kernel(p: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.kernels.attention import bench_case
     return bench_case(p["implementation"], seq=p["seq"], head_dim=p["head_dim"], causal=p["causal"],
@@ -150,7 +169,7 @@ def _run_kernel(p: dict[str, Any]) -> dict[str, Any]:
 
 RUNNERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "planner": _run_planner, "plan-quality": _run_quality, "plan-local": _run_plan_local,
-    "runtime": _run_runtime, "kernel": _run_kernel,
+    "runtime": _run_runtime, "kernel": _run_kernel, "random-ltd": _run_random_ltd,
 }
 
 

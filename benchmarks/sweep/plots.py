@@ -2,7 +2,9 @@
 
 Data flow: ``driver.run_suite`` → :func:`draw` (suite name, rows) → the suite's figure, or
 nothing for suites without one. ``planner-scaling``: search time vs layers and vs GPUs;
-``plan-quality``: autopar's predicted speed-up over Megatron-LM's configuration per row.
+``plan-quality``: autopar's predicted speed-up over Megatron-LM's configuration per row;
+``runtime-cpu``: predicted and measured step time of every candidate per world size;
+``passes``: measured and predicted random-LTD savings against the keep ratio.
 """
 
 from __future__ import annotations
@@ -57,8 +59,41 @@ def plan_quality(rows: list[dict[str, Any]]) -> Figure:
     return fig
 
 
+def runtime_cpu(rows: list[dict[str, Any]]) -> Figure:
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("candidates")]
+    fig, panels = plt.subplots(1, max(1, len(ok)), figsize=(6 * max(1, len(ok)), 4), constrained_layout=True,
+                               squeeze=False)
+    for axes, row in zip(panels[0], ok, strict=False):
+        candidates = row["candidates"]
+        x = range(len(candidates))
+        axes.bar([i - 0.2 for i in x], [c["predicted_s"] for c in candidates], 0.4, label="predicted")
+        axes.bar([i + 0.2 for i in x], [c["measured_s"] for c in candidates], 0.4, label="measured")
+        axes.set_xticks(list(x), [("* " if c["chosen"] else "") + " ".join(c["plan"].split()[:3])
+                                  for c in candidates], rotation=30, ha="right", fontsize=8)
+        axes.set(ylabel="step time (s)", title=f"{row['world_size']} local ranks (* = autopar's choice)")
+        axes.legend()
+        axes.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def passes(rows: list[dict[str, Any]]) -> Figure:
+    ok = sorted((r for r in rows if r.get("status") == "ok" and "kept_ratio" in r),
+                key=lambda r: r["kept_ratio"])
+    fig, axes = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    ratios = [r["kept_ratio"] for r in ok]
+    for key, label in (("measured_saving", "measured"), ("predicted_saving_estimate", "cost model"),
+                       ("predicted_saving_flops", "FLOP ratio")):
+        axes.plot(ratios, [100 * r[key] for r in ok], "o-", label=label)
+    axes.set(xlabel="kept fraction on the middle layers", ylabel="step-time saving (%)",
+             title="Random-LTD: saving vs keep ratio (CPU)")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    return fig
+
+
 FIGURES: dict[str, Callable[[list[dict[str, Any]]], Figure]] = {
-    "planner-scaling": planner_scaling, "plan-quality": plan_quality,
+    "planner-scaling": planner_scaling, "plan-quality": plan_quality, "runtime-cpu": runtime_cpu,
+    "passes": passes,
 }
 
 

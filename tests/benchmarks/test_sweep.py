@@ -48,7 +48,7 @@ def test_kinds_of_smoke_and_kernel_skip_without_gpu() -> None:
 
 
 def test_suites_are_named_and_unknown_one_lists_them() -> None:
-    assert set(SUITES) == {"planner-scaling", "plan-quality", "runtime-cpu", "kernels", "smoke"}
+    assert set(SUITES) == {"planner-scaling", "plan-quality", "runtime-cpu", "passes", "kernels", "smoke"}
     assert len(suite("plan-quality")) == 10 and len(suite("runtime-cpu")) == 2
     with pytest.raises(ValueError, match="valid suites: planner-scaling"):
         suite("nope")
@@ -58,3 +58,20 @@ def test_cli_unknown_suite_exits_2_with_one_line(capsys: pytest.CaptureFixture[s
     assert main(["sweep", "--suite", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown suite 'nope'" in err and "smoke" in err
+
+
+def test_passes_suite_and_the_measured_suites_plots(tmp_path):
+    from benchmarks.sweep import plots
+
+    cases = suite("passes")
+    assert [c.params["keep_ratio"] for c in cases] == [0.75, 0.5, 0.25]
+    assert {c.kind for c in cases} == {"random-ltd"}
+    ltd_rows = [{"status": "ok", "kept_ratio": r, "measured_saving": 0.4 * (1 - r), "params": {},
+                 "predicted_saving_estimate": 0.45 * (1 - r), "predicted_saving_flops": 0.5 * (1 - r)}
+                for r in (0.75, 0.5)]
+    candidate = {"plan": "dp2 tp1 pp1 gpipe", "predicted_s": 0.4, "measured_s": 0.45, "chosen": True}
+    runtime_rows = [{"status": "ok", "world_size": 2, "params": {}, "candidates": [candidate]}]
+    for name, rows in (("passes", ltd_rows), ("runtime-cpu", runtime_rows)):
+        written = plots.draw(name, rows, tmp_path)
+        assert [p.name for p in written] == [f"{name}.png", f"{name}.svg"]
+        assert all(p.stat().st_size > 1000 for p in written)
