@@ -68,8 +68,11 @@ def _plan_quality() -> tuple[Case, ...]:
 
 
 def _runtime_cpu() -> tuple[Case, ...]:
-    return tuple(Case(suite="runtime-cpu", name=f"local-{w}", kind="runtime",
-                      params={"world_size": w, "rounds": 2, "warmup": 2, "steps": 6}) for w in WORLD_SIZES)
+    timing = {"rounds": 2, "warmup": 2, "steps": 6}
+    return (tuple(Case(suite="runtime-cpu", name=f"local-{w}", kind="runtime",
+                       params={"world_size": w, **timing}) for w in WORLD_SIZES)
+            + tuple(Case(suite="runtime-cpu", name=f"hand-local-{w}", kind="hand",
+                         params={"world_size": w, **timing}) for w in (1, *WORLD_SIZES)))
 
 
 KEEP_RATIOS = (0.75, 0.5, 0.25)
@@ -92,6 +95,8 @@ def _smoke() -> tuple[Case, ...]:
     return (_planner_depth("smoke", 12, 1, 64), _quality("smoke", "megatron-1.7b"),
             Case(suite="smoke", name="plan-gpt-tiny-local-2", kind="plan-local",
                  params={"model": "gpt-tiny", "world_size": 2, "global_batch": 8}),
+            Case(suite="smoke", name="random-ltd-keep-0.5", kind="random-ltd",
+                 params={"keep_ratio": 0.5, "warmup": 1, "rounds": 1, "steps": 1}),
             _kernel("smoke", 512, 64, True, "autopar"))
 
 
@@ -161,6 +166,20 @@ def _run_random_ltd(p: dict[str, Any]) -> dict[str, Any]:
     return {key: row[key] for key in keys}
 
 
+def _run_hand(p: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.sweep.hand_plans import compare_hand_plans
+    rows = compare_hand_plans(p["world_size"], {k: p[k] for k in ("rounds", "warmup", "steps")})
+    mine = rows[0]
+    hands = rows[1:]
+    best = min(hands, key=lambda r: r["measured_s"]) if hands else None
+    return {"world_size": p["world_size"], "plan": mine["plan"], "predicted_step_s": mine["predicted_s"],
+            "measured_step_s": mine["measured_s"], "best_hand_choice": best["choice"] if best else None,
+            "best_hand_step_s": best["measured_s"] if best else None,
+            "vs_best_hand_pct": (round(100 * (mine["measured_s"] / best["measured_s"] - 1), 1)
+                                 if best else None),
+            "choices": rows}
+
+
 def _run_kernel(p: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.kernels.attention import bench_case
     return bench_case(p["implementation"], seq=p["seq"], head_dim=p["head_dim"], causal=p["causal"],
@@ -169,7 +188,7 @@ def _run_kernel(p: dict[str, Any]) -> dict[str, Any]:
 
 RUNNERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "planner": _run_planner, "plan-quality": _run_quality, "plan-local": _run_plan_local,
-    "runtime": _run_runtime, "kernel": _run_kernel, "random-ltd": _run_random_ltd,
+    "runtime": _run_runtime, "kernel": _run_kernel, "random-ltd": _run_random_ltd, "hand": _run_hand,
 }
 
 

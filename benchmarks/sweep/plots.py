@@ -59,19 +59,29 @@ def plan_quality(rows: list[dict[str, Any]]) -> Figure:
     return fig
 
 
+def _entries(row: dict[str, Any]) -> tuple[str, list[tuple[str, float, float]]]:
+    """(panel title, [(label, predicted s, measured s)]) of a runtime-cpu row."""
+    if row.get("candidates"):
+        return (f"{row['world_size']} ranks: autopar's choice (*) vs its best per dp×tp×pp",
+                [(("* " if c["chosen"] else "") + " ".join(c["plan"].split()[:3]), c["predicted_s"],
+                  c["measured_s"]) for c in row["candidates"]])
+    return (f"{row['world_size']} rank(s): autopar vs hand-written plans",
+            [(c["choice"], c["predicted_s"], c["measured_s"]) for c in row["choices"]])
+
+
 def runtime_cpu(rows: list[dict[str, Any]]) -> Figure:
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("candidates")]
-    fig, panels = plt.subplots(1, max(1, len(ok)), figsize=(6 * max(1, len(ok)), 4), constrained_layout=True,
-                               squeeze=False)
-    for axes, row in zip(panels[0], ok, strict=False):
-        candidates = row["candidates"]
-        x = range(len(candidates))
-        axes.bar([i - 0.2 for i in x], [c["predicted_s"] for c in candidates], 0.4, label="predicted")
-        axes.bar([i + 0.2 for i in x], [c["measured_s"] for c in candidates], 0.4, label="measured")
-        axes.set_xticks(list(x), [("* " if c["chosen"] else "") + " ".join(c["plan"].split()[:3])
-                                  for c in candidates], rotation=30, ha="right", fontsize=8)
-        axes.set(ylabel="step time (s)", title=f"{row['world_size']} local ranks (* = autopar's choice)")
-        axes.legend()
+    panels_data = [_entries(r) for r in rows
+                   if r.get("status") == "ok" and (r.get("candidates") or r.get("choices"))]
+    count = max(1, len(panels_data))
+    fig, panels = plt.subplots(1, count, figsize=(5 * count, 4.5), constrained_layout=True, squeeze=False)
+    for axes, (title, entries) in zip(panels[0], panels_data, strict=False):
+        x = range(len(entries))
+        axes.bar([i - 0.2 for i in x], [e[1] for e in entries], 0.4, label="predicted")
+        axes.bar([i + 0.2 for i in x], [e[2] for e in entries], 0.4, label="measured")
+        axes.set_xticks(list(x), [e[0] for e in entries], rotation=30, ha="right", fontsize=7)
+        axes.set(ylabel="step time (s)")
+        axes.set_title(title, fontsize=9)
+        axes.legend(fontsize=8)
         axes.grid(axis="y", alpha=0.3)
     return fig
 

@@ -39,7 +39,7 @@ def test_smoke_suite_runs_writes_one_row_per_case_and_resumes(tmp_path: Path) ->
 
 def test_kinds_of_smoke_and_kernel_skip_without_gpu() -> None:
     kinds = {c.kind for c in suite("smoke")}
-    assert {"planner", "plan-quality", "plan-local", "kernel"} <= kinds
+    assert {"planner", "plan-quality", "plan-local", "random-ltd", "kernel"} <= kinds
     assert "runtime" not in kinds  # smoke spawns no processes
     kernel = next(c for c in suite("smoke") if c.kind == "kernel")
     assert isinstance(kernel, Case)
@@ -49,7 +49,7 @@ def test_kinds_of_smoke_and_kernel_skip_without_gpu() -> None:
 
 def test_suites_are_named_and_unknown_one_lists_them() -> None:
     assert set(SUITES) == {"planner-scaling", "plan-quality", "runtime-cpu", "passes", "kernels", "smoke"}
-    assert len(suite("plan-quality")) == 10 and len(suite("runtime-cpu")) == 2
+    assert len(suite("plan-quality")) == 10 and len(suite("runtime-cpu")) == 5
     with pytest.raises(ValueError, match="valid suites: planner-scaling"):
         suite("nope")
 
@@ -70,7 +70,10 @@ def test_passes_suite_and_the_measured_suites_plots(tmp_path):
                  "predicted_saving_estimate": 0.45 * (1 - r), "predicted_saving_flops": 0.5 * (1 - r)}
                 for r in (0.75, 0.5)]
     candidate = {"plan": "dp2 tp1 pp1 gpipe", "predicted_s": 0.4, "measured_s": 0.45, "chosen": True}
-    runtime_rows = [{"status": "ok", "world_size": 2, "params": {}, "candidates": [candidate]}]
+    hand = [{"choice": "autopar", "plan": "dp2", "predicted_s": 0.4, "measured_s": 0.45},
+            {"choice": "pure data parallel", "plan": "dp2", "predicted_s": 0.4, "measured_s": 0.47}]
+    runtime_rows = [{"status": "ok", "world_size": 2, "params": {}, "candidates": [candidate]},
+                    {"status": "ok", "world_size": 2, "params": {}, "choices": hand}]
     for name, rows in (("passes", ltd_rows), ("runtime-cpu", runtime_rows)):
         written = plots.draw(name, rows, tmp_path)
         assert [p.name for p in written] == [f"{name}.png", f"{name}.svg"]
