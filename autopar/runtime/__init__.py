@@ -6,7 +6,18 @@ Processes come from ``launch`` (autopar's local spawner, or torchrun). The runti
 decides nothing: a hand-written Plan runs as well as a planned one.
 """
 
-from autopar.runtime.engine import Engine
+from typing import Any
+
 from autopar.runtime.launch import init_from_env, spawn
 
 __all__ = ["Engine", "init_from_env", "spawn"]
+
+
+def __getattr__(name: str) -> Any:
+    """``Engine`` is imported on first use: torch's pipelining and DTensor take ~0.8 s to import,
+    which commands that never train (``autopar show``, ``plan``) should not pay."""
+    if name == "Engine":
+        from autopar.runtime.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'autopar.runtime' has no attribute {name!r}")

@@ -38,11 +38,26 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
+
     from autopar.compile import Compiled
+
+
+def _dcp() -> Any:
+    """``torch.distributed.checkpoint``, imported on first use (~0.5 s, which ``import autopar``
+    should not pay)."""
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
+
+
+def _tensor_metadata() -> type:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    return TensorStorageMetadata
+
 
 PARTIAL, PREVIOUS = ".partial", ".previous"
 
@@ -88,7 +103,7 @@ def save(compiled: Compiled, path: str | os.PathLike[str], *, extra: dict[str, A
         shutil.rmtree(partial, ignore_errors=True)  # left by a crashed save
     _barrier()
     with _quiet():  # returns once every rank wrote and rank 0 wrote the metadata
-        dcp.save(content, checkpoint_id=partial)
+        _dcp().save(content, checkpoint_id=partial)
     if _rank() == 0:
         _swap_in(partial, path)
     _barrier()
@@ -113,7 +128,7 @@ def load(compiled: Compiled, path: str | os.PathLike[str], *,
         raise
     _drop_unsaved_state(target, metadata, optimizer, _parameters(compiled))
     with _quiet():
-        dcp.load(target, checkpoint_id=where)
+        _dcp().load(target, checkpoint_id=where)
     _restore(target, compiled, optimizer)
     return target["extra"]
 
@@ -132,7 +147,7 @@ def _checked_target(compiled: Compiled, path: str) -> tuple[str, Metadata, dict[
     if metadata is not None:
         target["extra"] = {key[len("extra."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
                            for key, meta in metadata.state_dict_metadata.items()
-                           if key.startswith("extra.") and isinstance(meta, TensorStorageMetadata)}
+                           if key.startswith("extra.") and isinstance(meta, _tensor_metadata())}
         target["passes"] = _saved_pass_state(metadata)
         problems = _mismatches(target, metadata, _all_fqns(compiled))
     _agree(problems, path, _device(compiled))
@@ -144,7 +159,7 @@ def _saved_pass_state(metadata: Metadata) -> dict[str, dict[str, torch.Tensor]]:
     """Tensors to load the saved ``passes.<pass>.<key>`` entries into (whatever passes this run has)."""
     passes: dict[str, dict[str, torch.Tensor]] = {}
     for key, meta in metadata.state_dict_metadata.items():
-        if key.startswith("passes.") and isinstance(meta, TensorStorageMetadata):
+        if key.startswith("passes.") and isinstance(meta, _tensor_metadata()):
             name, _, field = key[len("passes."):].partition(".")
             passes.setdefault(name, {})[field] = torch.empty(meta.size, dtype=meta.properties.dtype)
     return passes
@@ -256,7 +271,7 @@ def _read(path: str) -> tuple[str | None, Metadata | None, list[str]]:
     if where is None:
         return None, None, [f"no checkpoint directory at {path}; pass the path given to autopar.save"]
     try:
-        return where, dcp.FileSystemReader(where).read_metadata(), []
+        return where, _dcp().FileSystemReader(where).read_metadata(), []
     except Exception as err:  # noqa: BLE001 - any unreadable metadata means the same to the user
         return None, None, [f"{where} is not a complete checkpoint ({type(err).__name__}: {err}); "
                             "load an earlier checkpoint, or save again"]
@@ -269,7 +284,7 @@ def _mismatches(target: dict[str, Any], metadata: Metadata, all_fqns: set[str]) 
         meta = saved.get(key)
         if meta is None and not key.startswith("optimizer.state."):
             problems.append(f"{key} is missing")
-        elif isinstance(meta, TensorStorageMetadata) and tuple(meta.size) != tuple(tensor.shape):
+        elif isinstance(meta, _tensor_metadata()) and tuple(meta.size) != tuple(tensor.shape):
             problems.append(f"{key} was saved with shape {tuple(meta.size)}, "
                             f"this run has {tuple(tensor.shape)}")
     for fqn, names in target["optimizer"]["state"].items():  # none saved (no step yet) is fine
