@@ -8,9 +8,11 @@ attention each add their pass here.
 """
 
 from autopar.passes.fused_attention import FusedAttention
+from autopar.passes.moe import MoE
 from autopar.passes.random_ltd import RandomLTD
 from autopar.passes.runner import GraphPass, PassContext, PassError, check_passes, run_passes
 
 __all__ = [
-    "FusedAttention", "GraphPass", "PassContext", "PassError", "RandomLTD", "check_passes", "run_passes",
+    "FusedAttention", "GraphPass", "MoE", "PassContext", "PassError", "RandomLTD", "check_passes",
+    "run_passes",
 ]
