@@ -36,7 +36,7 @@ from autopar.planner.explain import (
     memory_shortfall,
 )
 from autopar.planner.inter_op import solve_split
-from autopar.planner.layout import PlanContext, build_plan
+from autopar.planner.layout import PlanContext, build_plan, even_split
 from autopar.planner.probes import RECOMPUTE_MODES, Prober
 from autopar.planner.space import Config, candidates, explain_empty
 from autopar.plans import Alternative, Plan, Schedule
@@ -114,8 +114,6 @@ class _Search:
         return found
 
     def _interleaved(self, config: Config) -> Evaluated | None:
-        from autopar.planner.layout import even_split
-
         chunks = even_split(self.profile.num_layers, config.pp * config.virtual_stages)
         for mode in _modes(self.fix, config):  # uniform recomputation, lightest first
             found = self._checked(config, build_plan(self.ctx, config, chunks, [mode] * len(chunks)))
