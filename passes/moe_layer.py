@@ -17,7 +17,9 @@ router z-loss ``mean_t logsumexp(logits_t)²``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +112,11 @@ class MoELayer(nn.Module):
         self.last_balance_loss: torch.Tensor | None = None
         self.last_z_loss: torch.Tensor | None = None
         self.stats: MoEStats | None = None
+        # Set by the runtime (never by the pass): gradient scale of the attached aux loss, and the
+        # expert-parallel dispatcher ``(layer, tokens, routing) -> (T, h) fp32`` that replaces
+        # the local expert loop (autopar.runtime.expert_parallel).
+        self.aux_loss_scale: float | None = None
+        self.expert_parallel: Callable[[MoELayer, torch.Tensor, Routing], torch.Tensor] | None = None
 
     def capacity(self, tokens: int) -> int:
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
@@ -120,22 +127,50 @@ class MoELayer(nn.Module):
         tokens = x.reshape(-1, shape[-1])  # (T, h)
         logits = F.linear(tokens.float(), self.router.weight.float())  # (T, E), fp32
         routing = route(logits, self.top_k, self.capacity(tokens.shape[0]))
-        out = None
-        for e, expert in enumerate(self.experts):
-            token_index, slot = torch.nonzero((routing.experts == e) & routing.kept, as_tuple=True)
-            if token_index.numel() == 0:
-                continue
-            weight = routing.weights[token_index, slot].unsqueeze(-1)  # fp32: combine in fp32
-            y = expert(tokens[token_index]).float() * weight
-            out = y.new_zeros(tokens.shape[0], y.shape[-1]) if out is None else out
-            out = out.index_add(0, token_index, y)
-        if out is None:
-            out = tokens.new_zeros(tokens.shape)
+        if self.expert_parallel is None:
+            out = run_local_experts(self.experts, tokens, routing)
+        else:
+            out = self.expert_parallel(self, tokens, routing)
         balance, z = balance_loss(routing), z_loss(logits)
         self.last_balance_loss, self.last_z_loss = balance, z
         self.last_aux_loss = self.aux_loss_weight * balance + self.z_loss_weight * z
         self.stats = _stats(routing, self.num_experts)
+        if self.aux_loss_scale is not None and self.training and torch.is_grad_enabled():
+            out = AttachAuxLoss.apply(out, self.last_aux_loss * self.aux_loss_scale)
         return out.to(x.dtype).reshape(*shape[:-1], out.shape[-1])
+
+
+def run_local_experts(experts: nn.ModuleList, tokens: torch.Tensor, routing: Routing,
+                      first_expert: int = 0) -> torch.Tensor:
+    """``Σ_slots weight · expert(token)`` over the kept assignments, in fp32, (T, h_out);
+    ``experts[i]`` is expert ``first_expert + i`` (an expert-parallel rank holds a slice)."""
+    out = None
+    for i, expert in enumerate(experts):
+        token_index, slot = torch.nonzero((routing.experts == first_expert + i) & routing.kept, as_tuple=True)
+        if token_index.numel() == 0:
+            continue
+        weight = routing.weights[token_index, slot].unsqueeze(-1)  # fp32: combine in fp32
+        y = expert(tokens[token_index]).float() * weight
+        out = y.new_zeros(tokens.shape[0], y.shape[-1]) if out is None else out
+        out = out.index_add(0, token_index, y)
+    return tokens.new_zeros(tokens.shape, dtype=torch.float32) if out is None else out
+
+
+class AttachAuxLoss(torch.autograd.Function):
+    """Identity on ``out`` whose backward also sends gradient 1 into ``aux`` (a scalar).
+
+    Adds ``aux`` to the training loss without carrying it to the last pipeline stage: the
+    runtime sets ``MoELayer.aux_loss_scale`` and the auxiliary losses' gradients flow from
+    each MoE layer's output (the device-local equivalent of ``loss + scale · aux``)."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad.device)
 
 
 def _stats(routing: Routing, num_experts: int) -> MoEStats:
