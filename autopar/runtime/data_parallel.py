@@ -13,16 +13,21 @@ reduction deferred to the last microbatch).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
 
-def apply_data_parallel(module: nn.Module, *, zero: int, dp_mesh: DeviceMesh) -> nn.Module:
-    """``module`` replicated (DDP) or sharded (FSDP2) over ``dp_mesh``; unchanged if dp = 1."""
+def apply_data_parallel(module: nn.Module, *, zero: int, dp_mesh: DeviceMesh,
+                        ignored: Iterable[nn.Parameter] = ()) -> nn.Module:
+    """``module`` replicated (DDP) or sharded (FSDP2) over ``dp_mesh``; unchanged if dp = 1.
+    ``ignored`` parameters (expert-parallel experts) are left alone: their owner reduces them."""
     if dp_mesh.size() == 1:
         return module
+    ignored_params = set(ignored) or None
     if zero == 0:
-        return replicate(module, mesh=dp_mesh)
-    return fully_shard(module, mesh=dp_mesh, reshard_after_forward=zero >= 3)
+        return replicate(module, mesh=dp_mesh, ignored_params=ignored_params)
+    return fully_shard(module, mesh=dp_mesh, reshard_after_forward=zero >= 3, ignored_params=ignored_params)

@@ -36,8 +36,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from autopar.capture import Captured
 from autopar.capture.annotate import flat_inputs
 from autopar.losses import IGNORE_INDEX, cross_entropy, logits_of
+from autopar.passes.moe_layer import MoELayer
 from autopar.plans import Plan
 from autopar.runtime.data_parallel import apply_data_parallel
+from autopar.runtime.expert_parallel import ExpertGroups, apply_expert_parallel
 from autopar.runtime.layout import Layout
 from autopar.runtime.pass_state import PassStates
 from autopar.runtime.pipeline import make_schedule, make_stage
@@ -73,24 +75,34 @@ class Engine:
         self.layout = Layout.build(plan, self.device.type)
         self.constants = _constant_inputs(captured)
         _check_supported(plan)
+        _check_moe(captured, plan)
         graphs = split_stages(captured.graph_module, [s.layers for s in plan.stages], self.constants)
         tied_spec = shared_parameters(graphs)  # by identity, before wrapping replaces parameters
         self.num_stages = len(graphs)
         local = self.layout.local_stages()
         dp_mesh = self.layout.mesh["dp"]
         canonical = {id(p): name for name, p in captured.graph_module.named_parameters()}
-        regrouped, self.fqns = [], []
+        self.exact = loss_fn is cross_entropy
+        self.experts = _expert_groups(captured, plan, self.layout)
+        aux_scale = 1.0 / plan.schedule.num_microbatches if self.exact else 1.0
+        regrouped, self.fqns, self.expert_params = [], [], []
         for i in local:
-            module, names = _prepare_stage(graphs[i].module.to(self.device), plan, i,
-                                           self.layout.mesh["tp"], canonical)
+            stage_gm = graphs[i].module.to(self.device)
+            experts = [] if self.experts is None else apply_expert_parallel(
+                stage_gm, self.experts, aux_loss_scale=aux_scale)
+            module, names = _prepare_stage(stage_gm, plan, i, self.layout.mesh["tp"], canonical)
             regrouped.append(module)
             self.fqns.append(names)
-        self.modules = [apply_data_parallel(m, zero=plan.zero, dp_mesh=dp_mesh) for m in regrouped]
+            self.expert_params.append(experts)
+        self.modules = [apply_data_parallel(m, zero=plan.zero, dp_mesh=dp_mesh, ignored=experts)
+                        for m, experts in zip(regrouped, self.expert_params, strict=True)]
+        self._aux_losses: list[torch.Tensor] = []
+        for layer in self.moe_layers():
+            layer.register_forward_hook(self._record_aux_loss)
         self.stage_indices = local
         stages = [make_stage(m, i, self.num_stages, self.device, self.layout.group("pp"),
-                             after_shape_inference=self.passes.restart_step)
+                             after_shape_inference=self._after_shape_inference)
                   for m, i in zip(self.modules, local, strict=True)]
-        self.exact = loss_fn is cross_entropy
         unflatten = _output_unflattener(captured.graph_module)
         if self.exact:
             self.loss: Any = _GlobalMeanCrossEntropy(unflatten, plan.parallelism.dp)
@@ -108,6 +120,20 @@ class Engine:
             for name, param in module.named_parameters():
                 seen.setdefault(names[name], param)
         return list(seen.items())
+
+    def moe_layers(self) -> list[MoELayer]:
+        """This rank's MoE layers as its stages run them (their ``stats`` are this rank's last
+        microbatch; with ep > 1 each holds this rank's experts only)."""
+        return [m for module in self.modules for m in module.modules() if isinstance(m, MoELayer)]
+
+    def _after_shape_inference(self) -> None:
+        """torch's first-step shape inference ran the stages once: that forward does not count."""
+        self.passes.restart_step()
+        self._aux_losses.clear()
+
+    def _record_aux_loss(self, layer: nn.Module, args: Any, output: Any) -> None:
+        if layer.training and layer.last_aux_loss is not None:
+            self._aux_losses.append(layer.last_aux_loss.detach().reshape(1))
 
     @property
     def has_first(self) -> bool:
@@ -129,11 +155,14 @@ class Engine:
         flat = [_to(_shard(v, dp, dp_rank), self.device) for v in self._tensor_inputs(args, kwargs)]
         target = _to(_shard(targets, dp, dp_rank), self.device) if self.has_last else None
         losses: list[torch.Tensor] = []
+        self._aux_losses.clear()
         self.optimizer.zero_grad(set_to_none=True)
         inputs = flat if self.has_first else []
         with implicit_replication():  # backward too: tensors made inside a TP graph join replicated
             self.schedule.step(*inputs, target=target, losses=losses if self.has_last else None)
         self._sync_tied_gradients()
+        if self.experts is not None:
+            self.experts.reduce_gradients([p for params in self.expert_params for p in params])
         self.optimizer.step()
         self.passes.end_step(self.captured.graph_module, batch)
         loss = self._global_loss(losses)
@@ -164,10 +193,26 @@ class Engine:
             value = local.sum() if self.exact else local.mean()
         else:
             value = torch.zeros(())
-        value = value.reshape(1).to(self.device)
+        value = value.reshape(1).to(self.device) + self._aux_loss_sum()
         dist.all_reduce(value)
         par = self.plan.parallelism
         return float(value) / (par.dp * par.tp)
+
+
+    def _aux_loss_sum(self) -> torch.Tensor:
+        """Σ over this rank's MoE layers of the mean auxiliary loss over its microbatches
+        (recomputation replays a forward with the same value, so the mean is unchanged)."""
+        if not self._aux_losses:
+            return torch.zeros(1, device=self.device)
+        calls = len(self._aux_losses) // max(len(self.moe_layers()), 1)
+        return torch.cat(self._aux_losses).sum().reshape(1).to(self.device) / max(calls, 1)
+
+
+def _expert_groups(captured: Captured, plan: Plan, layout: Layout) -> ExpertGroups | None:
+    """Expert-parallel groups when the graph has MoE layers (collective: all ranks build them)."""
+    if not any(isinstance(m, MoELayer) for m in captured.graph_module.modules()):
+        return None
+    return ExpertGroups.build(layout.mesh.mesh, layout.rank, plan.parallelism.ep)
 
 
 def _prepare_stage(gm: torch.fx.GraphModule, plan: Plan, index: int, tp_mesh: Any,
@@ -197,9 +242,15 @@ def _check_supported(plan: Plan) -> None:
         raise ValueError("vocabulary-parallel embeddings ('vocab' shardings) with pipeline stages (pp > 1) "
                          "are not supported by this runtime yet: the embedding and a tied LM head sit on "
                          "different ranks; drop the 'vocab' sharding or use pp = 1")
-    if plan.parallelism.ep > 1:
-        raise ValueError(f"expert parallelism (ep = {plan.parallelism.ep}) needs MoE layers, which this "
-                         "runtime does not execute yet; use ep = 1")
+    if plan.parallelism.ep > 1 and plan.parallelism.tp > 1:
+        raise ValueError(f"expert parallelism (ep = {plan.parallelism.ep}) with tensor parallelism (tp = "
+                         f"{plan.parallelism.tp}) is not supported by this runtime yet; use tp = 1 or ep = 1")
+
+
+def _check_moe(captured: Captured, plan: Plan) -> None:
+    if plan.parallelism.ep > 1 and not any(isinstance(m, MoELayer) for m in captured.graph_module.modules()):
+        raise ValueError(f"the plan has expert parallelism (ep = {plan.parallelism.ep}) but the model has no "
+                         "MoE layers: add passes=[autopar.passes.MoE(...)] or use ep = 1")
 
 
 def default_device() -> torch.device:

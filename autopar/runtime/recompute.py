@@ -25,6 +25,7 @@ from torch.utils.checkpoint import (
 
 import autopar.kernels  # noqa: F401 - registers torch.ops.autopar.flash_attention
 from autopar.capture.record import META_KEY
+from autopar.runtime.expert_parallel import has_expert_parallel
 
 _SAVED_OPS = {
     torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
@@ -44,6 +45,7 @@ class Recomputed(nn.Module):
         super().__init__()
         self.inner = inner
         self.mode = mode
+        self.exchanges = has_expert_parallel(inner)
 
     def forward(self, *args: Any) -> Any:
         if not torch.is_grad_enabled():
@@ -51,7 +53,9 @@ class Recomputed(nn.Module):
         context = None
         if self.mode == "selective":
             context = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
-        kwargs = {"context_fn": context} if context is not None else {}
+        kwargs: dict[str, Any] = {"context_fn": context} if context is not None else {}
+        if self.exchanges:  # replay the whole layer: its all-to-alls must run on every rank
+            kwargs["early_stop"] = False
         return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
 
 

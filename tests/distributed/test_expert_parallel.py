@@ -1,0 +1,22 @@
+"""Expert parallelism on real gloo processes (file:// rendezvous, short timeouts, one thread per
+rank, several cases per spawn): MoE layers with their experts split over ``ep`` ranks and
+all-to-all dispatch equal one process routing each (data-parallel shard, microbatch) group
+separately — losses of 3 steps and every parameter after them (see moe_workers)."""
+
+import sys
+from pathlib import Path
+
+from autopar.runtime import spawn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import moe_workers  # noqa: E402
+
+
+def test_expert_parallel_two_ranks():
+    """ep2 = dp2 (experts 0–1 on rank 0, 2–3 on rank 1; 2 microbatches; and ZeRO-1 for the dense part)."""
+    spawn(moe_workers.two_rank_ep, 2, timeout_s=60)
+
+
+def test_expert_parallel_four_ranks():
+    """ep2 × dp4 (expert gradients reduced over 2 replicas), and ep2 × dp2 × pp2, with full recomputation."""
+    spawn(moe_workers.four_rank_ep, 4, timeout_s=90)
