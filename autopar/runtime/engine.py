@@ -242,9 +242,6 @@ def _check_supported(plan: Plan) -> None:
         raise ValueError("vocabulary-parallel embeddings ('vocab' shardings) with pipeline stages (pp > 1) "
                          "are not supported by this runtime yet: the embedding and a tied LM head sit on "
                          "different ranks; drop the 'vocab' sharding or use pp = 1")
-    if plan.parallelism.ep > 1 and plan.parallelism.tp > 1:
-        raise ValueError(f"expert parallelism (ep = {plan.parallelism.ep}) with tensor parallelism (tp = "
-                         f"{plan.parallelism.tp}) is not supported by this runtime yet; use tp = 1 or ep = 1")
 
 
 def _check_moe(captured: Captured, plan: Plan) -> None:

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from autopar.passes.moe_layer import MoELayer, Routing
 
@@ -166,8 +167,29 @@ def apply_expert_parallel(gm: fx.GraphModule, groups: ExpertGroups, *, aux_loss_
             local.expert_parallel = AllToAllExperts(groups)
         experts.extend(local.experts.parameters())
         parent, _, attr = name.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, attr, local)
+        setattr(gm.get_submodule(parent) if parent else gm, attr, LocalTensors(local))
     return experts if groups.dp > 1 else []
+
+
+class LocalTensors(nn.Module):
+    """Runs an MoE layer on plain tensors inside a tensor-parallel stage.
+
+    Under tensor parallelism the stage's activations are replicated DTensors, which the routing's
+    data-dependent ops (``nonzero``, uneven all-to-all) cannot take; the MoE layer's parameters
+    stay plain tensors (``shard_parameters`` skips them) and every tensor-parallel rank routes its
+    identical copy of the tokens, exchanging them within its own expert-parallel group. Outside
+    tensor parallelism this is a pass-through."""
+
+    def __init__(self, layer: MoELayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, DTensor):
+            return self.layer(x)
+        mesh = x.device_mesh
+        out = self.layer(x.redistribute(mesh, [Replicate()] * mesh.ndim).to_local())
+        return DTensor.from_local(out, mesh, [Replicate()] * mesh.ndim)
 
 
 def has_expert_parallel(module: nn.Module) -> bool:

@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
+from autopar.passes.moe_layer import MoELayer
 from autopar.plans import Sharding
 from autopar.plans.megatron import embedding_weight, linear_weight
 
@@ -114,7 +115,7 @@ def shard_parameters(gm: fx.GraphModule, shardings: Iterable[Sharding], tp_mesh:
     """Replace ``gm``'s parameters, in place, by DTensors over ``tp_mesh`` (no-op if tp = 1).
 
     A parameter reachable under several names (tied weights) becomes one DTensor
-    set under every name, so the tie survives.
+    set under every name, so the tie survives. MoE layers' parameters stay plain tensors.
     """
     if tp_mesh.size() == 1:
         return
@@ -132,7 +133,10 @@ def shard_parameters(gm: fx.GraphModule, shardings: Iterable[Sharding], tp_mesh:
         placements.update(_placements(gm, node, sharding.strategy))
     names: dict[int, list[str]] = {}
     originals: dict[int, nn.Parameter] = {}
+    local = {id(p) for m in gm.modules() if isinstance(m, MoELayer) for p in m.parameters()}
     for name, param in gm.named_parameters(remove_duplicate=False):
+        if id(param) in local:  # MoE layers run on plain tensors (expert_parallel.LocalTensors)
+            continue
         names.setdefault(id(param), []).append(name)
         originals[id(param)] = param
     for key, aliases in names.items():

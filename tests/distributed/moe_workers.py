@@ -14,6 +14,7 @@ Every step's loss, and every parameter this rank holds after the last step, must
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -25,6 +26,7 @@ from autopar.losses import IGNORE_INDEX
 from autopar.passes import MoE
 from autopar.passes.moe import moe_aux_loss, moe_layers
 from autopar.planning import with_runtime_fingerprint
+from autopar.plans.megatron import megatron_shardings
 from autopar.plans.pinned import plan_from_fix
 from autopar.runtime.expert_parallel import AllToAllExperts
 
@@ -49,8 +51,12 @@ def _model():
 
 
 def _plan(model, inputs, world: int, fix: dict):
+    pins = Fix.from_dict(fix)
     plan = plan_from_fix("gpt", graph_fingerprint="unset", num_layers=4, cluster=ClusterSpec.parse(
-        f"local:{world}"), fix=Fix.from_dict(fix), global_batch_size=BATCH, seq_len=SEQ_LEN)
+        f"local:{world}"), fix=pins, global_batch_size=BATCH, seq_len=SEQ_LEN)
+    if plan.parallelism.tp > 1:  # Megatron's column/row layout for the dense layers
+        gm = autopar.transform(model, inputs[:plan.schedule.microbatch_size], passes=[CONFIG])
+        plan = dataclasses.replace(plan, shardings=megatron_shardings(gm, plan.parallelism.tp))
     return with_runtime_fingerprint(plan, model, inputs, passes=[CONFIG])
 
 
@@ -88,14 +94,17 @@ def run_case(world: int, fix: dict) -> None:
         assert abs(got - want) <= RTOL * abs(want) + ATOL, (fix, step, got, want)
     engine = compiled.engine
     layers = engine.moe_layers()
-    assert layers and all(isinstance(m.expert_parallel, AllToAllExperts) for m in layers), fix
+    mine = {layer for i in engine.stage_indices for layer in range(*plan.stages[i].layers)} & {1, 3}
+    assert sorted(m.layer for m in layers) == sorted(mine), (fix, mine)
+    dispatch = AllToAllExperts if par.ep > 1 else type(None)
+    assert all(isinstance(m.expert_parallel, dispatch) for m in layers), fix
     assert all(len(m.experts) == CONFIG.num_experts // par.ep for m in layers), fix  # experts sharded
-    assert any(m.stats.dropped_assignments > 0 for m in layers), fix  # capacity bound bites
+    assert not layers or any(m.stats.dropped_assignments > 0 for m in layers), fix  # capacity bites
     captured_layers = moe_layers(engine.captured.graph_module)
     assert all(len(m.experts) == CONFIG.num_experts for m in captured_layers.values())  # untouched
     names = [name for name, _ in engine.named_parameters()]
     experts = [n for n in names if ".experts." in n]
-    assert len(experts) == len(set(experts)) > 0
+    assert len(experts) == len(set(experts)) and bool(experts) == bool(layers), (fix, experts)
     for name, param in engine.named_parameters():
         torch.testing.assert_close(_full(param.detach()), params[name].detach(), rtol=RTOL, atol=ATOL,
                                    msg=lambda m, n=name: f"{fix} param {n}: {m}")
@@ -104,11 +113,13 @@ def run_case(world: int, fix: dict) -> None:
 def two_rank_ep(rank: int, world: int) -> None:
     torch.set_num_threads(1)
     run_case(world, {"dp": 2, "ep": 2, "num_microbatches": 2})
-    run_case(world, {"dp": 2, "ep": 2, "num_microbatches": 1, "zero": 1})
+    run_case(world, {"dp": 2, "ep": 2, "num_microbatches": 1, "zero": 3})
+    run_case(world, {"tp": 2, "num_microbatches": 1})  # Megatron TP around replicated MoE layers
 
 
 def four_rank_ep(rank: int, world: int) -> None:
     torch.set_num_threads(1)
     run_case(world, {"dp": 4, "ep": 2, "num_microbatches": 2})
-    run_case(world, {"dp": 2, "ep": 2, "pp": 2, "num_microbatches": 2})
     run_case(world, {"dp": 2, "ep": 2, "pp": 2, "num_microbatches": 2, "recompute": "full"})
+    run_case(world, {"dp": 2, "ep": 2, "pp": 2, "num_microbatches": 2, "schedule": "zero_bubble"})
+    run_case(world, {"dp": 2, "ep": 2, "tp": 2, "num_microbatches": 2})

@@ -13,10 +13,12 @@ import moe_workers  # noqa: E402
 
 
 def test_expert_parallel_two_ranks():
-    """ep2 = dp2 (experts 0–1 on rank 0, 2–3 on rank 1; 2 microbatches; and ZeRO-1 for the dense part)."""
+    """ep2 = dp2 (experts 0–1 on rank 0, 2–3 on rank 1; 2 microbatches; ZeRO-3 for the dense part),
+    and tp2 (Megatron's layout for the dense layers around replicated MoE layers)."""
     spawn(moe_workers.two_rank_ep, 2, timeout_s=60)
 
 
 def test_expert_parallel_four_ranks():
-    """ep2 × dp4 (expert gradients reduced over 2 replicas), and ep2 × dp2 × pp2, with full recomputation."""
+    """ep2 × dp4 (expert gradients reduced over 2 replicas); ep2 × dp2 × pp2 with full recomputation
+    and with the zero-bubble schedule; ep2 × dp2 × tp2."""
     spawn(moe_workers.four_rank_ep, 4, timeout_s=90)
