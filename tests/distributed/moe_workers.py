@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -110,11 +111,32 @@ def run_case(world: int, fix: dict) -> None:
                                    msg=lambda m, n=name: f"{fix} param {n}: {m}")
 
 
-def two_rank_ep(rank: int, world: int) -> None:
+def resume_case(world: int, folder: str, fix_a: dict, fix_b: dict) -> None:
+    """Saved under plan A (experts split over ep ranks) after 2 steps and loaded under plan B
+    (another ep): the next step's loss is A's next step's."""
+    model, inputs, targets = _model()
+    first = autopar.compile(model, f"local:{world}", plan=_plan(model, inputs, world, fix_a), optimizer=_sgd,
+                            passes=[CONFIG])
+    for _ in range(2):
+        first.step(inputs, targets)
+    path = os.path.join(folder, "moe-checkpoint")
+    autopar.save(first, path)
+    want = first.step(inputs, targets)
+    other = _model()[0]
+    plan_b = _plan(other, inputs, world, fix_b)
+    resumed = autopar.compile(other, f"local:{world}", plan=plan_b, optimizer=_sgd,
+                              passes=[CONFIG])
+    autopar.load(resumed, path, example_inputs=inputs)
+    got = resumed.step(inputs, targets)
+    assert abs(got - want) <= RTOL * abs(want) + ATOL, (fix_a, fix_b, got, want)
+
+
+def two_rank_ep(rank: int, world: int, folder: str) -> None:
     torch.set_num_threads(1)
     run_case(world, {"dp": 2, "ep": 2, "num_microbatches": 2})
     run_case(world, {"dp": 2, "ep": 2, "num_microbatches": 1, "zero": 3})
     run_case(world, {"tp": 2, "num_microbatches": 1})  # Megatron TP around replicated MoE layers
+    resume_case(world, folder, {"dp": 2, "ep": 2, "num_microbatches": 2}, {"dp": 2, "num_microbatches": 2})
 
 
 def four_rank_ep(rank: int, world: int) -> None:

@@ -12,10 +12,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import moe_workers  # noqa: E402
 
 
-def test_expert_parallel_two_ranks():
+def test_expert_parallel_two_ranks(tmp_path):
     """ep2 = dp2 (experts 0–1 on rank 0, 2–3 on rank 1; 2 microbatches; ZeRO-3 for the dense part),
-    and tp2 (Megatron's layout for the dense layers around replicated MoE layers)."""
-    spawn(moe_workers.two_rank_ep, 2, timeout_s=60)
+    and tp2 (Megatron's layout for the dense layers around replicated MoE layers); a checkpoint saved
+    with experts split over 2 ranks resumes with every rank holding all experts (ep1)."""
+    spawn(moe_workers.two_rank_ep, 2, str(tmp_path), timeout_s=60)
 
 
 def test_expert_parallel_four_ranks():
