@@ -6,6 +6,8 @@ separately — losses of 3 steps and every parameter after them (see moe_workers
 import sys
 from pathlib import Path
 
+import pytest
+
 from autopar.runtime import spawn
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -23,3 +25,10 @@ def test_expert_parallel_four_ranks():
     """ep2 × dp4 (expert gradients reduced over 2 replicas); ep2 × dp2 × pp2 with full recomputation
     and with the zero-bubble schedule; ep2 × dp2 × tp2."""
     spawn(moe_workers.four_rank_ep, 4, timeout_s=90)
+
+
+@pytest.mark.hf
+def test_hf_mixtral_expert_parallel_two_ranks():
+    """Mixtral built from a config, its own experts split over ep2 (with and without recomputation)."""
+    pytest.importorskip("transformers")
+    spawn(moe_workers.two_rank_mixtral, 2, timeout_s=90)
