@@ -1,7 +1,9 @@
 """The Mixture-of-Experts layer that :mod:`autopar.passes.moe` puts in place of a dense MLP.
 
-Data flow: ``MoE`` pass → :class:`MoELayer` (a leaf ``call_module`` in the transformed graph) →
-its last forward's losses (``last_aux_loss``, read by :func:`autopar.passes.moe.moe_aux_loss`
+Data flow: ``MoE`` pass → :class:`MoELayer` (a leaf ``call_module`` in the transformed graph;
+its gate, :func:`route` or a :mod:`~autopar.passes.moe_gates` gate, makes a :class:`Routing`
+that :func:`run_local_experts` or the expert-parallel runtime consumes) → its last forward's
+losses (``last_aux_loss``, read by :func:`autopar.passes.moe.moe_aux_loss`
 into the training loss) and load statistics (:class:`MoEStats`, for reports and the planner).
 
 Routing (TECHNIQUES.md §7): router logits ``W_r x`` in fp32, ``p = softmax``; each token goes to
@@ -11,7 +13,10 @@ tokens before second choices (GShard), in token order; an assignment over capaci
 and contributes 0, so a token that loses every assignment passes through the layer's residual.
 Losses: Switch load balancing ``E · Σ_i f_i P_i`` (f_i the fraction of the T·k assignments routed
 to expert i before dropping, P_i the mean router probability; 1 when balanced, for any k) and the
-router z-loss ``mean_t logsumexp(logits_t)²``.
+router z-loss ``mean_t logsumexp(logits_t)²``. ``dropless`` layers (adopted Mixtral blocks) give
+every expert capacity T. Residual-MoE (DeepSpeed-MoE): a ``dense`` branch (the dense MLP) runs on
+every token and the layer returns ``c₀ · dense(x) + c₁ · moe(x)``, ``(c₀, c₁) = softmax(W_c x + b_c)``
+in fp32; with experts that copy the dense MLP and top-1 weight 1 this is the dense function.
 """
 
 from __future__ import annotations
@@ -34,8 +39,14 @@ class Routing:
     probs: torch.Tensor  # (T, E) fp32
     experts: torch.Tensor  # (T, k) chosen expert per slot, best first
     weights: torch.Tensor  # (T, k) renormalized gate weights
-    kept: torch.Tensor  # (T, k) bool: the assignment fits in its expert's capacity
+    kept: torch.Tensor  # (T, k) bool: the assignment is made and fits in its expert's capacity
     capacity: int
+    routed: torch.Tensor | None = None  # (T, k) bool: the gate made it (DTS: above threshold); None: all
+
+
+def routed_mask(routing: Routing) -> torch.Tensor:
+    """(T, k) bool: the assignments the gate made, before capacity."""
+    return torch.ones_like(routing.kept) if routing.routed is None else routing.routed
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,8 @@ def route(logits: torch.Tensor, top_k: int, capacity: int) -> Routing:
 def balance_loss(routing: Routing) -> torch.Tensor:
     """Switch load-balancing loss ``E · Σ_i f_i P_i`` (gradient through P only)."""
     num_experts = routing.probs.shape[-1]
-    counts = torch.bincount(routing.experts.reshape(-1), minlength=num_experts).to(routing.probs.dtype)
+    routed = routing.experts[routed_mask(routing)]
+    counts = torch.bincount(routed.reshape(-1), minlength=num_experts).to(routing.probs.dtype)
     fraction = counts / counts.sum()
     return num_experts * (fraction * routing.probs.mean(dim=0)).sum()
 
@@ -81,18 +93,25 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().logsumexp(dim=-1).square().mean()
 
 
+Gate = Callable[["MoELayer", torch.Tensor], Routing]  # (layer, logits (T, E) fp32) -> routing
+
+
 class MoELayer(nn.Module):
     """``forward(x[..., h]) -> [..., h]``: top-k routed experts in place of one feed-forward block.
 
     ``experts`` are modules mapping (n, h) → (n, h) (the pass copies the dense MLP into each);
-    the router is an fp32 ``Linear(h, E, bias=False)``. After each forward, ``last_aux_loss``
-    (``aux_loss_weight · balance + z_loss_weight · z``, in the autograd graph), ``last_balance_loss``,
-    ``last_z_loss`` and ``stats`` describe it.
+    the router is an fp32 ``Linear(h, E, bias=False)``. ``gate`` routes the router logits (None:
+    :func:`route` with ``top_k`` and :meth:`capacity`; :class:`~autopar.passes.moe_gates.DTSGate`);
+    ``dropless`` gives every expert capacity T; ``dense`` adds the Residual-MoE branch (see the
+    module docstring) with its fp32 mixing ``coefficient = Linear(h, 2)``. After each forward,
+    ``last_aux_loss`` (``aux_loss_weight · balance + z_loss_weight · z``, in the autograd graph),
+    ``last_balance_loss``, ``last_z_loss`` and ``stats`` describe it.
     """
 
     def __init__(self, experts: list[nn.Module], hidden_size: int, *, top_k: int, capacity_factor: float,
                  eval_capacity_factor: float, aux_loss_weight: float, z_loss_weight: float,
-                 seed: int = 0, layer: int | None = None) -> None:
+                 seed: int = 0, layer: int | None = None, gate: Gate | None = None, dropless: bool = False,
+                 dense: nn.Module | None = None) -> None:
         super().__init__()
         self.experts = nn.ModuleList(experts)
         self.num_experts = len(experts)
@@ -103,11 +122,12 @@ class MoELayer(nn.Module):
         self.aux_loss_weight = aux_loss_weight
         self.z_loss_weight = z_loss_weight
         self.layer = layer
-        self.router = nn.Linear(hidden_size, self.num_experts, bias=False, dtype=torch.float32)
+        self.gate = gate
+        self.dropless = dropless
         generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            weight = torch.empty(self.num_experts, hidden_size).normal_(0.0, 0.02, generator=generator)
-            self.router.weight.copy_(weight)
+        self.router = _seeded_linear(hidden_size, self.num_experts, generator, bias=False)
+        self.dense = dense
+        self.coefficient = None if dense is None else _seeded_linear(hidden_size, 2, generator, bias=True)
         self.last_aux_loss: torch.Tensor | None = None
         self.last_balance_loss: torch.Tensor | None = None
         self.last_z_loss: torch.Tensor | None = None
@@ -119,18 +139,28 @@ class MoELayer(nn.Module):
         self.expert_parallel: Callable[[MoELayer, torch.Tensor, Routing], torch.Tensor] | None = None
 
     def capacity(self, tokens: int) -> int:
+        if self.dropless:
+            return tokens
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         return expert_capacity(tokens, self.num_experts, self.top_k, factor)
+
+    def route(self, logits: torch.Tensor) -> Routing:
+        """This layer's routing of router ``logits`` (T, E)."""
+        if self.gate is not None:
+            return self.gate(self, logits)
+        return route(logits, self.top_k, self.capacity(logits.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # (T, h)
         logits = F.linear(tokens.float(), self.router.weight.float())  # (T, E), fp32
-        routing = route(logits, self.top_k, self.capacity(tokens.shape[0]))
+        routing = self.route(logits)
         if self.expert_parallel is None:
             out = run_local_experts(self.experts, tokens, routing)
         else:
             out = self.expert_parallel(self, tokens, routing)
+        if self.dense is not None:
+            out = self._mix_dense(tokens, out)
         balance, z = balance_loss(routing), z_loss(logits)
         self.last_balance_loss, self.last_z_loss = balance, z
         self.last_aux_loss = self.aux_loss_weight * balance + self.z_loss_weight * z
@@ -138,6 +168,24 @@ class MoELayer(nn.Module):
         if self.aux_loss_scale is not None and self.training and torch.is_grad_enabled():
             out = AttachAuxLoss.apply(out, self.last_aux_loss * self.aux_loss_scale)
         return out.to(x.dtype).reshape(*shape[:-1], out.shape[-1])
+
+    def _mix_dense(self, tokens: torch.Tensor, experts_out: torch.Tensor) -> torch.Tensor:
+        """Residual-MoE: ``c₀ · dense(x) + c₁ · experts(x)``, mixed in fp32."""
+        assert self.dense is not None and self.coefficient is not None
+        mixer = self.coefficient
+        c = F.linear(tokens.float(), mixer.weight.float(), mixer.bias.float()).softmax(dim=-1)  # (T, 2)
+        return self.dense(tokens).float() * c[:, :1] + experts_out * c[:, 1:]
+
+
+def _seeded_linear(in_features: int, out_features: int, generator: torch.Generator, *, bias: bool
+                   ) -> nn.Linear:
+    """An fp32 Linear with weights ~ N(0, 0.02²) from ``generator`` and a zero bias."""
+    linear = nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, dtype=torch.float32)
+    with torch.no_grad():
+        linear.weight.copy_(torch.empty(out_features, in_features).normal_(0.0, 0.02, generator=generator))
+        if linear.bias is not None:
+            linear.bias.zero_()
+    return linear
 
 
 def run_local_experts(experts: nn.ModuleList, tokens: torch.Tensor, routing: Routing,
@@ -174,9 +222,10 @@ class AttachAuxLoss(torch.autograd.Function):
 
 
 def _stats(routing: Routing, num_experts: int) -> MoEStats:
-    experts, kept = routing.experts.detach(), routing.kept
-    routed = torch.bincount(experts.reshape(-1), minlength=num_experts)
+    experts, kept, made = routing.experts.detach(), routing.kept, routed_mask(routing)
+    routed = torch.bincount(experts[made], minlength=num_experts)
     computed = torch.bincount(experts[kept], minlength=num_experts)
     return MoEStats(tokens=experts.shape[0], capacity=routing.capacity,
                     routed_per_expert=tuple(routed.tolist()), tokens_per_expert=tuple(computed.tolist()),
-                    dropped_assignments=int((~kept).sum()), dropped_tokens=int((~kept.any(dim=-1)).sum()))
+                    dropped_assignments=int((made & ~kept).sum()),
+                    dropped_tokens=int((~kept.any(dim=-1)).sum()))
