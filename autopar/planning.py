@@ -1,7 +1,8 @@
 """``autopar.plan`` and ``autopar.estimate``: from a model to a Plan with predictions.
 
 Data flow: model + example inputs → ``autopar.capture`` → graph passes (``passes=``, e.g.
-random-LTD, whose kept fractions scale the profile) → ``ModelProfile`` (cost models) →
+random-LTD, whose kept fractions scale the profile, or MoE, whose annotations the profile reads
+and which makes the search try expert parallelism, ``cost_models.moe``) → ``ModelProfile`` →
 ``autopar.planner.search`` (pinned choices kept, the rest searched) → the fastest Plan
 that fits, ``plan.predicted`` filled by ``cost_models.estimate`` and the runner-ups in
 ``plan.alternatives``.

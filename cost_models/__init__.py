@@ -5,7 +5,8 @@ per-node and per-stage times and bytes come out for the planner. ``hardware`` is
 table of devices and links that ``ClusterSpec`` references and every model reads;
 ``profile`` summarizes a captured model (``ModelProfile``); ``compute``, ``comm``,
 ``memory`` and ``schedule`` are the analytic models; ``simulate`` draws a schedule's
-timeline; ``estimate`` turns a Plan into ``Predicted``; ``megatron`` holds the published
+timeline; ``moe`` prices Mixture-of-Experts layers (expert compute, all-to-all, expert states);
+``estimate`` turns a Plan into ``Predicted``; ``megatron`` holds the published
 measurements the models are validated against. Local CPU clusters take ``cpu_step`` (with
 ``cpu_compute``, ``cpu_rates`` and ``shared_cores``), priced from the profile ``calibrate``
 measures (``local_profile``). Imported only as ``autopar.cost_models``
@@ -50,6 +51,7 @@ from autopar.cost_models.memory import (
     peak_memory_bytes,
     plan_memory,
 )
+from autopar.cost_models.moe import MoELayerProfile, load_imbalance, moe_profile
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 from autopar.cost_models.schedule import StageTimes, bubble_fraction, pipeline_time, rank_actions
 from autopar.cost_models.simulate import Timeline, TimelineEvent, simulate
@@ -57,11 +59,12 @@ from autopar.cost_models.simulate import Timeline, TimelineEvent, simulate
 __all__ = [
     "DEVICE_ALIASES", "DEVICE_CATALOG", "DTYPES", "GLOO_LOOPBACK", "GLOO_TCP", "IB_HDR", "IB_NDR",
     "MEGATRON_2021", "NVLINK_A100", "NVLINK_H100", "CostOptions", "DeviceSpec", "Group", "LayerProfile",
-    "LayerTimes", "LinkLevel", "ModelProfile", "StageTimes", "Timeline", "TimelineEvent",
+    "LayerTimes", "LinkLevel", "ModelProfile", "MoELayerProfile", "StageTimes", "Timeline", "TimelineEvent",
     "activation_bytes_per_layer", "all_gather_time_s", "all_reduce_time_s", "all_to_all_time_s",
     "broadcast_time_s", "bubble_fraction", "canonical_dtype", "default_links", "estimate",
-    "estimate_plan", "get_device", "in_flight_microbatches", "matmul_efficiency", "matmul_time_s",
-    "megatron_plan", "megatron_profile", "model_state_bytes", "p2p_time_s", "peak_memory_bytes",
+    "estimate_plan", "get_device", "in_flight_microbatches", "load_imbalance", "matmul_efficiency",
+    "matmul_time_s", "megatron_plan", "megatron_profile", "model_state_bytes", "moe_profile", "p2p_time_s",
+    "peak_memory_bytes",
     "pipeline_time", "plan_memory", "rank_actions", "reduce_scatter_time_s", "simulate", "simulate_plan",
     "stage_costs", "tp_volume_elements_per_layer", "transformer_layer_times", "valid_device_names",
 ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autopar.cost_models.hardware import DeviceSpec
+from autopar.cost_models.moe import expert_matmuls
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 
 MATMUL_TILE_DIM = 128.0
@@ -150,13 +151,15 @@ class LayerTimes:
 
 @dataclass(frozen=True, kw_only=True)
 class Kernels:
-    """What the layer runs on one device: microbatch b, tensor-parallel degree t."""
+    """What the layer runs on one device: microbatch b, tensor-parallel degree t, expert-parallel
+    degree ep (MoE layers: ``cost_models.moe``)."""
 
     device: DeviceSpec
     dtype: str
     bytes_per_element: int
     microbatch_size: int
     tp: int
+    ep: int = 1
 
     def matmul(self, m: float, k: float, n: float, batch: float = 1) -> float:
         return matmul_time_s(m, k, n, device=self.device, dtype=self.dtype, batch=batch,
@@ -169,19 +172,29 @@ class Kernels:
 def transformer_layer_times(layer: LayerProfile, *, kernels: Kernels, recompute: str = "none",
                             fused_attention: bool = True, causal: bool = True,
                             sequence_parallel: bool = False) -> LayerTimes:
-    """One pre-LN transformer layer (QKV, attention, projection, 2-matmul MLP) per microbatch."""
+    """One pre-LN transformer layer (QKV, attention, projection, 2-matmul MLP) per microbatch.
+    An MoE layer's MLP is its experts and router on the busiest rank, not tensor-parallel
+    (``moe.expert_matmuls``)."""
     if not layer.is_transformer:
         return generic_layer_times(layer, kernels=kernels, recompute=recompute)
     h, f = layer.hidden_size, layer.ffn_size
     t, tokens = kernels.tp, kernels.microbatch_size * layer.seq_len
-    linear = ((tokens, h, 3 * h / t), (tokens, h / t, h), (tokens, h, f / t), (tokens, f / t, h))
-    forward = sum(kernels.matmul(m, k, n) for m, k, n in linear)
-    backward_input = sum(kernels.matmul(m, n, k) for m, k, n in linear)
-    backward_weight = sum(kernels.matmul(k, m, n) for m, k, n in linear)
+    linear: tuple[tuple[float, float, float, float], ...] = ((tokens, h, 3 * h / t, 1), (tokens, h / t, h, 1))
+    mlp_elements: float | None = None  # dense: the GeLU's 2·b·s·f/t, below
+    if layer.moe is None:
+        linear += ((tokens, h, f / t, 1), (tokens, f / t, h, 1))
+    else:
+        experts, mlp_elements = expert_matmuls(layer, tokens=tokens, ep=kernels.ep)
+        linear += experts
+    forward = sum(kernels.matmul(m, k, n, g) for m, k, n, g in linear)
+    backward_input = sum(kernels.matmul(m, n, k, g) for m, k, n, g in linear)
+    backward_weight = sum(kernels.matmul(k, m, n, g) for m, k, n, g in linear)
     attention_fwd, attention_bwd = _attention_times(layer, kernels, fused_attention, causal)
     passes = (4 + 7) / (t if sequence_parallel else 1)  # 2 LayerNorms, 2 bias-dropout-adds
     sbh = tokens * h
-    elementwise_fwd = 2 * kernels.memory(passes / 2 * sbh) + kernels.memory(2 * f / h / t * sbh)
+    if mlp_elements is None:
+        mlp_elements = 2 * f / h / t * sbh
+    elementwise_fwd = 2 * kernels.memory(passes / 2 * sbh) + kernels.memory(mlp_elements)
     extra: float | None = 0.0  # None: full recomputation
     if recompute == "full":
         extra = None

@@ -20,12 +20,19 @@ What the runtime does on CPU, priced from measured rates (``CpuRates``):
   (``runtime_step_s``). Nothing of the sync overlaps the backward (FSDP2 reduces after the last
   microbatch), so ``CostOptions.dp_overlap`` is not applied here.
 
+MoE layers (``moe``), approximately: the layer is priced as a dense layer whose MLP is
+``imbalance·k`` times wider (the experts' rows on the busiest rank; the router and the smaller
+per-expert matmuls are left out); each all-to-all is priced as a gloo all-gather of the same
+per-rank buffer (both move ``(n−1)/n`` of it into every rank; calibration measures no
+all-to-all); expert parameters are ``÷ ep`` and synchronized over the ``dp/ep`` ranks holding them.
+
 Breakdown: the components of the pipeline rank that finishes last, each stretched by the slowdown
 it saw from sharing the cores; ``bubble`` is its idle time (pipeline bubble and waiting).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -34,7 +41,8 @@ from autopar.cost_models.compute import LayerTimes
 from autopar.cost_models.cpu_compute import CpuPart, embedding_part, head_part, transformer_layer_part
 from autopar.cost_models.cpu_rates import CpuRates
 from autopar.cost_models.memory import peak_memory_bytes
-from autopar.cost_models.profile import ModelProfile
+from autopar.cost_models.moe import ALL_TO_ALLS_PER_LAYER, all_to_all_bytes, expert_params, load_imbalance
+from autopar.cost_models.profile import LayerProfile, ModelProfile
 from autopar.cost_models.shared_cores import simulate_shared
 from autopar.cost_models.stages import StageCost, layer_flops
 
@@ -74,20 +82,35 @@ def local_rates(plan: Plan, profile: LocalProfile | None = None) -> CpuRates | N
     return profile.cpu if profile is not None else CpuRates.assumed(os.cpu_count() or 1)
 
 
-def _parts(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[CpuPart, float, float]]:
-    """(CPU part, parameters per device, parameter tensors per device) of every stage."""
+def _moe_as_dense(layer: LayerProfile, tokens: int, ep: int) -> LayerProfile:
+    """An MoE layer as the dense layer whose MLP is ``imbalance·k`` times wider (module docstring)."""
+    moe = layer.moe
+    if moe is None or layer.ffn_size is None:
+        return layer
+    scale = moe.top_k * load_imbalance(tokens=tokens, num_experts=moe.num_experts, top_k=moe.top_k,
+                                       capacity_factor=moe.capacity_factor, ep=ep)
+    return dataclasses.replace(layer, moe=None, ffn_size=max(1, round(layer.ffn_size * scale)))
+
+
+def _parts(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[CpuPart, float, float, float]]:
+    """(CPU part, parameters per device, parameter tensors per device, expert parameters per device)
+    of every stage."""
     t, b, last = plan.parallelism.tp, plan.schedule.microbatch_size, len(plan.stages) - 1
+    ep = plan.parallelism.ep
     cache: dict[tuple[object, ...], CpuPart] = {}
     result = []
     for stage in plan.stages:
-        part, params, tensors = CpuPart(), 0.0, 0.0
+        part, params, tensors, experts = CpuPart(), 0.0, 0.0, 0.0
         for layer in profile.layers[stage.layers[0]:stage.layers[1]]:
-            key = (layer.flops_fwd, layer.hidden_size, layer.num_heads, layer.ffn_size, layer.seq_len)
+            key = (layer.flops_fwd, layer.hidden_size, layer.num_heads, layer.ffn_size, layer.seq_len,
+                   layer.moe)
             if key not in cache:
                 cache[key] = transformer_layer_part(
-                    layer, rates=rates, microbatch_size=b, tp=t, bytes_per_element=profile.bytes_per_element,
-                    recompute=stage.recompute, fused_attention=profile.fused_attention, causal=profile.causal)
+                    _moe_as_dense(layer, b * profile.seq_len, ep), rates=rates, microbatch_size=b, tp=t,
+                    bytes_per_element=profile.bytes_per_element, recompute=stage.recompute,
+                    fused_attention=profile.fused_attention, causal=profile.causal)
             part, params = part + cache[key], params + layer.param_count
+            experts += expert_params(layer)
             tensors += profile.param_tensors(layer)
         if stage.index == 0:
             part += embedding_part(profile, rates=rates, microbatch_size=b, tp=t,
@@ -98,8 +121,17 @@ def _parts(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[Cpu
             tied = stage.index > 0 and profile.tied_embeddings
             params += profile.head_params + (profile.tied_head_params if tied else 0)
             tensors += profile.head_param_tensors + int(tied)
-        result.append((part, params / t, tensors))
+        per_device = (params - experts) / t + experts / ep if experts else params / t
+        result.append((part, per_device, tensors, experts / ep))
     return result
+
+
+def _all_to_all_s(plan: Plan, profile: ModelProfile, rates: CpuRates, stage_layers: tuple[int, int]) -> float:
+    """One direction's all-to-alls of a stage's MoE layers per microbatch (module docstring)."""
+    ep, tokens = plan.parallelism.ep, plan.schedule.microbatch_size * profile.seq_len
+    sizes = [all_to_all_bytes(layer, tokens=tokens, ep=ep, bytes_per_element=profile.bytes_per_element)
+             for layer in profile.layers[stage_layers[0]:stage_layers[1]] if layer.moe is not None]
+    return sum(ALL_TO_ALLS_PER_LAYER * rates.collective_work_s("all_gather", size, ep) for size in sizes)
 
 
 def cpu_stage_costs(plan: Plan, profile: ModelProfile, rates: CpuRates) -> tuple[StageCost, ...]:
@@ -108,7 +140,7 @@ def cpu_stage_costs(plan: Plan, profile: ModelProfile, rates: CpuRates) -> tuple
     boundary = b * profile.seq_len * profile.hidden_size * profile.bytes_per_element
     send = rates.collective_work_s("p2p", boundary, 2)
     costs = []
-    for stage, (part, params, _) in zip(plan.stages, _parts(plan, profile, rates), strict=True):
+    for stage, (part, params, _, experts) in zip(plan.stages, _parts(plan, profile, rates), strict=True):
         gather = 0.0
         if plan.zero == 3 and par.dp > 1:  # FSDP2 gathers the weights for forward and for backward
             size = params * profile.bytes_per_element
@@ -118,11 +150,15 @@ def cpu_stage_costs(plan: Plan, profile: ModelProfile, rates: CpuRates) -> tuple
         flops += b * (3 * profile.embedding_flops_fwd if stage.index == 0 else 0.0)
         if stage.index == len(plan.stages) - 1:
             flops += b * (profile.head_flops_fwd + profile.head_flops_bwd)
+        all_to_all = _all_to_all_s(plan, profile, rates, stage.layers)
         costs.append(StageCost(
             compute=part.times, tp_forward_s=part.tp_forward_s, tp_backward_s=part.tp_backward_s,
             tp_recompute_s=0.0, send_forward_s=send if stage.index < len(plan.stages) - 1 else 0.0,
             send_backward_s=send if stage.index > 0 else 0.0, params_per_device=params, hardware_flops=flops,
-            dp_forward_s=gather, dp_backward_s=gather, overhead_s=rates.runtime_microbatch_s))
+            dp_forward_s=gather, dp_backward_s=gather, overhead_s=rates.runtime_microbatch_s,
+            ep_forward_s=all_to_all, ep_backward_s=all_to_all,
+            ep_recompute_s=all_to_all if stage.recompute == "full" else 0.0,
+            expert_params_per_device=experts))
     return tuple(costs)
 
 
@@ -150,10 +186,15 @@ def _tails(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[flo
     tails = []
     for rank in range(par.pp):
         mine = parts[rank::par.pp]
-        params, tensors = sum(p for _, p, _ in mine), sum(n for _, _, n in mine)
-        sync = _dp_sync_s(rates, params * profile.bytes_per_element, dp=par.dp, zero=plan.zero)
-        shard = par.dp if plan.zero >= 1 else 1
-        optimizer = rates.optimizer_s(params / shard, tensors, dtensor=wrapped) + rates.runtime_step_s
+        params, tensors = sum(p for _, p, _, _ in mine), sum(n for _, _, n, _ in mine)
+        experts = sum(e for _, _, _, e in mine)
+        sync = _dp_sync_s(rates, (params - experts) * profile.bytes_per_element, dp=par.dp, zero=plan.zero)
+        replicas = par.dp // par.ep  # of each expert
+        shard, expert_shard = (par.dp, replicas) if plan.zero >= 1 else (1, 1)
+        if experts:
+            sync += _dp_sync_s(rates, experts * profile.bytes_per_element, dp=replicas, zero=plan.zero)
+        shards = (params - experts) / shard + experts / expert_shard
+        optimizer = rates.optimizer_s(shards, tensors, dtensor=wrapped) + rates.runtime_step_s
         ends = rank in (0, (len(plan.stages) - 1) % par.pp)
         tails.append((sync + (tied if ends else 0.0), optimizer))
     return tails
@@ -180,7 +221,7 @@ def estimate_local(plan: Plan, profile: ModelProfile, rates: CpuRates) -> Predic
         "tp_comm": m * sum(x.tp_forward_s + x.tp_backward_s + x.tp_recompute_s for x in mine),
         "pp_comm": m * sum(x.send_forward_s + x.send_backward_s for x in mine),
         "dp_comm": m * sum(x.dp_forward_s + x.dp_backward_s for x in mine) + tails[r][0],
-        "optimizer": tails[r][1], "ep_comm": 0.0,
+        "optimizer": tails[r][1], "ep_comm": m * sum(x.ep_s for x in mine),
     }
     stretch = run.busy_s[r] / run.work_s[r] if run.work_s[r] > 0 else 1.0
     breakdown = {k: v * stretch for k, v in solo.items()} | {"bubble": max(0.0, run.total_s - run.busy_s[r])}

@@ -5,11 +5,12 @@ the compute and communication models → step time from the schedule model → `
 (``plan.predicted``), read by the planner, the CLI views and the benchmarks.
 
 Step time = pipeline time (``schedule.pipeline_time``: per-stage forward, backward,
-recomputation, tensor-parallel collectives and P2P sends, steady part plus bubble)
-+ exposed data-parallel sync (``comm.dp_sync_time_s`` minus the overlap factor)
-+ optimizer step (memory-bound: :data:`OPTIMIZER_BYTES_PER_PARAM` read and written per
-parameter shard). The breakdown splits it into compute, recompute, tp_comm, pp_comm, dp_comm,
-ep_comm (0: no expert parallelism modelled yet), bubble and optimizer, summing to the step.
+recomputation, tensor-parallel collectives, MoE all-to-alls and P2P sends, steady part plus
+bubble) + exposed data-parallel sync (``comm.dp_sync_time_s`` minus the overlap factor; dense
+parameters over ``dp``, expert parameters over ``dp/ep``, ``moe``) + optimizer step
+(memory-bound: :data:`OPTIMIZER_BYTES_PER_PARAM` read and written per parameter shard). The
+breakdown splits it into compute, recompute, tp_comm, pp_comm, dp_comm, ep_comm (the MoE
+layers' dispatch and combine all-to-alls, ``moe``), bubble and optimizer, summing to the step.
 ``tflops_per_device`` counts the FLOPs executed (recomputation included, as Megatron-LM
 reports); ``mfu`` the model FLOPs (no recomputation) against the dtype's peak.
 
@@ -27,6 +28,7 @@ from autopar.cost_models.comm import (
     DEFAULT_DP_OVERLAP,
     Group,
     all_reduce_time_s,
+    all_to_all_time_s,
     dp_sync_time_s,
     exposed_dp_time_s,
     pipeline_p2p_time_s,
@@ -41,10 +43,11 @@ from autopar.cost_models.compute import (
 )
 from autopar.cost_models.cpu_step import cpu_stage_costs, estimate_local, local_rates
 from autopar.cost_models.memory import peak_memory_bytes
+from autopar.cost_models.moe import ALL_TO_ALLS_PER_LAYER, all_to_all_bytes, expert_params
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 from autopar.cost_models.schedule import pipeline_time
 from autopar.cost_models.simulate import Timeline, simulate
-from autopar.cost_models.stages import StageCost, layer_flops, mesh_group
+from autopar.cost_models.stages import StageCost, expert_groups, layer_flops, mesh_group
 
 if TYPE_CHECKING:
     from autopar.cluster import ClusterSpec
@@ -104,15 +107,16 @@ def stage_costs(plan: Plan, profile: ModelProfile, *, options: CostOptions | Non
         return cpu_stage_costs(plan, profile, rates)
     cluster = plan.cluster_spec()
     t, b = plan.parallelism.tp, plan.schedule.microbatch_size
+    ep = plan.parallelism.ep
     kernels = Kernels(device=cluster.device, dtype=profile.dtype, bytes_per_element=profile.bytes_per_element,
-                      microbatch_size=b, tp=t)
+                      microbatch_size=b, tp=t, ep=ep)
     boundary_bytes = b * profile.seq_len * profile.hidden_size * profile.bytes_per_element
     tp_group = Group.of(mesh_group(plan, "tp"), cluster=cluster)
     all_reduce_s = all_reduce_time_s(boundary_bytes, group=tp_group, cluster=cluster)
     cache: dict[tuple[object, ...], LayerTimes] = {}
 
     def layer_times(layer: LayerProfile, recompute: str) -> LayerTimes:
-        key = (layer.flops_fwd, layer.hidden_size, layer.num_heads, layer.ffn_size, recompute)
+        key = (layer.flops_fwd, layer.hidden_size, layer.num_heads, layer.ffn_size, layer.moe, recompute)
         if key not in cache:
             cache[key] = transformer_layer_times(
                 layer, kernels=kernels, recompute=recompute, fused_attention=profile.fused_attention,
@@ -125,8 +129,11 @@ def stage_costs(plan: Plan, profile: ModelProfile, *, options: CostOptions | Non
         compute = sum((layer_times(layer, stage.recompute) for layer in layers), LayerTimes())
         flops = b * sum(layer_flops(layer, stage.recompute, profile.fused_attention) for layer in layers)
         params = sum(layer.param_count for layer in layers)
-        # two all-reduces per layer each way (TECHNIQUES §3); the recomputed forward repeats its two
-        forward = backward = 2 * sum(layer.is_transformer for layer in layers) if t > 1 else 0
+        experts = sum(expert_params(layer) for layer in layers)  # ÷ ep, not ÷ t (``moe``)
+        # two all-reduces per layer each way (TECHNIQUES §3), one in an MoE layer (its experts are not
+        # tensor-parallel, ``moe``); the recomputed forward repeats them
+        per_layer = [(1 if layer.moe else 2) * layer.is_transformer for layer in layers]
+        forward = backward = sum(per_layer) if t > 1 else 0
         recompute = forward if stage.recompute == "full" else 0
         if stage.index == 0:
             compute += embedding_times(profile, kernels=kernels)
@@ -139,12 +146,31 @@ def stage_costs(plan: Plan, profile: ModelProfile, *, options: CostOptions | Non
             params += profile.head_params + (profile.tied_head_params if stage.index > 0 else 0)
             flops += (profile.head_flops_fwd + profile.head_flops_bwd) * b
         send_next, send_previous = _sends(plan, stage.index, boundary_bytes, cluster, options)
+        all_to_all_s = _all_to_all_s(plan, profile, stage.devices, layers)
         costs.append(StageCost(
             compute=compute, tp_forward_s=forward * all_reduce_s,
             tp_backward_s=backward * all_reduce_s * (1 - options.tp_overlap),
             tp_recompute_s=recompute * all_reduce_s, send_forward_s=send_next,
-            send_backward_s=send_previous, params_per_device=params / t, hardware_flops=flops))
+            send_backward_s=send_previous, hardware_flops=flops,
+            params_per_device=(params - experts) / t + experts / ep if experts else params / t,
+            ep_forward_s=all_to_all_s, ep_backward_s=all_to_all_s,
+            ep_recompute_s=all_to_all_s if stage.recompute == "full" else 0.0,
+            expert_params_per_device=experts / ep))
     return tuple(costs)
+
+
+def _all_to_all_s(plan: Plan, profile: ModelProfile, devices: tuple[int, ...],
+                  layers: tuple[LayerProfile, ...]) -> float:
+    """One direction's all-to-alls of a stage's MoE layers per microbatch (dispatch + combine each,
+    ``moe``), on the expert-parallel group of the stage's first device."""
+    ep = plan.parallelism.ep
+    if ep == 1:
+        return 0.0
+    cluster, tokens = plan.cluster_spec(), plan.schedule.microbatch_size * profile.seq_len
+    group = Group.of(expert_groups(plan, devices)[0], cluster=cluster)
+    return sum(ALL_TO_ALLS_PER_LAYER * all_to_all_time_s(
+        all_to_all_bytes(layer, tokens=tokens, ep=ep, bytes_per_element=profile.bytes_per_element),
+        group=group, cluster=cluster) for layer in layers if layer.moe is not None)
 
 
 def _sends(plan: Plan, index: int, size_bytes: float, cluster: ClusterSpec, options: CostOptions
@@ -172,17 +198,25 @@ def _dp_and_optimizer_s(plan: Plan, profile: ModelProfile, costs: tuple[StageCos
         pair = Group.of((plan.stages[0].devices[0], plan.stages[-1].devices[0]), cluster=cluster)
         tied = all_reduce_time_s(profile.tied_head_params / par.tp * profile.bytes_per_element,
                                  group=pair, cluster=cluster) if pair.size > 1 else 0.0
+    expert_group = Group.of(mesh_group(plan, "dp")[::par.ep], cluster=cluster)
     dp_s = optimizer_s = 0.0
     for rank in range(par.pp):
         mine = costs[rank::par.pp]
         params = sum(c.params_per_device for c in mine)
-        sync = dp_sync_time_s(params, bytes_per_element=profile.bytes_per_element, zero=plan.zero,
+        experts = sum(c.expert_params_per_device for c in mine)
+        sync = dp_sync_time_s(params - experts, bytes_per_element=profile.bytes_per_element, zero=plan.zero,
                               group=dp_group, cluster=cluster,
                               num_microbatches=plan.schedule.num_microbatches)
+        if experts:
+            sync += dp_sync_time_s(experts, bytes_per_element=profile.bytes_per_element, zero=plan.zero,
+                                   group=expert_group, cluster=cluster,
+                                   num_microbatches=plan.schedule.num_microbatches)
         window = sum(c.times().backward_s + c.times().backward_weight_s for c in mine)
         dp_s = max(dp_s, exposed_dp_time_s(sync, overlap=options.dp_overlap, backward_window_s=window))
         shard = par.dp if plan.zero >= 1 else 1
-        optimizer_s = max(optimizer_s, params / shard * OPTIMIZER_BYTES_PER_PARAM / bandwidth)
+        expert_shard = par.dp // par.ep if plan.zero >= 1 else 1
+        optimizer_s = max(optimizer_s, ((params - experts) / shard + experts / expert_shard)
+                          * OPTIMIZER_BYTES_PER_PARAM / bandwidth)
     return dp_s + tied, optimizer_s
 
 
@@ -207,7 +241,8 @@ def estimate(plan: Plan, profile: ModelProfile, *, options: CostOptions | None =
         "compute": m * (c.forward_s + c.backward_s), "recompute": m * c.recompute_s,
         "tp_comm": m * sum(x.tp_forward_s + x.tp_backward_s + x.tp_recompute_s for x in mine),
         "pp_comm": m * sum(x.send_forward_s + x.send_backward_s for x in mine),
-        "dp_comm": dp_s, "ep_comm": 0.0, "bubble": pipe.bubble_s, "optimizer": optimizer_s,
+        "dp_comm": dp_s, "ep_comm": m * sum(x.ep_s for x in mine), "bubble": pipe.bubble_s,
+        "optimizer": optimizer_s,
     }
     step_s = pipe.total_s + dp_s + optimizer_s
     world, device = plan.world_size, plan.cluster_spec().device

@@ -17,6 +17,9 @@ Per device: model states + activations + logits + reserve.
   rank's layers (``p (1 + (p−1)/(p v))`` microbatches on the first rank). Fused attention
   stores no ``s × s`` scores (drops the ``5as/h`` term). Recomputation adds a working set:
   one layer's full activations (full) or its attention scores (selective).
+* Mixture of Experts (``moe``): expert parameters ``E·P_e/ep`` per device (not ÷ t), ZeRO over
+  ``dp/ep``; an MoE layer keeps its MLP activations once per routed row
+  (``moe.expert_activation_bytes``).
 * Logits on the last stage: the fp32 probabilities the vocabulary-parallel cross-entropy keeps
   for backward, ``4 s b V / t`` bytes, for one microbatch (GPipe: all ``m``).
 * Reserve (ASSUMED, not fitted): :data:`WORKSPACE_BYTES` on GPUs for the CUDA context and
@@ -29,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from autopar.cost_models.moe import expert_activation_bytes, expert_params
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 
 if TYPE_CHECKING:
@@ -50,6 +54,13 @@ def model_state_bytes(num_params: float, *, zero: int = 0, dp: int = 1) -> float
     gradient = GRADIENT_BYTES_PER_PARAM / (dp if zero >= 2 else 1)
     optimizer = OPTIMIZER_BYTES_PER_PARAM / (dp if zero >= 1 else 1)
     return num_params * (weight + gradient + optimizer)
+
+
+def state_parts_bytes(num_params: float, *, zero: int = 0, dp: int = 1) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer states) bytes of :func:`model_state_bytes`."""
+    return (num_params * WEIGHT_BYTES_PER_PARAM / (dp if zero >= 3 else 1),
+            num_params * GRADIENT_BYTES_PER_PARAM / (dp if zero >= 2 else 1),
+            num_params * OPTIMIZER_BYTES_PER_PARAM / (dp if zero >= 1 else 1))
 
 
 def activation_bytes_per_layer(*, seq_len: int, microbatch_size: int, hidden_size: int, num_heads: int,
@@ -85,12 +96,16 @@ def in_flight_microbatches(schedule: str, *, pp: int, rank: int, num_microbatche
 
 @dataclass(frozen=True, kw_only=True)
 class MemoryBreakdown:
-    """Bytes on one device at its peak."""
+    """Bytes on one device at its peak. ``weights_bytes + gradients_bytes + optimizer_bytes`` is
+    ``model_states_bytes``."""
 
     model_states_bytes: float
     activations_bytes: float
     logits_bytes: float
     reserve_bytes: float
+    weights_bytes: float = 0.0
+    gradients_bytes: float = 0.0
+    optimizer_bytes: float = 0.0
 
     @property
     def total_bytes(self) -> int:
@@ -99,15 +114,19 @@ class MemoryBreakdown:
 
 
 def _layer_bytes(layer: LayerProfile, profile: ModelProfile, *, microbatch_size: int, tp: int,
-                 recompute: str, sequence_parallel: bool) -> tuple[float, float]:
+                 recompute: str, sequence_parallel: bool, ep: int = 1) -> tuple[float, float]:
     """(stored per in-flight microbatch, recomputation working set) of one layer."""
     def act(mode: str) -> float:
         if not layer.is_transformer:  # unknown shape: what its forward writes, nothing if recomputed
             return 0.0 if mode == "full" else layer.activation_bytes * microbatch_size / tp
-        return activation_bytes_per_layer(
+        dense = activation_bytes_per_layer(
             seq_len=layer.seq_len, microbatch_size=microbatch_size, hidden_size=layer.hidden_size,
             num_heads=layer.num_heads, tp=tp, recompute=mode, sequence_parallel=sequence_parallel,
             fused_attention=profile.fused_attention, bytes_per_element=profile.bytes_per_element)
+        if layer.moe is None or mode == "full":
+            return dense
+        return dense + expert_activation_bytes(layer, microbatch_size=microbatch_size, tp=tp, ep=ep,
+                                               bytes_per_element=profile.bytes_per_element)
 
     stored = act(recompute)
     working = {"none": 0.0, "selective": act("none") - stored, "full": act("none")}[recompute]
@@ -118,10 +137,11 @@ def _stage_set_memory(plan: Plan, profile: ModelProfile, stage_indices: tuple[in
                       gpu: bool, sequence_parallel: bool) -> MemoryBreakdown:
     par, sched = plan.parallelism, plan.schedule
     t, b, last = par.tp, sched.microbatch_size, len(plan.stages) - 1
-    params = stored = working = logits = 0.0
+    params = stored = working = logits = experts = 0.0
     for stage in (plan.stages[i] for i in stage_indices):
         layers = profile.layers[stage.layers[0]:stage.layers[1]]
         params += sum(layer.param_count for layer in layers) / t
+        experts += sum(expert_params(layer) for layer in layers)  # not tensor-parallel (``moe``)
         if stage.index == 0:
             params += profile.embedding_params / t
         if stage.index == last:
@@ -130,17 +150,24 @@ def _stage_set_memory(plan: Plan, profile: ModelProfile, stage_indices: tuple[in
             logits = count * LOGITS_BYTES_PER_ELEMENT * b * profile.seq_len * profile.vocab_size / t
         for layer in layers:
             kept, extra = _layer_bytes(layer, profile, microbatch_size=b, tp=t, recompute=stage.recompute,
-                                       sequence_parallel=sequence_parallel)
+                                       sequence_parallel=sequence_parallel, ep=par.ep)
             stored, working = stored + kept, max(working, extra)
     rank = stage_indices[0] % par.pp if stage_indices else 0
     in_flight = in_flight_microbatches(sched.name, pp=par.pp, rank=rank,
                                        num_microbatches=sched.num_microbatches,
                                        virtual_stages=sched.virtual_stages)
-    states = model_state_bytes(params, zero=plan.zero, dp=par.dp)
+    dense = params - experts / t
+    parts = state_parts_bytes(dense, zero=plan.zero, dp=par.dp)
+    states = model_state_bytes(dense, zero=plan.zero, dp=par.dp)
+    if experts:  # E/ep experts per device, sharded by ZeRO over the dp/ep replicas of the same experts
+        expert_parts = state_parts_bytes(experts / par.ep, zero=plan.zero, dp=par.dp // par.ep)
+        parts = tuple(a + e for a, e in zip(parts, expert_parts, strict=True))  # type: ignore[assignment]
+        states += model_state_bytes(experts / par.ep, zero=plan.zero, dp=par.dp // par.ep)
     activations = stored * in_flight + working
     reserve = FRAGMENTATION_FRACTION * (states + activations + logits) + (WORKSPACE_BYTES if gpu else 0)
     return MemoryBreakdown(model_states_bytes=states, activations_bytes=activations,
-                           logits_bytes=logits, reserve_bytes=reserve)
+                           logits_bytes=logits, reserve_bytes=reserve, weights_bytes=parts[0],
+                           gradients_bytes=parts[1], optimizer_bytes=parts[2])
 
 
 def plan_memory(plan: Plan, profile: ModelProfile, *, sequence_parallel: bool = False

@@ -12,10 +12,12 @@ a matmul (m×k)(k×n) is 2mkn FLOPs, attention is counted without the causal sav
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from autopar.cost_models.hardware import canonical_dtype
+from autopar.cost_models.moe import MoELayerProfile
 
 _ELEMENT_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4}
 _ATTENTION_WORDS = ("attn", "attention")
@@ -27,7 +29,9 @@ class LayerProfile:
     """One repeated layer. Shapes are None where the layer is not a recognized transformer;
     ``activation_bytes`` (per sequence, training dtype) is what its forward writes, used by the
     memory model only for such layers. ``param_tensors`` counts its parameter tensors (0:
-    unknown), which the CPU optimizer model needs (torch's AdamW loops over tensors on CPU)."""
+    unknown), which the CPU optimizer model needs (torch's AdamW loops over tensors on CPU).
+    ``moe``: the layer's MLP is a Mixture of Experts (``cost_models.moe``); then ``ffn_size`` is one
+    expert's width and ``param_count``, ``flops_*`` include every expert and the router."""
 
     name: str
     flops_fwd: float
@@ -39,6 +43,7 @@ class LayerProfile:
     ffn_size: int | None = None
     activation_bytes: float = 0.0
     param_tensors: int = 0
+    moe: MoELayerProfile | None = None
 
     @property
     def is_transformer(self) -> bool:
@@ -143,7 +148,9 @@ class ModelProfile:
         model's parameters — what the runtime trains in (bf16 for a model without
         parameters). ``fused_attention`` defaults to whether the graph calls
         ``scaled_dot_product_attention`` (``causal`` to its ``is_causal``); nodes between
-        stacks of layers count with the head.
+        stacks of layers count with the head. Layers the MoE pass transformed
+        (``node.meta["autopar_moe"]``) get their FLOPs and parameters from the transformed graph
+        and a ``moe`` record (:func:`_moe_layers`).
         """
         if type(batch_size) is not int or batch_size < 1:
             raise ValueError(f"batch_size = {batch_size!r}: expected the int >= 1 used for capture")
@@ -162,6 +169,7 @@ class ModelProfile:
                          activation_bytes=act, param_tensors=tensors, **shape)
             for info, shape, act, tensors in zip(captured.layers, shapes, written,
                                                  _layer_tensors(captured, len(captured.layers)), strict=True))
+        layers = _moe_layers(captured, layers, batch_size)
         seq, hidden = _sequence_and_hidden(captured, shapes)
         vocab = _vocab_size(nodes)
         head = [record for before, record in outside if not before]
@@ -180,6 +188,41 @@ class ModelProfile:
             causal=any(node.kwargs.get("is_causal", False) for node in sdpa) if sdpa else True,
             embedding_param_tensors=_tensor_count(gm, [n for n, r in nodes[:first] if r.layer is None], seen),
             head_param_tensors=_tensor_count(gm, [n for n, r in nodes[first:] if r.layer is None], seen))
+
+
+def _moe_layers(captured: Any, layers: tuple[LayerProfile, ...], batch_size: int) -> tuple[LayerProfile, ...]:
+    """``layers`` with those holding an MoE node (``autopar.passes.moe``) rebuilt: FLOPs summed over
+    the transformed graph's nodes; parameters: an upcycled layer's dense MLP (counted by capture,
+    one expert's worth) becomes the MoE module's (``E`` experts, router, Residual-MoE's branch),
+    an adopted block's are the model's own; ``ffn_size`` the width ``f`` of the 2-matmul MLP with
+    the expert's weight-matrix parameters, ``2hf`` (``f`` itself for an upcycled GPT MLP, ``1.5 f``
+    for a gated SwiGLU expert: the same FLOPs per routed token)."""
+    found = {}
+    for node, record in captured.records():
+        info = node.meta.get("autopar_moe")
+        if info is not None and record.layer is not None and record.layer < len(layers):
+            found[record.layer] = (node, info)
+    if not found:
+        return layers
+    gm, out = captured.graph_module, list(layers)
+    for index, (node, info) in found.items():
+        module = gm.get_submodule(str(node.target))
+        expert = sum(p.numel() for p in module.experts[0].parameters())
+        total = sum(p.numel() for p in module.parameters())
+        router = sum(p.numel() for p in module.router.parameters())
+        residual, adopted = bool(getattr(info, "residual", False)), bool(getattr(info, "adopted", False))
+        moe = MoELayerProfile(num_experts=info.num_experts, top_k=info.top_k,
+                              capacity_factor=float(info.capacity_factor), expert_param_count=expert,
+                              router_param_count=router, dropless=bool(getattr(info, "dropless", False)),
+                              residual=residual)
+        layer, mine = layers[index], [r for _, r in captured.records() if r.layer == index]
+        matrices = sum(p.numel() for p in module.experts[0].parameters() if p.dim() >= 2)
+        out[index] = dataclasses.replace(
+            layer, moe=moe, ffn_size=max(1, round(matrices / (2 * (layer.hidden_size or 1)))),
+            flops_fwd=sum(r.flops_fwd for r in mine) / batch_size,
+            flops_bwd=sum(r.flops_bwd for r in mine) / batch_size,
+            param_count=layer.param_count if adopted else layer.param_count - expert + total)
+    return tuple(out)
 
 
 def _parameter_dtype(gm: Any) -> str:

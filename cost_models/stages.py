@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 class StageCost:
     """One stage (model chunk) per microbatch on one of its devices, split by cause.
     ``dp_forward_s``/``dp_backward_s``: data-parallel traffic repeated every microbatch (ZeRO-3
-    weight gathers on CPU; 0 in the GPU model, which counts it per step)."""
+    weight gathers on CPU; 0 in the GPU model, which counts it per step). ``ep_*_s``: the MoE
+    layers' all-to-alls (``moe``); ``expert_params_per_device``: the part of
+    ``params_per_device`` that is expert parameters (synchronized over ``dp/ep`` ranks)."""
 
     compute: LayerTimes
     tp_forward_s: float
@@ -35,13 +37,24 @@ class StageCost:
     dp_forward_s: float = 0.0
     dp_backward_s: float = 0.0
     overhead_s: float = 0.0
+    ep_forward_s: float = 0.0
+    ep_backward_s: float = 0.0
+    ep_recompute_s: float = 0.0
+    expert_params_per_device: float = 0.0
+
+    @property
+    def ep_s(self) -> float:
+        """All-to-all seconds per microbatch (forward, backward and recomputation)."""
+        return self.ep_forward_s + self.ep_backward_s + self.ep_recompute_s
 
     def times(self) -> StageTimes:
         c = self.compute
-        return StageTimes(forward_s=c.forward_s + self.tp_forward_s + self.dp_forward_s + self.overhead_s,
-                          backward_s=c.backward_input_s + self.tp_backward_s + self.dp_backward_s,
+        return StageTimes(forward_s=c.forward_s + self.tp_forward_s + self.dp_forward_s + self.overhead_s
+                          + self.ep_forward_s,
+                          backward_s=c.backward_input_s + self.tp_backward_s + self.dp_backward_s
+                          + self.ep_backward_s,
                           backward_weight_s=c.backward_weight_s,
-                          recompute_s=c.recompute_s + self.tp_recompute_s,
+                          recompute_s=c.recompute_s + self.tp_recompute_s + self.ep_recompute_s,
                           send_forward_s=self.send_forward_s, send_backward_s=self.send_backward_s)
 
 
@@ -56,6 +69,15 @@ def mesh_group(plan: Plan, axis: str) -> tuple[int, ...]:
         return tuple(mesh.device_ids[j * stride] for j in range(mesh.shape[i]))
     stride = plan.parallelism.tp if axis == "dp" else 1  # autopar's default layout: tp fastest
     return tuple(j * stride for j in range(degree))
+
+
+def expert_groups(plan: Plan, devices: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(expert-parallel group, expert-data-parallel group) of the first of a stage's ``devices``
+    (listed tp fastest, then dp, as autopar lays them out): ``ep`` consecutive data-parallel ranks,
+    and the ``dp/ep`` ranks holding the same experts (the runtime's ``ExpertGroups``)."""
+    par = plan.parallelism
+    dp_ranks = devices[::par.tp]
+    return tuple(dp_ranks[:par.ep]), tuple(dp_ranks[::par.ep])
 
 
 def layer_flops(layer: LayerProfile, recompute: str, fused_attention: bool) -> float:

@@ -15,8 +15,11 @@ Each term bounds the matching term of ``cost_models.estimate`` from below:
   Σ U − max U``); fixed parts and imbalance only add (recomputation is added where memory
   forces it, see :func:`forced_recompute_s`);
 * data-parallel sync: the exposed share ``(1 − overlap)`` of the sync of an even share of the
-  parameters (collective time grows with size, the slowest rank holds at least the average);
-* optimizer: the memory-bound Adam step over that even share.
+  parameters (collective time grows with size, the slowest rank holds at least the average).
+  With MoE layers the dense share syncs over ``dp`` and the expert share ``÷ ep`` over ``dp/ep``;
+  the slowest rank pays at least the larger of the two (their sum without pipelining, where every
+  rank holds the same share);
+* optimizer: the memory-bound Adam step over that even share (experts ÷ ep, ZeRO over dp/ep).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from autopar.cost_models import memory as memory_model
 from autopar.cost_models.comm import dp_sync_time_s
 from autopar.cost_models.compute import device_efficiency
 from autopar.cost_models.estimate import OPTIMIZER_BYTES_PER_PARAM
+from autopar.cost_models.moe import expert_params, layer_state_bytes
 from autopar.planner.layout import PlanContext
 from autopar.planner.probes import Prober
 from autopar.planner.space import Config
@@ -42,34 +46,38 @@ def pipeline_lower_bound_s(layer_work_s: float, config: Config, weight_grad_s: f
     return layer_work_s * (m / p + (p - 1) / (p * v))
 
 
-def _share(profile: ModelProfile, config: Config) -> float:
-    """An even share of the parameters per device (the slowest rank holds at least this)."""
-    return profile.param_count / (config.tp * config.pp)
+def _share(profile: ModelProfile, config: Config) -> tuple[float, float]:
+    """Even shares per device of (dense, expert) parameters: the slowest rank holds at least these;
+    each device holds ``1/ep`` of the experts (replicated over tp, ``cost_models.moe``)."""
+    experts = sum(expert_params(layer) for layer in profile.layers)
+    dense = profile.param_count - experts
+    return dense / (config.tp * config.pp), experts / (config.pp * config.ep)
 
 
 def outside_lower_bound_s(
     profile: ModelProfile, ctx: PlanContext, config: Config, options: CostOptions
 ) -> float:
     """Data-parallel sync and optimizer seconds at least (module docstring)."""
-    cluster, params = ctx.cluster, _share(profile, config)
+    cluster, (params, experts) = ctx.cluster, _share(profile, config)
     dp_s = 0.0
     if config.dp > 1:
-        group = Group.of([d * config.tp for d in range(config.dp)], cluster=cluster)
-        sync = dp_sync_time_s(
-            params,
-            bytes_per_element=profile.bytes_per_element,
-            zero=config.zero,
-            group=group,
-            cluster=cluster,
-            num_microbatches=config.num_microbatches,
-        )
+        def sync_s(size: float, stride: int, ranks: int) -> float:
+            group = Group.of([d * stride for d in range(ranks)], cluster=cluster)
+            return dp_sync_time_s(size, bytes_per_element=profile.bytes_per_element, zero=config.zero,
+                                  group=group, cluster=cluster, num_microbatches=config.num_microbatches)
+
+        sync = sync_s(params, config.tp, config.dp)
+        if experts:
+            expert_sync = sync_s(experts, config.tp * config.ep, config.dp // config.ep)
+            sync = sync + expert_sync if config.pp == 1 else max(sync, expert_sync)
         dp_s = (1 - options.dp_overlap) * sync
     bandwidth = (
         cluster.device.memory_bandwidth_bytes_per_s
         * device_efficiency(cluster.device).memory_bandwidth_fraction
     )
     shard = config.dp if config.zero >= 1 else 1
-    return dp_s + params / shard * OPTIMIZER_BYTES_PER_PARAM / bandwidth
+    expert_shard = config.dp // config.ep if config.zero >= 1 else 1
+    return dp_s + (params / shard + experts / expert_shard) * OPTIMIZER_BYTES_PER_PARAM / bandwidth
 
 
 def forced_recompute_s(prober: Prober, config: Config, modes: tuple[str, ...]) -> float:
@@ -98,8 +106,8 @@ def forced_recompute_s(prober: Prober, config: Config, modes: tuple[str, ...]) -
             for k in range(config.pp)
         ]
     )
-    per_param = memory_model.model_state_bytes(1.0, zero=config.zero, dp=config.dp)
-    states = min(layer.param_count for layer in profile.layers) / config.tp * per_param
+    states = min(layer_state_bytes(layer, tp=config.tp, zero=config.zero, dp=config.dp, ep=config.ep)
+                 for layer in profile.layers)
     extra = 0.0
     for r, mode in enumerate(modes):
         stored = float(prober.layer_bytes(config, mode)[0].min())
@@ -124,7 +132,10 @@ def step_lower_bound_s(prober: Prober, config: Config, modes: tuple[str, ...], o
 
 def states_fit(profile: ModelProfile, ctx: PlanContext, config: Config) -> bool:
     """Whether an even share of the model states fits the device at all."""
-    states = memory_model.model_state_bytes(_share(profile, config), zero=config.zero, dp=config.dp)
+    dense, experts = _share(profile, config)
+    states = memory_model.model_state_bytes(dense, zero=config.zero, dp=config.dp)
+    if experts:
+        states += memory_model.model_state_bytes(experts, zero=config.zero, dp=config.dp // config.ep)
     gpu = ctx.cluster.device.name != "CPU"
     need = (1 + memory_model.FRAGMENTATION_FRACTION) * states + (memory_model.WORKSPACE_BYTES if gpu else 0)
     return need <= ctx.cluster.device.memory_bytes

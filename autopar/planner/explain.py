@@ -48,6 +48,7 @@ class Infeasible:
     need_bytes: float
     capacity_bytes: float
     message: str
+    moe: bool = False
 
     @property
     def excess_bytes(self) -> float:
@@ -68,10 +69,7 @@ def memory_shortfall(
     memory = memory_model.plan_memory(plan, profile)
     worst = max(range(config.pp), key=lambda k: memory[rank_devices(config, k)[0]].total_bytes)
     part = memory[rank_devices(config, worst)[0]]
-    per_param = memory_model.model_state_bytes(1.0, zero=config.zero, dp=config.dp)
-    params = part.model_states_bytes / per_param
-    weights = params * memory_model.WEIGHT_BYTES_PER_PARAM / (config.dp if config.zero >= 3 else 1)
-    grads = params * memory_model.GRADIENT_BYTES_PER_PARAM / (config.dp if config.zero >= 2 else 1)
+    weights, grads = part.weights_bytes, part.gradients_bytes
     optimizer = part.model_states_bytes - weights - grads
     capacity = float(ctx.cluster.device.memory_bytes)
     message = (
@@ -87,6 +85,7 @@ def memory_shortfall(
         need_bytes=part.total_bytes,
         capacity_bytes=capacity,
         message=message,
+        moe=any(layer.moe is not None for layer in profile.layers),
     )
 
 
@@ -98,6 +97,8 @@ def _remedies(item: Infeasible, fix: Fix) -> list[str]:
         remedies.append("a smaller microbatch (microbatch_size=1)")
     if config.dp > 1 and config.zero < 3:
         remedies.append("shard the model states over data parallelism (zero=3, FSDP)")
+    if item.moe and fix.ep is not None and config.tp == 1:
+        remedies.append("unpin ep so the experts can be sharded over more data-parallel ranks")
     if fix.pp or fix.tp:
         remedies.append("unpin pp/tp so the model can be split further")
     remedies.append("more devices or devices with more memory")
@@ -125,4 +126,15 @@ def alternative_reason(best: Plan, other: Plan, description: str) -> str:
     changes = {key: theirs.get(key, 0.0) - mine.get(key, 0.0) for key in _CAUSES}
     key = max(sorted(changes), key=lambda k: changes[k])
     share = f", mostly {_CAUSES[key]} (+{changes[key]:.3g} s)" if changes[key] > 0 else ""
-    return f"{description}: +{delta:.3g} s (+{100 * delta / best.predicted.step_time_s:.1f} %){share}"
+    percent = 100 * delta / best.predicted.step_time_s
+    return f"{description}: +{delta:.3g} s (+{percent:.1f} %){share}{_ep_reason(best, other, changes)}"
+
+
+def _ep_reason(best: Plan, other: Plan, changes: dict[str, float]) -> str:
+    """What a different expert-parallel degree changed: the all-to-all against the gradient sync
+    (experts replicated on more ranks sync more gradient bytes) and the rest."""
+    ep, mine = other.parallelism.ep, best.parallelism.ep
+    if ep == mine:
+        return ""
+    return (f"; ep{ep} instead of ep{mine}: expert all-to-all {changes['ep_comm']:+.3g} s, gradient sync "
+            f"{changes['dp_comm']:+.3g} s, compute {changes['compute'] + changes['recompute']:+.3g} s")

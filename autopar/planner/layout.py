@@ -5,7 +5,9 @@ recomputation mode per stage) → :func:`build_plan` → ``Plan`` (then ``estima
 fills its prediction). The device layout is autopar's standard one, the same as pinned
 plans (``autopar.plans.pinned``): tensor parallelism fastest (inside a node), then data
 parallelism, then pipeline ranks; stage ``k`` runs on pipeline rank ``k mod pp`` as
-virtual chunk ``k // pp``.
+virtual chunk ``k // pp``. Expert parallelism is ``Parallelism.ep`` only: the mesh keeps its
+``pp × dp × tp`` axes (an ``ep`` axis would have to split ``dp``, whose size the Plan checks
+against ``dp``), and the runtime forms groups of ``ep`` consecutive data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def build_plan(
         cluster=ctx.cluster.to_dict(),
         global_batch_size=ctx.global_batch_size,
         seq_len=ctx.seq_len,
-        parallelism=Parallelism(dp=config.dp, tp=config.tp, pp=pp),
+        parallelism=Parallelism(dp=config.dp, tp=config.tp, pp=pp, ep=config.ep),
         mesh=Mesh(
             axis_names=("pp", "dp", "tp"),
             shape=(pp, config.dp, config.tp),

@@ -16,7 +16,8 @@ the embedding / LM head and the P2P sends of the stage's position), so
 Memory may come from another profile than time (``memory_profile``): with random-LTD the
 time is the schedule's average but memory must fit the full-length end of the schedule.
 Memory per layer uses the memory model's own per-layer function (stored activations per
-in-flight microbatch and the recomputation working set) and ``model_state_bytes``.
+in-flight microbatch and the recomputation working set) and ``moe.layer_state_bytes`` (dense
+parameters sharded by ZeRO over ``dp``, experts held ``E/ep`` and sharded over ``dp/ep``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 from autopar.cost_models import CostOptions, LayerProfile, ModelProfile, in_flight_microbatches
 from autopar.cost_models import memory as memory_model
 from autopar.cost_models.estimate import stage_costs
+from autopar.cost_models.moe import layer_state_bytes
 from autopar.planner.layout import PlanContext, build_plan, rank_devices
 from autopar.planner.space import Config
 
@@ -124,7 +126,7 @@ class Prober:
 
     def _layer(self, kind_index: int, config: Config, mode: str) -> tuple[float, float]:
         """(work, weight-gradient work) of one layer of kind ``kind_index`` per microbatch."""
-        key = (kind_index, config.tp, config.microbatch_size, mode)
+        key = (kind_index, config.tp, config.microbatch_size, mode, config.ep)
         if key not in self._layer_work:
             profile = dataclasses.replace(self.profile, layers=(self.kinds[kind_index],))
             plan, one = self._probe_plan(config, [(0, 1)] + [(1, 1)] * (config.pp - 1), mode, 1)
@@ -144,8 +146,8 @@ class Prober:
         weight = np.array([self._per_layer(config, r, 1) for r in modes])
         stored = np.array([self.layer_bytes(config, r)[0] for r in modes])
         working = np.array([self.layer_bytes(config, r)[1] for r in modes])
-        per_param = memory_model.model_state_bytes(1.0, zero=config.zero, dp=config.dp)
-        states = np.array([layer.param_count / t for layer in profile.layers]) * per_param
+        states = np.array([layer_state_bytes(layer, tp=t, zero=config.zero, dp=config.dp, ep=config.ep)
+                           for layer in profile.layers])
         fixed_work, fixed_weight, fixed_bytes = self._fixed_parts(config)
         in_flight = np.array(
             [
@@ -183,7 +185,7 @@ class Prober:
 
     def layer_bytes(self, config: Config, mode: str) -> tuple[np.ndarray, np.ndarray]:
         """Per layer: (activation bytes stored per in-flight microbatch, recomputation working set)."""
-        key = (config.tp, config.microbatch_size, mode)
+        key = (config.tp, config.microbatch_size, mode, config.ep)
         if key not in self._bytes:
             pairs = [
                 memory_model._layer_bytes(  # the memory model's own per-layer rule
@@ -193,6 +195,7 @@ class Prober:
                     tp=config.tp,
                     recompute=mode,
                     sequence_parallel=self.options.sequence_parallel,
+                    ep=config.ep,
                 )
                 for kind in self._mem_kinds
             ]

@@ -1,7 +1,8 @@
 """The outer search: degrees × schedule × microbatching × ZeRO, pruned by lower bounds.
 
 Data flow: ``autopar.plan`` → :func:`search` (a ``ModelProfile``, a :class:`PlanContext`,
-the pins) → for each :class:`~autopar.planner.space.Config` in order of its lower bound:
+the pins) → for each :class:`~autopar.planner.space.Config` (degrees including the expert-parallel
+``ep`` of MoE models) in order of its lower bound:
 ``inter_op.solve_split`` (stage split and per-stage recomputation; interleaved schedules use
 equal chunks) → ``layout.build_plan`` → ``cost_models.estimate_plan`` (the exact prediction,
 peak memory checked against the device) → the fastest Plan plus the runner-ups as
@@ -12,7 +13,9 @@ over the pipeline, times the schedule's minimum number of such slots (``pipeline
 valid because fixed parts, recomputation, communication outside the pipeline and imbalance only
 add time). Configs are visited in increasing bound; the search stops at the first bound that
 is not below the best step time found, so its answer is the optimum over the space (up to the
-split solver's own cap, reported) unless the time limit cut it short (also reported).
+split solver's own cap, reported) unless the time limit cut it short (also reported). With MoE
+layers the search goes on a little for every other expert-parallel degree (``_ep_contrasts``),
+only for the alternatives.
 Ties break on the Config's field order, so the same inputs give byte-identical Plans.
 """
 
@@ -38,11 +41,12 @@ from autopar.planner.explain import (
 from autopar.planner.inter_op import solve_split
 from autopar.planner.layout import PlanContext, build_plan, even_split
 from autopar.planner.probes import RECOMPUTE_MODES, Prober
-from autopar.planner.space import Config, candidates, explain_empty
+from autopar.planner.space import Config, candidates, check_ep_pin, explain_empty
 from autopar.plans import Alternative, Plan, Schedule
 
 NUM_ALTERNATIVES = 5
 NUM_RANKED = 16
+EP_CONTRAST_TRIES = 8
 Progress = Callable[[int, int, float | None], None]
 """``progress(done, total, best_step_time_s)`` after each Config is evaluated."""
 
@@ -161,6 +165,7 @@ def search(
     if not (isinstance(time_limit_s, (int, float)) and time_limit_s > 0):
         raise ValueError(f"time_limit_s = {time_limit_s!r}: expected seconds > 0")
     start = time.perf_counter()
+    check_ep_pin(profile, fix)
     configs = list(candidates(profile, ctx.cluster, global_batch_size=ctx.global_batch_size, fix=fix))
     if not configs:
         raise ValueError(
@@ -177,6 +182,7 @@ def search(
     results: list[Evaluated] = []
     best: Evaluated | None = None
     evaluated = timed_out = 0
+    visited: set[Config] = set()
     for bound, config in bounded:
         if best is not None and bound >= best.step_time_s:
             break
@@ -184,6 +190,7 @@ def search(
             timed_out = True
             break
         evaluated += 1
+        visited.add(config)
         found = state.evaluate(config)
         if found is not None:
             results.append(found)
@@ -191,6 +198,13 @@ def search(
                 best = found
         if progress is not None:
             progress(evaluated, len(configs), None if best is None else best.step_time_s)
+    if best is not None and not timed_out:
+        contrasts, tried = _ep_contrasts(state, bounded, results, visited, best.config.ep)
+        evaluated += tried
+        for found in contrasts:
+            results.append(found)
+            if (found.step_time_s, found.config) < (best.step_time_s, best.config):
+                best = found
     if best is None and state.unsharded and not state.infeasible and not too_big:
         tps = sorted({c.tp for c in state.unsharded})
         raise InfeasiblePlanError(
@@ -214,11 +228,37 @@ def search(
     )
 
 
+def _ep_contrasts(state: _Search, bounded: list[tuple[float, Config]], results: list[Evaluated],
+                  visited: set[Config], chosen_ep: int) -> tuple[list[Evaluated], int]:
+    """With MoE layers, the alternatives should say what replicating or sharding the experts more
+    would cost: for every other expert-parallel degree, continue the pruned search among its
+    Configs alone (in increasing bound, until the bound reaches that degree's best, at most
+    :data:`EP_CONTRAST_TRIES` evaluations each). Every bound here is at least the chosen plan's
+    step time, so this never changes the answer. Returns the fitting results and the count tried."""
+    best = {}
+    for r in results:
+        best[r.config.ep] = min(best.get(r.config.ep, float("inf")), r.step_time_s)
+    tries: dict[int, int] = {}
+    found = []
+    for bound, config in bounded:
+        ep = config.ep
+        if ep == chosen_ep or config in visited or tries.get(ep, 0) >= EP_CONTRAST_TRIES:
+            continue
+        if bound >= best.get(ep, float("inf")):
+            continue
+        tries[ep] = tries.get(ep, 0) + 1
+        result = state.evaluate(config)
+        if result is not None:
+            best[ep] = min(best.get(ep, float("inf")), result.step_time_s)
+            found.append(result)
+    return found, sum(tries.values())
+
+
 def _alternatives(
     best: Evaluated, results: list[Evaluated], infeasible: list[Infeasible]
 ) -> tuple[Alternative, ...]:
-    """The fastest other degree triples first, then other schedules of the chosen degrees,
-    then (if room is left) the closest configurations that did not fit."""
+    """The fastest other degrees (dp, tp, pp, ep) first, then other schedules of the chosen
+    degrees, then (if room is left) the closest configurations that did not fit."""
     others = sorted((r for r in results if r.config != best.config), key=lambda r: (r.step_time_s, r.config))
     seen, chosen = {best.config.degrees}, []
     for pool in ([r for r in others if r.config.degrees not in seen], others):

@@ -17,16 +17,24 @@ Rules (each one a property of the runtime or of the model, not a heuristic):
   layers (equal chunks, as Megatron-LM requires) and ``num_microbatches`` divides by ``pp``.
 * ZeRO stages 0, 1 and 3 (FSDP) when ``dp > 1``; stage 2 costs what stage 1 costs in this
   cost model and saves less than 3, so it is not searched unless pinned.
+* Expert parallelism (models with MoE layers only): ``ep`` divides ``dp`` and every MoE layer's
+  expert count, so ``ep ∈ divisors(gcd(dp, E₁, E₂, …))`` (DeepSpeed-MoE's layout: ``ep``
+  consecutive data-parallel ranks share the experts, ``cost_models.moe``); ``ep = 1`` replicates
+  the experts on every data-parallel rank. ``ep > 1`` needs ``tp = 1``: the runtime does not
+  combine expert with tensor parallelism yet. Without MoE layers ``ep`` is 1, and pinning more
+  is an error (:func:`check_ep_pin`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.cost_models import ModelProfile
+from autopar.cost_models.moe import num_experts_gcd
 
 MAX_VIRTUAL_STAGES = 8
 """Interleaving deeper than this adds P2P traffic for bubbles already below 1/8 of 1F1B's."""
@@ -44,16 +52,19 @@ class Config:
     microbatch_size: int
     num_microbatches: int
     zero: int
+    ep: int = 1
 
     @property
-    def degrees(self) -> tuple[int, int, int]:
-        return self.dp, self.tp, self.pp
+    def degrees(self) -> tuple[int, int, int, int]:
+        return self.dp, self.tp, self.pp, self.ep
 
     def describe(self) -> str:
-        """``dp8 tp8 pp16 interleaved(v2) b1×m24 zero0``: how alternatives are named."""
+        """``dp8 tp8 pp16 interleaved(v2) b1×m24 zero0`` (`` ep4`` after pp when ``ep > 1``): how
+        alternatives are named."""
         sched = f"interleaved(v{self.virtual_stages})" if self.schedule == "interleaved" else self.schedule
+        ep = f" ep{self.ep}" if self.ep > 1 else ""
         return (
-            f"dp{self.dp} tp{self.tp} pp{self.pp} {sched} b{self.microbatch_size}"
+            f"dp{self.dp} tp{self.tp} pp{self.pp}{ep} {sched} b{self.microbatch_size}"
             f"×m{self.num_microbatches} zero{self.zero}"
         )
 
@@ -116,16 +127,38 @@ def candidates(
                 m = global_batch_size // (dp * b)
                 for schedule, v in _schedules(pp, num_layers, m, fix):
                     for zero in _zero_stages(dp, fix):
-                        yield Config(
-                            dp=dp,
-                            tp=tp,
-                            pp=pp,
-                            schedule=schedule,
-                            virtual_stages=v,
-                            microbatch_size=b,
-                            num_microbatches=m,
-                            zero=zero,
-                        )
+                        for ep in _ep_choices(profile, dp, tp, fix):
+                            yield Config(
+                                dp=dp,
+                                tp=tp,
+                                pp=pp,
+                                schedule=schedule,
+                                virtual_stages=v,
+                                microbatch_size=b,
+                                num_microbatches=m,
+                                zero=zero,
+                                ep=ep,
+                            )
+
+
+def _ep_choices(profile: ModelProfile, dp: int, tp: int, fix: Fix) -> list[int]:
+    """Expert-parallel degrees for ``dp`` data-parallel ranks (module docstring)."""
+    experts = num_experts_gcd(profile)
+    allowed = [e for e in divisors(math.gcd(dp, experts or 1)) if e == 1 or tp == 1]
+    return [e for e in allowed if fix.ep in (None, e)]
+
+
+def check_ep_pin(profile: ModelProfile, fix: Fix) -> None:
+    """A pinned ``ep > 1`` needs MoE layers whose expert counts it divides (ValueError otherwise)."""
+    if fix.ep is None or fix.ep == 1:
+        return
+    experts = num_experts_gcd(profile)
+    if not experts:
+        raise ValueError(f"fix['ep'] = {fix.ep}: expert parallelism needs MoE layers and this model has "
+                         "none; add passes=[autopar.passes.MoE(num_experts=...)] or drop the ep pin")
+    if experts % fix.ep:
+        raise ValueError(f"fix['ep'] = {fix.ep} does not divide the MoE layers' {experts} experts (gcd over "
+                         f"layers); pin ep to a divisor of {experts}: {divisors(experts)}")
 
 
 def _zero_stages(dp: int, fix: Fix) -> tuple[int, ...]:
@@ -147,6 +180,12 @@ def explain_empty(profile: ModelProfile, cluster: ClusterSpec, *, global_batch_s
         return f"the pinned degrees {fix.pinned()} do not divide the cluster's {world} devices"
     if fix.pp is not None and fix.pp > profile.num_layers:
         return f"pp={fix.pp} exceeds the model's {profile.num_layers} repeated layers"
+    if fix.ep is not None and fix.ep > 1:
+        return (
+            f"pinned ep={fix.ep} must divide dp (expert-parallel groups are data-parallel ranks) and "
+            "needs tp = 1 (the runtime does not combine expert and tensor parallelism yet); "
+            f"the pins {fix.pinned()} leave no such dp × tp × pp = {world}"
+        )
     return (
         f"no dp × tp × pp = {world} with dp dividing the global batch {global_batch_size} satisfies "
         f"the pins {fix.pinned() or '{}'} (interleaving needs pp × v to divide the layers and "

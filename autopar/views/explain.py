@@ -21,6 +21,7 @@ from rich.text import Text
 
 from autopar.cli import fmt
 from autopar.cost_models import plan_memory
+from autopar.plans import Plan
 from autopar.views.model import PlanView, StageRow
 from autopar.views.names import Match, fold, lookup
 from autopar.views.text import alternatives_table, describe_config, passes_line
@@ -60,12 +61,27 @@ def degree_reasons(view: PlanView) -> list[str]:
         f"dp {par.dp}: the remaining factor of {plan.world_size:,} devices; each replica sees "
         f"{plan.global_batch_size // par.dp} sequences per step; exposed gradient sync"
         f"{_share(parts.get('dp_comm'), step)}",
+        *_expert_reason(plan, parts.get("ep_comm"), step),
         f"schedule {plan.schedule.name}: {plan.schedule.num_microbatches} microbatches of "
         f"{plan.schedule.microbatch_size} per replica"
         + (f", {plan.schedule.virtual_stages} model chunks per device"
            if plan.schedule.virtual_stages > 1 else "")
         + (f"; ZeRO stage {plan.zero} shards the optimizer state over dp" if plan.zero else ""),
     ]
+
+
+def _expert_reason(plan: Plan, all_to_all_s: float | None, step_s: float | None) -> list[str]:
+    """The ep line, for plans with expert parallelism or an MoE pass (none otherwise)."""
+    ep, dp = plan.parallelism.ep, plan.parallelism.dp
+    if ep == 1 and not any(p.name == "moe" for p in plan.passes):
+        return []
+    if ep == 1:
+        return [f"ep 1: every data-parallel rank holds all experts; their gradients sync over all {dp} ranks"]
+    replicas = dp // ep
+    sync = (f"expert gradients sync over the {replicas} ranks holding the same experts" if replicas > 1
+            else "each expert lives on one rank, so its gradients need no sync")
+    return [f"ep {ep}: each group of {ep} data-parallel ranks shares the experts (E/{ep} per device, "
+            f"DeepSpeed-MoE); costs all-to-all dispatch and combine{_share(all_to_all_s, step_s)}; {sync}"]
 
 
 def memory_reason(view: PlanView) -> str:

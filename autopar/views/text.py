@@ -26,7 +26,7 @@ _DELTA_PREFIX = re.compile(r"^[^:]*: [+−-][\d.]+ \S+ \([+−-][\d.]+ %\),? ")
 BAR_WIDTH = 10
 BREAKDOWN_LABELS = {
     "compute": "compute", "recompute": "recompute", "tp_comm": "TP comm", "pp_comm": "PP comm",
-    "dp_comm": "DP comm", "ep_comm": "EP comm", "bubble": "bubble", "optimizer": "optimizer",
+    "dp_comm": "DP comm", "ep_comm": "EP all-to-all", "bubble": "bubble", "optimizer": "optimizer",
 }
 
 
