@@ -8,6 +8,9 @@ On several, the first ``step`` turns the pinned choices (``fix=``) or a given
 (``autopar.runtime.Engine``), inside the process group that ``autopar run`` or
 ``torchrun`` started. Passes with run-time state (random-LTD's schedule) follow the
 compiled model's step counter and are saved with it (``autopar.runtime.pass_state``).
+The MoE layers that ``autopar.passes.MoE`` creates in the first capture belong to the compiled
+model (``compiled.moe``): trained, saved, and run by every later capture; the training loss
+adds their auxiliary losses.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import fx, nn
+from torch.profiler import record_function
 from torch.utils._pytree import tree_flatten, tree_map
 
 from autopar.capture import Captured, LeafSpec, capture, normalize_inputs
@@ -28,7 +32,9 @@ from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.cost_models.estimate import estimate_plan
 from autopar.losses import cross_entropy
-from autopar.passes import GraphPass, PassContext, run_passes
+from autopar.passes import GraphPass, MoE, PassContext, run_passes
+from autopar.passes.moe import moe_aux_loss, moe_layers
+from autopar.passes.moe_layer import MoEStats
 from autopar.passes.random_ltd import kept_fractions, ltd_profile
 from autopar.planning import profile_of
 from autopar.plans import Plan, check_fingerprint, graph_fingerprint
@@ -43,6 +49,9 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 log = logging.getLogger("autopar.compile")
 
 DEFAULT_CLUSTER = "local:1"
+MOE_PREFIX = "moe."  # the MoE layers' entries in a single-device ``compiled.state_dict()``
+# profiler labels of a single-device step, read by autopar.runtime.report (stage 0)
+FORWARD_LABEL, BACKWARD_LABEL = "autopar::forward::0", "autopar::backward::0"
 
 
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -68,6 +77,12 @@ class Compiled(nn.Module):
     passes ``autopar run --random-ltd ...`` handed over, if any. Under a process group
     without ``plan=``, the planner (``autopar.plan``, at most ``time_limit_s``) chooses what
     ``fix=`` leaves open.
+
+    With ``passes=[MoE(...)]``, the MoE layers the first capture creates (upcycled from the dense
+    MLPs as they are then) are kept in :attr:`moe` (layer index → ``MoELayer``): they are in the
+    optimizer, the state dict (``moe.<layer>.…``) and ``train()``/``eval()``, and every later
+    capture (eval mode, other shapes) runs these same layers. The replaced dense MLPs stay in
+    ``compiled.module``, unchanged and unused.
     """
 
     def __init__(
@@ -106,6 +121,9 @@ class Compiled(nn.Module):
         self._leaf_modules = tuple(leaf_modules)
         self._graphs: dict[Any, Captured] = {}
         self.num_steps = 0
+        self.moe = nn.ModuleDict()  # str(layer index) → MoELayer, filled by the first capture
+        self._pending_moe_state: dict[str, Any] = {}
+        self._moe_stats: dict[int, MoEStats | None] = {}
 
     def captured_for(self, *args: Any, **kwargs: Any) -> Captured:
         """The capture for this input signature (captured now if it is new)."""
@@ -126,7 +144,50 @@ class Compiled(nn.Module):
         names = tuple(name for name, _, _ in ctx.applied)
         self._passes_applied = names
         self._pass_states.attach(gm, names)
+        self._share_moe_layers(gm)
         return dataclasses.replace(captured, graph_module=gm) if gm is not captured.graph_module else captured
+
+    def _share_moe_layers(self, gm: fx.GraphModule) -> None:
+        """Adopt the first capture's MoE layers; in later captures, put them in place of the
+        fresh copies that the pass upcycled from the (untrained) dense MLPs."""
+        created = moe_layers(gm)
+        if not created:
+            return
+        if not len(self.moe):
+            for layer, module in sorted(created.items()):
+                self.moe[str(layer)] = module.train(self.training)
+            if self._pending_moe_state:
+                self.moe.load_state_dict(self._pending_moe_state)
+                self._pending_moe_state = {}
+            if self._optimizer is not None:  # built before the first capture
+                known = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
+                new = [p for p in self.moe.parameters() if id(p) not in known]  # adopted layers share some
+                if new:
+                    self._optimizer.add_param_group({"params": new})
+            return
+        assert set(created) == {int(k) for k in self.moe}, (sorted(created), list(self.moe))
+        for path, module in list(gm.named_modules()):
+            if module in created.values():
+                gm.set_submodule(path, self.moe[str(module.layer)])
+
+    def named_model_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Every parameter this model trains (what the optimizer holds), each once: the model's
+        under its own names (``wte.weight``), then those the passes created under their paths in
+        the graph (``blocks.1.mlp.moe.router.weight``, as the multi-device runtime names them)."""
+        result = list(self.module.named_parameters())
+        if self._graphs:
+            known = {id(p) for _, p in result}
+            first = next(iter(self._graphs.values())).graph_module
+            result += [(name, p) for name, p in first.named_parameters() if id(p) not in known]
+        return result
+
+    def moe_stats(self) -> dict[int, MoEStats | None]:
+        """MoE layer index → its expert load in the last training step (``MoEStats``: tokens,
+        capacity, assignments routed to and computed by each expert, dropped assignments and
+        tokens); ``{}`` without MoE layers. Multi-device: this rank's layers, last microbatch."""
+        if self._engine is not None:
+            return {m.layer: m.stats for m in self._engine.moe_layers()}
+        return dict(self._moe_stats)
 
     @property
     def passes_applied(self) -> tuple[str, ...]:
@@ -153,7 +214,8 @@ class Compiled(nn.Module):
         self.num_steps = step
 
     def train(self, mode: bool = True) -> Compiled:
-        """Training or evaluation mode, passes included (random-LTD keeps every token in eval)."""
+        """Training or evaluation mode, passes included (random-LTD keeps every token in eval,
+        MoE layers use ``eval_capacity_factor``)."""
         super().train(mode)
         self._pass_states.train(mode)
         return self
@@ -202,16 +264,19 @@ class Compiled(nn.Module):
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer, built from the factory on first use."""
+        """The optimizer, built from the factory on first use, over the model's parameters and
+        the MoE layers' (added as a parameter group if they appear after it was built: make
+        learning-rate schedulers after the first capture, or they miss that group)."""
         if self._optimizer is None:
-            self._optimizer = self._optimizer_factory(self.module.parameters())
+            self._optimizer = self._optimizer_factory(self.parameters())
         return self._optimizer
 
     def step(self, inputs: Any, targets: Any) -> float:
         """One training step: forward, ``loss_fn(outputs, targets)``, backward, optimizer step.
 
         ``inputs`` is a tensor, a tuple of positional arguments, or a dict of keyword
-        arguments. Returns the loss as a float.
+        arguments. With MoE layers the loss is ``loss_fn(outputs, targets) + moe_aux_loss``
+        (their weighted balance and z losses). Returns the loss as a float.
         """
         self.train()
         args, kwargs = _split_inputs(inputs)
@@ -225,11 +290,16 @@ class Compiled(nn.Module):
         self._pass_states.begin_step(self.num_steps)
         optimizer = self.optimizer
         optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(gm(*args, **kwargs), targets)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise TypeError(f"loss_fn must return a scalar tensor, got {loss!r:.80}")
-        loss.backward()
+        with record_function(FORWARD_LABEL):
+            loss = self.loss_fn(gm(*args, **kwargs), targets)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError(f"loss_fn must return a scalar tensor, got {loss!r:.80}")
+            if len(self.moe):
+                loss = loss + moe_aux_loss(gm)
+        with record_function(BACKWARD_LABEL):
+            loss.backward()
         optimizer.step()
+        self._moe_stats = {int(layer): module.stats for layer, module in self.moe.items()}
         self._pass_states.end_step(gm, _batch_size(args, kwargs))
         self.num_steps += 1
         return float(loss.detach())
@@ -237,11 +307,14 @@ class Compiled(nn.Module):
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """Under the runtime: the checkpoint state (parameters and optimizer state under the
         original model's names, DTensor shards kept as such; see ``autopar.save``).
-        On one device: ``nn.Module.state_dict``, plus each pass's state as int64 scalars
-        under ``passes.<pass name>.<key>`` (e.g. ``passes.random_ltd.step``)."""
+        On one device: ``nn.Module.state_dict`` (the model's under ``module.``, MoE layers under
+        ``moe.<layer>.``), plus each pass's state as int64 scalars under
+        ``passes.<pass name>.<key>`` (e.g. ``passes.random_ltd.step``)."""
         if self._engine is None:
             result = super().state_dict(*args, **kwargs)
-            result.update(pass_state_tensors(self.pass_state, prefix=kwargs.get("prefix", "")))
+            prefix = kwargs.get("prefix", "")
+            result.update({f"{prefix}{MOE_PREFIX}{k}": v for k, v in self._pending_moe_state.items()})
+            result.update(pass_state_tensors(self.pass_state, prefix=prefix))
             return result
         from autopar.runtime.checkpoint import state_dict
 
@@ -249,8 +322,13 @@ class Compiled(nn.Module):
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``; the ``passes.*`` entries restore the passes' state and
-        the step counter (the schedule's step), so training resumes with the same token choices."""
+        the step counter (the schedule's step), so training resumes with the same token choices.
+        Before the first capture, the ``moe.*`` entries wait for the MoE layers it creates; a state
+        without them (a dense model's) makes those layers upcycle the loaded dense MLPs."""
         rest, states = split_pass_state(state_dict)
+        if not len(self.moe) and any(isinstance(p, MoE) for p in self.passes):
+            moe = [k for k in rest if k.startswith(MOE_PREFIX)]
+            self._pending_moe_state = {k[len(MOE_PREFIX):]: rest.pop(k) for k in moe}
         result = super().load_state_dict(rest, strict=strict, assign=assign)
         self.load_pass_state(states)
         return result
@@ -268,8 +346,9 @@ class Compiled(nn.Module):
 
     def report(self, inputs: Any, targets: Any) -> Any:
         """Run one measured training step and return a table of what each rank spent
-        (forward, backward, communication, bubble, memory) beside the Plan's predictions.
-        Multi-device runs call it on every rank."""
+        (forward, backward, communication, bubble, memory) beside the Plan's predictions,
+        followed by the MoE layers' expert loads if there are any (``autopar.runtime.report``).
+        On one device too; multi-device runs call it on every rank."""
         from autopar.runtime.report import report
 
         return report(self, inputs, targets)

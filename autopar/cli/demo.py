@@ -6,8 +6,9 @@ The main job of the README's Quick start. Data flow: zoo GPT (4 layers) →
 rank 0 printing each step's loss beside a single-process reference (a deepcopy of
 the model trained with plain PyTorch in rank 0) → the measured report
 (``autopar.runtime.report``). Nothing is planned yet: the plan is pinned. With graph-pass
-options (``--random-ltd ...``) both runs use the pass: the reference trains
-``autopar.transform``'s graph with the schedule at each step's number.
+options (``--random-ltd ...``, ``--moe ...``) both runs use the pass: the reference trains
+``autopar.transform``'s graph with the schedule at each step's number, its loss plus the MoE
+layers' auxiliary losses.
 """
 
 from __future__ import annotations
@@ -20,19 +21,23 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from torch import nn
+from torch import fx, nn
 
 from autopar import models
 from autopar.cli.pass_args import add_pass_arguments, passes_from_args
 from autopar.cli.run_cmd import run_ranks
 from autopar.compile import compile as autopar_compile
 from autopar.losses import cross_entropy
-from autopar.passes import GraphPass
+from autopar.passes import GraphPass, MoE
+from autopar.passes.moe import moe_aux_loss
 from autopar.runtime.pass_state import pass_runtimes
 from autopar.transform import transform
 
 # The demo's pinned plan: two pipeline stages, each split over two tensor-parallel ranks.
 DEMO_FIX: dict[str, Any] = {"pp": 2, "tp": 2, "schedule": "1f1b", "num_microbatches": 4}
+# With --moe: two pipeline stages, each data-parallel with experts split over two ranks (the
+# runtime runs MoE layers without tensor parallelism).
+DEMO_FIX_MOE: dict[str, Any] = {"pp": 2, "tp": 1, "ep": 2, "schedule": "1f1b", "num_microbatches": 4}
 DEMO_MODEL = "gpt-tiny"
 DEMO_LAYERS = 4
 # fp32 on CPU: the pipelined program sums the same terms in another order.
@@ -49,13 +54,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def demo_fix(nproc: int, batch: int) -> dict[str, Any]:
-    """DEMO_FIX on ``nproc`` processes: the data-parallel degree fills what pp × tp leave."""
-    per_replica = DEMO_FIX.get("pp", 1) * DEMO_FIX.get("tp", 1)
+def demo_fix(nproc: int, batch: int, *, moe: bool = False) -> dict[str, Any]:
+    """DEMO_FIX (DEMO_FIX_MOE with ``moe``) on ``nproc`` processes: the data-parallel degree fills
+    what pp × tp leave; with MoE, experts are split over 2 ranks when dp is even."""
+    base = DEMO_FIX_MOE if moe else DEMO_FIX
+    per_replica = base.get("pp", 1) * base.get("tp", 1)
     if nproc < 1 or nproc % per_replica:
-        raise ValueError(f"--nproc {nproc} does not fit the demo plan: pp({DEMO_FIX.get('pp', 1)}) × "
-                         f"tp({DEMO_FIX.get('tp', 1)}) = {per_replica} must divide it")
-    fix = {**DEMO_FIX, "dp": nproc // per_replica}
+        raise ValueError(f"--nproc {nproc} does not fit the demo plan: pp({base.get('pp', 1)}) × "
+                         f"tp({base.get('tp', 1)}) = {per_replica} must divide it")
+    fix = {**base, "dp": nproc // per_replica}
+    if "ep" in fix and fix["dp"] % fix["ep"]:
+        fix["ep"] = 1
     micro = fix["dp"] * fix["num_microbatches"]
     if batch < 1 or batch % micro:
         raise ValueError(f"--batch {batch} must be a positive multiple of dp({fix['dp']}) × "
@@ -66,8 +75,8 @@ def demo_fix(nproc: int, batch: int) -> dict[str, Any]:
 def run(args: argparse.Namespace, console: Console) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    fix = demo_fix(args.nproc, args.batch)
     passes = passes_from_args(args)
+    fix = demo_fix(args.nproc, args.batch, moe=any(isinstance(p, MoE) for p in passes))
     with_passes = f", passes={passes}" if passes else ""
     console.print(f"[bold]autopar demo[/]: training {DEMO_MODEL} with {DEMO_LAYERS} layers on {args.nproc} "
                   f"local CPU processes, fix={fix}{with_passes}")
@@ -92,6 +101,8 @@ def demo_rank(rank: int, world: int, steps: int, batch: int, seed: int, fix: dic
     inputs, targets = models.example_batch(model, batch, seed=seed)
     reference = _reference(copy.deepcopy(model), inputs, passes) if rank == 0 else None
     reference_optimizer = _optimizer(reference.parameters()) if reference is not None else None
+    # MoE layers route each (data-parallel shard, microbatch) group alone: the reference does too
+    groups = fix["dp"] * fix["num_microbatches"] if any(isinstance(p, MoE) for p in passes) else 1
     compiled = autopar_compile(model, f"local:{world}", fix=fix, optimizer=_optimizer, passes=list(passes))
     differences = []
     for step in range(steps):
@@ -100,7 +111,7 @@ def demo_rank(rank: int, world: int, steps: int, batch: int, seed: int, fix: dic
             continue
         for runtime in pass_runtimes(reference, [p.name for p in passes]).values():
             runtime.set_step(step)
-        expected = _reference_step(reference, reference_optimizer, inputs, targets)
+        expected = _reference_step(reference, reference_optimizer, inputs, targets, groups)
         differences.append(abs(loss - expected))
         if step == 0:
             console.print(_plan_line(compiled))
@@ -122,9 +133,15 @@ def _reference(model: nn.Module, inputs: torch.Tensor, passes: Sequence[GraphPas
 
 
 def _reference_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
-                    targets: torch.Tensor) -> float:
+                    targets: torch.Tensor, groups: int = 1) -> float:
+    """One step on the mean loss of ``groups`` equal slices of the batch, run in order (the same
+    tokens for random-LTD), each with its MoE layers' auxiliary losses."""
     optimizer.zero_grad(set_to_none=True)
-    loss = cross_entropy(model(inputs), targets)
+    losses = []
+    for x, y in zip(inputs.chunk(groups), targets.chunk(groups), strict=True):
+        loss = cross_entropy(model(x), y)
+        losses.append(loss + moe_aux_loss(model) if isinstance(model, fx.GraphModule) else loss)
+    loss = torch.stack(losses).mean()
     loss.backward()
     optimizer.step()
     return float(loss.detach())

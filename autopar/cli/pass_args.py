@@ -1,4 +1,5 @@
-"""Command-line options for graph passes: ``--random-ltd min_tokens=N,num_steps=N,...``.
+"""Command-line options for graph passes: ``--random-ltd min_tokens=N,num_steps=N,...`` and
+``--moe num_experts=8,top_k=2,layers=every_other,...``.
 
 Data flow: a subcommand's parser (``autopar run``, ``autopar demo``, ``autopar plan``) calls
 :func:`add_pass_arguments`; after parsing, :func:`passes_from_args` turns the options into
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from autopar.cli.moe_args import MOE_HELP, parse_moe
 from autopar.passes import GraphPass, RandomLTD
 
 RANDOM_LTD_EXAMPLE = "--random-ltd min_tokens=128,num_steps=1000,granularity=16,layers=1-10"
@@ -32,12 +34,20 @@ def add_pass_arguments(parser: argparse.ArgumentParser) -> None:
              "granularity (default 1); layers: inclusive ranges joined by '+', e.g. 1-10 or 1-4+6 (default: "
              "all but the first and last layer); seed of the token choices (default 0). DeepSpeed's "
              f"min_value/require_steps/seq_per_step. Example: {RANDOM_LTD_EXAMPLE}")
+    group.add_argument("--moe", nargs="?", const="", default=None, metavar="K=V,...", help=MOE_HELP)
 
 
 def passes_from_args(args: argparse.Namespace) -> list[GraphPass]:
-    """The passes the parsed options ask for, in the order they run."""
+    """The passes the parsed options ask for, in the order they run (MoE before random-LTD:
+    the MoE pass finds the MLPs in the captured graph before token dropping rewires the layers)."""
+    passes: list[GraphPass] = []
+    moe = getattr(args, "moe", None)
+    if moe is not None:
+        passes.append(parse_moe(moe))
     text = getattr(args, "random_ltd", None)
-    return [] if text is None else [parse_random_ltd(text)]
+    if text is not None:
+        passes.append(parse_random_ltd(text))
+    return passes
 
 
 def parse_random_ltd(text: str) -> RandomLTD:

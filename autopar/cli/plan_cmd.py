@@ -52,12 +52,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="search time limit in seconds (default 60)")
     p.add_argument("-o", "--output", metavar="PLAN", help="save the plan as JSON to this file")
     p.add_argument("--html", metavar="REPORT", help="also write the HTML report to this file")
-    add_pass_arguments(p)  # --random-ltd ... (autopar.cli.pass_args)
+    add_pass_arguments(p)  # --random-ltd ..., --moe ... (autopar.cli.pass_args)
     p.set_defaults(run=run)
 
 
 def graph_passes(args: argparse.Namespace) -> list[GraphPass]:
-    """The graph passes the command line asks for (``--random-ltd ...``)."""
+    """The graph passes the command line asks for (``--random-ltd ...``, ``--moe ...``)."""
     return passes_from_args(args)
 
 

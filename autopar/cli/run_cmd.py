@@ -4,7 +4,7 @@ Data flow: the CLI → :func:`autopar.runtime.launch.spawn` (N processes, a gloo
 group with ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set) → in each rank
 :func:`run_script` runs the file as ``__main__`` with ``sys.argv`` set, so the script
 just calls ``autopar.compile(model, "local:N", fix=...)`` and ``.step(...)``. Graph-pass
-options (``--random-ltd ...``, :mod:`autopar.cli.pass_args`) reach every ``autopar.compile``
+options (``--random-ltd ...``, ``--moe ...``, :mod:`autopar.cli.pass_args`) reach every ``autopar.compile``
 in the script that gives no ``passes=`` itself, through the environment. Only rank 0's
 output is shown unless ``--all-ranks``; a rank that fails is named with the last line of
 its exception, in one line, exit code 2.
@@ -28,7 +28,8 @@ from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 from autopar.cli.pass_args import add_pass_arguments, passes_from_args
 from autopar.passes import GraphPass
 
-USAGE = "autopar run SCRIPT --nproc N [--all-ranks] [--timeout S] [--random-ltd K=V,...] [-- SCRIPT_ARGS ...]"
+USAGE = ("autopar run SCRIPT --nproc N [--all-ranks] [--timeout S] [--random-ltd K=V,...] [--moe K=V,...] "
+         "[-- SCRIPT_ARGS ...]")
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:

@@ -8,8 +8,8 @@ runtime's :class:`~autopar.runtime.engine.Engine` too, telling each data-paralle
 samples start), counts the step after it, switches them with ``train()``/``eval()``, and hands
 their state (plain ints: JSON-able) to ``compiled.state_dict()`` and ``autopar.save``.
 
-``autopar run --random-ltd ...`` hands passes to the script's ``autopar.compile`` calls through
-the environment variable :data:`PASSES_ENV` (JSON, see :func:`passes_to_json`).
+``autopar run --random-ltd ... --moe ...`` hands passes to the script's ``autopar.compile`` calls
+through the environment variable :data:`PASSES_ENV` (JSON, see :func:`passes_to_json`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import fx
 
-from autopar.passes import FusedAttention, GraphPass, RandomLTD, check_passes
+from autopar.passes import FusedAttention, GraphPass, MoE, RandomLTD, check_passes
 
 PASSES_ENV = "AUTOPAR_PASSES"
 STATE_PREFIX = "passes."  # pass state in a single-device ``compiled.state_dict()``
 # pass name → config class, for JSON
-PASS_TYPES: dict[str, type] = {RandomLTD.name: RandomLTD, FusedAttention.name: FusedAttention}
+PASS_TYPES: dict[str, type] = {RandomLTD.name: RandomLTD, FusedAttention.name: FusedAttention, MoE.name: MoE}
 
 
 @runtime_checkable

@@ -4,7 +4,10 @@ Data flow: :class:`~autopar.runtime.engine.Engine` → :func:`measure_step` runs
 ``Engine.step`` under ``torch.profiler`` → :class:`StepReport` for this rank →
 :func:`gather_reports` (every rank's report on every rank) → :func:`format_report`, a
 rich Table beside the Plan's ``predicted`` numbers. :func:`report` does all of it for
-a ``Compiled`` model (``Compiled.report()``).
+a ``Compiled`` model (``Compiled.report()``); on one device :func:`measure_local_step`
+profiles ``Compiled.step`` (labelled forward and backward, stage 0) instead. With MoE layers,
+:func:`format_moe_report` adds a table of their expert loads in the measured step (each
+rank's ``Compiled.moe_stats()``, carried in its StepReport).
 
 How each number is measured, all from one profiler trace of the step (one clock):
 
@@ -49,11 +52,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.distributed as dist
 from rich import box
+from rich.console import Group
 from rich.table import Table
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from autopar.capture import normalize_inputs
 from autopar.cli import fmt
+from autopar.passes.moe_layer import MoEStats
 from autopar.plans import Plan
 
 if TYPE_CHECKING:
@@ -85,6 +90,7 @@ class StepReport:
     loss: float
     peak_memory_bytes: int
     memory_kind: Literal["rss", "cuda_allocated"]
+    moe: tuple[tuple[int, MoEStats], ...] = ()  # (MoE layer, its load in the step) on this rank
 
     @property
     def compute_s(self) -> float:
@@ -276,22 +282,80 @@ def format_report(reports: list[StepReport], plan: Plan) -> Table:
     return table
 
 
-def report(compiled: Any, inputs: Any, targets: Any) -> Table:
-    """Run one measured training step of a distributed ``Compiled`` model; return the table.
+MOE_COLUMNS = ("layer", "tokens", "capacity", "load min", "mean", "max", "dropped", "tokens lost")
 
-    A collective: call it on every rank. The step trains the model like ``step()``; if
-    no step has run yet, one unmeasured step first builds the runtime (capture and the
-    pipeline's shape inference would otherwise dominate the measurement).
+
+def format_moe_report(reports: list[StepReport], *, ranks: bool) -> Table | None:
+    """One row per MoE layer (and rank if ``ranks``): its load in the measured step; None without MoE."""
+    rows = [(r.rank, layer, stats) for r in reports for layer, stats in r.moe]
+    if not rows:
+        return None
+    where = "each rank's last microbatch" if ranks else "the measured step"
+    table = Table(title=f"MoE layers · expert load in {where}",
+                  caption="load: (token, expert) assignments an expert computed (at most the capacity) · "
+                          "dropped: assignments over capacity · tokens lost: tokens that lost every "
+                          "assignment (they pass through the residual)",
+                  box=box.SIMPLE_HEAD, show_edge=False, padding=0)
+    for column in ("rank", *MOE_COLUMNS) if ranks else MOE_COLUMNS:
+        table.add_column(column, justify="right", no_wrap=True)
+    for rank, layer, s in sorted(rows, key=lambda row: row[:2]):
+        load = s.tokens_per_expert
+        cells = [str(layer), str(s.tokens), str(s.capacity), str(min(load)), f"{sum(load) / len(load):.1f}",
+                 str(max(load)), str(s.dropped_assignments),
+                 f"{s.dropped_tokens} ({s.dropped_tokens / max(s.tokens, 1):.1%})"]
+        table.add_row(*([str(rank)] if ranks else []), *cells)
+    return table
+
+
+def _with_moe(mine: StepReport, compiled: Any) -> StepReport:
+    loads = sorted((layer, stats) for layer, stats in compiled.moe_stats().items() if stats is not None)
+    return dataclasses.replace(mine, moe=tuple(loads))
+
+
+def measure_local_step(compiled: Any, inputs: Any, targets: Any) -> StepReport:
+    """Run ``compiled.step`` (one device) under the profiler and measure it (stage 0, rank 0)."""
+    _warm_profiler()
+    device = next(compiled.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function(STEP_LABEL):
+            loss = compiled.step(inputs, targets)
+    events = [(e.name, (e.time_range.start / 1e6, e.time_range.end / 1e6)) for e in prof.events()]
+    peak, kind = _peak_memory(device)
+    return _from_events(events, rank=0, stages=(0,), loss=loss, peak_memory_bytes=peak, memory_kind=kind)
+
+
+def _estimated_local_plan(compiled: Any) -> Plan:
+    """The single-device Plan with the cost model's predictions for the latest capture."""
+    from autopar.cost_models.estimate import estimate_plan
+    from autopar.passes.random_ltd import kept_fractions, ltd_profile
+    from autopar.planning import profile_of
+
+    plan, captured = compiled.plan, compiled.captured
+    profile = ltd_profile(profile_of(captured, plan.cluster_spec()), kept_fractions(captured.graph_module))
+    return estimate_plan(plan, profile)
+
+
+def report(compiled: Any, inputs: Any, targets: Any) -> Table | Group:
+    """Run one measured training step of a ``Compiled`` model; return the table, or, when the
+    model has MoE layers, a Group of it and the MoE table (:func:`format_moe_report`).
+
+    Distributed, a collective: call it on every rank. The step trains the model like ``step()``;
+    if no step has run yet, one unmeasured step first captures and builds the runtime (capture and
+    the pipeline's shape inference would otherwise dominate the measurement).
     """
-    if not compiled.distributed:
-        raise ValueError("report() measures a distributed step: compile for several devices "
-                         "(e.g. cluster='local:2') and launch with `autopar run script.py --nproc 2`")
-    try:
-        engine = compiled.engine
-    except RuntimeError:
+    if (compiled._engine if compiled.distributed else compiled._optimizer) is None:  # no step yet
         compiled.step(inputs, targets)
+    if compiled.distributed:
         engine = compiled.engine
-    args, kwargs = ((), dict(inputs)) if isinstance(inputs, dict) else (normalize_inputs(inputs), {})
-    mine = measure_step(engine, args, kwargs, targets, step=compiled.num_steps)
-    compiled.num_steps += 1
-    return format_report(gather_reports(mine), engine.plan)
+        args, kwargs = ((), dict(inputs)) if isinstance(inputs, dict) else (normalize_inputs(inputs), {})
+        mine = measure_step(engine, args, kwargs, targets, step=compiled.num_steps)
+        compiled.num_steps += 1
+        reports, plan = gather_reports(_with_moe(mine, compiled)), engine.plan
+    else:
+        reports = [_with_moe(measure_local_step(compiled, inputs, targets), compiled)]
+        plan = _estimated_local_plan(compiled)
+    table = format_report(reports, plan)
+    moe = format_moe_report(reports, ranks=compiled.distributed)
+    return table if moe is None else Group(table, moe)
