@@ -182,3 +182,20 @@ def test_moe_passes_through_json():
                MoE(layers="second_half", aux_loss_weight=0.0)]
     for config in configs:
         assert passes_from_json(passes_to_json([config])) == [config]
+
+
+def test_checkpoint_save_and_load_on_one_device(tmp_path):
+    """``autopar.save``/``load`` keep the routers and experts (they exist from the first capture
+    on: loading before it needs ``example_inputs``); the resumed step equals the original's."""
+    model, inputs, targets = _model()
+    compiled = _compiled(model)
+    for _ in range(2):
+        compiled.step(inputs, targets)
+    path = tmp_path / "moe-checkpoint"
+    autopar.save(compiled, path)
+    want = compiled.step(inputs, targets)
+    resumed = _compiled(_model()[0])
+    with pytest.raises(ValueError, match="example_inputs"):
+        autopar.load(resumed, path)
+    autopar.load(resumed, path, example_inputs=inputs)
+    assert resumed.step(inputs, targets) == pytest.approx(want, rel=1e-6)

@@ -172,7 +172,7 @@ def _optimizer(compiled: Compiled) -> torch.optim.Optimizer:
 def _parameters(compiled: Compiled) -> dict[str, list[torch.Tensor]]:
     """FQN → this rank's copies of that parameter (several when a tied weight's stages share a rank)."""
     if not compiled.distributed:
-        return {fqn: [p] for fqn, p in compiled.module.named_parameters()}
+        return {fqn: [p] for fqn, p in compiled.named_model_parameters()}
     try:
         engine = compiled.engine
     except RuntimeError:
@@ -187,12 +187,16 @@ def _parameters(compiled: Compiled) -> dict[str, list[torch.Tensor]]:
 
 def _all_fqns(compiled: Compiled) -> set[str]:
     """Every parameter of the whole model (all ranks' together)."""
-    module = compiled.engine.captured.graph_module if compiled.distributed else compiled.module
-    return {fqn for fqn, _ in module.named_parameters()}
+    if not compiled.distributed:
+        return {fqn for fqn, _ in compiled.named_model_parameters()}
+    return {fqn for fqn, _ in compiled.engine.captured.graph_module.named_parameters()}
 
 
 def _ensure_engine(compiled: Compiled, example_inputs: Any) -> None:
-    if not compiled.distributed or compiled._engine is not None:
+    if not compiled.distributed:
+        _ensure_pass_parameters(compiled, example_inputs)
+        return
+    if compiled._engine is not None:
         return
     if example_inputs is None:
         raise ValueError("cannot load into a multi-device model before its engine exists: call "
@@ -201,6 +205,21 @@ def _ensure_engine(compiled: Compiled, example_inputs: Any) -> None:
     from autopar.compile import _split_inputs
 
     compiled._engine = compiled._build_engine(*_split_inputs(example_inputs))
+
+
+def _ensure_pass_parameters(compiled: Compiled, example_inputs: Any) -> None:
+    """One device: parameters a pass creates (MoE experts and routers) exist after the first
+    capture only; capture now so the checkpoint's entries have somewhere to go."""
+    if not any(p.name == "moe" for p in compiled.passes) or compiled._graphs:
+        return
+    if example_inputs is None:
+        raise ValueError("cannot load into a model compiled with the MoE pass before its first capture: "
+                         "the experts do not exist yet; call autopar.load(compiled, path) after a "
+                         "compiled.step(...) or forward, or pass example_inputs=inputs")
+    from autopar.compile import _split_inputs
+
+    args, kwargs = _split_inputs(example_inputs)
+    compiled.captured_for(*args, **kwargs)
 
 
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
