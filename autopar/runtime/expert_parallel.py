@@ -80,12 +80,25 @@ class ExpertGroups:
         return cls(ep=ep, ep_rank=ep_rank, ep_group=mine["ep"], edp_group=mine["edp"], dp=dp)
 
     def reduce_gradients(self, params: list[nn.Parameter]) -> None:
-        """Expert gradients: sum over the expert-data-parallel replicas, divided by ``dp``."""
-        for param in params:
-            if param.grad is None:  # an expert no token reached here: its replicas must still match
+        """Expert gradients: sum over the expert-data-parallel replicas, divided by ``dp``.
+
+        An expert that no token reached on some replica has no gradient there; it joins the sum
+        as zeros (the replicas' collectives must match), and an expert no token reached on any
+        replica keeps ``grad = None``, as in one process, so the optimizer skips it (no
+        momentum or weight-decay step)."""
+        if self.edp_group is None:
+            for param in params:
+                if param.grad is not None:
+                    param.grad.div_(self.dp)
+            return
+        reached = torch.tensor([param.grad is not None for param in params], dtype=torch.int32)
+        dist.all_reduce(reached, group=self.edp_group)
+        for param, count in zip(params, reached.tolist(), strict=True):
+            if count == 0:
+                continue
+            if param.grad is None:
                 param.grad = torch.zeros_like(param)
-            if self.edp_group is not None:
-                dist.all_reduce(param.grad, group=self.edp_group)
+            dist.all_reduce(param.grad, group=self.edp_group)
             param.grad.div_(self.dp)
 
 
