@@ -43,3 +43,18 @@ def write_results(name: str, payload: dict[str, Any], markdown: str) -> tuple[Pa
     _atomic_write(json_path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
     _atomic_write(md_path, markdown if markdown.endswith("\n") else markdown + "\n")
     return json_path, md_path
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` values (fewer at the start), one per value."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
+def save_figure(fig: Any, name: str) -> None:
+    """``results/<name>.png`` and ``.svg`` (120 dpi), then close the figure."""
+    import matplotlib.pyplot as plt
+
+    for suffix in ("png", "svg"):
+        fig.savefig(RESULTS / f"{name}.{suffix}", dpi=120)
+    plt.close(fig)

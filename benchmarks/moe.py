@@ -48,7 +48,7 @@ from autopar.capture import META_KEY
 from autopar.losses import cross_entropy
 from autopar.passes import MoE
 from autopar.passes.moe import moe_aux_loss
-from benchmarks.common import write_results
+from benchmarks.common import moving_average, save_figure, write_results
 from benchmarks.random_ltd_loss import corpus_text, encode
 
 RESULTS = Path(__file__).parent / "results"
@@ -328,7 +328,7 @@ def plot(curves: dict[str, list[dict[str, Any]]], summaries: list[dict[str, Any]
     for case, rows in curves.items():
         steps = [r["step"] for r in rows]
         axes[0].plot(steps, [r["loss"] for r in rows], color=COLORS[case], alpha=0.25, linewidth=0.8)
-        axes[0].plot(steps, _moving_average([r["loss"] for r in rows], 10), color=COLORS[case],
+        axes[0].plot(steps, moving_average([r["loss"] for r in rows], 10), color=COLORS[case],
                      label=LABELS[case])
         before = next(s["held_out_loss_before"] for s in summaries if s["case"] == case)
         held = [(0, before)] + [(r["step"] + 1, r["held_out_loss"]) for r in rows if "held_out_loss" in r]
@@ -344,13 +344,7 @@ def plot(curves: dict[str, list[dict[str, Any]]], summaries: list[dict[str, Any]
     fig.suptitle(f"sparse upcycling of a pre-trained zoo GPT ({MODEL['num_layers']} layers, "
                  f"h={MODEL['hidden_size']}, s={MODEL['seq_len']}, batch {BATCH}): MoE on layers 1 and 3")
     fig.tight_layout()
-    for suffix in ("png", "svg"):
-        fig.savefig(RESULTS / f"{NAME}.{suffix}", dpi=120)
-    plt.close(fig)
-
-
-def _moving_average(values: list[float], window: int) -> list[float]:
-    return [statistics.mean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+    save_figure(fig, NAME)
 
 
 def main() -> None:

@@ -41,6 +41,7 @@ from autopar.losses import cross_entropy
 from autopar.passes import RandomLTD
 from autopar.passes.ltd_schedule import layer_token_lr_scheduler
 from autopar.passes.random_ltd import random_ltd_runtime
+from benchmarks.common import moving_average, save_figure
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "random_ltd_loss"
@@ -270,7 +271,7 @@ def plot(cases: dict[str, dict[str, Any]]) -> None:
         steps = [r["step"] for r in rows]
         tokens = [r["layer_tokens"] for r in rows]
         losses = [r["loss"] for r in rows]
-        smooth = _moving_average(losses, 10)
+        smooth = moving_average(losses, 10)
         axes[0].plot(steps, losses, color=COLORS[name], alpha=0.15, linewidth=0.8)
         axes[0].plot(steps, smooth, color=COLORS[name], label=LABELS[name])
         axes[1].plot(tokens, smooth, color=COLORS[name], label=LABELS[name])
@@ -294,13 +295,7 @@ def plot(cases: dict[str, dict[str, Any]]) -> None:
     fig.suptitle(f"random-LTD {SCHEDULE} vs no dropping · zoo GPT {MODEL['num_layers']} layers, "
                  f"s={MODEL['seq_len']}, batch {BATCH}")
     fig.tight_layout()
-    for suffix in ("png", "svg"):
-        fig.savefig(RESULTS / f"{NAME}.{suffix}", dpi=120)
-    plt.close(fig)
-
-
-def _moving_average(values: list[float], window: int) -> list[float]:
-    return [statistics.mean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+    save_figure(fig, NAME)
 
 
 def main() -> None:
