@@ -23,6 +23,7 @@ from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.cost_models import CostOptions, ModelProfile
 from autopar.cost_models import estimate as estimate_predicted
+from autopar.cost_models.memory import peak_memory_bytes
 from autopar.passes import GraphPass, PassContext, check_passes, run_passes
 from autopar.passes.random_ltd import kept_fractions, ltd_profile
 from autopar.planner.intra_op import solve_intra_op
@@ -200,10 +201,33 @@ def _json_config(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def plan_passes(plan: Plan) -> list[GraphPass]:
+    """The graph passes ``plan.passes`` records (``AppliedPass`` name and config), rebuilt as the
+    pass objects that made them, in order."""
+    from autopar.runtime.pass_state import PASS_TYPES  # the name → config class table of pass JSON
+
+    passes = []
+    for applied in plan.passes:
+        cls = PASS_TYPES.get(applied.name)
+        if cls is None:
+            raise ValueError(f"the plan records pass {applied.name!r}, which autopar cannot rebuild (known "
+                             f"passes: {sorted(PASS_TYPES)}); pass passes=[...] to estimate explicitly")
+        config = {k: tuple(v) if isinstance(v, list) else v for k, v in applied.config_dict().items()}
+        passes.append(cls(**config))
+    return check_passes(passes)
+
+
 def estimate(plan: Plan, model: nn.Module | ModelProfile | Captured, example_inputs: Any = None, *,
-             options: CostOptions | None = None) -> Predicted:
+             options: CostOptions | None = None, passes: Sequence[GraphPass] | None = None,
+             example_kwargs: dict[str, Any] | None = None) -> Predicted:
     """Recompute a Plan's predictions for a model (a module with example inputs, a
-    capture, or a ``ModelProfile``)."""
+    capture, or a ``ModelProfile``).
+
+    A module is captured and then transformed by ``passes``, by default the passes the plan
+    records (``plan.passes``, :func:`plan_passes`), as :func:`plan` did: an MoE plan is
+    re-estimated with its MoE layers, a random-LTD plan with its kept fractions (time at the
+    schedule's average, peak memory at full length, as :func:`plan` estimates). A ``Captured`` or
+    a ``ModelProfile`` is used as given (run the passes on the capture first)."""
     if isinstance(model, ModelProfile):
         profile = model
     elif isinstance(model, Captured):
@@ -211,7 +235,17 @@ def estimate(plan: Plan, model: nn.Module | ModelProfile | Captured, example_inp
     elif isinstance(model, nn.Module):
         if example_inputs is None:
             raise ValueError("estimate(plan, model) needs example_inputs to capture the model")
-        profile = profile_of(capture(model, example_inputs), plan.cluster_spec())
+        captured = capture(model, normalize_inputs(example_inputs), example_kwargs=dict(example_kwargs or {}))
+        chosen = plan_passes(plan) if passes is None else check_passes(passes)
+        gm = run_passes(captured.graph_module, chosen, PassContext(captured=captured)) if chosen else None
+        full = profile_of(captured, plan.cluster_spec())
+        kept = kept_fractions(gm) if gm is not None else None
+        if kept:
+            predicted = estimate_predicted(plan, ltd_profile(full, kept), options=options)
+            options = options or CostOptions()  # memory at full length, as the search checks it
+            peak = peak_memory_bytes(plan, full, sequence_parallel=options.sequence_parallel)
+            return dataclasses.replace(predicted, peak_memory_bytes=peak)
+        profile = full
     else:
         raise TypeError("estimate needs an nn.Module (with example_inputs), a Captured or a "
                         f"ModelProfile, got {type(model).__name__}")

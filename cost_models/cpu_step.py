@@ -10,8 +10,8 @@ What the runtime does on CPU, priced from measured rates (``CpuRates``):
 
 * per microbatch and stage: the layers, embedding and head (``cpu_compute``), sends to the
   neighbouring stages (measured gloo P2P), the pipelining machinery (``runtime_microbatch_s``);
-  under ZeRO-3 (FSDP2 ``fully_shard``) the weights are all-gathered for forward and again for
-  backward;
+  under ZeRO-3 (FSDP2 ``fully_shard``) the dense weights are all-gathered for forward and again
+  for backward;
 * after the pipeline, per rank: the data-parallel gradient sync (FSDP2 ``replicate``: an
   all-reduce of every gradient, copied into and out of a flat buffer; ZeRO 1–3: reduce-scatter,
   plus an all-gather of the weights for ZeRO 1–2), the tied-embedding all-reduce between the first
@@ -24,7 +24,10 @@ MoE layers (``moe``), approximately: the layer is priced as a dense layer whose 
 ``imbalance·k`` times wider (the experts' rows on the busiest rank; the router and the smaller
 per-expert matmuls are left out); each all-to-all is priced as a gloo all-gather of the same
 per-rank buffer (both move ``(n−1)/n`` of it into every rank; calibration measures no
-all-to-all); expert parameters are ``÷ ep`` and synchronized over the ``dp/ep`` ranks holding them.
+all-to-all); expert parameters are ``÷ ep``, outside ZeRO/FSDP whatever the plan's stage (never
+gathered, their optimizer states unsharded), and their gradients all-reduced over the ``dp/ep``
+ranks holding them, tensor by tensor (``ExpertGroups.reduce_gradients``: no flat buffer, one
+in-place division).
 
 Breakdown: the components of the pipeline rank that finishes last, each stretched by the slowdown
 it saw from sharing the cores; ``bubble`` is its idle time (pipeline bubble and waiting).
@@ -100,7 +103,7 @@ def _parts(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[Cpu
     cache: dict[tuple[object, ...], CpuPart] = {}
     result = []
     for stage in plan.stages:
-        part, params, tensors, experts = CpuPart(), 0.0, 0.0, 0.0
+        part, params, tensors, experts, shared = CpuPart(), 0.0, 0.0, 0.0, 0.0
         for layer in profile.layers[stage.layers[0]:stage.layers[1]]:
             key = (layer.flops_fwd, layer.hidden_size, layer.num_heads, layer.ffn_size, layer.seq_len,
                    layer.moe)
@@ -111,6 +114,7 @@ def _parts(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[Cpu
                     fused_attention=profile.fused_attention, causal=profile.causal)
             part, params = part + cache[key], params + layer.param_count
             experts += expert_params(layer)
+            shared += layer.moe.shared_params if layer.moe else 0
             tensors += profile.param_tensors(layer)
         if stage.index == 0:
             part += embedding_part(profile, rates=rates, microbatch_size=b, tp=t,
@@ -121,7 +125,7 @@ def _parts(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[Cpu
             tied = stage.index > 0 and profile.tied_embeddings
             params += profile.head_params + (profile.tied_head_params if tied else 0)
             tensors += profile.head_param_tensors + int(tied)
-        per_device = (params - experts) / t + experts / ep if experts else params / t
+        per_device = (params - experts - shared) / t + shared + experts / ep if experts else params / t
         result.append((part, per_device, tensors, experts / ep))
     return result
 
@@ -142,8 +146,8 @@ def cpu_stage_costs(plan: Plan, profile: ModelProfile, rates: CpuRates) -> tuple
     costs = []
     for stage, (part, params, _, experts) in zip(plan.stages, _parts(plan, profile, rates), strict=True):
         gather = 0.0
-        if plan.zero == 3 and par.dp > 1:  # FSDP2 gathers the weights for forward and for backward
-            size = params * profile.bytes_per_element
+        if plan.zero == 3 and par.dp > 1:  # FSDP2 gathers the dense weights for forward and for backward
+            size = (params - experts) * profile.bytes_per_element
             gather = rates.collective_work_s("all_gather", size, par.dp) + rates.copy_s(2 * size)
         flops = b * sum(layer_flops(layer, stage.recompute, profile.fused_attention)
                         for layer in profile.layers[stage.layers[0]:stage.layers[1]])
@@ -190,10 +194,11 @@ def _tails(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[flo
         experts = sum(e for _, _, _, e in mine)
         sync = _dp_sync_s(rates, (params - experts) * profile.bytes_per_element, dp=par.dp, zero=plan.zero)
         replicas = par.dp // par.ep  # of each expert
-        shard, expert_shard = (par.dp, replicas) if plan.zero >= 1 else (1, 1)
-        if experts:
-            sync += _dp_sync_s(rates, experts * profile.bytes_per_element, dp=replicas, zero=plan.zero)
-        shards = (params - experts) / shard + experts / expert_shard
+        if experts and replicas > 1:  # all-reduced in place, whatever the ZeRO stage (module docstring)
+            size = experts * profile.bytes_per_element
+            sync += (rates.collective_work_s("all_reduce", size, replicas, memory_bound=True)
+                     + rates.copy_s(size))
+        shards = (params - experts) / (par.dp if plan.zero >= 1 else 1) + experts
         optimizer = rates.optimizer_s(shards, tensors, dtensor=wrapped) + rates.runtime_step_s
         ends = rank in (0, (len(plan.stages) - 1) % par.pp)
         tails.append((sync + (tied if ends else 0.0), optimizer))

@@ -6,9 +6,10 @@ the compute and communication models → step time from the schedule model → `
 
 Step time = pipeline time (``schedule.pipeline_time``: per-stage forward, backward,
 recomputation, tensor-parallel collectives, MoE all-to-alls and P2P sends, steady part plus
-bubble) + exposed data-parallel sync (``comm.dp_sync_time_s`` minus the overlap factor; dense
-parameters over ``dp``, expert parameters over ``dp/ep``, ``moe``) + optimizer step
-(memory-bound: :data:`OPTIMIZER_BYTES_PER_PARAM` read and written per parameter shard). The
+bubble) + exposed data-parallel sync (``comm.dp_sync_time_s`` minus the overlap factor, dense
+parameters over ``dp`` with the plan's ZeRO stage; plus the all-reduce of expert gradients over
+``dp/ep`` after the last backward, never overlapped, ``moe``) + optimizer step (memory-bound:
+:data:`OPTIMIZER_BYTES_PER_PARAM` read and written per parameter shard; experts unsharded). The
 breakdown splits it into compute, recompute, tp_comm, pp_comm, dp_comm, ep_comm (the MoE
 layers' dispatch and combine all-to-alls, ``moe``), bubble and optimizer, summing to the step.
 ``tflops_per_device`` counts the FLOPs executed (recomputation included, as Megatron-LM
@@ -43,7 +44,7 @@ from autopar.cost_models.compute import (
 )
 from autopar.cost_models.cpu_step import cpu_stage_costs, estimate_local, local_rates
 from autopar.cost_models.memory import peak_memory_bytes
-from autopar.cost_models.moe import ALL_TO_ALLS_PER_LAYER, all_to_all_bytes, expert_params
+from autopar.cost_models.moe import ALL_TO_ALLS_PER_LAYER, EXPERT_ZERO, all_to_all_bytes, expert_params
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 from autopar.cost_models.schedule import pipeline_time
 from autopar.cost_models.simulate import Timeline, simulate
@@ -130,6 +131,7 @@ def stage_costs(plan: Plan, profile: ModelProfile, *, options: CostOptions | Non
         flops = b * sum(layer_flops(layer, stage.recompute, profile.fused_attention) for layer in layers)
         params = sum(layer.param_count for layer in layers)
         experts = sum(expert_params(layer) for layer in layers)  # ÷ ep, not ÷ t (``moe``)
+        shared = sum(layer.moe.shared_params for layer in layers if layer.moe)  # router etc.: not ÷ t
         # two all-reduces per layer each way (TECHNIQUES §3), one in an MoE layer (its experts are not
         # tensor-parallel, ``moe``); the recomputed forward repeats them
         per_layer = [(1 if layer.moe else 2) * layer.is_transformer for layer in layers]
@@ -147,12 +149,13 @@ def stage_costs(plan: Plan, profile: ModelProfile, *, options: CostOptions | Non
             flops += (profile.head_flops_fwd + profile.head_flops_bwd) * b
         send_next, send_previous = _sends(plan, stage.index, boundary_bytes, cluster, options)
         all_to_all_s = _all_to_all_s(plan, profile, stage.devices, layers)
+        per_device = (params - experts - shared) / t + shared + experts / ep if experts else params / t
         costs.append(StageCost(
             compute=compute, tp_forward_s=forward * all_reduce_s,
             tp_backward_s=backward * all_reduce_s * (1 - options.tp_overlap),
             tp_recompute_s=recompute * all_reduce_s, send_forward_s=send_next,
             send_backward_s=send_previous, hardware_flops=flops,
-            params_per_device=(params - experts) / t + experts / ep if experts else params / t,
+            params_per_device=per_device,
             ep_forward_s=all_to_all_s, ep_backward_s=all_to_all_s,
             ep_recompute_s=all_to_all_s if stage.recompute == "full" else 0.0,
             expert_params_per_device=experts / ep))
@@ -207,15 +210,14 @@ def _dp_and_optimizer_s(plan: Plan, profile: ModelProfile, costs: tuple[StageCos
         sync = dp_sync_time_s(params - experts, bytes_per_element=profile.bytes_per_element, zero=plan.zero,
                               group=dp_group, cluster=cluster,
                               num_microbatches=plan.schedule.num_microbatches)
-        if experts:
-            sync += dp_sync_time_s(experts, bytes_per_element=profile.bytes_per_element, zero=plan.zero,
-                                   group=expert_group, cluster=cluster,
-                                   num_microbatches=plan.schedule.num_microbatches)
         window = sum(c.times().backward_s + c.times().backward_weight_s for c in mine)
-        dp_s = max(dp_s, exposed_dp_time_s(sync, overlap=options.dp_overlap, backward_window_s=window))
+        exposed = exposed_dp_time_s(sync, overlap=options.dp_overlap, backward_window_s=window)
+        if experts:  # all-reduced over the dp/ep replicas after the last backward, whatever the ZeRO stage
+            exposed += dp_sync_time_s(experts, bytes_per_element=profile.bytes_per_element, zero=EXPERT_ZERO,
+                                      group=expert_group, cluster=cluster)
+        dp_s = max(dp_s, exposed)
         shard = par.dp if plan.zero >= 1 else 1
-        expert_shard = par.dp // par.ep if plan.zero >= 1 else 1
-        optimizer_s = max(optimizer_s, ((params - experts) / shard + experts / expert_shard)
+        optimizer_s = max(optimizer_s, ((params - experts) / shard + experts)
                           * OPTIMIZER_BYTES_PER_PARAM / bandwidth)
     return dp_s + tied, optimizer_s
 

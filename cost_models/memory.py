@@ -17,9 +17,12 @@ Per device: model states + activations + logits + reserve.
   rank's layers (``p (1 + (p−1)/(p v))`` microbatches on the first rank). Fused attention
   stores no ``s × s`` scores (drops the ``5as/h`` term). Recomputation adds a working set:
   one layer's full activations (full) or its attention scores (selective).
-* Mixture of Experts (``moe``): expert parameters ``E·P_e/ep`` per device (not ÷ t), ZeRO over
-  ``dp/ep``; an MoE layer keeps its MLP activations once per routed row
-  (``moe.expert_activation_bytes``).
+* Mixture of Experts (``moe``): expert parameters ``E·P_e/ep`` per device (not ÷ t) with their
+  gradients and optimizer states, 16 bytes each whatever the ZeRO stage: the runtime keeps experts
+  out of ZeRO/FSDP and replicates their states over the ``dp/ep`` ranks holding the same experts
+  (``moe.EXPERT_ZERO``); ZeRO shards the dense states only. The MoE layer's router and
+  Residual-MoE branch are dense but whole on every tp rank (``moe.layer_params``). An MoE layer
+  keeps its MLP activations once per routed row (``moe.expert_activation_bytes``).
 * Logits on the last stage: the fp32 probabilities the vocabulary-parallel cross-entropy keeps
   for backward, ``4 s b V / t`` bytes, for one microbatch (GPipe: all ``m``).
 * Reserve (ASSUMED, not fitted): :data:`WORKSPACE_BYTES` on GPUs for the CUDA context and
@@ -32,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from autopar.cost_models.moe import expert_activation_bytes, expert_params
+from autopar.cost_models.moe import EXPERT_ZERO, expert_activation_bytes, layer_params
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 
 if TYPE_CHECKING:
@@ -141,7 +144,9 @@ def _stage_set_memory(plan: Plan, profile: ModelProfile, stage_indices: tuple[in
     for stage in (plan.stages[i] for i in stage_indices):
         layers = profile.layers[stage.layers[0]:stage.layers[1]]
         params += sum(layer.param_count for layer in layers) / t
-        experts += sum(expert_params(layer) for layer in layers)  # not tensor-parallel (``moe``)
+        for layer in (layer for layer in layers if layer.moe is not None):
+            dense_part, expert_part = layer_params(layer, tp=t, ep=par.ep)  # experts E/ep, not ÷ t
+            params, experts = params + dense_part - layer.param_count / t, experts + expert_part
         if stage.index == 0:
             params += profile.embedding_params / t
         if stage.index == last:
@@ -156,13 +161,12 @@ def _stage_set_memory(plan: Plan, profile: ModelProfile, stage_indices: tuple[in
     in_flight = in_flight_microbatches(sched.name, pp=par.pp, rank=rank,
                                        num_microbatches=sched.num_microbatches,
                                        virtual_stages=sched.virtual_stages)
-    dense = params - experts / t
-    parts = state_parts_bytes(dense, zero=plan.zero, dp=par.dp)
-    states = model_state_bytes(dense, zero=plan.zero, dp=par.dp)
-    if experts:  # E/ep experts per device, sharded by ZeRO over the dp/ep replicas of the same experts
-        expert_parts = state_parts_bytes(experts / par.ep, zero=plan.zero, dp=par.dp // par.ep)
+    parts = state_parts_bytes(params, zero=plan.zero, dp=par.dp)
+    states = model_state_bytes(params, zero=plan.zero, dp=par.dp)
+    if experts:  # E/ep experts per device, their states replicated over dp/ep ranks: no ZeRO (``moe``)
+        expert_parts = state_parts_bytes(experts, zero=EXPERT_ZERO)
         parts = tuple(a + e for a, e in zip(parts, expert_parts, strict=True))  # type: ignore[assignment]
-        states += model_state_bytes(experts / par.ep, zero=plan.zero, dp=par.dp // par.ep)
+        states += model_state_bytes(experts, zero=EXPERT_ZERO)
     activations = stored * in_flight + working
     reserve = FRAGMENTATION_FRACTION * (states + activations + logits) + (WORKSPACE_BYTES if gpu else 0)
     return MemoryBreakdown(model_states_bytes=states, activations_bytes=activations,

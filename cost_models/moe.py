@@ -15,10 +15,12 @@ holding the same experts. Each rank routes its own ``T = b·s`` tokens per micro
 and top-k per rank, GShard, Lepikhin et al. 2021).
 
 Tensor parallelism leaves an MoE layer whole: the intra-op solver (``autopar.planner``) shards
-only ``nn.Linear`` nodes, so the experts and the router are replicated on the ``t`` ranks, which
-each run them on the same tokens, and the layer has one tensor-parallel all-reduce each way (the
-attention's) instead of Megatron-LM's two. (The runtime does not combine ``ep > 1`` with
-``tp > 1`` yet; the planner does not search it.)
+only ``nn.Linear`` nodes and the runtime runs the MoE layer on plain tensors
+(``runtime/expert_parallel.LocalTensors``), so the experts, the router and Residual-MoE's dense
+branch are replicated on the ``t`` ranks, which each run them on the same tokens, and the layer
+has one tensor-parallel all-reduce each way (the attention's) instead of Megatron-LM's two. With
+``ep > 1`` and ``t > 1`` every tensor-parallel coordinate has its own expert-parallel groups (the
+runtime's ``ExpertGroups``): the ``t`` copies of a token exchange concurrently, each in its group.
 
 Formulas (``k`` top-k, ``h`` hidden, ``f`` expert width, ``c`` capacity factor):
 
@@ -40,20 +42,30 @@ Formulas (``k`` top-k, ``h`` hidden, ``f`` expert width, ``c`` capacity factor):
   busiest receiver bounds the exchange), of which ``(ep−1)/ep`` leaves the rank:
   ``(ep−1)/ep · S/B + (ep−1)α`` inside a node, intra- and inter-node parts concurrently when the
   group spans nodes (TECHNIQUES §4).
-* Model states (:func:`layer_state_bytes`): dense parameters ``÷ t`` with ZeRO over ``dp``;
-  expert parameters ``E·P_e/ep`` with ZeRO over ``dp/ep`` (DeepSpeed-MoE's expert ZeRO).
-* Gradient sync (``estimate``): dense gradients over the ``dp`` group, expert gradients over
-  the ``dp/ep`` group (``comm.dp_sync_time_s`` each, with the plan's ZeRO stage).
-  Under ZeRO ≥ 1 both are ASSUMED as DeepSpeed-MoE does them; autopar's runtime
-  (``runtime/expert_parallel``) currently keeps experts outside its ZeRO/FSDP wrapper and
-  all-reduces their gradients, so there it holds unsharded expert states.
+* Model states (:func:`layer_state_bytes`, ``memory``), as autopar's runtime holds them
+  (``runtime/expert_parallel``: experts stay out of its ZeRO/FSDP wrapper): expert parameters
+  ``E·P_e/ep`` per device with their gradients and optimizer states UNSHARDED
+  (:data:`EXPERT_ZERO`), replicated over the ``dp/ep`` ranks holding the same experts, whatever
+  the plan's ZeRO stage: ``E/ep · P_e · (2 + 2 + 12)`` bytes. Dense parameters ``÷ t`` with the
+  plan's ZeRO over ``dp``; the MoE layer's non-expert parameters (router, Residual-MoE's dense
+  MLP and coefficient) are dense, ZeRO over ``dp``, but not ``÷ t`` (:func:`layer_params`).
+  (DeepSpeed-MoE would shard the expert states with ZeRO over ``dp/ep``; autopar does not.)
+* Gradient sync (``estimate``): dense gradients over the ``dp`` group with the plan's ZeRO
+  stage (``comm.dp_sync_time_s``); expert gradients all-reduced over the ``dp/ep`` group
+  (``zero = 0`` whatever the plan's), once per step after the last backward
+  (``ExpertGroups.reduce_gradients``), so none of it overlaps the backward pass
+  (``CostOptions.dp_overlap`` does not apply to it). The optimizer step updates the unsharded
+  expert states on every replica.
 * Activations (:func:`expert_activation_bytes`): Korthikanti et al.'s MLP terms, input ``2sbh``
   and the two ``f``-wide tensors ``4sbf/t`` (16-bit), are kept once per routed row on every tp
   rank: ``imbalance·k·(2sbh + 4sbf)`` replaces them, plus the router's fp32 logits and
   probabilities ``8sbE``.
 * Variants the pass records: dropless routing (no capacity cap on the imbalance), Residual-MoE
   (one more dense MLP per token, its weights dense), Pyramid-MoE (E per layer; ``ep`` divides
-  their gcd). The DTS gate is priced after its dense phase (top-k).
+  their gcd). The DTS gate (``gate="dts"``, EvoMoE) is priced after its dense phase, with the
+  sparse ``top_k``: for its first ``dts_anneal_steps`` steps it runs every token through all
+  ``E`` experts (``E/k`` times the expert compute, all-to-all and expert activations priced
+  here), so the prediction holds for the sparse steps that follow, not for the dense warm-up.
 """
 
 from __future__ import annotations
@@ -68,6 +80,9 @@ if TYPE_CHECKING:
 
 ALL_TO_ALLS_PER_LAYER = 2
 """Per MoE layer and microbatch in each direction: dispatch and combine (DeepSpeed-MoE §4)."""
+EXPERT_ZERO = 0
+"""The ZeRO stage expert states and gradients get, whatever the plan's: the runtime keeps experts
+out of its ZeRO/FSDP wrapper and all-reduces their gradients (``runtime/expert_parallel``)."""
 ROUTER_BYTES_PER_LOGIT = 8  # fp32 logits and fp32 probabilities, kept for backward
 
 
@@ -75,9 +90,11 @@ ROUTER_BYTES_PER_LOGIT = 8  # fp32 logits and fp32 probabilities, kept for backw
 class MoELayerProfile:
     """The MoE part of one repeated layer (torch-free; from ``node.meta["autopar_moe"]``).
 
-    ``expert_param_count``: one expert's parameters; ``router_param_count``: the router's.
+    ``expert_param_count``: one expert's parameters; ``router_param_count``: the router's;
+    ``residual_param_count``: Residual-MoE's dense MLP and its mixing coefficient ``Linear(h, 2)``.
     ``dropless``: no capacity (every assignment computed); ``residual``: Residual-MoE's dense MLP
     runs beside the experts on every token (DeepSpeed-MoE), a dense, data-parallel parameter.
+    ``gate``: ``"topk"``, or ``"dts"`` (priced after its dense phase, module docstring).
     """
 
     num_experts: int
@@ -87,6 +104,8 @@ class MoELayerProfile:
     router_param_count: int = 0
     dropless: bool = False
     residual: bool = False
+    residual_param_count: int = 0
+    gate: str = "topk"
 
     def __post_init__(self) -> None:
         if type(self.num_experts) is not int or self.num_experts < 1:
@@ -95,16 +114,33 @@ class MoELayerProfile:
             raise ValueError(f"MoELayerProfile.top_k = {self.top_k!r}: expected an int in [1, num_experts]")
         if not self.capacity_factor > 0:
             raise ValueError(f"MoELayerProfile.capacity_factor = {self.capacity_factor!r}: expected > 0")
+        if self.gate not in ("topk", "dts"):
+            raise ValueError(f"MoELayerProfile.gate = {self.gate!r}: expected 'topk' or 'dts'")
 
     @property
     def expert_params_total(self) -> int:
         """Parameters of all ``E`` experts."""
         return self.num_experts * self.expert_param_count
 
+    @property
+    def shared_params(self) -> int:
+        """The layer's non-expert MoE parameters (router, Residual-MoE's branch): dense, data-parallel
+        over every ``dp`` rank, held whole on every tensor-parallel rank."""
+        return self.router_param_count + self.residual_param_count
+
 
 def expert_params(layer: LayerProfile) -> int:
     """Parameters of ``layer``'s experts (0 for a dense layer)."""
     return 0 if layer.moe is None else layer.moe.expert_params_total
+
+
+def layer_params(layer: LayerProfile, *, tp: int, ep: int) -> tuple[float, float]:
+    """(dense, expert) parameters of ``layer`` on one device: dense ``÷ t`` except the MoE layer's
+    router and Residual-MoE branch (whole on every tp rank), the experts ``E/ep`` (not ``÷ t``)."""
+    if layer.moe is None:
+        return layer.param_count / tp, 0.0
+    experts, shared = layer.moe.expert_params_total, layer.moe.shared_params
+    return (layer.param_count - experts - shared) / tp + shared, experts / ep
 
 
 def num_experts_gcd(profile: ModelProfile) -> int:
@@ -175,12 +211,13 @@ def expert_activation_bytes(layer: LayerProfile, *, microbatch_size: int, tp: in
 
 
 def layer_state_bytes(layer: LayerProfile, *, tp: int, zero: int, dp: int, ep: int) -> float:
-    """Weights, gradients and optimizer states of ``layer`` on one device (module docstring)."""
+    """Weights, gradients and optimizer states of ``layer`` on one device (module docstring): the
+    dense part with ZeRO ``zero`` over ``dp``, the ``E/ep`` experts unsharded (:data:`EXPERT_ZERO`)."""
     from autopar.cost_models.memory import model_state_bytes
 
-    experts = expert_params(layer)
-    dense = model_state_bytes((layer.param_count - experts) / tp, zero=zero, dp=dp)
-    return dense + model_state_bytes(experts / ep, zero=zero, dp=dp // ep) if experts else dense
+    dense, experts = layer_params(layer, tp=tp, ep=ep)
+    states = model_state_bytes(dense, zero=zero, dp=dp)
+    return states + model_state_bytes(experts, zero=EXPERT_ZERO) if experts else states
 
 
 def moe_profile(profile: ModelProfile, *, num_experts: int, top_k: int, capacity_factor: float = 1.25,

@@ -192,11 +192,17 @@ class ModelProfile:
 
 def _moe_layers(captured: Any, layers: tuple[LayerProfile, ...], batch_size: int) -> tuple[LayerProfile, ...]:
     """``layers`` with those holding an MoE node (``autopar.passes.moe``) rebuilt: FLOPs summed over
-    the transformed graph's nodes; parameters: an upcycled layer's dense MLP (counted by capture,
-    one expert's worth) becomes the MoE module's (``E`` experts, router, Residual-MoE's branch),
-    an adopted block's are the model's own; ``ffn_size`` the width ``f`` of the 2-matmul MLP with
-    the expert's weight-matrix parameters, ``2hf`` (``f`` itself for an upcycled GPT MLP, ``1.5 f``
-    for a gated SwiGLU expert: the same FLOPs per routed token)."""
+    the transformed graph's nodes; ``ffn_size`` the width ``f`` of the 2-matmul MLP with the
+    expert's weight-matrix parameters, ``2hf`` (``f`` itself for an upcycled GPT MLP, ``1.5 f`` for
+    a gated SwiGLU expert: the same FLOPs per routed token).
+
+    Parameters: what capture counted for the layer (the model's block, before the pass), less what
+    the pass took out, plus the MoE module's own (exactly its ``NodeRecord.param_bytes``, counted
+    here in elements since the router is fp32 beside 16-bit experts). An adopted block
+    (``adopted``: HF Mixtral's own experts) is replaced by a module holding the same ``E`` experts
+    and router: nothing added. An upcycled layer loses its dense MLP (one expert's parameters) and
+    gains ``E`` experts and the router, and with Residual-MoE (``residual``) the dense MLP again and
+    the coefficient ``Linear(h, 2)``."""
     found = {}
     for node, record in captured.records():
         info = node.meta.get("autopar_moe")
@@ -210,18 +216,21 @@ def _moe_layers(captured: Any, layers: tuple[LayerProfile, ...], batch_size: int
         expert = sum(p.numel() for p in module.experts[0].parameters())
         total = sum(p.numel() for p in module.parameters())
         router = sum(p.numel() for p in module.router.parameters())
-        residual, adopted = bool(getattr(info, "residual", False)), bool(getattr(info, "adopted", False))
+        adopted = bool(getattr(info, "adopted", False))
         moe = MoELayerProfile(num_experts=info.num_experts, top_k=info.top_k,
                               capacity_factor=float(info.capacity_factor), expert_param_count=expert,
                               router_param_count=router, dropless=bool(getattr(info, "dropless", False)),
-                              residual=residual)
+                              residual=bool(getattr(info, "residual", False)),
+                              residual_param_count=total - info.num_experts * expert - router,
+                              gate=str(getattr(info, "gate", "topk")))
         layer, mine = layers[index], [r for _, r in captured.records() if r.layer == index]
         matrices = sum(p.numel() for p in module.experts[0].parameters() if p.dim() >= 2)
+        removed = total if adopted else expert
         out[index] = dataclasses.replace(
             layer, moe=moe, ffn_size=max(1, round(matrices / (2 * (layer.hidden_size or 1)))),
             flops_fwd=sum(r.flops_fwd for r in mine) / batch_size,
             flops_bwd=sum(r.flops_bwd for r in mine) / batch_size,
-            param_count=layer.param_count if adopted else layer.param_count - expert + total)
+            param_count=layer.param_count - removed + total)
     return tuple(out)
 
 

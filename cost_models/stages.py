@@ -24,7 +24,7 @@ class StageCost:
     ``dp_forward_s``/``dp_backward_s``: data-parallel traffic repeated every microbatch (ZeRO-3
     weight gathers on CPU; 0 in the GPU model, which counts it per step). ``ep_*_s``: the MoE
     layers' all-to-alls (``moe``); ``expert_params_per_device``: the part of
-    ``params_per_device`` that is expert parameters (synchronized over ``dp/ep`` ranks)."""
+    ``params_per_device`` that is expert parameters (all-reduced over ``dp/ep`` ranks, no ZeRO)."""
 
     compute: LayerTimes
     tp_forward_s: float

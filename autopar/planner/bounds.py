@@ -13,13 +13,15 @@ Each term bounds the matching term of ``cost_models.estimate`` from below:
   ``T = (m − 1/v) max_r W_r + Σ_r W_r / v`` is smallest when all ``W_r`` are equal) or ``m/p``
   plus, for zero-bubble, ``(p−1)/p`` of the drain ``Σ_k U_k ≥ Σ W − 2 Σ T_W`` (``T = m max W +
   Σ U − max U``); fixed parts and imbalance only add (recomputation is added where memory
-  forces it, see :func:`forced_recompute_s`);
+  forces it, see :func:`forced_recompute_s`). ``max W`` is also at least the costliest single
+  layer, which matters when layers differ (MoE layers every other layer) and ``pp`` is large;
 * data-parallel sync: the exposed share ``(1 − overlap)`` of the sync of an even share of the
   parameters (collective time grows with size, the slowest rank holds at least the average).
-  With MoE layers the dense share syncs over ``dp`` and the expert share ``÷ ep`` over ``dp/ep``;
-  the slowest rank pays at least the larger of the two (their sum without pipelining, where every
-  rank holds the same share);
-* optimizer: the memory-bound Adam step over that even share (experts ÷ ep, ZeRO over dp/ep).
+  With MoE layers the dense share syncs over ``dp`` and the expert share ``÷ ep`` is all-reduced
+  over ``dp/ep`` after the backward (no ZeRO, no overlap: ``cost_models.moe``); the slowest rank
+  pays at least the larger of the two (their sum without pipelining, where every rank holds the
+  same share);
+* optimizer: the memory-bound Adam step over that even share (experts ÷ ep, never ZeRO-sharded).
 """
 
 from __future__ import annotations
@@ -31,16 +33,23 @@ from autopar.cost_models import memory as memory_model
 from autopar.cost_models.comm import dp_sync_time_s
 from autopar.cost_models.compute import device_efficiency
 from autopar.cost_models.estimate import OPTIMIZER_BYTES_PER_PARAM
-from autopar.cost_models.moe import expert_params, layer_state_bytes
+from autopar.cost_models.moe import EXPERT_ZERO, expert_params, layer_state_bytes
 from autopar.planner.layout import PlanContext
 from autopar.planner.probes import Prober
 from autopar.planner.space import Config
 
 
-def pipeline_lower_bound_s(layer_work_s: float, config: Config, weight_grad_s: float = 0.0) -> float:
+def pipeline_lower_bound_s(layer_work_s: float, config: Config, weight_grad_s: float = 0.0,
+                           max_layer_s: float = 0.0) -> float:
     """Seconds the pipeline needs at least, from ``layer_work_s`` (Σ layers per microbatch) and,
-    for zero-bubble, ``weight_grad_s`` (the deferrable part of it)."""
+    for zero-bubble, ``weight_grad_s`` (the deferrable part of it). ``max_layer_s``, the costliest
+    single layer, bounds the busiest rank's ``max W`` too: a layer is never split over ranks (with
+    unequal layers, e.g. MoE every other layer, it can exceed ``Σ/p``)."""
     p, m, v = config.pp, config.num_microbatches, config.virtual_stages
+    if max_layer_s * p > layer_work_s:  # max W ≥ the costliest layer > Σ W / p
+        if config.schedule == "zero_bubble":
+            return max_layer_s * m + max(0.0, layer_work_s - 2 * weight_grad_s) * (p - 1) / p
+        return (m - 1 / v) * max_layer_s + layer_work_s / v
     if config.schedule == "zero_bubble":  # m·max W + ΣU − max U, U = W − 2·T_W per stage
         return layer_work_s * m / p + max(0.0, layer_work_s - 2 * weight_grad_s) * (p - 1) / p
     return layer_work_s * (m / p + (p - 1) / (p * v))
@@ -48,10 +57,12 @@ def pipeline_lower_bound_s(layer_work_s: float, config: Config, weight_grad_s: f
 
 def _share(profile: ModelProfile, config: Config) -> tuple[float, float]:
     """Even shares per device of (dense, expert) parameters: the slowest rank holds at least these;
-    each device holds ``1/ep`` of the experts (replicated over tp, ``cost_models.moe``)."""
+    each device holds ``1/ep`` of the experts and the MoE layers' routers whole (replicated over
+    tp, ``cost_models.moe``)."""
     experts = sum(expert_params(layer) for layer in profile.layers)
-    dense = profile.param_count - experts
-    return dense / (config.tp * config.pp), experts / (config.pp * config.ep)
+    shared = sum(layer.moe.shared_params for layer in profile.layers if layer.moe is not None)
+    dense = profile.param_count - experts - shared
+    return dense / (config.tp * config.pp) + shared / config.pp, experts / (config.pp * config.ep)
 
 
 def outside_lower_bound_s(
@@ -61,23 +72,21 @@ def outside_lower_bound_s(
     cluster, (params, experts) = ctx.cluster, _share(profile, config)
     dp_s = 0.0
     if config.dp > 1:
-        def sync_s(size: float, stride: int, ranks: int) -> float:
+        def sync_s(size: float, stride: int, ranks: int, zero: int) -> float:
             group = Group.of([d * stride for d in range(ranks)], cluster=cluster)
-            return dp_sync_time_s(size, bytes_per_element=profile.bytes_per_element, zero=config.zero,
+            return dp_sync_time_s(size, bytes_per_element=profile.bytes_per_element, zero=zero,
                                   group=group, cluster=cluster, num_microbatches=config.num_microbatches)
 
-        sync = sync_s(params, config.tp, config.dp)
-        if experts:
-            expert_sync = sync_s(experts, config.tp * config.ep, config.dp // config.ep)
-            sync = sync + expert_sync if config.pp == 1 else max(sync, expert_sync)
-        dp_s = (1 - options.dp_overlap) * sync
+        dp_s = (1 - options.dp_overlap) * sync_s(params, config.tp, config.dp, config.zero)
+        if experts:  # not overlapped with the backward (``cost_models.moe``)
+            expert_sync = sync_s(experts, config.tp * config.ep, config.dp // config.ep, EXPERT_ZERO)
+            dp_s = dp_s + expert_sync if config.pp == 1 else max(dp_s, expert_sync)
     bandwidth = (
         cluster.device.memory_bandwidth_bytes_per_s
         * device_efficiency(cluster.device).memory_bandwidth_fraction
     )
     shard = config.dp if config.zero >= 1 else 1
-    expert_shard = config.dp // config.ep if config.zero >= 1 else 1
-    return dp_s + (params / shard + experts / expert_shard) * OPTIMIZER_BYTES_PER_PARAM / bandwidth
+    return dp_s + (params / shard + experts) * OPTIMIZER_BYTES_PER_PARAM / bandwidth
 
 
 def forced_recompute_s(prober: Prober, config: Config, modes: tuple[str, ...]) -> float:
@@ -126,7 +135,8 @@ def step_lower_bound_s(prober: Prober, config: Config, modes: tuple[str, ...], o
         return outside_lower_bound_s(prober.profile, prober.ctx, config, options)
     work = prober.layer_work_lower_bound_s(config) + forced_recompute_s(prober, config, modes)
     weight = float(prober.per_layer_weight_grad_s(config, "none").sum())
-    pipeline = pipeline_lower_bound_s(work, config, weight)
+    costliest = float(prober.per_layer_work_s(config, "none").max())
+    pipeline = pipeline_lower_bound_s(work, config, weight, costliest)
     return pipeline + outside_lower_bound_s(prober.profile, prober.ctx, config, options)
 
 
@@ -135,7 +145,7 @@ def states_fit(profile: ModelProfile, ctx: PlanContext, config: Config) -> bool:
     dense, experts = _share(profile, config)
     states = memory_model.model_state_bytes(dense, zero=config.zero, dp=config.dp)
     if experts:
-        states += memory_model.model_state_bytes(experts, zero=config.zero, dp=config.dp // config.ep)
+        states += memory_model.model_state_bytes(experts, zero=EXPERT_ZERO)
     gpu = ctx.cluster.device.name != "CPU"
     need = (1 + memory_model.FRAGMENTATION_FRACTION) * states + (memory_model.WORKSPACE_BYTES if gpu else 0)
     return need <= ctx.cluster.device.memory_bytes

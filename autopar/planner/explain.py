@@ -97,7 +97,7 @@ def _remedies(item: Infeasible, fix: Fix) -> list[str]:
         remedies.append("a smaller microbatch (microbatch_size=1)")
     if config.dp > 1 and config.zero < 3:
         remedies.append("shard the model states over data parallelism (zero=3, FSDP)")
-    if item.moe and fix.ep is not None and config.tp == 1:
+    if item.moe and fix.ep is not None:
         remedies.append("unpin ep so the experts can be sharded over more data-parallel ranks")
     if fix.pp or fix.tp:
         remedies.append("unpin pp/tp so the model can be split further")

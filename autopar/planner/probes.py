@@ -17,7 +17,7 @@ Memory may come from another profile than time (``memory_profile``): with random
 time is the schedule's average but memory must fit the full-length end of the schedule.
 Memory per layer uses the memory model's own per-layer function (stored activations per
 in-flight microbatch and the recomputation working set) and ``moe.layer_state_bytes`` (dense
-parameters sharded by ZeRO over ``dp``, experts held ``E/ep`` and sharded over ``dp/ep``).
+parameters sharded by ZeRO over ``dp``, experts held ``E/ep`` with unsharded states).
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ Rules (each one a property of the runtime or of the model, not a heuristic):
 * Expert parallelism (models with MoE layers only): ``ep`` divides ``dp`` and every MoE layer's
   expert count, so ``ep ∈ divisors(gcd(dp, E₁, E₂, …))`` (DeepSpeed-MoE's layout: ``ep``
   consecutive data-parallel ranks share the experts, ``cost_models.moe``); ``ep = 1`` replicates
-  the experts on every data-parallel rank. ``ep > 1`` needs ``tp = 1``: the runtime does not
-  combine expert with tensor parallelism yet. Without MoE layers ``ep`` is 1, and pinning more
-  is an error (:func:`check_ep_pin`).
+  the experts on every data-parallel rank. Any ``tp`` goes with it: the MoE layers run whole on
+  every tensor-parallel rank, each tp coordinate with its own expert-parallel groups (the runtime's
+  ``ExpertGroups``). Without MoE layers ``ep`` is 1, and pinning more is an error
+  (:func:`check_ep_pin`).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def candidates(
                 m = global_batch_size // (dp * b)
                 for schedule, v in _schedules(pp, num_layers, m, fix):
                     for zero in _zero_stages(dp, fix):
-                        for ep in _ep_choices(profile, dp, tp, fix):
+                        for ep in _ep_choices(profile, dp, fix):
                             yield Config(
                                 dp=dp,
                                 tp=tp,
@@ -141,11 +142,10 @@ def candidates(
                             )
 
 
-def _ep_choices(profile: ModelProfile, dp: int, tp: int, fix: Fix) -> list[int]:
+def _ep_choices(profile: ModelProfile, dp: int, fix: Fix) -> list[int]:
     """Expert-parallel degrees for ``dp`` data-parallel ranks (module docstring)."""
     experts = num_experts_gcd(profile)
-    allowed = [e for e in divisors(math.gcd(dp, experts or 1)) if e == 1 or tp == 1]
-    return [e for e in allowed if fix.ep in (None, e)]
+    return [e for e in divisors(math.gcd(dp, experts or 1)) if fix.ep in (None, e)]
 
 
 def check_ep_pin(profile: ModelProfile, fix: Fix) -> None:
@@ -182,9 +182,9 @@ def explain_empty(profile: ModelProfile, cluster: ClusterSpec, *, global_batch_s
         return f"pp={fix.pp} exceeds the model's {profile.num_layers} repeated layers"
     if fix.ep is not None and fix.ep > 1:
         return (
-            f"pinned ep={fix.ep} must divide dp (expert-parallel groups are data-parallel ranks) and "
-            "needs tp = 1 (the runtime does not combine expert and tensor parallelism yet); "
-            f"the pins {fix.pinned()} leave no such dp × tp × pp = {world}"
+            f"pinned ep={fix.ep} must divide dp (expert-parallel groups are data-parallel ranks); "
+            f"the pins {fix.pinned()} leave no dp × tp × pp = {world} with dp divisible by {fix.ep} "
+            f"and dividing the global batch {global_batch_size}"
         )
     return (
         f"no dp × tp × pp = {world} with dp dividing the global batch {global_batch_size} satisfies "

@@ -12,6 +12,7 @@ from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.cost_models import (
     MEGATRON_2021,
+    CostOptions,
     ModelProfile,
     estimate,
     load_imbalance,
@@ -95,20 +96,49 @@ def test_all_to_all_across_nodes_uses_both_links():
     assert stage_costs(plan, profile)[0].ep_forward_s == pytest.approx(2 * 2 * one_s, rel=1e-9)
 
 
-def test_expert_states_are_divided_by_ep_and_sharded_over_dp_over_ep():
+def test_expert_states_are_divided_by_ep_and_never_sharded_by_zero():
+    """As the runtime holds them: E/ep experts per device with their gradients and Adam states, 16
+    bytes per parameter whatever the ZeRO stage; ZeRO shards the dense states only."""
     profile = _moe()
     experts = sum(layer.moe.expert_params_total for layer in profile.layers if layer.moe)
     states = {ep: plan_memory(_plan("1x8xA100-80GB", 16, dp=8, ep=ep), profile)[0].model_states_bytes
               for ep in (1, 2, 8)}
     for ep in (2, 8):  # 16 bytes per parameter, zero 0
         assert states[1] - states[ep] == pytest.approx(16 * experts * (1 - 1 / ep))
-    zero1 = {ep: plan_memory(_plan("1x8xA100-80GB", 16, dp=8, ep=ep, zero=1), profile)[0] for ep in (1, 4)}
     dense = profile.param_count - experts
-    expected = 4 * dense + 12 * dense / 8 + 4 * experts / 4 + 12 * experts / 4 / 2  # ZeRO-1 over dp/ep = 2
-    assert zero1[4].model_states_bytes == pytest.approx(expected)
-    part = zero1[4]
-    parts = part.weights_bytes + part.gradients_bytes + part.optimizer_bytes
-    assert parts == pytest.approx(part.model_states_bytes)
+    part = plan_memory(_plan("1x8xA100-80GB", 16, dp=8, ep=4, zero=1), profile)[0]
+    assert part.model_states_bytes == pytest.approx(4 * dense + 12 * dense / 8 + 16 * experts / 4)
+    assert (part.weights_bytes, part.gradients_bytes, part.optimizer_bytes) == pytest.approx(
+        (2 * dense + 2 * experts / 4, 2 * dense + 2 * experts / 4, 12 * dense / 8 + 12 * experts / 4))
+
+
+def test_zero3_does_not_shrink_expert_memory():
+    """ZeRO-3 divides the dense states by dp and leaves every expert byte where it was."""
+    profile = _moe()
+    experts = sum(layer.moe.expert_params_total for layer in profile.layers if layer.moe)
+    dense = profile.param_count - experts  # routers included: dense, data-parallel
+    for ep in (1, 2, 8):
+        by_zero = {zero: plan_memory(_plan("1x8xA100-80GB", 16, dp=8, ep=ep, zero=zero), profile)[0]
+                   for zero in (0, 3)}
+        assert by_zero[3].model_states_bytes == pytest.approx(16 * dense / 8 + 16 * experts / ep)
+        assert by_zero[0].model_states_bytes - by_zero[3].model_states_bytes == pytest.approx(
+            16 * dense * (1 - 1 / 8))
+        assert by_zero[3].weights_bytes == pytest.approx(2 * dense / 8 + 2 * experts / ep)
+
+
+def test_tensor_parallel_ranks_hold_the_whole_moe_layer():
+    """tp > 1 with ep > 1: dense parameters ÷ t, the E/ep experts and the routers whole on each tp rank."""
+    profile = _moe()
+    experts = sum(layer.moe.expert_params_total for layer in profile.layers if layer.moe)
+    routers = sum(layer.moe.router_param_count for layer in profile.layers if layer.moe)
+    rest = profile.param_count - experts - routers
+    plan = _plan("1x8xA100-80GB", 16, dp=4, tp=2, ep=4)
+    assert plan_memory(plan, profile)[0].model_states_bytes == pytest.approx(
+        16 * (rest / 2 + routers + experts / 4))
+    assert expert_groups(plan, plan.stages[0].devices) == ((0, 2, 4, 6), (0,))  # tp coordinate 0's group
+    cost = stage_costs(plan, profile)[0]
+    assert cost.ep_forward_s > 0 and cost.expert_params_per_device == experts / 4
+    assert cost.params_per_device == pytest.approx(rest / 2 + routers + experts / 4)
 
 
 def test_gradient_sync_splits_dense_over_dp_and_experts_over_dp_over_ep():
@@ -117,13 +147,31 @@ def test_gradient_sync_splits_dense_over_dp_and_experts_over_dp_over_ep():
     experts = sum(layer.moe.expert_params_total for layer in profile.layers if layer.moe)
     dense = profile.param_count - experts
 
-    def sync(params: float, ranks: int) -> float:
-        return dp_sync_time_s(params, bytes_per_element=2, zero=0, group=Group(size=ranks), cluster=cluster)
+    def sync(params: float, ranks: int, zero: int = 0, microbatches: int = 1) -> float:
+        return dp_sync_time_s(params, bytes_per_element=2, zero=zero, group=Group(size=ranks),
+                              cluster=cluster, num_microbatches=microbatches)
 
     for ep in (1, 2, 8):
         predicted = estimate(_plan("1x8xA100-80GB", 16, dp=8, ep=ep), profile)
         expected = sync(dense, 8) + sync(experts / ep, 8 // ep)
         assert predicted.breakdown_dict()["dp_comm"] == pytest.approx(expected)
+    # ZeRO-3 gathers the dense weights every microbatch; the experts are all-reduced once, as at ZeRO 0
+    plan = _plan("1x8xA100-80GB", 32, dp=8, ep=2, zero=3, microbatch_size=2)
+    assert plan.schedule.num_microbatches == 2
+    expected = sync(dense, 8, zero=3, microbatches=2) + sync(experts / 2, 4)
+    assert estimate(plan, profile).breakdown_dict()["dp_comm"] == pytest.approx(expected)
+
+
+def test_expert_gradient_all_reduce_is_not_overlapped_with_backward():
+    """The runtime reduces expert gradients after the last backward: dp_overlap hides dense sync only."""
+    profile = _moe()
+    cluster = ClusterSpec.parse("1x8xA100-80GB")
+    experts = sum(layer.moe.expert_params_total for layer in profile.layers if layer.moe)
+    plan = _plan("1x8xA100-80GB", 16, dp=8, ep=2)
+    hidden = estimate(plan, profile, options=CostOptions(dp_overlap=1.0)).breakdown_dict()["dp_comm"]
+    expert_sync = dp_sync_time_s(experts / 2, bytes_per_element=2, zero=0, group=Group(size=4),
+                                 cluster=cluster)
+    assert hidden == pytest.approx(expert_sync)  # the dense sync fits behind the backward
 
 
 def test_ep1_without_moe_predicts_what_it_did_before_expert_parallelism():
@@ -152,3 +200,86 @@ def test_the_profile_reads_the_moe_pass_annotations():
         assert (got.flops_fwd, got.flops_bwd) == pytest.approx((want.flops_fwd, want.flops_bwd))
     assert [layer.moe is not None for layer in profile.layers] == [False, True, False, True]
     assert math.isclose(profile.layers[1].moe.capacity_factor, 1.25)
+
+
+def _transformed(model, inputs, moe):
+    captured = capture(model, inputs)
+    gm = run_passes(captured.graph_module, [moe], PassContext(captured=captured))
+    return captured, gm
+
+
+def test_residual_moe_profile_counts_the_dense_branch_and_its_coefficient():
+    """Residual-MoE: E experts, the router, the dense MLP kept beside them and Linear(h, 2)."""
+    shape = dict(num_layers=2, hidden_size=32, num_heads=4, seq_len=16, vocab_size=128)
+    model = autopar.models.build("gpt", **shape)
+    inputs = (torch.zeros(2, 16, dtype=torch.long),)
+    captured, gm = _transformed(model, inputs, MoE(num_experts=4, residual=True))
+    profile = profile_of(captured)
+    assert profile.param_count == sum(p.numel() for p in gm.parameters())
+    moe = profile.layers[1].moe
+    mlp = 2 * 32 * 128 + 128 + 32
+    assert (moe.num_experts, moe.top_k, moe.residual, moe.expert_param_count) == (4, 1, True, mlp)
+    assert (moe.router_param_count, moe.residual_param_count) == (32 * 4, mlp + 2 * 32 + 2)
+    dense = profile_of(capture(autopar.models.build("gpt", **shape), inputs))
+    assert profile.layers[1].param_count - dense.layers[1].param_count == 4 * mlp + 32 * 4 + 2 * 32 + 2
+
+
+@pytest.mark.hf
+def test_adopted_mixtral_profile_counts_the_models_own_parameters():
+    """HF Mixtral's sparse blocks adopted (layers='existing'): capture already counted all E experts."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = tf.MixtralForCausalLM(tf.MixtralConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=128, max_position_embeddings=64, num_local_experts=4,
+        num_experts_per_tok=2))
+    real = sum(p.numel() for p in model.parameters())
+    captured, gm = _transformed(model, (torch.randint(0, 128, (2, 16)),), MoE(layers="existing"))
+    profile = profile_of(captured)
+    assert profile.param_count == real == sum(p.numel() for p in gm.parameters())
+    for layer in profile.layers:
+        moe = layer.moe
+        assert (moe.num_experts, moe.top_k, moe.dropless, moe.residual) == (4, 2, True, False)
+        counts = (moe.expert_param_count, moe.router_param_count, moe.residual_param_count)
+        assert counts == (3 * 32 * 64, 32 * 4, 0)  # gate_up (2f × h) and down (h × f); router h × E
+        assert layer.ffn_size == 96  # a gated SwiGLU expert of width f = 64 as a 2-matmul MLP: 1.5 f
+
+
+def test_local_cpu_model_keeps_experts_out_of_zero():
+    """local:N: FSDP2 gathers the dense weights only; expert gradients are all-reduced over dp/ep."""
+    from autopar.cost_models.cpu_rates import CpuRates
+    from autopar.cost_models.cpu_step import _tails, cpu_stage_costs
+
+    shape = dict(num_layers=2, hidden_size=64, num_heads=4, seq_len=32, vocab_size=128)
+    dense_profile = ModelProfile.gpt(get_config("gpt", **shape), dtype="fp32")
+    profile = moe_profile(dense_profile, num_experts=4, top_k=2)
+    experts = sum(layer.moe.expert_params_total for layer in profile.layers if layer.moe)
+    rates = CpuRates.assumed(4)
+    plan = plan_from_fix("gpt-moe-test", graph_fingerprint="analytic", num_layers=2,
+                         cluster=ClusterSpec.parse("local:4"), fix=Fix(dp=4, ep=2, zero=3),
+                         global_batch_size=4, seq_len=32)
+    [cost] = cpu_stage_costs(plan, profile, rates)
+    dense_bytes = (profile.param_count - experts) * 4
+    assert cost.expert_params_per_device == experts / 2
+    assert cost.dp_forward_s == pytest.approx(rates.collective_work_s("all_gather", dense_bytes, 4)
+                                              + rates.copy_s(2 * dense_bytes))
+    [(sync, _)] = _tails(plan, profile, rates)
+    reduce_scatter = (rates.collective_work_s("reduce_scatter", dense_bytes, 4, memory_bound=True)
+                      + rates.copy_s(2 * dense_bytes))
+    expert_bytes = experts / 2 * 4
+    all_reduce = (rates.collective_work_s("all_reduce", expert_bytes, 2, memory_bound=True)
+                  + rates.copy_s(expert_bytes))
+    assert sync == pytest.approx(reduce_scatter + all_reduce)
+
+
+def test_dts_gate_is_priced_with_its_sparse_top_k():
+    """The DTS gate's dense phase (all E experts per token) is not priced: the profile is top-k's."""
+    shape = dict(num_layers=2, hidden_size=32, num_heads=4, seq_len=16, vocab_size=128)
+    inputs = (torch.zeros(2, 16, dtype=torch.long),)
+    profiles = {gate: profile_of(_transformed(autopar.models.build("gpt", **shape), inputs,
+                                              MoE(num_experts=4, top_k=1, gate=gate))[0])
+                for gate in ("topk", "dts")}
+    dts, topk = profiles["dts"].layers[1], profiles["topk"].layers[1]
+    assert (dts.moe.gate, dts.moe.top_k, topk.moe.gate) == ("dts", 1, "topk")
+    for field in ("flops_fwd", "flops_bwd", "param_count"):
+        assert getattr(dts, field) == getattr(topk, field)

@@ -14,7 +14,7 @@ from autopar.config import Fix
 from autopar.cost_models import CostOptions, ModelProfile, moe_profile
 from autopar.cost_models.stages import expert_groups
 from autopar.models import get_config
-from autopar.passes import MoE
+from autopar.passes import MoE, RandomLTD
 from autopar.planner import PlanContext, search
 from autopar.planner.bounds import step_lower_bound_s
 from autopar.planner.explain import alternative_reason
@@ -93,12 +93,14 @@ def test_pinned_ep_needs_moe_layers_and_a_divisor_of_the_experts():
         search(profile, ctx, fix=Fix(ep=4))
 
 
-def test_ep_choices_divide_dp_and_the_experts_and_avoid_tensor_parallelism():
+def test_ep_choices_divide_dp_and_the_experts_with_any_tensor_parallel_degree():
     profile = moe_profile(ModelProfile.gpt(get_config("gpt", **BIG_EXPERTS)), num_experts=12, top_k=2)
     cluster = ClusterSpec.parse("1x8xA100-80GB")
     seen = {(c.dp, c.tp, c.ep) for c in candidates(profile, cluster, global_batch_size=32, fix=Fix())}
     assert {ep for dp, tp, ep in seen if dp == 8} == {1, 2, 4}  # divisors of gcd(8, 12)
-    assert {ep for dp, tp, ep in seen if tp > 1} == {1}
+    assert {ep for dp, tp, ep in seen if (dp, tp) == (4, 2)} == {1, 2, 4}  # each tp coordinate: its groups
+    assert {ep for dp, tp, ep in seen if (dp, tp) == (2, 4)} == {1, 2}
+    assert all(dp % ep == 0 and 12 % ep == 0 for dp, tp, ep in seen)
     dense = ModelProfile.gpt(get_config("gpt", **BIG_EXPERTS))
     assert {c.ep for c in candidates(dense, cluster, global_batch_size=32, fix=Fix())} == {1}
     pinned = {c.ep for c in candidates(profile, cluster, global_batch_size=32, fix=Fix(ep=2))}
@@ -115,6 +117,7 @@ def test_lower_bounds_stay_below_the_estimate_with_experts():
     configs = [c for c in candidates(profile, cluster, global_batch_size=16, fix=fix)
                if c.ep > 1 or c.zero == 1]
     assert len({c.ep for c in configs}) == 4
+    assert any(c.tp > 1 and c.ep > 1 for c in configs) and any(c.pp == 4 for c in configs)
     for config in configs:
         found = state.evaluate(config)
         if found is not None:
@@ -128,3 +131,36 @@ def test_alternative_reasons_name_what_a_different_ep_changes():
                                 predicted=_big_experts(ep=1).predicted)
     reason = alternative_reason(best, other, "dp8 ep1")
     assert "ep1 instead of ep8: expert all-to-all -" in reason and "gradient sync +" in reason
+
+
+def test_estimate_applies_the_plans_recorded_passes():
+    """``autopar.estimate(plan, model, inputs)`` re-runs the plan's MoE pass: the same prediction."""
+    model = autopar.models.build("gpt", device="meta", **BIG_EXPERTS)
+    inputs = torch.zeros(1, BIG_EXPERTS["seq_len"], dtype=torch.long, device="meta")
+    plan = _big_experts()
+    assert [p.name for p in plan.passes] == ["moe"]
+    assert autopar.planning.plan_passes(plan) == [MoE(num_experts=16, top_k=2)]
+    assert autopar.estimate(plan, model, inputs) == plan.predicted
+    saved = autopar.Plan.from_json(plan.to_json())  # the pass config survives JSON
+    assert autopar.estimate(saved, model, inputs) == plan.predicted
+    dense = autopar.estimate(plan, model, inputs, passes=[])  # the model as built: no experts
+    assert dense.breakdown_dict()["ep_comm"] == 0.0 and dense.step_time_s < plan.predicted.step_time_s
+    shape = dict(num_layers=4, hidden_size=1024, num_heads=16, seq_len=512, vocab_size=8192)
+    both = [RandomLTD(min_tokens=128, num_steps=100), MoE(num_experts=8)]  # LTD: time averaged, memory full
+    plan = _plan(shape, "1x8xA100-80GB", 16, passes=both)
+    model = autopar.models.build("gpt", device="meta", **shape)
+    inputs = torch.zeros(1, 512, dtype=torch.long, device="meta")
+    assert autopar.planning.plan_passes(plan) == both
+    assert autopar.estimate(plan, model, inputs) == plan.predicted
+
+
+def test_expert_parallelism_combines_with_tensor_parallelism():
+    """tp 2 × ep 4 on 8 GPUs: the ep groups are per tp coordinate; the plan is estimated."""
+    shape = dict(num_layers=4, hidden_size=1024, num_heads=16, seq_len=512, vocab_size=8192)
+    plan = _plan(shape, "1x8xA100-80GB", 16, passes=[MoE(num_experts=8, top_k=2)], fix={"tp": 2, "ep": 4})
+    par = plan.parallelism
+    assert (par.dp, par.tp, par.ep) == (4, 2, 4)
+    assert plan.predicted.breakdown_dict()["ep_comm"] > 0 and plan.predicted.breakdown_dict()["tp_comm"] > 0
+    assert plan.stages[0].devices == tuple(range(8))
+    assert expert_groups(plan, plan.stages[0].devices) == ((0, 2, 4, 6), (0,))  # tp coordinate 0, dp/ep = 1
+    assert "dp4 tp2 pp1 ep4" in _printed(plan)
