@@ -7,7 +7,8 @@ breakdowns, the simulated timeline).
 A Plan stores no profile, and its schema is shared, so views do not add one. Instead, when
 ``plan.model`` is a zoo name (``autopar plan`` records its MODEL argument there) the profile
 is rebuilt: analytically for a GPT (``ModelProfile.gpt``, instant even for 175B), by a
-meta-device capture otherwise (BERT-large: ~0.4 s). Each dtype is tried and a profile is
+meta-device capture otherwise (BERT-large: ~0.4 s), transformed by the plan's recorded passes
+when it has any (an MoE or random-LTD plan). Each dtype is tried and a profile is
 kept only if ``cost_models.estimate`` reproduces the plan's predicted step time to 0.1 % — a
 plan made with other cost options, with graph passes, or by an older cost model falls back
 honestly instead of showing numbers its planner never saw. Without a profile, views draw
@@ -18,6 +19,7 @@ and ``module:callable`` specs are never loaded: a view does not run user code.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from autopar.cost_models import ModelProfile, estimate
@@ -49,19 +51,36 @@ def _zoo_config(plan: Plan):  # -> ModelConfig | None
     return config
 
 
-def _candidates(plan: Plan, config) -> list[ModelProfile]:
+def _candidates(plan: Plan, config) -> Iterator[ModelProfile]:
+    """Profiles to try, cheapest first: the analytic GPT profile, then a meta-device capture
+    transformed by the plan's recorded passes (MoE layers, token dropping), as the planner saw it."""
     from autopar.models import GPTConfig
 
     if isinstance(config, GPTConfig):
-        return [ModelProfile.gpt(config, name=plan.model, dtype=dtype) for dtype in DTYPES]
+        yield from (ModelProfile.gpt(config, name=plan.model, dtype=dtype) for dtype in DTYPES)
+        if not plan.passes:
+            return
     from autopar import models
     from autopar.capture import capture
+    from autopar.passes import PassContext, run_passes
+    from autopar.passes.random_ltd import kept_fractions, ltd_profile
+    from autopar.planning import plan_passes
 
-    model = models.build(plan.model, device="meta")
+    model = models.build(plan.model, device="meta", seq_len=config.seq_len)
     inputs, _ = models.example_batch(model, 1, config.seq_len)
     captured = capture(model, (inputs,))
-    return [ModelProfile.from_captured(captured, batch_size=1, name=plan.model, dtype=dtype)
-            for dtype in DTYPES]
+    kept = None
+    if plan.passes:
+        try:
+            gm = run_passes(captured.graph_module, plan_passes(plan), PassContext(captured=captured))
+        except (TypeError, ValueError):
+            if isinstance(config, GPTConfig):  # the analytic profiles were tried: nothing more to offer
+                return
+            raise
+        kept = kept_fractions(gm)
+    for dtype in DTYPES:
+        profile = ModelProfile.from_captured(captured, batch_size=1, name=plan.model, dtype=dtype)
+        yield ltd_profile(profile, kept) if kept else profile
 
 
 def _reproduces(plan: Plan, profile: ModelProfile) -> bool:
@@ -82,13 +101,12 @@ def recover_profile(plan: Plan) -> Recovered:
     if config is None:
         return Recovered(None, f"model {plan.model!r} is not a zoo name; {fallback}")
     try:
-        candidates = _candidates(plan, config)
+        for profile in _candidates(plan, config):
+            if _reproduces(plan, profile):
+                return Recovered(profile, f"cost model re-run on zoo model {plan.model!r} ({profile.dtype}); "
+                                          "it reproduces the plan's predicted step time")
     except Exception as error:  # noqa: BLE001 - a view degrades, it does not fail
         return Recovered(None, f"could not rebuild zoo model {plan.model!r} ({type(error).__name__}); "
                                f"{fallback}")
-    for profile in candidates:
-        if _reproduces(plan, profile):
-            return Recovered(profile, f"cost model re-run on zoo model {plan.model!r} ({profile.dtype}); it "
-                                      "reproduces the plan's predicted step time")
     return Recovered(None, f"the cost model no longer reproduces this plan's step time for zoo model "
                            f"{plan.model!r} (other cost options, passes or an older autopar); {fallback}")
