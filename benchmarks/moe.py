@@ -128,7 +128,7 @@ def step0_without_dropping(parent: dict[str, torch.Tensor], batch: torch.Tensor)
 def sizes(compiled: Any, inputs: torch.Tensor) -> dict[str, Any]:
     """Total and active parameters, and annotated FLOPs per token, of the capture for ``inputs``."""
     gm = compiled.captured_for(inputs).graph_module
-    total = sum(p.numel() for _, p in compiled.named_model_parameters())
+    total = sum(p.numel() for p in gm.parameters())  # the transformed graph's (not the idle dense MLPs)
     inactive = sum((m.num_experts - m.top_k) * sum(p.numel() for p in m.experts[0].parameters())
                    for m in compiled.moe.values())
     flops = sum(n.meta[META_KEY].flops_fwd + n.meta[META_KEY].flops_bwd for n in gm.graph.nodes
@@ -139,11 +139,14 @@ def sizes(compiled: Any, inputs: torch.Tensor) -> dict[str, Any]:
 
 
 def bench_step_time(parent: dict[str, torch.Tensor], batch: torch.Tensor, warmup: int, rounds: int,
-                    steps: int) -> dict[str, dict[str, Any]]:
+                    steps: int, configs: dict[str, MoE | None] | None = None) -> dict[str, dict[str, Any]]:
+    """Median step time of each case (``configs``: name → MoE config, None for the dense parent;
+    default :data:`CASES`), timed in alternating rounds, with its parameters and FLOPs per token."""
+    configs = CASES if configs is None else configs
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    models = {case: compiled_case(case, parent, inputs) for case in CASES}
-    times: dict[str, list[float]] = {case: [] for case in CASES}
-    dropped: dict[str, list[float]] = {case: [] for case in CASES}
+    models = {case: compiled_case(case, parent, inputs, config) for case, config in configs.items()}
+    times: dict[str, list[float]] = {case: [] for case in configs}
+    dropped: dict[str, list[float]] = {case: [] for case in configs}
     for compiled in models.values():
         for _ in range(warmup):
             compiled.step(inputs, targets)
@@ -158,7 +161,28 @@ def bench_step_time(parent: dict[str, torch.Tensor], batch: torch.Tensor, warmup
     return {case: {"step_s_median": statistics.median(times[case]), "step_s_min": min(times[case]),
                    "num_timed_steps": len(times[case]),
                    "dropped_fraction_timed": statistics.mean(dropped[case]), **sizes(models[case], inputs)}
-            for case in CASES}
+            for case in configs}
+
+
+def moe_vs_dense(*, num_experts: int, top_k: int, warmup: int = 2, rounds: int = 3, steps: int = 2
+                 ) -> dict[str, Any]:
+    """One sweep row (``autopar sweep --suite passes``): an untrained zoo GPT (:data:`MODEL`)
+    upcycled with ``num_experts`` experts and top-``top_k`` on every other layer against the same
+    dense model on one batch of random tokens: step time, parameters, FLOPs per token, drops."""
+    torch.manual_seed(0)
+    parent = autopar.compile(autopar.models.build("gpt", **MODEL), "local:1").state_dict()
+    batch = torch.randint(0, MODEL["vocab_size"], (BATCH, MODEL["seq_len"] + 1),
+                          generator=torch.Generator().manual_seed(1))
+    config = MoE(num_experts=num_experts, top_k=top_k)
+    result = bench_step_time(parent, batch, warmup, rounds, steps, {"dense": None, "moe": config})
+    dense, moe = result["dense"], result["moe"]
+    return {"num_experts": num_experts, "top_k": top_k, "dense_step_s": dense["step_s_median"],
+            "moe_step_s": moe["step_s_median"], "step_ratio": moe["step_s_median"] / dense["step_s_median"],
+            "dense_params": dense["params_total"], "moe_params": moe["params_total"],
+            "moe_active_params": moe["params_active_per_token"],
+            "dense_flops_per_token": dense["flops_per_token"], "moe_flops_per_token": moe["flops_per_token"],
+            "flops_ratio": moe["flops_per_token"] / dense["flops_per_token"],
+            "dropped_fraction": moe["dropped_fraction_timed"]}
 
 
 def bench_training(case: str, parent: dict[str, torch.Tensor], train: list[torch.Tensor],

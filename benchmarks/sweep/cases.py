@@ -78,11 +78,18 @@ def _runtime_cpu() -> tuple[Case, ...]:
 KEEP_RATIOS = (0.75, 0.5, 0.25)
 
 
+MOE_CASES = ((4, 2), (8, 1), (8, 2), (16, 2))  # (experts, top-k)
+
+
 def _passes() -> tuple[Case, ...]:
-    """Random-LTD keep ratios against step time and FLOPs (benchmarks/random_ltd.py's model).
-    MoE expert counts join when the MoE pass exists (issue 7)."""
-    return tuple(Case(suite="passes", name=f"random-ltd-keep-{r}", kind="random-ltd",
-                      params={"keep_ratio": r, "warmup": 2, "rounds": 3, "steps": 3}) for r in KEEP_RATIOS)
+    """Random-LTD keep ratios against step time and FLOPs (benchmarks/random_ltd.py's model), and
+    MoE expert counts and top-k against the dense model (benchmarks/moe.py's model)."""
+    ltd = tuple(Case(suite="passes", name=f"random-ltd-keep-{r}", kind="random-ltd",
+                     params={"keep_ratio": r, "warmup": 2, "rounds": 3, "steps": 3}) for r in KEEP_RATIOS)
+    moe = tuple(Case(suite="passes", name=f"moe-{e}-experts-top{k}", kind="moe",
+                     params={"num_experts": e, "top_k": k, "warmup": 2, "rounds": 3, "steps": 2})
+                for e, k in MOE_CASES)
+    return ltd + moe
 
 
 def _kernels() -> tuple[Case, ...]:
@@ -166,6 +173,13 @@ def _run_random_ltd(p: dict[str, Any]) -> dict[str, Any]:
     return {key: row[key] for key in keys}
 
 
+def _run_moe(p: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.moe import moe_vs_dense
+
+    return moe_vs_dense(num_experts=p["num_experts"], top_k=p["top_k"], warmup=p["warmup"],
+                        rounds=p["rounds"], steps=p["steps"])
+
+
 def _run_hand(p: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.sweep.hand_plans import compare_hand_plans
     rows = compare_hand_plans(p["world_size"], {k: p[k] for k in ("rounds", "warmup", "steps")})
@@ -188,7 +202,8 @@ def _run_kernel(p: dict[str, Any]) -> dict[str, Any]:
 
 RUNNERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "planner": _run_planner, "plan-quality": _run_quality, "plan-local": _run_plan_local,
-    "runtime": _run_runtime, "kernel": _run_kernel, "random-ltd": _run_random_ltd, "hand": _run_hand,
+    "runtime": _run_runtime, "kernel": _run_kernel, "random-ltd": _run_random_ltd, "moe": _run_moe,
+    "hand": _run_hand,
 }
 
 
