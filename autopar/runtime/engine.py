@@ -97,7 +97,8 @@ class Engine:
         self.modules = [apply_data_parallel(m, zero=plan.zero, dp_mesh=dp_mesh, ignored=experts)
                         for m, experts in zip(regrouped, self.expert_params, strict=True)]
         self._aux_losses: list[torch.Tensor] = []
-        for layer in self.moe_layers():
+        self._moe = [m for module in self.modules for m in module.modules() if isinstance(m, MoELayer)]
+        for layer in self._moe:
             layer.register_forward_hook(self._record_aux_loss)
         self.stage_indices = local
         stages = [make_stage(m, i, self.num_stages, self.device, self.layout.group("pp"),
@@ -124,7 +125,7 @@ class Engine:
     def moe_layers(self) -> list[MoELayer]:
         """This rank's MoE layers as its stages run them (their ``stats`` are this rank's last
         microbatch; with ep > 1 each holds this rank's experts only)."""
-        return [m for module in self.modules for m in module.modules() if isinstance(m, MoELayer)]
+        return list(self._moe)
 
     def _after_shape_inference(self) -> None:
         """torch's first-step shape inference ran the stages once: that forward does not count."""
@@ -204,7 +205,7 @@ class Engine:
         (recomputation replays a forward with the same value, so the mean is unchanged)."""
         if not self._aux_losses:
             return torch.zeros(1, device=self.device)
-        calls = len(self._aux_losses) // max(len(self.moe_layers()), 1)
+        calls = len(self._aux_losses) // len(self._moe)  # forwards per layer this step
         return torch.cat(self._aux_losses).sum().reshape(1).to(self.device) / max(calls, 1)
 
 
