@@ -7,17 +7,18 @@ cost models → planner → ``Plan`` (versioned JSON) → runtime. See the READM
 
 from autopar import models
 from autopar.capture import Captured, CaptureError, capture
+from autopar.checkpoint import load, save
 from autopar.cluster import ClusterSpec
 from autopar.compile import Compiled, compile
 from autopar.config import Fix
+from autopar.lower import Program, lower
 from autopar.planning import estimate, plan
 from autopar.plans import Plan
-from autopar.runtime.checkpoint import load, save
 from autopar.transform import transform
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CaptureError", "Captured", "ClusterSpec", "Compiled", "Fix", "Plan", "__version__",
-    "capture", "compile", "estimate", "load", "models", "plan", "save", "transform",
+    "CaptureError", "Captured", "ClusterSpec", "Compiled", "Fix", "Plan", "Program", "__version__",
+    "capture", "compile", "estimate", "load", "lower", "models", "plan", "save", "transform",
 ]

@@ -1,9 +1,9 @@
 """``autopar.plan`` and ``autopar.estimate``: from a model to a Plan with predictions.
 
-Data flow: model + example inputs → ``autopar.capture`` → graph passes (``passes=``, e.g.
-random-LTD, whose kept fractions scale the profile, or MoE, whose annotations the profile reads
-and which makes the search try expert parallelism, ``cost_models.moe``) → ``ModelProfile`` →
-``autopar.planner.search`` (pinned choices kept, the rest searched) → the fastest Plan
+Data flow: model + example inputs → ``autopar.lower`` (capture, graph passes such as random-LTD,
+whose kept fractions scale the time profile, or MoE, whose annotations the profile reads and which
+makes the search try expert parallelism, and the profiles: a ``Program``) → :func:`search_program`
+→ ``autopar.planner.search`` (pinned choices kept, the rest searched) → the fastest Plan
 that fits, ``plan.predicted`` filled by ``cost_models.estimate`` and the runner-ups in
 ``plan.alternatives``.
 """
@@ -14,49 +14,19 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_flatten, tree_map
 
-from autopar.capture import Captured, capture, normalize_inputs
 from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.cost_models import CostOptions, ModelProfile
 from autopar.cost_models import estimate as estimate_predicted
-from autopar.cost_models.memory import peak_memory_bytes
-from autopar.passes import GraphPass, PassContext, check_passes, run_passes
-from autopar.passes.random_ltd import kept_fractions, ltd_profile
+from autopar.lower import Program, lower, predict
+from autopar.passes import GraphPass, check_passes
 from autopar.planner.intra_op import solve_intra_op
 from autopar.planner.layout import PlanContext
 from autopar.planner.search import Progress, SearchResult, search
 from autopar.planner.space import Config
-from autopar.plans import AppliedPass, Plan, Predicted, graph_fingerprint
-
-
-def _leading_dims(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int | None]:
-    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
-    if not tensors:
-        raise ValueError("example inputs hold no tensor with a batch dimension")
-    first = tensors[0]
-    return int(first.shape[0]), (int(first.shape[1]) if first.dim() > 1 else None)
-
-
-def _tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    batch, seq = _leading_dims(args, kwargs)
-    return batch * (seq or 1)
-
-
-def profile_of(captured: Captured, cluster: ClusterSpec | None = None) -> ModelProfile:
-    """The cost model's summary of a capture (per-sequence FLOPs, shapes, parameters).
-
-    The training dtype: on GPU clusters mixed-precision bf16 (the Megatron-LM setting every
-    published figure uses, whatever dtype the model was built in); on local CPU processes, or
-    without a cluster, the parameters' dtype (what the runtime computes in there).
-    """
-    batch, _ = _leading_dims(captured.example_args, captured.example_kwargs)
-    gpu = cluster is not None and cluster.device.name != "CPU"
-    return ModelProfile.from_captured(captured, batch_size=batch, name=captured.model_name,
-                                      **({"dtype": "bf16"} if gpu else {}))
+from autopar.plans import Plan, Predicted
 
 
 def plan(
@@ -99,6 +69,30 @@ def plan_search(
     progress: Progress | None = None,
 ) -> SearchResult:
     """:func:`plan` with the search's statistics (configurations pruned, time, exactness)."""
+    program = lower(model, example_inputs, example_kwargs=example_kwargs, passes=passes, cluster=cluster)
+    result = search_program(program, cluster=cluster, global_batch_size=global_batch_size, fix=fix,
+                            options=options, time_limit_s=time_limit_s, progress=progress)
+    chosen = result.plan
+    micro = chosen.schedule.microbatch_size
+    if micro != program.batch_size:  # the graph the runtime captures: the plan's microbatch
+        runtime = lower(model, example_inputs, example_kwargs=example_kwargs, passes=passes, cluster=cluster,
+                        microbatch_size=micro)
+        chosen = dataclasses.replace(chosen, graph_fingerprint=runtime.fingerprint)
+    return dataclasses.replace(result, plan=chosen)
+
+
+def search_program(
+    program: Program,
+    *,
+    cluster: str | ClusterSpec,
+    global_batch_size: int,
+    fix: dict[str, Any] | Fix | None = None,
+    options: CostOptions | None = None,
+    time_limit_s: float = 60.0,
+    progress: Progress | None = None,
+) -> SearchResult:
+    """Search a Plan for a lowered model. The plan carries ``program``'s fingerprint, that of the
+    example batch; a runtime that runs another microbatch size checks its own capture instead."""
     spec = cluster if isinstance(cluster, ClusterSpec) else ClusterSpec.parse(cluster)
     pins = Fix.from_dict(fix)
     if type(global_batch_size) is not int or global_batch_size < 1:
@@ -107,57 +101,14 @@ def plan_search(
             pins.dp is not None and pins.world_size() != spec.num_devices):
         raise ValueError(f"pinned degrees {pins.pinned()} give dp × tp × pp = {pins.world_size()} ≠ world "
                          f"size {spec.num_devices}; pin degrees whose product is the cluster's device count")
-    args, kwargs = normalize_inputs(example_inputs), dict(example_kwargs or {})
-    captured = capture(model, args, example_kwargs=kwargs)
-    gm, applied = captured.graph_module, []
-    if passes:
-        ctx = PassContext(captured=captured)
-        gm = run_passes(gm, check_passes(passes), ctx)
-        applied = [AppliedPass(name=name, config=_json_config(config)) for name, config, _ in ctx.applied]
-    full = profile_of(captured, spec)
-    kept = kept_fractions(gm)  # the schedule's average: time; memory must fit full length
-    profile = ltd_profile(full, kept) if kept else full
-    _, seq_len = _leading_dims(args, kwargs)
-    fingerprint = graph_fingerprint(gm)  # of the transformed graph, which the runtime checks
-    context = PlanContext(model=captured.model_name, graph_fingerprint=fingerprint,
-                          cluster=spec, global_batch_size=global_batch_size, seq_len=seq_len,
-                          num_layers=len(captured.layers),
-                          shardings=_shardings(gm, spec, profile.dtype, _tokens(args, kwargs)))
-    result = search(profile, context, fix=pins, options=options, time_limit_s=time_limit_s, progress=progress,
-                    memory_profile=full)
-    chosen = dataclasses.replace(result.plan, passes=tuple(applied))
-    if chosen.schedule.microbatch_size != _leading_dims(args, kwargs)[0]:
-        chosen = with_runtime_fingerprint(chosen, model, args, kwargs, passes)
-    return dataclasses.replace(result, plan=chosen)
-
-
-def with_runtime_fingerprint(plan: Plan, model: nn.Module, example_inputs: Any,
-                             example_kwargs: dict[str, Any] | None = None,
-                             passes: Sequence[GraphPass] = ()) -> Plan:
-    """``plan`` with the fingerprint of the graph the runtime will capture: the model at the
-    plan's microbatch size, after ``passes`` (``autopar.compile(..., plan=plan)`` checks it).
-    The example batch is cut or repeated along its first dimension to that size."""
-    args, kwargs = normalize_inputs(example_inputs), dict(example_kwargs or {})
-    micro = plan.schedule.microbatch_size
-    batch, _ = _leading_dims(args, kwargs)
-    if batch != micro:
-        args, kwargs = _resize_batch(args, batch, micro), _resize_batch(kwargs, batch, micro)
-    captured = capture(model, args, example_kwargs=kwargs)
-    gm = captured.graph_module
-    if passes:
-        gm = run_passes(gm, check_passes(passes), PassContext(captured=captured))
-    return dataclasses.replace(plan, graph_fingerprint=graph_fingerprint(gm))
-
-
-def _resize_batch(values: Any, batch: int, size: int) -> Any:
-    """Rows ``0, 1, …, size − 1`` (mod ``batch``) of every tensor whose first dimension is ``batch``."""
-    def resize(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-            rows = torch.arange(size, device=value.device) % batch
-            return value.index_select(0, rows)
-        return value
-
-    return tree_map(resize, values)
+    gm = program.graph_module
+    context = PlanContext(model=program.captured.model_name, graph_fingerprint=program.fingerprint,
+                          cluster=spec, global_batch_size=global_batch_size, seq_len=program.seq_len,
+                          num_layers=len(program.captured.layers),
+                          shardings=_shardings(gm, spec, program.profile.dtype, program.example_tokens))
+    result = search(program.profile, context, fix=pins, options=options, time_limit_s=time_limit_s,
+                    progress=progress, memory_profile=program.memory_profile)
+    return dataclasses.replace(result, plan=dataclasses.replace(result.plan, passes=program.applied))
 
 
 def _shardings(gm: fx.GraphModule, cluster: ClusterSpec, dtype: str, example_tokens: int) -> Any:
@@ -190,17 +141,6 @@ def _example_batch(gm: fx.GraphModule) -> int:
     return 1
 
 
-def _json_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A pass's config with values a Plan can store (tuples for sequences, repr otherwise)."""
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, (list, tuple)):
-            value = tuple(value)
-        ok = isinstance(value, (str, int, bool, float, type(None), tuple))
-        out[key] = value if ok else repr(value)
-    return out
-
-
 def plan_passes(plan: Plan) -> list[GraphPass]:
     """The graph passes ``plan.passes`` records (``AppliedPass`` name and config), rebuilt as the
     pass objects that made them, in order."""
@@ -217,36 +157,26 @@ def plan_passes(plan: Plan) -> list[GraphPass]:
     return check_passes(passes)
 
 
-def estimate(plan: Plan, model: nn.Module | ModelProfile | Captured, example_inputs: Any = None, *,
+def estimate(plan: Plan, model: nn.Module | ModelProfile | Program, example_inputs: Any = None, *,
              options: CostOptions | None = None, passes: Sequence[GraphPass] | None = None,
              example_kwargs: dict[str, Any] | None = None) -> Predicted:
-    """Recompute a Plan's predictions for a model (a module with example inputs, a
-    capture, or a ``ModelProfile``).
+    """Recompute a Plan's predictions for a model: a module with example inputs, a lowered
+    ``Program``, or a ``ModelProfile``.
 
-    A module is captured and then transformed by ``passes``, by default the passes the plan
-    records (``plan.passes``, :func:`plan_passes`), as :func:`plan` did: an MoE plan is
+    A module is lowered (:func:`autopar.lower.lower`) with ``passes``, by default the passes the
+    plan records (``plan.passes``, :func:`plan_passes`), as :func:`plan` did: an MoE plan is
     re-estimated with its MoE layers, a random-LTD plan with its kept fractions (time at the
-    schedule's average, peak memory at full length, as :func:`plan` estimates). A ``Captured`` or
-    a ``ModelProfile`` is used as given (run the passes on the capture first)."""
+    schedule's average, peak memory at full length). A Program is priced as it is; a profile
+    prices time and memory alike. Every path ends in :func:`autopar.lower.predict`."""
     if isinstance(model, ModelProfile):
-        profile = model
-    elif isinstance(model, Captured):
-        profile = profile_of(model, plan.cluster_spec())
-    elif isinstance(model, nn.Module):
+        return estimate_predicted(plan, model, options=options)
+    if isinstance(model, nn.Module):
         if example_inputs is None:
             raise ValueError("estimate(plan, model) needs example_inputs to capture the model")
-        captured = capture(model, normalize_inputs(example_inputs), example_kwargs=dict(example_kwargs or {}))
         chosen = plan_passes(plan) if passes is None else check_passes(passes)
-        gm = run_passes(captured.graph_module, chosen, PassContext(captured=captured)) if chosen else None
-        full = profile_of(captured, plan.cluster_spec())
-        kept = kept_fractions(gm) if gm is not None else None
-        if kept:
-            predicted = estimate_predicted(plan, ltd_profile(full, kept), options=options)
-            options = options or CostOptions()  # memory at full length, as the search checks it
-            peak = peak_memory_bytes(plan, full, sequence_parallel=options.sequence_parallel)
-            return dataclasses.replace(predicted, peak_memory_bytes=peak)
-        profile = full
-    else:
-        raise TypeError("estimate needs an nn.Module (with example_inputs), a Captured or a "
+        model = lower(model, example_inputs, example_kwargs=example_kwargs, passes=chosen,
+                      cluster=plan.cluster_spec())
+    if not isinstance(model, Program):
+        raise TypeError("estimate needs an nn.Module (with example_inputs), an autopar.lower.Program or a "
                         f"ModelProfile, got {type(model).__name__}")
-    return estimate_predicted(plan, profile, options=options)
+    return predict(plan, model, options=options)

@@ -1,8 +1,8 @@
-"""``autopar.transform``: capture a model and run graph passes on it.
+"""``autopar.transform``: a model's graph after graph passes.
 
-Data flow: model + example inputs → ``autopar.capture`` → ``autopar.passes.run_passes``
-→ the transformed, runnable ``fx.GraphModule`` (shared by every pass issue; also what
-``autopar.compile(..., passes=[...])`` and ``autopar.plan(..., passes=[...])`` build on).
+Data flow: model + example inputs → ``autopar.lower`` (capture, passes once) → the Program's
+transformed, runnable ``fx.GraphModule`` (what ``autopar.compile(..., passes=[...])`` and
+``autopar.plan(..., passes=[...])`` build on too).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import fx, nn
 
-from autopar.capture import capture
-from autopar.passes import GraphPass, PassContext, run_passes
+from autopar.lower import lower
+from autopar.passes import GraphPass
 
 
 def transform(
@@ -26,6 +26,5 @@ def transform(
     disabled: Sequence[str] = (),
 ) -> fx.GraphModule:
     """The captured graph of ``model`` after ``passes`` (in order)."""
-    captured = capture(model, example_inputs, example_kwargs=example_kwargs)
-    ctx = PassContext(captured=captured, step=step, disabled=frozenset(disabled))
-    return run_passes(captured.graph_module, list(passes), ctx)
+    return lower(model, example_inputs, passes=passes, example_kwargs=example_kwargs, step=step,
+                 disabled=disabled).graph_module

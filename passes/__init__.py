@@ -10,9 +10,17 @@ attention each add their pass here.
 from autopar.passes.fused_attention import FusedAttention
 from autopar.passes.moe import MoE
 from autopar.passes.random_ltd import RandomLTD
-from autopar.passes.runner import GraphPass, PassContext, PassError, check_passes, run_passes
+from autopar.passes.runner import (
+    GraphPass,
+    PassContext,
+    PassError,
+    PricedPass,
+    check_passes,
+    run_passes,
+    time_profile,
+)
 
 __all__ = [
-    "FusedAttention", "GraphPass", "MoE", "PassContext", "PassError", "RandomLTD", "check_passes",
-    "run_passes",
+    "FusedAttention", "GraphPass", "MoE", "PassContext", "PassError", "PricedPass", "RandomLTD",
+    "check_passes", "run_passes", "time_profile",
 ]

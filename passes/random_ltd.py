@@ -20,7 +20,6 @@ running it on fake tensors at two kept lengths.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import operator
 from collections.abc import Iterator
@@ -33,7 +32,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from autopar.capture.record import META_KEY, NodeRecord
-from autopar.cost_models.profile import LayerProfile, ModelProfile
+from autopar.cost_models.profile import ModelProfile
+from autopar.cost_models.token_dropping import ltd_profile
 from autopar.passes.ltd_schedule import (
     RandomLTDRuntime,
     kept_tokens,
@@ -91,6 +91,12 @@ class RandomLTD:
 
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         return random_ltd_pass(gm, ctx, config=self)
+
+    def time_profile(self, profile: ModelProfile, gm: fx.GraphModule) -> ModelProfile:
+        """The profile to price time with: each dropping layer at the schedule's average kept
+        fraction (``cost_models.token_dropping``); memory stays priced at full length."""
+        kept = kept_fractions(gm)
+        return ltd_profile(profile, kept) if kept else profile
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -464,34 +470,3 @@ def _untouched(gm: fx.GraphModule, tensors: list[torch.Tensor], fake: bool) -> I
         finally:
             for buffer, copy in saved:
                 buffer.copy_(copy)
-
-
-def ltd_profile(profile: ModelProfile, kept: dict[int, float]) -> ModelProfile:
-    """``profile`` with layer ℓ keeping the fraction ``kept[ℓ]`` = r of its tokens.
-
-    A transformer layer's attention-score FLOPs (``4s²h`` forward, twice that backward) scale by
-    r², the rest (linear in tokens) by r; its ``seq_len`` becomes round(r·s), so the compute and
-    memory models see the shorter sequence. A layer of unknown shape scales by r throughout.
-    The gather/scatter copies are not modelled (memory-bound, ``O(b s h)`` per layer).
-    """
-    layers = list(profile.layers)
-    for index, fraction in kept.items():
-        if type(index) is not int or not 0 <= index < len(layers):
-            raise ValueError(f"kept names layer {index!r}, but the profile has {len(layers)} layers: "
-                             f"expected indices in [0, {len(layers)})")
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise ValueError(f"kept[{index}] = {fraction!r} is invalid: expected a fraction in (0, 1]")
-        layers[index] = _scaled_layer(layers[index], float(fraction))
-    return dataclasses.replace(profile, layers=tuple(layers))
-
-
-def _scaled_layer(layer: LayerProfile, r: float) -> LayerProfile:
-    if not layer.is_transformer:
-        return dataclasses.replace(layer, flops_fwd=layer.flops_fwd * r, flops_bwd=layer.flops_bwd * r,
-                                   activation_bytes=layer.activation_bytes * r)
-    s, h = layer.seq_len, layer.hidden_size
-    attention = 4 * s * s * h  # type: ignore[operator]
-    fwd = r * (layer.flops_fwd - attention) + r * r * attention
-    bwd = r * (layer.flops_bwd - 2 * attention) + r * r * 2 * attention
-    return dataclasses.replace(layer, flops_fwd=fwd, flops_bwd=bwd, seq_len=max(1, round(r * s)),  # type: ignore[operator]
-                               activation_bytes=layer.activation_bytes * r)

@@ -30,6 +30,24 @@ class GraphPass(Protocol):
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule: ...
 
 
+@runtime_checkable
+class PricedPass(Protocol):
+    """A pass that changes what a step costs beyond what the transformed graph's annotations say
+    (random-LTD: layers run on a fraction of their tokens on average over its schedule).
+    ``autopar.lower`` calls ``time_profile`` once, after the passes ran, to get the profile the
+    planner prices time with; memory is priced on the unchanged profile."""
+
+    def time_profile(self, profile: Any, gm: fx.GraphModule) -> Any: ...
+
+
+def time_profile(profile: Any, gm: fx.GraphModule, passes: Iterable[GraphPass]) -> Any:
+    """``profile`` as the passes that ran on ``gm`` change the time of a step (in pass order)."""
+    for graph_pass in passes:
+        if isinstance(graph_pass, PricedPass):
+            profile = graph_pass.time_profile(profile, gm)
+    return profile
+
+
 @dataclass
 class PassContext:
     """What passes may read (the capture) and write (records of what they did).

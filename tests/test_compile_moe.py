@@ -99,7 +99,7 @@ def test_every_capture_runs_the_trained_layers():
         out = compiled(inputs)  # a new capture (eval mode); the pass upcycled fresh copies in it
         expected = train_gm(inputs)  # the first capture, its (shared) layers now in eval mode
         fresh = autopar.transform(copy.deepcopy(model), inputs, passes=[NO_DROP]).eval()(inputs)
-    assert len(compiled._graphs) == 2
+    assert compiled.num_lowered == 2
     eval_gm = compiled.captured.graph_module
     assert eval_gm.get_submodule("blocks.1.mlp.moe") is compiled.moe["1"]
     assert torch.equal(out, expected)

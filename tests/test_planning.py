@@ -39,9 +39,9 @@ def test_estimate_recomputes_the_prediction(gpt3):
                         fix={"tp": 8, "pp": 8, "microbatch_size": 1})
     again = autopar.estimate(plan, model, inputs)
     assert again == plan.predicted
-    captured = autopar.capture(model, inputs)
-    assert autopar.estimate(plan, captured) == plan.predicted
-    profile = ModelProfile.from_captured(captured, batch_size=1, dtype="bf16")  # GPU plans: bf16
+    program = autopar.lower(model, inputs, cluster=plan.cluster_spec())
+    assert autopar.estimate(plan, program) == plan.predicted
+    profile = ModelProfile.from_captured(program.captured, batch_size=1, dtype="bf16")  # GPU plans: bf16
     assert autopar.estimate(plan, profile) == plan.predicted
 
 

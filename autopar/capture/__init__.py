@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from autopar.capture.annotate import annotate
+from autopar.capture.batch import normalize_inputs
 from autopar.capture.captured import Captured
 from autopar.capture.errors import CaptureError, blame, capture_error
 from autopar.capture.export import trace_export
@@ -35,18 +36,6 @@ __all__ = [
     "FRONTENDS", "META_KEY", "AutoparTracer", "CaptureError", "Captured", "LayerInfo",
     "NodeRecord", "capture", "normalize_inputs",
 ]
-
-
-def normalize_inputs(example_inputs: Any) -> tuple[Any, ...]:
-    """A tensor becomes a 1-tuple; a tuple/list is the positional arguments."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(
-        f"example_inputs must be a tensor or a tuple of forward's positional arguments, got "
-        f"{type(example_inputs).__name__}; pass keyword arguments through example_kwargs={{...}}"
-    )
 
 
 def capture(

@@ -12,8 +12,8 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
+from autopar import fmt
 from autopar.capture import Captured, capture
-from autopar.cli import fmt
 from autopar.model_source import resolve
 
 

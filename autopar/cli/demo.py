@@ -5,7 +5,7 @@ The main job of the README's Quick start. Data flow: zoo GPT (4 layers) →
 :func:`autopar.cli.run_cmd.run_ranks` spawns → ``Compiled.step`` on a fixed batch,
 rank 0 printing each step's loss beside a single-process reference (a deepcopy of
 the model trained with plain PyTorch in rank 0) → the measured report
-(``autopar.runtime.report``). Nothing is planned yet: the plan is pinned. With graph-pass
+(``autopar.report``). Nothing is planned yet: the plan is pinned. With graph-pass
 options (``--random-ltd ...``, ``--moe ...``) both runs use the pass: the reference trains
 ``autopar.transform``'s graph with the schedule at each step's number, its loss plus the MoE
 layers' auxiliary losses.
@@ -102,7 +102,7 @@ def _moe_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
 def demo_rank(rank: int, world: int, steps: int, batch: int, seed: int, fix: dict[str, Any],
               no_color: bool, passes: Sequence[GraphPass] = ()) -> None:
     """One rank of the demo; rank 0 also trains the single-process reference and prints."""
-    from autopar.runtime.report import report  # the runtime is slow to import; the ranks need it
+    from autopar.report import report  # the runtime is slow to import; the ranks need it
 
     console = Console(no_color=no_color, highlight=False)
     torch.manual_seed(seed)

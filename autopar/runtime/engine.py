@@ -41,6 +41,7 @@ from autopar.plans import Plan
 from autopar.runtime.data_parallel import apply_data_parallel
 from autopar.runtime.expert_parallel import ExpertGroups, apply_expert_parallel
 from autopar.runtime.layout import Layout
+from autopar.runtime.measure import StepReport, measure_engine_step
 from autopar.runtime.pass_state import PassStates
 from autopar.runtime.pipeline import make_schedule, make_stage
 from autopar.runtime.recompute import apply_recompute
@@ -64,7 +65,10 @@ class _GlobalMeanCrossEntropy:
 
 
 class Engine:
-    """This rank's share of a Plan: stages, schedule, optimizer, tied-weight groups."""
+    """This rank's share of a Plan: stages, schedule, optimizer, tied-weight groups (an
+    ``autopar.runtime.executor.Executor``)."""
+
+    distributed = True
 
     def __init__(self, captured: Captured, plan: Plan, *, loss_fn: Callable[[Any, Any], torch.Tensor],
                  optimizer: OptimizerFactory, device: torch.device | None = None,
@@ -121,6 +125,24 @@ class Engine:
             for name, param in module.named_parameters():
                 seen.setdefault(names[name], param)
         return list(seen.items())
+
+    def parameter_copies(self) -> dict[str, list[torch.Tensor]]:
+        """Original name → this rank's copies of that parameter (several when a tied weight's
+        stages share this rank)."""
+        copies: dict[str, list[torch.Tensor]] = {}
+        for names, module in zip(self.fqns, self.modules, strict=True):
+            for name, param in module.named_parameters():
+                copies.setdefault(names[name], []).append(param)
+        return copies
+
+    def all_parameter_names(self) -> set[str]:
+        """Every parameter of the whole model (all ranks' together)."""
+        return {fqn for fqn, _ in self.captured.graph_module.named_parameters()}
+
+    def measure_step(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *,
+                     step: int = 0) -> StepReport:
+        """:meth:`step` under the profiler (it trains), each local stage's compute labelled."""
+        return measure_engine_step(self, args, kwargs, targets, step=step)
 
     def moe_layers(self) -> list[MoELayer]:
         """This rank's MoE layers as its stages run them (their ``stats`` are this rank's last

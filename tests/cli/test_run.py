@@ -12,7 +12,8 @@ from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.plans.pinned import plan_from_fix
 from autopar.plans.schema import Predicted
-from autopar.runtime.report import COLUMNS, STEP_LABEL, StepReport, _from_events, format_report
+from autopar.report import COLUMNS, format_report
+from autopar.runtime.measure import STEP_LABEL, StepReport, _from_events
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
@@ -22,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
 
     import autopar
-    from autopar.runtime.report import report
+    from autopar.report import report
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     print(f"hello from rank {rank}", flush=True)

@@ -25,9 +25,9 @@ from autopar.cost_models import (
 from autopar.cost_models.comm import Group, dp_sync_time_s
 from autopar.cost_models.moe import expert_matmuls
 from autopar.cost_models.stages import expert_groups
+from autopar.lower import profile_of
 from autopar.models import get_config
 from autopar.passes import MoE, PassContext, run_passes
-from autopar.planning import profile_of
 from autopar.plans.pinned import plan_from_fix
 
 SHAPE = dict(num_layers=4, hidden_size=1024, num_heads=16, seq_len=512, vocab_size=8192)

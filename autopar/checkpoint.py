@@ -1,8 +1,9 @@
 """Sharded checkpoints of a compiled model that any other Plan can load.
 
-Data flow: Plan → runtime (``Engine``: this rank's stage modules, parameters
-possibly DTensors sharded by FSDP2 or tensor parallelism) → :func:`state_dict`
-names every tensor by the ORIGINAL model's parameter FQN → ``torch.distributed.
+Data flow: ``Compiled`` → its executor (``autopar.runtime.executor.Executor``: on several
+devices this rank's stage modules, parameters possibly DTensors sharded by FSDP2 or tensor
+parallelism; on one device the whole model) → :func:`state_dict` names every tensor by the
+ORIGINAL model's parameter FQN (``Executor.parameter_copies``) → ``torch.distributed.
 checkpoint`` (DCP) writes each rank's shards into one directory → :func:`load`
 under any Plan and world size: DCP reads, for each rank, the slices its own
 (DTensor or plain) tensors hold. Single-device runs use the same format with no
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
 
     from autopar.compile import Compiled
+    from autopar.runtime.executor import Executor
 
 
 def _dcp() -> Any:
@@ -114,10 +116,11 @@ def load(compiled: Compiled, path: str | os.PathLike[str], *,
     """Restore a checkpoint saved under any Plan; returns its ``extra`` tensors.
 
     A multi-device ``compiled`` builds its engine at the first ``step``; call ``load``
-    after that, or pass ``example_inputs`` (the inputs of a ``step``) to build it now.
+    after that, or pass ``example_inputs`` (the inputs of a ``step``) to build it now
+    (``compiled.prepare``).
     """
     path = os.fspath(path).rstrip("/")
-    _ensure_engine(compiled, example_inputs)
+    _ensure_ready(compiled, example_inputs)
     optimizer = _optimizer(compiled)
     created = _init_optimizer_state(optimizer)
     try:
@@ -165,61 +168,38 @@ def _saved_pass_state(metadata: Metadata) -> dict[str, dict[str, torch.Tensor]]:
     return passes
 
 
+def _executor(compiled: Compiled) -> Executor:
+    try:
+        return compiled.executor
+    except RuntimeError:
+        raise ValueError("nothing to checkpoint yet: a multi-device model has no engine before its first "
+                         "compiled.step(...); save after a step, or call compiled.prepare(inputs)") from None
+
+
 def _optimizer(compiled: Compiled) -> torch.optim.Optimizer:
-    return compiled.engine.optimizer if compiled.distributed else compiled.optimizer
+    return _executor(compiled).optimizer
 
 
 def _parameters(compiled: Compiled) -> dict[str, list[torch.Tensor]]:
     """FQN → this rank's copies of that parameter (several when a tied weight's stages share a rank)."""
-    if not compiled.distributed:
-        return {fqn: [p] for fqn, p in compiled.named_model_parameters()}
-    try:
-        engine = compiled.engine
-    except RuntimeError:
-        raise ValueError("nothing to checkpoint yet: a multi-device model has no engine before its "
-                         "first compiled.step(...); save after a step") from None
-    copies: dict[str, list[torch.Tensor]] = {}
-    for names, module in zip(engine.fqns, engine.modules, strict=True):
-        for name, param in module.named_parameters():
-            copies.setdefault(names[name], []).append(param)
-    return copies
+    return _executor(compiled).parameter_copies()
 
 
 def _all_fqns(compiled: Compiled) -> set[str]:
     """Every parameter of the whole model (all ranks' together)."""
-    if not compiled.distributed:
-        return {fqn for fqn, _ in compiled.named_model_parameters()}
-    return {fqn for fqn, _ in compiled.engine.captured.graph_module.named_parameters()}
+    return _executor(compiled).all_parameter_names()
 
 
-def _ensure_engine(compiled: Compiled, example_inputs: Any) -> None:
-    if not compiled.distributed:
-        _ensure_pass_parameters(compiled, example_inputs)
-        return
-    if compiled._engine is not None:
+def _ensure_ready(compiled: Compiled, example_inputs: Any) -> None:
+    """Make the executor and every parameter exist (``compiled.prepare``) before loading into them."""
+    if compiled.ready:
         return
     if example_inputs is None:
-        raise ValueError("cannot load into a multi-device model before its engine exists: call "
-                         "autopar.load(compiled, path) after the first compiled.step(inputs, targets), or "
-                         "pass example_inputs=inputs (what step would get) to build it now")
-    from autopar.compile import _split_inputs
-
-    compiled._engine = compiled._build_engine(*_split_inputs(example_inputs))
-
-
-def _ensure_pass_parameters(compiled: Compiled, example_inputs: Any) -> None:
-    """One device: parameters a pass creates (MoE experts and routers) exist after the first
-    capture only; capture now so the checkpoint's entries have somewhere to go."""
-    if not any(p.name == "moe" for p in compiled.passes) or compiled._graphs:
-        return
-    if example_inputs is None:
-        raise ValueError("cannot load into a model compiled with the MoE pass before its first capture: "
-                         "the experts do not exist yet; call autopar.load(compiled, path) after a "
-                         "compiled.step(...) or forward, or pass example_inputs=inputs")
-    from autopar.compile import _split_inputs
-
-    args, kwargs = _split_inputs(example_inputs)
-    compiled.captured_for(*args, **kwargs)
+        raise ValueError("cannot load yet: the model's runtime (several devices) or the parameters its "
+                         "passes create (MoE experts) do not exist yet; call autopar.load(compiled, path) "
+                         "after the first compiled.step(inputs, targets) (or a forward, on one device), or "
+                         "pass example_inputs=inputs (what step would get)")
+    compiled.prepare(example_inputs)
 
 
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -403,4 +383,4 @@ def _quiet() -> Iterator[None]:
 
 
 def _device(compiled: Compiled) -> torch.device:
-    return compiled.engine.device if compiled.distributed else torch.device("cpu")
+    return _executor(compiled).device

@@ -1,0 +1,92 @@
+"""Start the distributed executor of a compiled model: take or search the Plan, lower the runtime's
+microbatch, build the :class:`~autopar.runtime.engine.Engine`.
+
+Data flow: ``Compiled``'s first multi-device step (or ``compiled.prepare(inputs)``) →
+:func:`start_engine` → without ``plan=``, rank 0 searches a Plan on the Program of the example
+batch (``autopar.planning.search_program``) and sends it to every rank as JSON bytes (no pickling),
+so all ranks run the same Plan even if the search hit its time limit → every rank lowers the
+plan's microbatch (the same Program on rank 0 when the microbatch is the whole batch: at most two
+captures per rank) → a plan without predictions is priced on it (``autopar.lower.predict``) → the
+Engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from autopar.capture.batch import leading_dims, resize_batch
+from autopar.cluster import ClusterSpec
+from autopar.config import Fix
+from autopar.lower import predicted_plan
+from autopar.plans import Plan, check_fingerprint
+from autopar.programs import Programs
+
+if TYPE_CHECKING:
+    from autopar.runtime.engine import Engine
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineRequest:
+    """What the compiled model asks for: its pins or its Plan, and how to train."""
+
+    cluster: ClusterSpec
+    fix: Fix
+    plan: Plan | None
+    time_limit_s: float
+    loss_fn: Callable[[Any, Any], torch.Tensor]
+    optimizer: Callable[..., torch.optim.Optimizer]
+
+
+def start_engine(programs: Programs, request: EngineRequest, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 *, step: int) -> Engine:
+    """The Engine for a global batch shaped like ``(args, kwargs)`` (collective: every rank)."""
+    from autopar.runtime.engine import Engine  # torch.distributed.pipelining is slow to import
+
+    batch, _ = leading_dims(args, kwargs)
+    plan = request.plan if request.plan is not None else _searched_plan(programs, request, args, kwargs,
+                                                                          batch, step=step)
+    if plan.global_batch_size != batch:
+        raise ValueError(f"the plan is for a global batch of {plan.global_batch_size}, but step() got "
+                         f"{batch}; pass batches of the plan's size, or plan for this one")
+    micro_args, micro_kwargs = resize_batch((args, kwargs), plan.schedule.microbatch_size)
+    program = programs.get(micro_args, micro_kwargs, training=True, step=step)
+    if request.plan is None:
+        plan = dataclasses.replace(plan, graph_fingerprint=program.fingerprint)
+    else:
+        check_fingerprint(plan, program.fingerprint)
+    if plan.predicted.step_time_s is None:
+        plan = predicted_plan(plan, program)
+    return Engine(program.captured, plan, loss_fn=request.loss_fn, optimizer=request.optimizer,
+                  passes=programs.pass_states)
+
+
+def _searched_plan(programs: Programs, request: EngineRequest, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   batch: int, *, step: int) -> Plan:
+    """The planner's Plan (pins kept, the rest searched), made on rank 0, the same on every rank."""
+    from autopar.planning import search_program
+
+    text = ""
+    if dist.get_rank() == 0:
+        program = programs.get(args, kwargs, training=True, step=step)
+        result = search_program(program, cluster=request.cluster, global_batch_size=batch, fix=request.fix,
+                                time_limit_s=request.time_limit_s)
+        text = result.plan.to_json()
+    if dist.get_world_size() > 1:
+        text = broadcast_text(text)
+    return Plan.from_json(text)
+
+
+def broadcast_text(text: str) -> str:
+    """Rank 0's ``text`` on every rank, as a length then UTF-8 bytes in tensors (no pickling)."""
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.int64)
+    dist.broadcast(size, src=0)
+    if dist.get_rank() != 0:
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.broadcast(data, src=0)
+    return bytes(data.tolist()).decode()

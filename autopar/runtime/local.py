@@ -1,0 +1,109 @@
+"""The one-device executor: runs the transformed graph of the current input signature.
+
+Data flow: ``autopar.compile`` on one device → :class:`LocalEngine` (an ``Executor``, like the
+distributed :class:`~autopar.runtime.engine.Engine`) → :meth:`LocalEngine.step`: the graph the
+compiled model lowered for these inputs (``graph_for``), ``loss_fn`` plus the MoE layers'
+auxiliary losses, backward, the optimizer step; passes with run-time state follow the step number.
+The optimizer is the one object users see as ``compiled.optimizer``: built from the factory on
+first use over the trainable parameters, and told about parameters that a later capture creates
+(MoE experts) as a new parameter group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.profiler import record_function
+
+from autopar.capture.batch import leading_dims
+from autopar.passes.moe import moe_aux_loss
+from autopar.passes.moe_layer import MoELayer
+from autopar.plans import Plan
+from autopar.runtime.measure import StepReport, measure_labelled_step, stage_label
+from autopar.runtime.pass_state import PassStates
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+LossFn = Callable[[Any, Any], torch.Tensor]
+GraphFor = Callable[[tuple[Any, ...], dict[str, Any]], fx.GraphModule]
+
+
+class LocalEngine:
+    """One device's share of training: the whole model, no collectives."""
+
+    distributed = False
+    stage_indices = (0,)
+
+    def __init__(self, *, graph_for: GraphFor, parameters: Callable[[], list[tuple[str, nn.Parameter]]],
+                 loss_fn: LossFn, optimizer: OptimizerFactory, passes: PassStates,
+                 plan: Callable[[], Plan], moe: Callable[[], dict[int, MoELayer]],
+                 device: torch.device | None = None) -> None:
+        self._graph_for, self._parameters, self._plan = graph_for, parameters, plan
+        self._moe = moe
+        self.loss_fn, self._factory, self.passes = loss_fn, optimizer, passes
+        self.device = device or torch.device("cpu")
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def plan(self) -> Plan:
+        """The single-device Plan of the latest capture, with the cost model's predictions."""
+        return self._plan()
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer every step uses (built on first use over the parameters known then)."""
+        if self._optimizer is None:
+            self._optimizer = self._factory([p for _, p in self._parameters()])
+        return self._optimizer
+
+    @property
+    def started(self) -> bool:
+        """Whether the optimizer exists (a step ran, or a caller asked for it)."""
+        return self._optimizer is not None
+
+    def add_parameters(self, params: Iterable[nn.Parameter]) -> None:
+        """Parameters created after the optimizer (a later capture's MoE layers): a new group."""
+        if self._optimizer is None:
+            return
+        known = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
+        new = [p for p in params if id(p) not in known]
+        if new:
+            self._optimizer.add_param_group({"params": new})
+
+    def step(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *, step: int = 0) -> float:
+        """One training step on this batch; returns the loss (``loss_fn`` + MoE auxiliary losses)."""
+        gm = self._graph_for(args, kwargs)
+        self.passes.begin_step(step)
+        optimizer = self.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        with record_function(stage_label("forward", 0)):
+            loss = self.loss_fn(gm(*args, **kwargs), targets)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError(f"loss_fn must return a scalar tensor, got {loss!r:.80}")
+            if self._moe():
+                loss = loss + moe_aux_loss(gm)
+        with record_function(stage_label("backward", 0)):
+            loss.backward()
+        optimizer.step()
+        self.passes.end_step(gm, leading_dims(args, kwargs)[0])
+        return float(loss.detach())
+
+    def measure_step(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *,
+                     step: int = 0) -> StepReport:
+        """:meth:`step` under the profiler (it trains), summarized as stage 0 of rank 0."""
+        return measure_labelled_step(lambda: self.step(args, kwargs, targets, step=step), device=self.device)
+
+    def parameter_copies(self) -> dict[str, list[torch.Tensor]]:
+        """Parameter name → its one copy here (checkpoints name tensors this way)."""
+        return {fqn: [p] for fqn, p in self._parameters()}
+
+    def all_parameter_names(self) -> set[str]:
+        """Every parameter of the model (one device holds them all)."""
+        return {fqn for fqn, _ in self._parameters()}
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers this device runs (every one)."""
+        return [layer for _, layer in sorted(self._moe().items())]
+

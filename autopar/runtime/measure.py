@@ -1,0 +1,242 @@
+"""The measured twin of a training step: per-stage compute, communication, bubble, peak memory.
+
+Data flow: an executor (:class:`~autopar.runtime.engine.Engine` on several devices,
+:class:`~autopar.runtime.local.LocalEngine` on one) → its ``measure_step`` runs one step under
+``torch.profiler`` (:func:`measure_engine_step`, or :func:`measure_labelled_step` for a step whose
+forward and backward carry the stage-0 labels) → :class:`StepReport` for this rank →
+:func:`gather_reports` (every rank's report on every rank) → ``autopar.report``, which prints it
+beside the Plan's predictions.
+
+How each number is measured, all from one profiler trace of the step (one clock):
+
+- **forward / backward s**, per local stage: the stage's ``forward_one_chunk`` (plus
+  the loss on the last stage) and ``backward_one_chunk`` / ``backward_weight_one_chunk``
+  / ``perform_reduce_grad`` calls, labelled with ``record_function``, minus the time a
+  collective was in flight (FSDP gathers and gradient reductions run inside them).
+  The labels are timing wrappers set as *instance attributes* of the PipelineStage
+  objects (and the schedule's ``_loss_fn``) by :func:`labelled_compute`, a context
+  manager that removes them again; the classes are never patched.
+- **optimizer s**: torch's own ``Optimizer.step#…`` profiler label.
+- **comm s**: time during which a collective (all-reduce, all-gather, reduce-scatter…:
+  the backend's ``gloo:*`` / ``nccl:*`` events other than send/recv) was in flight.
+  It includes waiting for the slowest participant, as a waiting NCCL kernel does in a
+  GPU trace.
+- **bubble s** = step − compute − comm: time this rank neither computed nor had a
+  collective in flight. Pipeline send/recv waits land here on purpose: on one host
+  the transfer of an activation takes milliseconds, while the wait for the peer
+  stage to produce it is the pipeline bubble. ``p2p_wait_s`` says how much of the
+  bubble was spent blocked on point-to-point transfers.
+- **peak memory**: ``ru_maxrss`` of the process (its peak so far, not of this step
+  alone) on CPU; ``torch.cuda.max_memory_allocated`` over the step on GPU.
+
+Only host activity is traced. On GPU each labelled call ends with a device
+synchronize so compute covers the kernels, but NCCL's host events are launches, so
+comm is understated there until CUDA activity is traced too. The profiler's one-time
+start-up is paid before the measured step; it then costs a few per cent of a step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import re
+import resource
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from autopar.passes.moe_layer import MoEStats
+
+if TYPE_CHECKING:
+    from autopar.runtime.engine import Engine
+
+LABEL = "autopar::"
+STEP_LABEL = LABEL + "step"
+OPTIMIZER_PREFIX = "Optimizer.step#"
+COMM_EVENT = re.compile(r"^(gloo|nccl|ucc|mpi):")
+P2P_EVENT = re.compile(r"^(gloo|nccl|ucc|mpi):(send|recv)")
+STAGE_METHODS = {"forward_one_chunk": "forward", "backward_one_chunk": "backward",
+                 "backward_weight_one_chunk": "backward", "perform_reduce_grad": "backward"}
+Interval = tuple[float, float]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepReport:
+    """One rank's measured step; times in seconds, per local stage in ``stages`` order."""
+
+    rank: int
+    stages: tuple[int, ...]
+    forward_s: tuple[float, ...]
+    backward_s: tuple[float, ...]
+    optimizer_s: float
+    comm_s: float
+    bubble_s: float
+    p2p_wait_s: float
+    step_s: float
+    loss: float
+    peak_memory_bytes: int
+    memory_kind: Literal["rss", "cuda_allocated"]
+    moe: tuple[tuple[int, MoEStats], ...] = ()  # (MoE layer, its load in the step) on this rank
+
+    @property
+    def compute_s(self) -> float:
+        return sum(self.forward_s) + sum(self.backward_s) + self.optimizer_s
+
+
+def _stages(engine: Engine) -> list[Any]:
+    schedule = engine.schedule
+    stages = getattr(schedule, "_stages", None) or [schedule._stage]  # torch's schedule attributes
+    return list(stages)
+
+
+def _labelled(fn: Callable[..., Any], label: str, sync: bool) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with record_function(label):
+            result = fn(*args, **kwargs)
+            if sync:  # a GPU call only launches work; the label must cover its execution
+                torch.cuda.synchronize()
+            return result
+
+    return call
+
+
+@contextlib.contextmanager
+def labelled_compute(engine: Engine) -> Iterator[None]:
+    """Label each local stage's compute calls and the loss with ``record_function``.
+
+    The wrappers are instance attributes of the PipelineStage objects and of the
+    schedule, removed on exit (the class methods show through again).
+    """
+    sync = engine.device.type == "cuda"
+    patched: list[tuple[Any, str]] = []
+    schedule = engine.schedule
+    loss_fn = schedule._loss_fn  # an instance attribute already; restored below
+    try:
+        for stage in _stages(engine):
+            for method, kind in STAGE_METHODS.items():
+                assert method not in vars(stage), f"{method} is already wrapped on stage {stage.stage_index}"
+                label = stage_label(kind, stage.stage_index)
+                setattr(stage, method, _labelled(getattr(stage, method), label, sync))
+                patched.append((stage, method))
+        if loss_fn is not None:
+            schedule._loss_fn = _labelled(loss_fn, stage_label("forward", engine.num_stages - 1), sync)
+        yield
+    finally:
+        for stage, method in patched:
+            delattr(stage, method)
+        schedule._loss_fn = loss_fn
+
+
+_PROFILER_READY = False
+
+
+def _warm_profiler() -> None:
+    """Pay kineto's one-time start-up outside the measured step, and keep it quiet."""
+    global _PROFILER_READY
+    if not _PROFILER_READY:
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # level 6 drops kineto's "USDT" stderr lines
+        with profile(activities=[ProfilerActivity.CPU]):
+            torch.zeros(1).add_(1)
+        _PROFILER_READY = True
+
+
+def _union(intervals: Iterable[Interval]) -> list[Interval]:
+    merged: list[Interval] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _length(intervals: Iterable[Interval]) -> float:
+    return sum(end - start for start, end in _union(intervals))
+
+
+def _outside(intervals: list[Interval], exclude: list[Interval]) -> float:
+    """Length of the union of ``intervals`` not covered by ``exclude``."""
+    return _length(intervals + exclude) - _length(exclude)
+
+
+def _clip(intervals: Iterable[Interval], window: Interval) -> list[Interval]:
+    return [(max(s, window[0]), min(e, window[1])) for s, e in intervals if e > window[0] and s < window[1]]
+
+
+def _peak_memory(device: torch.device) -> tuple[int, Literal["rss", "cuda_allocated"]]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "rss"  # Linux reports KiB
+
+
+def measure_engine_step(engine: Engine, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *,
+                        step: int = 0) -> StepReport:
+    """Run one pipelined training step number ``step`` (it updates the model) and measure it on
+    this rank, each local stage's compute labelled (:func:`labelled_compute`)."""
+    with labelled_compute(engine):
+        return measure_labelled_step(lambda: engine.step(args, kwargs, targets, step=step),
+                                     device=engine.device, rank=dist.get_rank(),
+                                     stages=tuple(engine.stage_indices))
+
+
+def measure_labelled_step(run: Callable[[], float], *, device: torch.device, rank: int = 0,
+                          stages: tuple[int, ...] = (0,)) -> StepReport:
+    """Profile ``run()`` (one training step returning its loss), whose compute carries the labels
+    ``autopar::forward::<stage>`` / ``autopar::backward::<stage>``, and summarize it."""
+    _warm_profiler()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function(STEP_LABEL):
+            loss = run()
+    events = [(e.name, (e.time_range.start / 1e6, e.time_range.end / 1e6)) for e in prof.events()]
+    peak, kind = _peak_memory(device)
+    return _from_events(events, rank=rank, stages=stages, loss=loss, peak_memory_bytes=peak, memory_kind=kind)
+
+
+def stage_label(kind: str, stage: int) -> str:
+    """The profiler label of a stage's forward or backward compute (what :func:`_from_events` reads)."""
+    return f"{LABEL}{kind}::{stage}"
+
+
+def _from_events(events: list[tuple[str, Interval]], *, rank: int, stages: tuple[int, ...], loss: float,
+                 peak_memory_bytes: int, memory_kind: Literal["rss", "cuda_allocated"]) -> StepReport:
+    """Turn the step's profiler events (name, (start s, end s)) into a StepReport."""
+    window = next(span for name, span in events if name == STEP_LABEL)
+
+    def spans(match: Callable[[str], bool]) -> list[Interval]:
+        return _clip((span for name, span in events if match(name)), window)
+
+    comm = _union(spans(lambda n: bool(COMM_EVENT.match(n)) and not P2P_EVENT.match(n)))
+    work = {(kind, stage): spans(lambda n, k=kind, s=stage: n == f"{LABEL}{k}::{s}")
+            for kind in ("forward", "backward") for stage in stages}
+    optimizer = spans(lambda n: n.startswith(OPTIMIZER_PREFIX))
+    busy = _union([span for group in work.values() for span in group] + optimizer + comm)
+    step_s = window[1] - window[0]
+    return StepReport(
+        rank=rank, stages=stages,
+        forward_s=tuple(_outside(work["forward", s], comm) for s in stages),
+        backward_s=tuple(_outside(work["backward", s], comm) for s in stages),
+        optimizer_s=_outside(optimizer, comm), comm_s=_length(comm),
+        bubble_s=max(step_s - _length(busy), 0.0),
+        p2p_wait_s=_outside(spans(lambda n: bool(P2P_EVENT.match(n))), busy),
+        step_s=step_s, loss=loss, peak_memory_bytes=peak_memory_bytes, memory_kind=memory_kind,
+    )
+
+
+def gather_reports(mine: StepReport) -> list[StepReport]:
+    """Every rank's report, in rank order, on every rank (a collective: call on all ranks; without a
+    process group, ``[mine]``)."""
+    if not dist.is_initialized():
+        return [mine]
+    reports: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, mine)  # inter-process transport only, never persisted
+    return sorted(reports, key=lambda r: r.rank)
