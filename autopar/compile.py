@@ -37,6 +37,7 @@ from autopar.passes.moe_layer import MoEStats
 from autopar.plans import Plan
 from autopar.programs import Programs
 from autopar.runtime.executor import Executor
+from autopar.runtime.launch import init_from_env, launched_by_torchrun
 from autopar.runtime.local import LocalEngine
 from autopar.runtime.measure import StepReport
 from autopar.runtime.pass_state import PassStates, pass_state_tensors, resolve_passes, split_pass_state
@@ -352,15 +353,20 @@ class Compiled(nn.Module):
 
 
 def _check_process_group(cluster: ClusterSpec, fix: Fix, plan: Plan | None) -> bool:
-    """Whether the run is distributed; the process group must match the cluster."""
+    """Whether the run is distributed; the process group must match the cluster. A process that a
+    launcher started (``torchrun``: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set)
+    joins its group here when the script did not call ``init_process_group`` itself."""
+    if launched_by_torchrun() and not dist.is_initialized():
+        init_from_env()
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     wanted = plan.world_size if plan is not None else cluster.num_devices
     if wanted != world:
-        how = (f"`autopar run script.py --nproc {wanted}`" if cluster.local
-               else f"torchrun with {wanted} processes in all")
+        how = (f"`autopar run script.py --nproc {wanted}`, or `torchrun --nproc-per-node {wanted} script.py`"
+               if cluster.local else f"torchrun with {wanted} processes in all")
         raise ValueError(
             f"cluster {cluster.text!r} has {cluster.num_devices} devices (plan: {wanted}) but this "
-            f"process group has {world}; launch with {how}, or compile for cluster='local:{world}'"
+            f"process group has {world}; launch with {how} (a script that starts its processes itself calls "
+            f"torch.distributed.init_process_group first), or compile for cluster='local:{world}'"
         )
     if plan is None and wanted == 1 and fix.world_size() != 1:
         raise ValueError(f"fix={fix.pinned()} asks for dp×tp×pp = {fix.world_size()} devices "

@@ -51,11 +51,20 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any, timeout_s: float = DEF
                            join=True, start_method="spawn")
 
 
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_by_torchrun() -> bool:
+    """Whether a launcher (``torchrun``, or any that sets its variables) described a process group
+    of more than one process in the environment."""
+    return all(k in os.environ for k in LAUNCHER_ENV) and os.environ["WORLD_SIZE"] not in ("", "1")
+
+
 def init_from_env(*, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Join the process group that ``torchrun`` described in the environment."""
     if dist.is_initialized():
         return
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    missing = [k for k in LAUNCHER_ENV if k not in os.environ]
     if missing:
         raise ValueError(
             f"no process group: environment variables {missing} are not set; launch with "
