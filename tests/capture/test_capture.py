@@ -3,7 +3,6 @@
 import importlib.util
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import autopar
 from autopar.capture import META_KEY, CaptureError, NodeRecord
-
-sys.path.insert(0, str(Path(__file__).parent))
-from nanogpt import NanoGPT  # noqa: E402
+from tests.helpers.nanogpt import NanoGPT
 
 
 def gpt_layer_flops(b: int, s: int, h: int) -> int:
@@ -84,7 +81,7 @@ def test_mask_buffer_is_proxied_by_fx(nanogpt):
 
 
 def test_leaf_modules_by_class_and_path(nanogpt):
-    from nanogpt import CausalSelfAttention
+    from tests.helpers.nanogpt import CausalSelfAttention
 
     x = torch.randint(0, 128, (1, 8))
     by_class = autopar.capture(nanogpt, x, frontend="fx", leaf_modules=[CausalSelfAttention])

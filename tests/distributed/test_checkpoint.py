@@ -3,17 +3,15 @@ single-process round trip, atomic saves and the error messages (no process group
 
 import glob
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import autopar
-from autopar.runtime import checkpoint, spawn
-
-sys.path.insert(0, str(Path(__file__).parent))
-import checkpoint_workers as workers  # noqa: E402
+from autopar import checkpoint
+from autopar.runtime import spawn
+from tests.helpers.distributed import checkpoint_workers as workers
 
 # fp32 on CPU: Plan B sums the same terms in another order than Plan A.
 RTOL, ATOL = 1e-5, 1e-6

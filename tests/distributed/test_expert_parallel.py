@@ -1,17 +1,14 @@
 """Expert parallelism on real gloo processes (file:// rendezvous, short timeouts, one thread per
 rank, several cases per spawn): MoE layers with their experts split over ``ep`` ranks and
 all-to-all dispatch equal one process routing each (data-parallel shard, microbatch) group
-separately — losses of 3 steps and every parameter after them (see moe_workers)."""
+separately — losses of 3 steps and every parameter after them (see
+``tests.helpers.distributed.moe_workers``)."""
 
-import sys
-from pathlib import Path
 
 import pytest
 
 from autopar.runtime import spawn
-
-sys.path.insert(0, str(Path(__file__).parent))
-import moe_workers  # noqa: E402
+from tests.helpers.distributed import moe_workers
 
 
 def test_expert_parallel_two_ranks(tmp_path):

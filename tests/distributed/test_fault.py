@@ -12,9 +12,7 @@ import pytest
 import torch
 
 from autopar.runtime import spawn
-
-sys.path.insert(0, str(Path(__file__).parent))
-import fault_script  # noqa: E402
+from tests.helpers.distributed import fault_script
 
 STEPS, KILL_AT = 4, 2
 

@@ -2,13 +2,9 @@
 short timeouts, one thread per rank, several checks per spawn): random-LTD through
 ``autopar.compile(..., passes=[...])`` equals the single-process transformed graph."""
 
-import sys
-from pathlib import Path
 
 from autopar.runtime import spawn
-
-sys.path.insert(0, str(Path(__file__).parent))
-import pass_workers  # noqa: E402
+from tests.helpers.distributed import pass_workers
 
 
 def test_random_ltd_two_ranks(tmp_path):

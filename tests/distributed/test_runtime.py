@@ -1,15 +1,11 @@
 """Equivalence of the distributed runtime with single-process training, on real gloo
 processes (file:// rendezvous, short timeouts, one thread per rank, many checks per spawn)."""
 
-import sys
-from pathlib import Path
 
 import pytest
 
 from autopar.runtime import spawn
-
-sys.path.insert(0, str(Path(__file__).parent))
-import workers  # noqa: E402
+from tests.helpers.distributed import workers
 
 
 def test_two_rank_matrix():

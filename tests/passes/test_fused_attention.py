@@ -6,8 +6,6 @@ pre-scaled queries, 3-D bmm, nn.Dropout, grouped-query SDPA) are folded into SDP
 attention that cannot be fused is reported with its reason."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +20,7 @@ from autopar.kernels import triton_available
 from autopar.passes import FusedAttention, PassContext, RandomLTD, run_passes
 from autopar.passes.attention_patterns import find_attention
 from autopar.passes.fused_attention import fused_attention_nodes, fused_attention_record
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "capture"))
-from nanogpt import NanoGPT  # noqa: E402
+from tests.helpers.nanogpt import NanoGPT
 
 # The interpreter evaluates exp2((s − m)·log₂e) in numpy; finfo.min masks overflow to −inf there
 # (the intended zero probability) and numpy warns.

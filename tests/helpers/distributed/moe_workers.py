@@ -25,9 +25,9 @@ import autopar
 from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.losses import IGNORE_INDEX, logits_of
+from autopar.lower import with_fingerprint
 from autopar.passes import MoE
 from autopar.passes.moe import moe_aux_loss, moe_layers
-from autopar.planning import with_runtime_fingerprint
 from autopar.plans.megatron import megatron_shardings
 from autopar.plans.pinned import plan_from_fix
 from autopar.runtime.expert_parallel import AllToAllExperts
@@ -97,7 +97,7 @@ def _plan(model, inputs, world: int, fix: dict, case: Case = GPT):
     if plan.parallelism.tp > 1:  # Megatron's column/row layout for the dense layers
         gm = autopar.transform(model, inputs[:plan.schedule.microbatch_size], passes=[case.config])
         plan = dataclasses.replace(plan, shardings=megatron_shardings(gm, plan.parallelism.tp))
-    return with_runtime_fingerprint(plan, model, inputs, passes=[case.config])
+    return with_fingerprint(plan, model, inputs, passes=[case.config])
 
 
 def reference_run(model, inputs, targets, micro: int, case: Case = GPT) -> tuple[list[float], dict]:

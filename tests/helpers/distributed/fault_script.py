@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import autopar
+from autopar.checkpoint import exists
 from autopar.runtime import init_from_env
-from autopar.runtime.checkpoint import exists
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Per-rank bodies of tests/distributed, importable by module name from spawned ranks."""
