@@ -101,11 +101,21 @@ def save(compiled: Compiled, path: str | os.PathLike[str], *, extra: dict[str, A
     path = os.fspath(path).rstrip("/")
     partial = path + PARTIAL
     content = state_dict(compiled, extra=extra)
+    problems = _unwritable(path)
+    _agree(problems, path, _device(compiled), verb="save")
     if _rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)  # left by a crashed save
     _barrier()
-    with _quiet():  # returns once every rank wrote and rank 0 wrote the metadata
-        _dcp().save(content, checkpoint_id=partial)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _quiet():  # returns once every rank wrote and rank 0 wrote the metadata
+            _dcp().save(content, checkpoint_id=partial)
+    except CheckpointException as err:  # a BaseException: `except Exception` would let it through
+        failures = [str(e).strip().splitlines()[-1] for e in getattr(err, "failures", {}).values()]
+        reason = (failures or [str(err)])[0][:200]
+        raise ValueError(f"cannot save checkpoint {path}: writing failed ({reason}); choose a folder every "
+                         "rank can write, with room for the checkpoint") from None
     if _rank() == 0:
         _swap_in(partial, path)
     _barrier()
@@ -306,18 +316,31 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, torch.Te
     return items
 
 
-def _agree(problems: list[str], path: str, device: torch.device) -> None:
+def _unwritable(path: str) -> list[str]:
+    """Why this rank cannot write ``path`` (its parent folder is created if missing), or nothing."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as err:
+        return [f"cannot create its folder {parent} ({err.strerror})"]
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [f"folder {parent} is not writable"]
+    return []
+
+
+def _agree(problems: list[str], path: str, device: torch.device, *, verb: str = "load") -> None:
     """Raise on every rank if any rank found a problem (so none waits in a collective)."""
     failed = torch.tensor([len(problems)], device=device)
     if dist.is_initialized():
         dist.all_reduce(failed)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; … {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ValueError(f"cannot load checkpoint {path}: {shown}. A checkpoint loads under any Plan and "
-                         "world size, but only into the model it was saved from")
+        fix = ("choose a folder every rank can write" if verb == "save" else "A checkpoint loads under any "
+               "Plan and world size, but only into the model it was saved from")
+        raise ValueError(f"cannot {verb} checkpoint {path}: {shown}; {fix}")
     if int(failed.item()):
-        raise ValueError(f"cannot load checkpoint {path}: another rank found it does not fit this model "
-                         "(see that rank's error)")
+        raise ValueError(f"cannot {verb} checkpoint {path}: another rank found a problem (see that rank's "
+                         "error)")
 
 
 def _drop_unsaved_state(target: dict[str, Any], metadata: Metadata, optimizer: torch.optim.Optimizer,

@@ -25,6 +25,7 @@ from autopar.config import Fix
 from autopar.lower import predicted_plan
 from autopar.plans import Plan, check_fingerprint
 from autopar.programs import Programs
+from autopar.runtime.split import check_stage_layers
 
 if TYPE_CHECKING:
     from autopar.runtime.engine import Engine
@@ -59,6 +60,7 @@ def start_engine(programs: Programs, request: EngineRequest, args: tuple[Any, ..
         plan = dataclasses.replace(plan, graph_fingerprint=program.fingerprint)
     else:
         check_fingerprint(plan, program.fingerprint)
+    check_stage_layers(len(program.captured.layers), [s.layers for s in plan.stages])
     if plan.predicted.step_time_s is None:
         plan = predicted_plan(plan, program)
     return Engine(program.captured, plan, loss_fn=request.loss_fn, optimizer=request.optimizer,

@@ -172,3 +172,17 @@ def test_option_errors():
         autopar.compile(int)
     with pytest.raises(TypeError, match="scalar tensor"):
         autopar.compile(model, loss_fn=lambda out, t: out).step(torch.randn(3, 2), None)
+
+
+def test_user_mistakes_give_one_clear_line(tmp_path):
+    """Issue 16 item 10: an optimizer instance, an unwritable checkpoint folder."""
+    model = nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="factory.*got an instance of SGD"):
+        autopar.compile(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    compiled = autopar.compile(model, loss_fn=lambda out, t: out.square().mean())
+    compiled.step(torch.randn(3, 2), None)
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where a folder should be
+    with pytest.raises(ValueError, match=r"cannot save checkpoint .*cannot create its folder"):
+        autopar.save(compiled, blocked / "sub" / "ckpt")
+    assert not (tmp_path / "file.partial").exists()

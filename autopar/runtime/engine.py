@@ -31,10 +31,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from autopar.capture import Captured
 from autopar.capture.annotate import flat_inputs
+from autopar.capture.record import META_KEY
 from autopar.losses import IGNORE_INDEX, cross_entropy, logits_of
 from autopar.passes.moe_layer import MoELayer
 from autopar.plans import Plan
@@ -45,7 +46,7 @@ from autopar.runtime.measure import StepReport, measure_engine_step
 from autopar.runtime.pass_state import PassStates
 from autopar.runtime.pipeline import make_schedule, make_stage
 from autopar.runtime.recompute import apply_recompute
-from autopar.runtime.split import shared_parameters, split_stages
+from autopar.runtime.split import check_stage_layers, shared_parameters, split_stages
 from autopar.runtime.tensor_parallel import TensorParallelStage, implicit_replication, shard_parameters
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -79,6 +80,7 @@ class Engine:
         self.layout = Layout.build(plan, self.device.type)
         self.constants = _constant_inputs(captured)
         _check_supported(plan)
+        check_stage_layers(len(captured.layers), [s.layers for s in plan.stages])
         _check_moe(captured, plan)
         graphs = split_stages(captured.graph_module, [s.layers for s in plan.stages], self.constants)
         tied_spec = shared_parameters(graphs)  # by identity, before wrapping replaces parameters
@@ -112,11 +114,17 @@ class Engine:
         if self.exact:
             self.loss: Any = _GlobalMeanCrossEntropy(unflatten, plan.parallelism.dp)
         else:
-            self.loss = lambda output, target: loss_fn(unflatten(output), target)
+            self.loss = lambda output, target: _scalar_loss(loss_fn(unflatten(output), target))
         self.schedule = make_schedule(plan.schedule, stages, self.loss, scale_grads=not self.exact)
-        self.optimizer = optimizer([p for m in self.modules for p in m.parameters()])
+        params = [p for m in self.modules for p in m.parameters()]
+        if not params:
+            raise ValueError(f"the plan gives this rank (stages {local}) no parameters to train, so its "
+                             "optimizer would be empty; give every pipeline stage at least one layer with "
+                             "parameters (re-plan, or edit the plan's stage layers)")
+        self.optimizer = optimizer(params)
         self.tied = _tied_groups(tied_spec, self.layout, self.modules, local)
         self.last_step_s = 0.0
+        self._user_loss, self._unflatten, self._loss_checked = loss_fn, unflatten, False
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """This rank's parameters under the original model's names (tied ones once per rank)."""
@@ -175,6 +183,8 @@ class Engine:
         self.passes.begin_step(step, first_sample=dp_rank * (batch // dp))
         if self.exact:
             self.loss.count = max(int((targets != IGNORE_INDEX).sum()), 1)
+        elif not self._loss_checked:
+            self._check_user_loss(_shard(targets, dp, dp_rank))
         flat = [_to(_shard(v, dp, dp_rank), self.device) for v in self._tensor_inputs(args, kwargs)]
         target = _to(_shard(targets, dp, dp_rank), self.device) if self.has_last else None
         losses: list[torch.Tensor] = []
@@ -191,6 +201,32 @@ class Engine:
         loss = self._global_loss(losses)
         self.last_step_s = time.perf_counter() - start
         return loss
+
+    def _check_user_loss(self, targets: Any) -> None:
+        """Before the first step (a pipeline would wait forever for a last stage that failed), the
+        last stage calls ``loss_fn`` on zeros shaped like one microbatch's output and every rank
+        learns whether it returned a scalar (one all-reduce, once)."""
+        problem = ""
+        if self.has_last:
+            output = list(self.captured.graph_module.graph.nodes)[-1]
+            record = output.meta.get(META_KEY)
+            leaves, spec = tree_flatten(output.args[0])
+            if record is not None and len(record.shapes) == len(leaves) > 0:
+                zeros = [torch.zeros(shape, dtype=getattr(torch, dtype), device=self.device)
+                         for shape, dtype in zip(record.shapes, record.dtypes, strict=True)]
+                target = tree_map(lambda t: t.chunk(self.plan.schedule.num_microbatches)[0]
+                                  if isinstance(t, torch.Tensor) and t.dim() else t, targets)
+                with torch.no_grad():
+                    value = self._unflatten(tree_unflatten(zeros, spec))
+                    loss = self._user_loss(value, _to(target, self.device))
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    problem = f"loss_fn must return a scalar tensor, got {loss!r:.80}"
+        failed = torch.tensor([float(bool(problem))], device=self.device)
+        dist.all_reduce(failed)
+        if problem or float(failed):
+            raise TypeError(problem or "loss_fn must return a scalar tensor: the last pipeline stage's "
+                            "loss_fn did not (see that rank's error)")
+        self._loss_checked = True
 
     def _tensor_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
         """The graph's inputs without the constants baked into the stages (checked equal)."""
@@ -265,6 +301,12 @@ def _check_supported(plan: Plan) -> None:
         raise ValueError("vocabulary-parallel embeddings ('vocab' shardings) with pipeline stages (pp > 1) "
                          "are not supported by this runtime yet: the embedding and a tied LM head sit on "
                          "different ranks; drop the 'vocab' sharding or use pp = 1")
+
+
+def _scalar_loss(loss: Any) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(f"loss_fn must return a scalar tensor, got {loss!r:.80}")
+    return loss
 
 
 def _check_moe(captured: Captured, plan: Plan) -> None:

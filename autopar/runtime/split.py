@@ -38,6 +38,19 @@ class StageGraph:
     is_last: bool
 
 
+def check_stage_layers(num_layers: int, ranges: Sequence[tuple[int, int]]) -> None:
+    """Pipeline stages' layer ranges must tile the model's layers in order, none empty."""
+    if len(ranges) < 2:
+        return
+    ordered = sorted(ranges)
+    starts = [0] + [hi for _, hi in ordered[:-1]]
+    tiled = [lo for lo, _ in ordered] == starts and ordered[-1][1] == num_layers
+    if not tiled or any(lo == hi for lo, hi in ranges):
+        raise ValueError(f"the plan's stage layers {list(ranges)} do not split this model's {num_layers} "
+                         f"layers into consecutive non-empty ranges [0, a), [a, b), …, [z, {num_layers}); "
+                         "re-plan for this model, or fix the plan's stage layers")
+
+
 def assign_stages(gm: fx.GraphModule, layer_ranges: Sequence[tuple[int, int]]) -> dict[fx.Node, int]:
     """Stage index of every non-output node; raises if the order is not monotonic."""
     stage_of_layer = {layer: k for k, (lo, hi) in enumerate(layer_ranges) for layer in range(lo, hi)}

@@ -1,0 +1,8 @@
+"""Hand-edited plans and user mistakes under a pipeline: one clear line, not a hang or torch's message."""
+
+from autopar.runtime import spawn
+from tests.helpers.distributed import error_workers
+
+
+def test_pipeline_mistakes_are_named():
+    spawn(error_workers.pipeline_mistakes, 2, timeout_s=60)
