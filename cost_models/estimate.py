@@ -15,6 +15,12 @@ layers' dispatch and combine all-to-alls, ``moe``), bubble and optimizer, summin
 ``tflops_per_device`` counts the FLOPs executed (recomputation included, as Megatron-LM
 reports); ``mfu`` the model FLOPs (no recomputation) against the dtype's peak.
 
+``Predicted`` also keeps what views draw, so they never re-run this model: each stage's seconds per
+microbatch (``StageCost.times()`` with its tensor-parallel, all-to-all and data-parallel parts, its
+parameters per device and, if it recomputes, the memory its devices would need without), the
+memory breakdown of every set of stages a device holds (``memory.memory_details``), the training
+dtype and the cost options, as plain values.
+
 Local clusters (``local:N``: one-thread CPU processes over gloo) take another model with the same
 API, ``cpu_step``, priced from this machine's calibration (``cpu_rates``).
 """
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from autopar.cost_models.comm import (
     DEFAULT_DP_OVERLAP,
@@ -43,7 +49,7 @@ from autopar.cost_models.compute import (
     transformer_layer_times,
 )
 from autopar.cost_models.cpu_step import cpu_stage_costs, estimate_local, local_rates
-from autopar.cost_models.memory import peak_memory_bytes
+from autopar.cost_models.memory import MemoryBreakdown, memory_details
 from autopar.cost_models.moe import ALL_TO_ALLS_PER_LAYER, EXPERT_ZERO, all_to_all_bytes, expert_params
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 from autopar.cost_models.schedule import pipeline_time
@@ -52,8 +58,9 @@ from autopar.cost_models.stages import StageCost, expert_groups, layer_flops, me
 
 if TYPE_CHECKING:
     from autopar.cluster import ClusterSpec
+    from autopar.cost_models.cpu_rates import CpuRates
     from autopar.cost_models.local_profile import LocalProfile
-    from autopar.plans import Plan, Predicted
+    from autopar.plans import MemoryPrediction, Plan, Predicted, StagePrediction
 
 OPTIMIZER_BYTES_PER_PARAM = 32
 """Adam step traffic: read and write the 16 bytes of state per parameter (weights, gradient
@@ -222,17 +229,28 @@ def _dp_and_optimizer_s(plan: Plan, profile: ModelProfile, costs: tuple[StageCos
     return dp_s + tied, optimizer_s
 
 
-def estimate(plan: Plan, profile: ModelProfile, *, options: CostOptions | None = None) -> Predicted:
+def estimate(plan: Plan, profile: ModelProfile, *, options: CostOptions | None = None,
+             memory_profile: ModelProfile | None = None) -> Predicted:
     """The cost model's prediction for ``plan`` running the model ``profile`` describes (a local
-    cluster: ``cpu_step.estimate_local`` with this machine's measured rates)."""
-    from autopar.plans import Predicted
-
+    cluster: ``cpu_step.estimate_local`` with this machine's measured rates). Memory is priced on
+    ``memory_profile`` when given (random-LTD: time at the kept length, memory at full length)."""
     options = options or CostOptions()
+    memory_profile = profile if memory_profile is None else memory_profile
     rates = local_rates(plan, options.local_profile)
     if rates is not None:
         _check(plan, profile)
-        return estimate_local(plan, profile, rates)
+        costs = cpu_stage_costs(plan, profile, rates)
+        details = _details(plan, memory_profile, costs, options, rates, dtype=profile.dtype)
+        return dataclasses.replace(estimate_local(plan, profile, rates), **details)
     costs = stage_costs(plan, profile, options=options)
+    return _estimate_gpu(plan, profile, costs, options,
+                         _details(plan, memory_profile, costs, options, None, dtype=profile.dtype))
+
+
+def _estimate_gpu(plan: Plan, profile: ModelProfile, costs: tuple[StageCost, ...], options: CostOptions,
+                  details: dict[str, Any]) -> Predicted:
+    from autopar.plans import Predicted
+
     sched, par = plan.schedule, plan.parallelism
     pipe = pipeline_time([c.times() for c in costs], schedule=sched.name, pp=par.pp,
                          num_microbatches=sched.num_microbatches, virtual_stages=sched.virtual_stages)
@@ -254,13 +272,58 @@ def estimate(plan: Plan, profile: ModelProfile, *, options: CostOptions | None =
         step_time_s=step_s, tokens_per_s=plan.global_batch_size * profile.seq_len / step_s,
         tflops_per_device=hardware_flops / (world * step_s) / 1e12,
         mfu=model_flops / (world * device.peak_flops_per_s_for(profile.dtype) * step_s),
-        peak_memory_bytes=peak_memory_bytes(plan, profile, sequence_parallel=options.sequence_parallel),
-        breakdown=breakdown)
+        breakdown=breakdown, **details)
 
 
-def estimate_plan(plan: Plan, profile: ModelProfile, *, options: CostOptions | None = None) -> Plan:
+def _details(plan: Plan, memory_profile: ModelProfile, costs: tuple[StageCost, ...], options: CostOptions,
+             rates: CpuRates | None, *, dtype: str) -> dict[str, Any]:
+    """The ``Predicted`` fields views draw: per-device peaks, per-stage numbers, memory by stage set,
+    dtype and options. Local clusters price memory without sequence parallelism (``cpu_step``)."""
+    from autopar.plans import CostOptionsUsed
+
+    sequence_parallel = options.sequence_parallel and rates is None
+    memory = memory_details(plan, memory_profile, sequence_parallel=sequence_parallel)
+    used = CostOptionsUsed(dp_overlap=options.dp_overlap, tp_overlap=options.tp_overlap,
+                           sequence_parallel=options.sequence_parallel,
+                           p2p_scatter_gather=options.p2p_scatter_gather,
+                           local_rates=None if rates is None else rates.source)
+    plain = {index: m.total_bytes for index, m in memory.without_recompute.items()}
+    return {
+        "peak_memory_bytes": tuple(m.total_bytes for m in memory.per_device()),
+        "stages": tuple(_stage_prediction(index, cost, plain.get(index)) for index, cost in enumerate(costs)),
+        "memory": tuple(_memory_prediction(indices, m) for indices, m in memory.by_set.items()),
+        "dtype": dtype, "options": used,
+    }
+
+
+def _stage_prediction(index: int, cost: StageCost, memory_without_recompute_bytes: int | None
+                      ) -> StagePrediction:
+    from autopar.plans import StagePrediction
+
+    times = cost.times()
+    return StagePrediction(
+        index=index, forward_s=times.forward_s, backward_s=times.backward_s,
+        backward_weight_s=times.backward_weight_s, recompute_s=times.recompute_s,
+        send_forward_s=times.send_forward_s, send_backward_s=times.send_backward_s,
+        tp_comm_s=cost.tp_forward_s + cost.tp_backward_s + cost.tp_recompute_s, ep_comm_s=cost.ep_s,
+        dp_comm_s=cost.dp_forward_s + cost.dp_backward_s, params_per_device=cost.params_per_device,
+        memory_without_recompute_bytes=memory_without_recompute_bytes)
+
+
+def _memory_prediction(indices: tuple[int, ...], memory: MemoryBreakdown) -> MemoryPrediction:
+    from autopar.plans import MemoryPrediction
+
+    return MemoryPrediction(stages=indices, weights_bytes=memory.weights_bytes,
+                            gradients_bytes=memory.gradients_bytes, optimizer_bytes=memory.optimizer_bytes,
+                            activations_bytes=memory.activations_bytes, logits_bytes=memory.logits_bytes,
+                            reserve_bytes=memory.reserve_bytes, peak_bytes=memory.total_bytes)
+
+
+def estimate_plan(plan: Plan, profile: ModelProfile, *, options: CostOptions | None = None,
+                  memory_profile: ModelProfile | None = None) -> Plan:
     """``plan`` with ``predicted`` filled in by :func:`estimate`."""
-    return dataclasses.replace(plan, predicted=estimate(plan, profile, options=options))
+    return dataclasses.replace(plan, predicted=estimate(plan, profile, options=options,
+                                                       memory_profile=memory_profile))
 
 
 def simulate_plan(plan: Plan, profile: ModelProfile, *, options: CostOptions | None = None) -> Timeline:

@@ -1,7 +1,9 @@
 """Memory model: peak bytes per device for a Plan.
 
 Data flow: a ``Plan`` and a ``ModelProfile`` go in; ``estimate`` stores the per-device peaks
-in ``plan.predicted.peak_memory_bytes`` and the planner compares them with device memory.
+in ``plan.predicted.peak_memory_bytes`` (the planner compares them with device memory) and the
+breakdown of each set of stages a device holds in ``plan.predicted.memory`` (views draw it),
+both from :func:`memory_details`.
 
 Per device: model states + activations + logits + reserve.
 
@@ -136,12 +138,16 @@ def _layer_bytes(layer: LayerProfile, profile: ModelProfile, *, microbatch_size:
     return stored, working
 
 
-def _stage_set_memory(plan: Plan, profile: ModelProfile, stage_indices: tuple[int, ...], *,
-                      gpu: bool, sequence_parallel: bool) -> MemoryBreakdown:
+def _stage_set_memory(plan: Plan, profile: ModelProfile, stage_indices: tuple[int, ...], *, gpu: bool,
+                      sequence_parallel: bool, cache: dict[tuple[int, str], tuple[float, float]],
+                      plain: int | None = None) -> MemoryBreakdown:
+    """The memory of a device holding ``stage_indices``; stage ``plain`` priced without recomputation.
+    ``cache`` holds :func:`_layer_bytes` by (layer index, recomputation) for this plan and profile."""
     par, sched = plan.parallelism, plan.schedule
     t, b, last = par.tp, sched.microbatch_size, len(plan.stages) - 1
     params = stored = working = logits = experts = 0.0
     for stage in (plan.stages[i] for i in stage_indices):
+        recompute = "none" if stage.index == plain else stage.recompute
         layers = profile.layers[stage.layers[0]:stage.layers[1]]
         params += sum(layer.param_count for layer in layers) / t
         for layer in (layer for layer in layers if layer.moe is not None):
@@ -153,9 +159,12 @@ def _stage_set_memory(plan: Plan, profile: ModelProfile, stage_indices: tuple[in
             params += (profile.head_params + (profile.tied_head_params if last > 0 else 0)) / t
             count = sched.num_microbatches if sched.name == "gpipe" else 1
             logits = count * LOGITS_BYTES_PER_ELEMENT * b * profile.seq_len * profile.vocab_size / t
-        for layer in layers:
-            kept, extra = _layer_bytes(layer, profile, microbatch_size=b, tp=t, recompute=stage.recompute,
-                                       sequence_parallel=sequence_parallel, ep=par.ep)
+        for number in range(*stage.layers):
+            if (number, recompute) not in cache:
+                cache[number, recompute] = _layer_bytes(
+                    profile.layers[number], profile, microbatch_size=b, tp=t, recompute=recompute,
+                    sequence_parallel=sequence_parallel, ep=par.ep)
+            kept, extra = cache[number, recompute]
             stored, working = stored + kept, max(working, extra)
     rank = stage_indices[0] % par.pp if stage_indices else 0
     in_flight = in_flight_microbatches(sched.name, pp=par.pp, rank=rank,
@@ -174,20 +183,45 @@ def _stage_set_memory(plan: Plan, profile: ModelProfile, stage_indices: tuple[in
                            gradients_bytes=parts[1], optimizer_bytes=parts[2])
 
 
-def plan_memory(plan: Plan, profile: ModelProfile, *, sequence_parallel: bool = False
-                ) -> tuple[MemoryBreakdown, ...]:
-    """The memory breakdown of every device, in device-id order (0 … world − 1)."""
+@dataclass(frozen=True)
+class PlanMemory:
+    """The memory model's view of a whole plan: ``held`` the stage indices of every device (in
+    device-id order), ``by_set`` the breakdown of each set of stages some device holds (in order of
+    the first device holding it; devices with the same stages have the same bytes), and
+    ``without_recompute`` for each recomputing stage the breakdown of its devices were that stage
+    not recomputing (the others as planned): what its recomputation saves."""
+
+    held: tuple[tuple[int, ...], ...]
+    by_set: dict[tuple[int, ...], MemoryBreakdown]
+    without_recompute: dict[int, MemoryBreakdown]
+
+    def per_device(self) -> tuple[MemoryBreakdown, ...]:
+        return tuple(self.by_set[indices] for indices in self.held)
+
+
+def memory_details(plan: Plan, profile: ModelProfile, *, sequence_parallel: bool = False,
+                   without_recompute: bool = True) -> PlanMemory:
+    """:class:`PlanMemory` of ``plan`` (``without_recompute=False`` leaves that part empty)."""
     held: list[list[int]] = [[] for _ in range(plan.world_size)]
     for stage in plan.stages:
         for device in stage.devices:
             held[device].append(stage.index)
+    sets = tuple(map(tuple, held))
     gpu = plan.cluster["device"]["name"] != "CPU"
-    cache: dict[tuple[int, ...], MemoryBreakdown] = {}
-    for indices in map(tuple, held):
-        if indices not in cache:
-            cache[indices] = _stage_set_memory(plan, profile, indices, gpu=gpu,
-                                               sequence_parallel=sequence_parallel)
-    return tuple(cache[tuple(indices)] for indices in held)
+    cache: dict[tuple[int, str], tuple[float, float]] = {}
+    by_set = {indices: _stage_set_memory(plan, profile, indices, gpu=gpu, sequence_parallel=sequence_parallel,
+                                         cache=cache) for indices in dict.fromkeys(sets)}
+    plain = {stage.index: _stage_set_memory(plan, profile, sets[stage.devices[0]], gpu=gpu, cache=cache,
+                                            sequence_parallel=sequence_parallel, plain=stage.index)
+             for stage in plan.stages if without_recompute and stage.recompute != "none"}
+    return PlanMemory(held=sets, by_set=by_set, without_recompute=plain)
+
+
+def plan_memory(plan: Plan, profile: ModelProfile, *, sequence_parallel: bool = False
+                ) -> tuple[MemoryBreakdown, ...]:
+    """The memory breakdown of every device, in device-id order (0 … world − 1)."""
+    return memory_details(plan, profile, sequence_parallel=sequence_parallel,
+                          without_recompute=False).per_device()
 
 
 def peak_memory_bytes(plan: Plan, profile: ModelProfile, *, sequence_parallel: bool = False

@@ -13,15 +13,20 @@ Sends block the sender for their duration (as Megatron-LM's P2P does); waiting w
 input is in flight is ``recv``, other waiting is ``idle``. Recomputation runs right before
 its backward. On uniform stages the total equals ``schedule.pipeline_time`` (tests).
 The timeline covers the pipeline part of a step; data-parallel sync and the optimizer
-follow it.
+follow it. :func:`simulate_predicted` runs it on the stage times a Plan stores
+(``plan.predicted.stages``), so views draw a timeline without a model profile.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from autopar.cost_models.schedule import Action, StageTimes, rank_actions
+
+if TYPE_CHECKING:
+    from autopar.plans import Plan
 
 EVENT_KINDS = ("forward", "backward", "backward_weight", "recompute", "send", "recv", "idle")
 
@@ -139,3 +144,23 @@ def simulate(stages: Sequence[StageTimes], *, schedule: str, pp: int, num_microb
         state.wait(rank, total, total)
     events = sorted(state.events, key=lambda e: (e.rank, e.start_s))
     return Timeline(events=tuple(events), total_s=total, num_ranks=pp)
+
+
+def stored_stage_times(plan: Plan) -> list[StageTimes] | None:
+    """The per-stage times ``plan.predicted.stages`` stores (None when the plan has none)."""
+    if not plan.predicted.stages:
+        return None
+    return [StageTimes(forward_s=s.forward_s, backward_s=s.backward_s, backward_weight_s=s.backward_weight_s,
+                       recompute_s=s.recompute_s, send_forward_s=s.send_forward_s,
+                       send_backward_s=s.send_backward_s) for s in plan.predicted.stages]
+
+
+def simulate_predicted(plan: Plan) -> Timeline | None:
+    """The timeline of ``plan``'s pipeline part from its stored stage times (None without them);
+    equal to ``estimate.simulate_plan`` on the profile the plan was estimated with."""
+    stages = stored_stage_times(plan)
+    if stages is None:
+        return None
+    sched = plan.schedule
+    return simulate(stages, schedule=sched.name, pp=plan.parallelism.pp,
+                    num_microbatches=sched.num_microbatches, virtual_stages=sched.virtual_stages)

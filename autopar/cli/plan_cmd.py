@@ -3,9 +3,9 @@
 Data flow: MODEL → ``autopar.model_source.resolve`` (zoo name, ``module:callable`` or HF
 ``config.json``, built on ``meta``) → cast to the training dtype → ``autopar.planning.plan_search``
 (capture, the planner's search with a progress display) → the Plan, whose ``model`` field
-records MODEL so views can rebuild a zoo model's profile → saved with ``-o``, shown with
-``autopar.views.text``, optionally written as an HTML report. An infeasible request is one
-line naming the binding memory constraint (``autopar.planner``), exit code 2.
+records MODEL and whose predictions hold the per-stage numbers the views draw → saved with
+``-o``, shown with ``autopar.views.text``, optionally written as an HTML report. An infeasible
+request is one line naming the binding memory constraint (``autopar.planner``), exit code 2.
 
 ``--dtype auto`` plans bf16 training on GPU clusters and keeps the model's own dtype on CPU
 (``local``) clusters: a meta-device model is fp32, and planning fp32 for an A100 would use its

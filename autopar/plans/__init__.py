@@ -9,12 +9,15 @@ files in ``io``, and the graph fingerprint that ties a Plan to a model in ``fing
 
 from autopar.plans.fingerprint import graph_fingerprint
 from autopar.plans.io import PlanNotFoundError, check_fingerprint
-from autopar.plans.plan import Plan
+from autopar.plans.plan import Plan, device_stages
 from autopar.plans.schema import (
     BREAKDOWN_KEYS,
+    MEMORY_PARTS,
     SCHEMA_VERSION,
     Alternative,
     AppliedPass,
+    CostOptionsUsed,
+    MemoryPrediction,
     Mesh,
     Parallelism,
     Predicted,
@@ -23,10 +26,12 @@ from autopar.plans.schema import (
     ScheduleName,
     Sharding,
     Stage,
+    StagePrediction,
 )
 
 __all__ = [
-    "BREAKDOWN_KEYS", "SCHEMA_VERSION", "Alternative", "AppliedPass", "Mesh", "Parallelism",
-    "Plan", "PlanNotFoundError", "Predicted", "Recompute", "Schedule", "ScheduleName",
-    "Sharding", "Stage", "check_fingerprint", "graph_fingerprint",
+    "BREAKDOWN_KEYS", "MEMORY_PARTS", "SCHEMA_VERSION", "Alternative", "AppliedPass", "CostOptionsUsed",
+    "MemoryPrediction", "Mesh", "Parallelism", "Plan", "PlanNotFoundError", "Predicted", "Recompute",
+    "Schedule", "ScheduleName", "Sharding", "Stage", "StagePrediction", "check_fingerprint",
+    "device_stages", "graph_fingerprint",
 ]

@@ -2,9 +2,10 @@
 
 Data flow: the planner and ``autopar.compile`` call ``Plan.to_json``/``Plan.save``; the
 runtime, the CLI views and the benchmarks call ``Plan.load``/``Plan.from_json``. JSON
-only, never pickle. Decoding checks ``schema_version`` first, then every field against
-the dataclass annotations (unknown and missing fields are errors), then lets each
-record validate itself; errors name the file, the field path and what to do.
+only, never pickle. Decoding checks ``schema_version`` first (a file of an older version is
+upgraded by :data:`UPGRADES`, a newer one refused), then every field against the dataclass
+annotations (unknown and missing fields are errors), then lets each record validate itself;
+errors name the file, the field path and what to do.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import tempfile
 import types
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from autopar.plans.schema import SCHEMA_VERSION, unsupported_version
+from autopar.plans.schema import OLDEST_SCHEMA_VERSION, SCHEMA_VERSION, unsupported_version
 
 if TYPE_CHECKING:
     from autopar.plans.plan import Plan
@@ -26,6 +27,22 @@ if TYPE_CHECKING:
 JSON_OPTIONS: dict[str, Any] = {"sort_keys": True, "indent": 2, "ensure_ascii": False,
                                 "allow_nan": False}
 REPLAN = "re-plan with `autopar plan`"
+
+
+def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 added ``Predicted.stages``, ``memory``, ``dtype`` and ``options``, all with
+    empty defaults: a version-1 file is a version-2 plan without per-stage predictions."""
+    predicted = data.get("predicted")
+    new_fields = {"stages", "memory", "dtype", "options"}
+    added = sorted(new_fields.intersection(predicted)) if isinstance(predicted, dict) else []
+    if added:
+        raise ValueError(f"plan.predicted has field(s) {added}, which schema version 1 does not have; "
+                         f"correct schema_version or {REPLAN}")
+    return data
+
+
+UPGRADES = {1: _from_version_1}
+"""Version → the function that turns its JSON data into the next version's."""
 
 
 class PlanNotFoundError(FileNotFoundError, ValueError):
@@ -54,14 +71,16 @@ def plan_from_json(text: str, *, where: str = "plan JSON") -> Plan:
     if not isinstance(data, dict):
         raise ValueError(f"corrupt {where}: expected a JSON object, got {type(data).__name__}")
     if "schema_version" not in data:
-        raise ValueError(f"{where} has no schema_version; this autopar reads version "
-                         f"{SCHEMA_VERSION} — {REPLAN}")
+        raise ValueError(f"{where} has no schema_version; this autopar reads versions "
+                         f"{OLDEST_SCHEMA_VERSION} to {SCHEMA_VERSION} — {REPLAN}")
     version = data["schema_version"]
-    if type(version) is not int or version != SCHEMA_VERSION:
+    if type(version) is not int or not OLDEST_SCHEMA_VERSION <= version <= SCHEMA_VERSION:
         raise ValueError(f"{unsupported_version(version)} ({where})")
     from autopar.plans.plan import Plan
 
     try:
+        for old in range(version, SCHEMA_VERSION):
+            data = {**UPGRADES[old](data), "schema_version": old + 1}
         return _decode(data, Plan, "plan")
     except (TypeError, ValueError) as error:
         raise ValueError(f"invalid {where}: {error}") from None

@@ -67,7 +67,9 @@ class Plan:
 
     def __post_init__(self) -> None:
         if type(self.schema_version) is not int or self.schema_version != SCHEMA_VERSION:
-            raise ValueError(unsupported_version(self.schema_version))
+            raise ValueError(unsupported_version(self.schema_version) if self.schema_version != 1 else
+                             f"Plan.schema_version = 1 is invalid: a Plan in memory is version "
+                             f"{SCHEMA_VERSION}; Plan.load and Plan.from_json upgrade version-1 files")
         _text(self, "model", "graph_fingerprint", "created_by")
         _int(self, "global_batch_size", 1)
         _int(self, "zero", 0)
@@ -173,3 +175,11 @@ def _check_layout(plan: Plan) -> None:
             f"({sched.microbatch_size}) × num_microbatches({sched.num_microbatches}) = "
             f"{product * sched.num_microbatches}")
 
+
+def device_stages(plan: Plan) -> list[tuple[int, ...]]:
+    """The stage indices each device holds, in device-id order (0 … world − 1)."""
+    held: list[list[int]] = [[] for _ in range(plan.world_size)]
+    for stage in plan.stages:
+        for device in stage.devices:
+            held[device].append(stage.index)
+    return [tuple(stages) for stages in held]

@@ -1,6 +1,7 @@
 """The parts of a Plan (parallelism, mesh, stages, schedule, predictions) as frozen dataclasses.
 
-Data flow: the planner fills these; ``autopar.plans.Plan`` (the root record) holds them;
+Data flow: the planner fills these (``Predicted`` and its per-stage and memory records by
+``cost_models.estimate``); ``autopar.plans.Plan`` (the root record) holds them;
 ``autopar.plans.io`` turns them into versioned JSON that the runtime, the CLI views and
 the benchmarks read. Each part validates itself at construction and names the field,
 the value and what is allowed.
@@ -12,7 +13,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: ``Predicted`` gained ``stages``, ``memory``, ``dtype`` and ``options`` (files of version 1
+load with them empty: ``autopar.plans.io``)."""
+OLDEST_SCHEMA_VERSION = 1
 ScheduleName = Literal["gpipe", "1f1b", "interleaved", "zero_bubble"]
 Recompute = Literal["none", "selective", "full"]
 BREAKDOWN_KEYS = ("compute", "recompute", "tp_comm", "pp_comm", "dp_comm", "ep_comm", "bubble",
@@ -52,6 +56,15 @@ def _floats(owner: object, *names: str) -> None:
         if value is not None and not _is_number(value):
             raise _fail(owner, name, value, "a finite float >= 0 or None")
         object.__setattr__(owner, name, None if value is None else float(value))
+
+
+def _numbers(owner: object, *names: str) -> None:
+    """Required non-negative floats (ints are stored as floats)."""
+    for name in names:
+        value = getattr(owner, name)
+        if not _is_number(value):
+            raise _fail(owner, name, value, "a finite float >= 0")
+        object.__setattr__(owner, name, float(value))
 
 
 def _tuple_of(owner: object, name: str, kind: type) -> tuple[Any, ...]:
@@ -210,9 +223,106 @@ class AppliedPass:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StagePrediction:
+    """The cost model's seconds for one pipeline stage (model chunk), per microbatch on one of its
+    devices (``cost_models.stage_costs``). ``forward_s``, ``backward_s`` (input gradient),
+    ``backward_weight_s`` (weight gradient, run apart only by zero-bubble schedules),
+    ``recompute_s`` and the P2P sends ``send_forward_s``/``send_backward_s`` are what the schedule
+    runs (``cost_models.StageTimes``), communication included; of them, ``tp_comm_s`` are
+    tensor-parallel collectives, ``ep_comm_s`` MoE all-to-alls and ``dp_comm_s`` data-parallel
+    traffic repeated every microbatch (ZeRO-3 weight gathers on CPU). ``params_per_device``: the
+    stage's parameters on each of its devices. ``memory_without_recompute_bytes``: the peak bytes of
+    the stage's devices were it not recomputing (None when it recomputes nothing)."""
+
+    index: int
+    forward_s: float
+    backward_s: float
+    backward_weight_s: float = 0.0
+    recompute_s: float = 0.0
+    send_forward_s: float = 0.0
+    send_backward_s: float = 0.0
+    tp_comm_s: float = 0.0
+    ep_comm_s: float = 0.0
+    dp_comm_s: float = 0.0
+    params_per_device: float
+    memory_without_recompute_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        _int(self, "index", 0)
+        _numbers(self, "forward_s", "backward_s", "backward_weight_s", "recompute_s", "send_forward_s",
+                 "send_backward_s", "tp_comm_s", "ep_comm_s", "dp_comm_s", "params_per_device")
+        if self.memory_without_recompute_bytes is not None:
+            _int(self, "memory_without_recompute_bytes", 0)
+
+    @property
+    def work_s(self) -> float:
+        """Seconds per microbatch: forward, backward, recomputation and sends."""
+        return (self.forward_s + self.backward_s + self.backward_weight_s + self.recompute_s
+                + self.send_forward_s + self.send_backward_s)
+
+
+MEMORY_PARTS = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "logits_bytes",
+                "reserve_bytes")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryPrediction:
+    """The cost model's bytes at the peak of every device holding exactly the stages ``stages``
+    (``cost_models.plan_memory``): weights, gradients and optimizer states (the model states),
+    activations, logits and reserve (workspace and fragmentation). ``peak_bytes`` is their sum
+    rounded down, the devices' entry in ``Predicted.peak_memory_bytes``."""
+
+    stages: tuple[int, ...]
+    weights_bytes: float
+    gradients_bytes: float
+    optimizer_bytes: float
+    activations_bytes: float
+    logits_bytes: float
+    reserve_bytes: float
+    peak_bytes: int
+
+    def __post_init__(self) -> None:
+        stages = _tuple_of(self, "stages", int)
+        if list(stages) != sorted(set(stages)) or min(stages, default=0) < 0:
+            raise _fail(self, "stages", stages, "distinct stage indices >= 0 in increasing order")
+        _numbers(self, *MEMORY_PARTS)
+        _int(self, "peak_bytes", 0)
+
+    def parts(self) -> dict[str, float]:
+        """Bytes by category, ``"weights"`` … ``"reserve"`` (the names without ``_bytes``)."""
+        return {name.removesuffix("_bytes"): getattr(self, name) for name in MEMORY_PARTS}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostOptionsUsed:
+    """The ``cost_models.CostOptions`` a prediction was priced with, as plain values; for local
+    clusters ``local_rates`` says where the CPU rates came from (a calibration, or placeholders)."""
+
+    dp_overlap: float
+    tp_overlap: float
+    sequence_parallel: bool
+    p2p_scatter_gather: bool
+    local_rates: str | None = None
+
+    def __post_init__(self) -> None:
+        _numbers(self, "dp_overlap", "tp_overlap")
+        for name in ("dp_overlap", "tp_overlap"):
+            if getattr(self, name) > 1:
+                raise _fail(self, name, getattr(self, name), "a fraction in [0, 1]")
+        for name in ("sequence_parallel", "p2p_scatter_gather"):
+            if type(getattr(self, name)) is not bool:
+                raise _fail(self, name, getattr(self, name), "a bool")
+        if self.local_rates is not None:
+            _text(self, "local_rates")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Predicted:
     """The cost model's estimate, None (or empty) where not estimated: ``peak_memory_bytes``
-    per device, ``breakdown`` seconds per step by :data:`BREAKDOWN_KEYS`."""
+    per device, ``breakdown`` seconds per step by :data:`BREAKDOWN_KEYS`; ``stages`` one
+    :class:`StagePrediction` per pipeline stage in order, ``memory`` one :class:`MemoryPrediction`
+    per set of stages a device holds, ``dtype`` the training dtype the model was priced in and
+    ``options`` the cost options used. Views draw from these numbers alone."""
 
     step_time_s: float | None = None
     tokens_per_s: float | None = None
@@ -220,6 +330,10 @@ class Predicted:
     mfu: float | None = None
     peak_memory_bytes: tuple[int, ...] | None = None
     breakdown: tuple[tuple[str, float], ...] = ()
+    stages: tuple[StagePrediction, ...] = ()
+    memory: tuple[MemoryPrediction, ...] = ()
+    dtype: str | None = None
+    options: CostOptionsUsed | None = None
 
     def __post_init__(self) -> None:
         _floats(self, "step_time_s", "tokens_per_s", "tflops_per_device", "mfu")
@@ -229,6 +343,16 @@ class Predicted:
         _sorted_pairs(self, "breakdown", lambda k, v: k in BREAKDOWN_KEYS and _is_number(v),
                       f"seconds >= 0 under a key from {list(BREAKDOWN_KEYS)}")
         object.__setattr__(self, "breakdown", tuple((k, float(v)) for k, v in self.breakdown))
+        for position, stage in enumerate(_tuple_of(self, "stages", StagePrediction)):
+            if stage.index != position:
+                raise _fail(self, f"stages[{position}].index", stage.index, f"{position} (stage order)")
+        held = [m.stages for m in _tuple_of(self, "memory", MemoryPrediction)]
+        if len(set(held)) != len(held):
+            raise _fail(self, "memory", held, "one entry per set of stages")
+        if self.dtype is not None:
+            _text(self, "dtype")
+        if self.options is not None and not isinstance(self.options, CostOptionsUsed):
+            raise _fail(self, "options", self.options, "a CostOptionsUsed or None")
 
     def breakdown_dict(self) -> dict[str, float]:
         return dict(self.breakdown)
@@ -249,5 +373,8 @@ class Alternative:
 
 
 def unsupported_version(version: Any) -> str:
-    return (f"plan schema_version {version!r} is not supported; this autopar reads version "
-            f"{SCHEMA_VERSION} — re-plan with `autopar plan`")
+    newer = type(version) is int and version > SCHEMA_VERSION
+    return (f"plan schema_version {version!r} is not supported; this autopar reads versions "
+            f"{OLDEST_SCHEMA_VERSION} to {SCHEMA_VERSION}"
+            + (" (a newer autopar wrote the file: upgrade autopar to read it)" if newer else "")
+            + " — re-plan with `autopar plan`")

@@ -16,8 +16,8 @@ KIND_COLOURS = {
     "send": "#b07aa1", "recv": "#e2c6dc",
 }
 MEMORY_COLOURS = {
-    "model states": "#4e79a7", "activations": "#f28e2b", "logits": "#e15759", "reserve": "#bab0ac",
-    "peak": "#76b7b2",
+    "weights": "#4e79a7", "gradients": "#a0cbe8", "optimizer states": "#59a14f", "activations": "#f28e2b",
+    "logits": "#e15759", "reserve": "#bab0ac", "peak": "#76b7b2",
 }
 BREAKDOWN_COLOURS = {
     "compute": "#4e79a7", "recompute": "#f28e2b", "tp_comm": "#b07aa1", "pp_comm": "#ff9da7",

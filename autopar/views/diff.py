@@ -3,8 +3,9 @@
 Data flow: two Plans (from JSON) → :func:`compare` → :class:`Difference` rows (what, the two
 values, the change) → :func:`render_diff` (a rich table). Rows cover the problem (model,
 cluster, batch), the degrees and schedule, the stage split and recomputation, memory, the
-predicted step time and each part of its breakdown, and the graph passes. Only rows that
-differ are shown, plus the step time always; identical plans say so.
+predicted step time and each part of its breakdown, the slowest stage per microbatch, the dtype
+and cost options the predictions were priced with (all stored in the plans), and the graph
+passes. Only rows that differ are shown, plus the step time always; identical plans say so.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from autopar.cli import fmt
+from autopar import fmt
 from autopar.plans import BREAKDOWN_KEYS, Plan
 from autopar.views.text import BREAKDOWN_LABELS
 
@@ -79,6 +80,20 @@ def _passes(plan: Plan) -> str:
     return ", ".join(p.name for p in plan.passes) or "none"
 
 
+def _slowest_stage_s(plan: Plan) -> float | None:
+    """The most work one stage does per microbatch, from the stored per-stage predictions."""
+    return max((s.work_s for s in plan.predicted.stages), default=None)
+
+
+def _options(plan: Plan) -> str:
+    used = plan.predicted.options
+    if used is None:
+        return "—"
+    return (f"dp_overlap {used.dp_overlap:g}, tp_overlap {used.tp_overlap:g}"
+            + (", sequence parallel" if used.sequence_parallel else "")
+            + ("" if used.p2p_scatter_gather else ", no P2P scatter-gather"))
+
+
 def compare(a: Plan, b: Plan) -> list[Difference]:
     """Every compared field, changed or not, in display order."""
     pa, pb, ra, rb = a.parallelism, b.parallelism, a.predicted, b.predicted
@@ -108,7 +123,10 @@ def compare(a: Plan, b: Plan) -> list[Difference]:
     da, db = ra.breakdown_dict(), rb.breakdown_dict()
     rows += [_number(f"  {BREAKDOWN_LABELS[k]}", da.get(k), db.get(k), fmt.seconds)
              for k in BREAKDOWN_KEYS if k in da or k in db]
-    rows.append(_word("graph passes", _passes(a), _passes(b)))
+    rows += [_number("slowest stage / microbatch", _slowest_stage_s(a), _slowest_stage_s(b), fmt.seconds),
+             _word("priced in", ra.dtype or "—", rb.dtype or "—"),
+             _word("cost options", _options(a), _options(b)),
+             _word("graph passes", _passes(a), _passes(b))]
     return rows
 
 

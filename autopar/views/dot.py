@@ -8,7 +8,7 @@ escaped for DOT's quoted strings.
 
 from __future__ import annotations
 
-from autopar.cli import fmt
+from autopar import fmt
 from autopar.views.assets import rank_colour
 from autopar.views.model import PlanView
 from autopar.views.text import describe_config

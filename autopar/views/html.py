@@ -2,20 +2,21 @@
 
 Data flow: :class:`~autopar.views.model.PlanView` → :func:`render_html` → one HTML string with
 inline CSS, SVG and a small script, written by the CLI. Sections: summary cards, the device
-mesh coloured by stage, the layer→stage map and stage table, the simulated pipeline timeline
-per rank, memory per device against capacity, the step-time breakdown, alternatives, graph
-passes and the folded shardings. No network: no external URL anywhere, and a
-Content-Security-Policy that forbids loading anything and runs only the report's own script.
+mesh coloured by stage, the layer→stage map and stage table, the pipeline timeline per rank
+(simulated from the stage times the plan stores), memory per device by category against
+capacity, the step-time breakdown, alternatives, graph passes and the folded shardings. No
+network: no external URL anywhere, and a Content-Security-Policy that forbids loading anything
+and runs only the report's own script.
 Every string from the plan is escaped (``views.svg.esc``). Output is deterministic.
 """
 
 from __future__ import annotations
 
-from autopar.cli import fmt
+from autopar import fmt
 from autopar.plans import BREAKDOWN_KEYS
 from autopar.views import svg, timeline
 from autopar.views.assets import BREAKDOWN_COLOURS, CSP, CSS, JS, MEMORY_COLOURS, rank_colour
-from autopar.views.model import PlanView
+from autopar.views.model import PlanView, StageRow
 from autopar.views.names import fold
 from autopar.views.svg import esc
 from autopar.views.text import BREAKDOWN_LABELS, cluster_line, describe_config
@@ -50,6 +51,16 @@ def _cards(view: PlanView) -> str:
     return f'<div class="cards">{items}</div>'
 
 
+def _comm_cell(s: StageRow) -> str:
+    """Communication per microbatch inside the stage's forward and backward, plus its sends."""
+    p = s.prediction
+    if p is None:
+        return "—"
+    parts = (("TP", p.tp_comm_s), ("EP", p.ep_comm_s), ("DP", p.dp_comm_s),
+             ("P2P", p.send_forward_s + p.send_backward_s))
+    return "<br>".join(f"{name} {esc(fmt.seconds(value))}" for name, value in parts if value) or "none"
+
+
 def _stage_rows(view: PlanView) -> str:
     memory = {d: row for row in view.memory for d in row.devices}
     named = any(s.first_node or s.last_node for s in view.stages)
@@ -64,11 +75,13 @@ def _stage_rows(view: PlanView) -> str:
             "—" if s.params_per_device is None else esc(fmt.count(s.params_per_device)),
             esc(fmt.seconds(t.forward_s if t else None)),
             esc(fmt.seconds(t.backward_s + t.backward_weight_s if t else None)),
+            _comm_cell(s),
             esc(s.recompute) + (f" ({esc(fmt.seconds(t.recompute_s))})" if t and t.recompute_s else ""),
             "—" if mem is None else esc(fmt.nbytes(mem.total_bytes)),
             *([f"<code>{esc(nodes)}</code>"] if named else [])])
     table = _table(["stage", "rank", "layers", "devices", "params / device", "forward / mb", "backward / mb",
-                    "recompute", "memory / device", *(["fx nodes"] if named else [])], rows, {1, 4, 5, 6, 8})
+                    "communication / mb", "recompute", "memory / device", *(["fx nodes"] if named else [])],
+                   rows, {1, 4, 5, 6, 7, 9})
     if len(rows) <= MAX_OPEN_ROWS:
         return table
     return f"<details><summary>{len(rows)} stages (per microbatch on one device)</summary>{table}</details>"
@@ -137,7 +150,8 @@ def render_html(view: PlanView) -> str:
     config = describe_config(plan.parallelism, plan.schedule, plan.zero)
     batch = f"batch {plan.global_batch_size:,}" + (f" × {plan.seq_len:,} tokens" if plan.seq_len else "")
     axes = " × ".join(f"{n} {s}" for n, s in zip(plan.mesh.axis_names, plan.mesh.shape, strict=True))
-    approx = "" if view.exact else f" Times are approximate: {view.source}."
+    simulated = ("the stage times the cost model stored in the plan" if view.exact
+                 else "stage times approximated from the plan's totals")
     body = [
         f"<header><h1>autopar plan · {esc(plan.model)}</h1>",
         f'<p class="sub">{esc(cluster_line(plan))} — {esc(config)} — {esc(batch)}</p>',
@@ -150,8 +164,8 @@ def render_html(view: PlanView) -> str:
                  _stage_rows(view)),
         _section("timeline", "Pipeline timeline per rank", svg.legend(timeline.timeline_legend()),
                  '<div class="scroll">', timeline.timeline_svg(view), "</div>",
-                 f'<p class="note">cost-model simulation ({esc(plan.schedule.name)}, '
-                 f"{plan.schedule.num_microbatches} microbatches).{esc(approx)}</p>"),
+                 f'<p class="note">simulation of {simulated} ({esc(plan.schedule.name)}, '
+                 f"{plan.schedule.num_microbatches} microbatches).</p>"),
         _section("memory", "Memory per device", svg.legend([(n, MEMORY_COLOURS[n]) for n in memory_parts]),
                  svg.memory_bars(view), '<p class="note">one bar per group of devices with identical '
                  "stages and memory</p>"),

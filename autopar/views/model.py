@@ -1,28 +1,36 @@
-"""The view model: a Plan plus the derived per-stage, per-device and per-rank numbers views draw.
+"""The view model: a Plan plus the per-stage, per-device and per-rank numbers views draw.
 
 Data flow: Plan (JSON) → :func:`build_view` → :class:`PlanView` → the renderers (``text``,
-``html``, ``dot``, ``summary``) and ``explain``. With a recovered profile (``views.profile``)
-stage times and parameters come from ``cost_models.stage_costs``, memory from
-``cost_models.plan_memory`` (model states, activations, logits, reserve) and the timeline from
-``cost_models.simulate_plan`` — the numbers the planner used. Without one, stage times are
-the plan's step-time breakdown spread over layers (compute 1 : 2 forward : backward,
-communication evenly), memory bars show each device's predicted peak only, and the timeline
-simulates those approximate times; ``PlanView.exact`` says which.
+``html``, ``dot``, ``summary``) and ``explain``. Every number comes from the plan itself: stage
+times, their communication parts and parameters from ``plan.predicted.stages``, memory by
+category from ``plan.predicted.memory``, and the timeline from ``cost_models.simulate_predicted``
+on the stored stage times — what the cost model priced when the plan was made. A plan that stores
+no per-stage predictions (a file older than schema version 2, or a hand-written plan) gets stage
+times spread from its step-time breakdown (compute 1 : 2 forward : backward, communication
+evenly) and memory bars of each device's predicted peak only, and says so (``PlanView.exact``,
+``PlanView.source``); so does a plan whose stored numbers do not fit its own stages (an edited
+plan). Views never rebuild a model or re-run the cost model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from autopar.cost_models import ModelProfile, StageTimes, Timeline, plan_memory, simulate, simulate_plan
-from autopar.cost_models import stage_costs as cost_model_stage_costs
-from autopar.plans import Plan
-from autopar.views.profile import recover_profile
+from autopar.cost_models import StageTimes, Timeline, simulate
+from autopar.cost_models.simulate import simulate_predicted, stored_stage_times
+from autopar.plans import Plan, StagePrediction, device_stages
+
+MEMORY_NAMES = {"weights": "weights", "gradients": "gradients", "optimizer": "optimizer states",
+                "activations": "activations", "logits": "logits", "reserve": "reserve"}
+APPROXIMATE = ("the plan stores no per-stage predictions (a plan file older than schema version 2, or "
+               "written by hand); per-stage numbers approximated from the plan's totals — re-plan with "
+               "`autopar plan` for the cost model's own")
 
 
 @dataclass(frozen=True)
 class StageRow:
-    """One pipeline stage; times are seconds per microbatch on one of its devices."""
+    """One pipeline stage; times are seconds per microbatch on one of its devices. ``prediction``
+    is what the plan stores for it (None when it stores nothing per stage)."""
 
     index: int
     rank: int
@@ -32,12 +40,16 @@ class StageRow:
     recompute: str
     first_node: str
     last_node: str
-    params_per_device: float | None
     times: StageTimes | None
+    prediction: StagePrediction | None = None
 
     @property
     def num_layers(self) -> int:
         return self.layers[1] - self.layers[0]
+
+    @property
+    def params_per_device(self) -> float | None:
+        return None if self.prediction is None else self.prediction.params_per_device
 
     @property
     def span(self) -> str:
@@ -58,50 +70,48 @@ class MemoryRow:
 
 @dataclass(frozen=True)
 class PlanView:
+    """``exact``: the per-stage numbers are the cost model's, stored in the plan (not approximated)."""
+
     plan: Plan
-    profile: ModelProfile | None
     source: str
+    exact: bool
     stages: tuple[StageRow, ...]
     memory: tuple[MemoryRow, ...]
     capacity_bytes: int
     timeline: Timeline | None
 
-    @property
-    def exact(self) -> bool:
-        """True when the numbers are the cost model's own, False when approximated."""
-        return self.profile is not None
-
     def stage_of_layer(self, layer: int) -> StageRow | None:
         return next((s for s in self.stages if s.layers[0] <= layer < s.layers[1]), None)
 
 
-def build_view(plan: Plan, *, timeline: bool = True, profile: ModelProfile | None = None) -> PlanView:
-    """Derive everything the views show; ``timeline=False`` skips the simulation."""
-    if profile is not None:
-        source = "cost model re-run on the given profile"
-    else:
-        recovered = recover_profile(plan)
-        profile, source = recovered.profile, recovered.note
-    times, params = _stage_numbers(plan, profile)
+def build_view(plan: Plan, *, timeline: bool = True) -> PlanView:
+    """Derive everything the views show from ``plan``; ``timeline=False`` skips the simulation."""
+    stored = plan.predicted.stages if len(plan.predicted.stages) == len(plan.stages) else ()
+    times = stored_stage_times(plan) if stored else approximate_stage_times(plan)
     pp = plan.parallelism.pp
     stages = tuple(
         StageRow(index=s.index, rank=s.index % pp, chunk=s.index // pp, layers=s.layers, devices=s.devices,
                  recompute=s.recompute, first_node=s.first_node, last_node=s.last_node,
-                 params_per_device=params[s.index] if params else None,
-                 times=times[s.index] if times else None)
+                 times=times[s.index] if times else None, prediction=stored[s.index] if stored else None)
         for s in plan.stages)
-    return PlanView(plan=plan, profile=profile, source=source, stages=stages,
-                    memory=_memory_rows(plan, profile),
-                    capacity_bytes=int(plan.cluster["device"]["memory_bytes"]),
-                    timeline=_timeline(plan, profile, times) if timeline else None)
+    memory, memory_note = _memory_rows(plan)
+    return PlanView(plan=plan, source=_source(plan) + memory_note, exact=bool(stored), stages=stages,
+                    memory=memory, capacity_bytes=int(plan.cluster["device"]["memory_bytes"]),
+                    timeline=_timeline(plan, times, exact=bool(stored)) if timeline else None)
 
 
-def _stage_numbers(plan: Plan, profile: ModelProfile | None
-                   ) -> tuple[list[StageTimes] | None, list[float] | None]:
-    if profile is not None:
-        costs = cost_model_stage_costs(plan, profile)
-        return [c.times() for c in costs], [c.params_per_device for c in costs]
-    return approximate_stage_times(plan), None
+def _source(plan: Plan) -> str:
+    predicted = plan.predicted
+    if predicted.stages and len(predicted.stages) == len(plan.stages):
+        priced = f" ({predicted.dtype} training)" if predicted.dtype else ""
+        return f"the cost model's, stored in the plan{priced}"
+    if predicted.step_time_s is None:
+        return "the plan stores no predictions"
+    if predicted.stages:
+        return (f"the plan's {len(predicted.stages)} per-stage predictions do not match its "
+                f"{len(plan.stages)} stages (an edited plan); per-stage numbers approximated from the "
+                "plan's totals")
+    return APPROXIMATE
 
 
 def approximate_stage_times(plan: Plan) -> list[StageTimes] | None:
@@ -134,9 +144,9 @@ def approximate_stage_times(plan: Plan) -> list[StageTimes] | None:
     return result
 
 
-def _timeline(plan: Plan, profile: ModelProfile | None, times: list[StageTimes] | None) -> Timeline | None:
-    if profile is not None:
-        return simulate_plan(plan, profile)
+def _timeline(plan: Plan, times: list[StageTimes] | None, *, exact: bool) -> Timeline | None:
+    if exact:
+        return simulate_predicted(plan)
     if times is None:
         return None
     sched = plan.schedule
@@ -144,23 +154,25 @@ def _timeline(plan: Plan, profile: ModelProfile | None, times: list[StageTimes] 
                     num_microbatches=sched.num_microbatches, virtual_stages=sched.virtual_stages)
 
 
-def _memory_rows(plan: Plan, profile: ModelProfile | None) -> tuple[MemoryRow, ...]:
-    held: list[list[int]] = [[] for _ in range(plan.world_size)]
-    for stage in plan.stages:
-        for device in stage.devices:
-            held[device].append(stage.index)
-    if profile is not None:
-        parts = [(("model states", m.model_states_bytes), ("activations", m.activations_bytes),
-                  ("logits", m.logits_bytes), ("reserve", m.reserve_bytes))
-                 for m in plan_memory(plan, profile)]
-    elif plan.predicted.peak_memory_bytes is not None:
-        parts = [(("peak", float(p)),) for p in plan.predicted.peak_memory_bytes]
+def _memory_rows(plan: Plan) -> tuple[tuple[MemoryRow, ...], str]:
+    """Rows of devices with the same stages and bytes, and a note when only peaks can be shown."""
+    held, predicted = device_stages(plan), plan.predicted
+    peaks, stored = predicted.peak_memory_bytes, {m.stages: m for m in predicted.memory}
+    if peaks is None:
+        return (), ""
+    if stored and all(s in stored and stored[s].peak_bytes == p for s, p in zip(held, peaks, strict=True)):
+        parts = [tuple((MEMORY_NAMES[k], v) for k, v in stored[s].parts().items()) for s in held]
+        note = ""
     else:
-        return ()
+        parts = [(("peak", float(p)),) for p in peaks]
+        note = ("" if not predicted.stages else
+                "; memory bars show each device's peak only: " + (
+                    "the plan's memory breakdown does not match its stages and peaks (priced on another "
+                    "profile, e.g. random-LTD's full length, or edited)" if stored else
+                    "the plan stores no memory breakdown"))
     groups: dict[tuple[object, ...], list[int]] = {}
-    for device, (stages, stack) in enumerate(zip(held, parts, strict=True)):
-        groups.setdefault((tuple(stages), stack), []).append(device)
-    rows = [MemoryRow(devices=tuple(devices), stages=stages, parts=stack,
-                      total_bytes=sum(value for _, value in stack))
-            for (stages, stack), devices in groups.items()]
-    return tuple(sorted(rows, key=lambda row: row.devices[0]))
+    for device, key in enumerate(zip(held, parts, map(float, peaks), strict=True)):
+        groups.setdefault(key, []).append(device)
+    rows = [MemoryRow(devices=tuple(devices), stages=stages, parts=stack, total_bytes=total)
+            for (stages, stack, total), devices in groups.items()]
+    return tuple(sorted(rows, key=lambda row: row.devices[0])), note

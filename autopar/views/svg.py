@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 import math
 
-from autopar.cli import fmt
+from autopar import fmt
 from autopar.plans import BREAKDOWN_KEYS, Plan
 from autopar.views.assets import BREAKDOWN_COLOURS, MEMORY_COLOURS, rank_colour
 from autopar.views.model import PlanView
@@ -112,7 +112,8 @@ def layer_map(view: PlanView) -> str:
 
 
 def memory_bars(view: PlanView) -> str:
-    """One stacked bar per group of devices with the same memory, against the capacity."""
+    """One stacked bar per group of devices with the same memory (by category, as the plan stores
+    it), against the capacity."""
     if not view.memory:
         return '<p class="note">the plan predicts no memory</p>'
     label_w, bar_h, gap = 210, 18, 6
@@ -126,6 +127,8 @@ def memory_bars(view: PlanView) -> str:
         body.append(text(4, y + 13, label if len(label) <= 34 else label[:33] + "…"))
         x = label_w
         for name, value in row.parts:
+            if value <= 0:
+                continue
             width = plot_w * value / scale
             body.append(rect(x, y, width, bar_h, MEMORY_COLOURS[name], f"{name}: {fmt.nbytes(value)}",
                              data_rank=rank))

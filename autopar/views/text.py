@@ -2,8 +2,8 @@
 
 Data flow: :class:`~autopar.views.model.PlanView` → :func:`render` → rich renderables printed
 by the CLI. Sections: the header (cluster, mesh, degrees, schedule, predicted step time,
-tokens/s, MFU, peak memory), the stage table (layers, devices, parameters, forward/backward
-time per microbatch, a memory bar against capacity), the step-time breakdown, the top
+tokens/s, MFU, peak memory), the stage table (layers, devices, parameters, forward/backward and
+communication time per microbatch, a memory bar against capacity), the step-time breakdown, the top
 alternatives and the graph passes. Fits 100 columns; strings from the model are passed as
 ``Text`` so rich never reads them as markup; bars are characters, readable without colour.
 """
@@ -17,7 +17,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from autopar.cli import fmt
+from autopar import fmt
 from autopar.plans import BREAKDOWN_KEYS, Plan
 from autopar.views.model import PlanView, StageRow
 
@@ -80,11 +80,14 @@ def header(view: PlanView) -> Table:
 
 
 def _stage_cells(view: PlanView, stages: list[StageRow]) -> list[str]:
-    """Layers, devices, parameters, forward, backward, recompute, memory of stages sharing devices."""
+    """Layers, devices, parameters, forward, backward, communication, recompute, memory of stages
+    sharing devices."""
     memory = {d: row for row in view.memory for d in row.devices}
     row = memory.get(stages[0].devices[0])
     times = [s.times for s in stages if s.times]
     params = [s.params_per_device for s in stages if s.params_per_device is not None]
+    stored = [s.prediction for s in stages if s.prediction is not None]
+    comm = sum(p.tp_comm_s + p.ep_comm_s + p.dp_comm_s + p.send_forward_s + p.send_backward_s for p in stored)
     first = stages[0]
     if len(stages) > 1:
         span = f"{sum(s.num_layers for s in stages)} ({len(stages)}×{first.num_layers})"
@@ -93,6 +96,7 @@ def _stage_cells(view: PlanView, stages: list[StageRow]) -> list[str]:
     return [span, fmt.id_ranges(first.devices), fmt.count(sum(params)) if params else "—",
             fmt.seconds(sum(t.forward_s for t in times) if times else None),
             fmt.seconds(sum(t.backward_s + t.backward_weight_s for t in times) if times else None),
+            fmt.seconds(comm) if stored else "—",
             "/".join(sorted({s.recompute for s in stages})),
             "—" if row is None else fmt.nbytes(row.total_bytes),
             "" if row is None else bar(row.total_bytes, view.capacity_bytes, 8)]
@@ -100,18 +104,19 @@ def _stage_cells(view: PlanView, stages: list[StageRow]) -> list[str]:
 
 def stage_table(view: PlanView, *, width: int = 100) -> Table:
     """One row per stage; under interleaving one row per pipeline rank (its chunks summed). Below
-    90 columns the memory bars are left out."""
+    90 columns the memory bars are left out. ``comm`` is the communication inside fwd and bwd
+    (tensor-parallel, all-to-all, per-microbatch data-parallel) plus the P2P sends."""
     pp, interleaved = view.plan.parallelism.pp, view.plan.schedule.virtual_stages > 1
-    approx = "" if view.exact else "; times approximated from totals"
+    approx = "" if view.exact or not any(s.times for s in view.stages) else "; times approximated from totals"
     title = (f"pipeline ranks (rank r runs stages r, r+{pp}, …; per microbatch{approx})" if interleaved
              else f"pipeline stages (per microbatch{approx})")
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
                   collapse_padding=True)
     first = ("rank", "stages") if interleaved else ("stage",)
     bars = width >= 90
-    for name in (*first, "layers", "devices", "params", "fwd", "bwd", "recomp", "memory",
+    for name in (*first, "layers", "devices", "params", "fwd", "bwd", "comm", "recomp", "memory",
                  *(["of capacity"] if bars else [])):
-        right = name in ("stage", "rank", "params", "fwd", "bwd", "memory")
+        right = name in ("stage", "rank", "params", "fwd", "bwd", "comm", "memory")
         table.add_column(name, justify="right" if right else "left", no_wrap=True)
     groups = ([[s for s in view.stages if s.rank == rank] for rank in range(pp)] if interleaved
               else [[s] for s in view.stages])

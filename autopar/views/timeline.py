@@ -1,7 +1,8 @@
 """The pipeline timeline of the HTML report: one row per pipeline rank, one box per event.
 
-Data flow: ``PlanView.timeline`` (``cost_models.simulate``'s events: forward, backward, weight
-gradient, recomputation, send, receive; idle is the row's background) → :func:`timeline_svg`
+Data flow: ``PlanView.timeline`` (``cost_models.simulate_predicted``'s events on the stage times the
+plan stores: forward, backward, weight gradient, recomputation, send, receive; idle is the row's
+background) → :func:`timeline_svg`
 → an SVG string in ``views.html``. The drawing fits the page unless that leaves under 1.5 px
 per action; then it grows and scrolls horizontally. After the pipeline part it marks the
 step's data-parallel sync and optimizer time from ``plan.predicted.breakdown``.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from autopar.cli import fmt
+from autopar import fmt
 from autopar.cost_models import TimelineEvent
 from autopar.views.assets import KIND_COLOURS
 from autopar.views.model import PlanView

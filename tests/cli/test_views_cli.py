@@ -45,7 +45,7 @@ def test_plan_saves_prints_and_reports(planned, capsys):
     assert code == 0, err
     text = flat(out)
     assert "plan · gpt-tiny" in text and "planned in" in text and "configurations evaluated" in text
-    assert "local:2" in text and "(fp32)" in text  # CPU clusters keep the model's dtype
+    assert "local:2" in text and "(fp32 training)" in text  # CPU clusters keep the model's dtype
     assert "wrote" not in text
 
 
@@ -63,6 +63,75 @@ def test_show_every_format(planned, capsys):
     code, out, _ = run(capsys, "show", path, "--html", str(report))
     assert code == 0 and report.read_text().startswith("<!DOCTYPE html>")
     assert out.startswith(f"wrote {report}") and "KiB, rendered in" in out and "pipeline stages" not in out
+
+
+def _user_plan(path):
+    """A model defined here, as in a user's script: nothing can import or rebuild it by name."""
+    import torch
+    from torch import nn
+
+    import autopar
+
+    class Block(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.norm = nn.LayerNorm(width)
+            self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+        def forward(self, x):
+            return x + self.down(torch.relu(self.up(self.norm(x))))
+
+    class ScriptNet(nn.Module):
+        def __init__(self, vocab=512, width=64, depth=4):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, width)
+            self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+            self.head = nn.Linear(width, vocab)
+
+        def forward(self, idx):
+            x = self.embed(idx)
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+
+    plan = autopar.plan(ScriptNet(), torch.randint(0, 512, (2, 32)), cluster="1x8xA100-80GB",
+                        global_batch_size=16, fix={"pp": 2, "tp": 1, "schedule": "1f1b", "recompute": "full"})
+    plan.save(path)
+    return plan
+
+
+def test_a_plan_of_a_users_own_model_shows_its_per_stage_numbers(tmp_path, capsys, monkeypatch):
+    import autopar
+
+    path = tmp_path / "script_net.json"
+    plan = _user_plan(path)
+    assert plan.model == "ScriptNet" and plan.parallelism.pp == 2 and len(plan.predicted.stages) == 2
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a view tried to rebuild the model")
+
+    for name in ("build", "get_config", "resolve_config"):
+        monkeypatch.setattr(autopar.models, name, refuse, raising=False)
+    code, out, err = run(capsys, "show", str(path))
+    assert code == 0, err
+    text = flat(out)
+    assert "approximated" not in text and "per-stage numbers: the cost model's, stored in the plan" in text
+    stages = out.split("pipeline stages")[1].split("predicted step time")[0]
+    rows = [line.split() for line in stages.splitlines() if line.split()[:1] in (["0"], ["1"])]
+    assert len(rows) == 2 and all("—" not in row[:8] for row in rows)  # params, fwd, bwd, comm per stage
+    code, out, err = run(capsys, "show", str(path), "--format", "json")
+    data = json.loads(out)
+    assert code == 0 and data["per_stage_numbers"] == "cost model"
+    assert [s["forward_s"] for s in data["stages"]] == [s.forward_s for s in plan.predicted.stages]
+    assert data["memory"][0]["parts_bytes"]["optimizer states"] > 0
+    code, out, err = run(capsys, "explain", str(path))
+    assert code == 0, err
+    text = flat(out)
+    assert "approximat" not in text and "stage balance: the slowest stage" in text
+    assert "recomputes (full): without it its devices would need" in text
+    code, out, err = run(capsys, "explain", str(path), "1")
+    assert code == 0, err
+    assert "per microbatch: forward" in flat(out) and "(approximate)" not in out
 
 
 def test_show_escapes_hostile_names(tmp_path, capsys):

@@ -15,6 +15,8 @@ from autopar.plans import (
     SCHEMA_VERSION,
     Alternative,
     AppliedPass,
+    CostOptionsUsed,
+    MemoryPrediction,
     Mesh,
     Parallelism,
     Plan,
@@ -23,7 +25,24 @@ from autopar.plans import (
     Schedule,
     Sharding,
     Stage,
+    StagePrediction,
 )
+
+GIB = 2**30
+
+
+def stage_predictions() -> tuple[StagePrediction, ...]:
+    return (StagePrediction(index=0, forward_s=0.004, backward_s=0.006, backward_weight_s=0.002,
+                            recompute_s=0.003, send_forward_s=0.0002, tp_comm_s=0.001,
+                            params_per_device=62_000_000, memory_without_recompute_bytes=40 * GIB),
+            StagePrediction(index=1, forward_s=0.005, backward_s=0.008, send_backward_s=0.0002,
+                            tp_comm_s=0.001, params_per_device=62_500_000.5))
+
+
+def memory_predictions() -> tuple[MemoryPrediction, ...]:
+    return tuple(MemoryPrediction(stages=(i,), weights_bytes=2 * GIB, gradients_bytes=2 * GIB,
+                                  optimizer_bytes=6 * GIB, activations_bytes=19.5 * GIB, logits_bytes=0,
+                                  reserve_bytes=1.5 * GIB, peak_bytes=31 * GIB) for i in range(2))
 
 
 def make_plan(**overrides: Any) -> Plan:
@@ -48,7 +67,10 @@ def make_plan(**overrides: Any) -> Plan:
         predicted=Predicted(step_time_s=0.41, tokens_per_s=79_921.3, tflops_per_device=121.7,
                             mfu=0.39, peak_memory_bytes=(31 * 2**30,) * 8,
                             breakdown={"compute": 0.3, "bubble": 0.05, "tp_comm": 0.04,
-                                       "dp_comm": 0.02}),
+                                       "dp_comm": 0.02},
+                            stages=stage_predictions(), memory=memory_predictions(), dtype="bf16",
+                            options=CostOptionsUsed(dp_overlap=0.5, tp_overlap=0, sequence_parallel=False,
+                                                    p2p_scatter_gather=True)),
         alternatives=(Alternative(parallelism=Parallelism(dp=8, tp=1, pp=1),
                                   schedule=Schedule(name="gpipe", microbatch_size=4,
                                                     num_microbatches=1),
@@ -152,7 +174,8 @@ STAGE = Stage(index=0, first_node="", last_node="", layers=(0, 12), devices=(0, 
         ({"zero": 4}, "Plan.zero = 4 is invalid: expected one of [0, 1, 2, 3]"),
         ({"seq_len": 0}, "Plan.seq_len = 0 is invalid: expected an int >= 1"),
         ({"model": ""}, "Plan.model = '' is invalid: expected a nonempty str"),
-        ({"schema_version": 2}, "plan schema_version 2 is not supported"),
+        ({"schema_version": 3}, "plan schema_version 3 is not supported"),
+        ({"schema_version": 1}, "a Plan in memory is version 2; Plan.load and Plan.from_json upgrade"),
         ({"mesh": Mesh(axis_names=("pp", "dp", "tp"), shape=(2, 4, 1),
                           device_ids=tuple(range(8)))},
          "Plan.mesh axis 'dp' = 4 is invalid: expected dp(2)"),
@@ -187,6 +210,26 @@ def test_plan_validation(overrides: dict[str, Any], message: str) -> None:
         (lambda: Predicted(breakdown={"network": 1.0}), "Predicted.breakdown['network']"),
         (lambda: Predicted(step_time_s=-1.0), "expected a finite float >= 0 or None"),
         (lambda: Predicted(mfu=float("nan")), "Predicted.mfu = nan is invalid"),
+        (lambda: Predicted(stages=stage_predictions()[1:]),
+         "Predicted.stages[0].index = 1 is invalid: expected 0 (stage order)"),
+        (lambda: Predicted(memory=memory_predictions()[:1] * 2), "one entry per set of stages"),
+        (lambda: StagePrediction(index=0, forward_s=-1.0, backward_s=0, params_per_device=1),
+         "StagePrediction.forward_s = -1.0 is invalid: expected a finite float >= 0"),
+        (lambda: StagePrediction(index=0, forward_s=1, backward_s=None, params_per_device=1),
+         "StagePrediction.backward_s = None is invalid"),
+        (lambda: StagePrediction(index=0, forward_s=1, backward_s=1, params_per_device=1,
+                                 memory_without_recompute_bytes=1.5),
+         "StagePrediction.memory_without_recompute_bytes = 1.5 is invalid: expected an int >= 0"),
+        (lambda: dataclasses.replace(memory_predictions()[0], stages=(1, 0)),
+         "MemoryPrediction.stages = (1, 0) is invalid: expected distinct stage indices >= 0 in "
+         "increasing order"),
+        (lambda: dataclasses.replace(memory_predictions()[0], logits_bytes=float("inf")),
+         "MemoryPrediction.logits_bytes = inf is invalid"),
+        (lambda: CostOptionsUsed(dp_overlap=1.5, tp_overlap=0, sequence_parallel=False,
+                                 p2p_scatter_gather=True), "CostOptionsUsed.dp_overlap = 1.5 is invalid"),
+        (lambda: CostOptionsUsed(dp_overlap=0, tp_overlap=0, sequence_parallel=1, p2p_scatter_gather=True),
+         "CostOptionsUsed.sequence_parallel = 1 is invalid: expected a bool"),
+        (lambda: Predicted(dtype=""), "Predicted.dtype = '' is invalid"),
         (lambda: AppliedPass(name="moe", config={"experts": {"n": 8}}),
          "AppliedPass.config['experts'] = {'n': 8} is invalid: expected a JSON scalar"),
         (lambda: Sharding(node="", strategy="colwise"), "Sharding.node = '' is invalid"),
@@ -261,8 +304,17 @@ GOOD = make_plan().to_json().encode()
         (b"\xff\xfe\x00garbage", "corrupt plan file"),
         (b"[1, 2]", "corrupt plan file"),
         (_edited(lambda d: d.update(schema_version=99)),
-         "plan schema_version 99 is not supported; this autopar reads version 1 — "
-         "re-plan with `autopar plan`"),
+         "plan schema_version 99 is not supported; this autopar reads versions 1 to 2 (a newer autopar "
+         "wrote the file: upgrade autopar to read it) — re-plan with `autopar plan`"),
+        (_edited(lambda d: d.update(schema_version=0)),
+         "plan schema_version 0 is not supported; this autopar reads versions 1 to 2 — re-plan"),
+        (_edited(lambda d: d.update(schema_version=1)),  # version 1 had no per-stage predictions
+         "plan.predicted has field(s) ['dtype', 'memory', 'options', 'stages'], which schema version 1 "
+         "does not have"),
+        (_edited(lambda d: d["predicted"]["stages"][0].update(forward_s="fast")),
+         "plan.predicted.stages[0].forward_s should be a number, got str 'fast'"),
+        (_edited(lambda d: d["predicted"]["options"].update(sequence_parallel=0)),
+         "plan.predicted.options.sequence_parallel should be a bool, got int 0"),
         (_edited(lambda d: d.update(schema_version="1")),
          "plan schema_version '1' is not supported"),
         (_edited(lambda d: d.pop("schema_version")), "has no schema_version"),
@@ -319,3 +371,39 @@ def test_fingerprint_mismatch(tmp_path: Path) -> None:
     assert str(info.value) == (
         "plan was made for graph fingerprint 0123456789abcdef but the model's graph is "
         "fedcba9876543210 — the model changed; re-plan with `autopar plan`")
+
+
+def _version_1_text(plan: Plan) -> str:
+    """``plan`` as autopar wrote it before schema version 2: no per-stage predictions."""
+    data = json.loads(plan.to_json())
+    for name in ("stages", "memory", "dtype", "options"):
+        del data["predicted"][name]
+    return json.dumps({**data, "schema_version": 1})
+
+
+def test_version_1_files_load_without_per_stage_predictions(tmp_path: Path) -> None:
+    plan = make_plan()
+    path = tmp_path / "old.json"
+    path.write_text(_version_1_text(plan))
+    old = Plan.load(path)
+    assert old.schema_version == SCHEMA_VERSION == 2
+    assert old.predicted.stages == () and old.predicted.memory == ()
+    assert old.predicted.dtype is None and old.predicted.options is None
+    assert old.predicted.step_time_s == plan.predicted.step_time_s
+    assert old == dataclasses.replace(plan, predicted=dataclasses.replace(
+        plan.predicted, stages=(), memory=(), dtype=None, options=None))
+    assert json.loads(old.to_json())["schema_version"] == 2  # saved again: the current version
+
+
+def test_per_stage_predictions_round_trip() -> None:
+    plan = make_plan()
+    data = json.loads(plan.to_json())["predicted"]
+    assert data["stages"][1]["params_per_device"] == 62_500_000.5
+    assert data["memory"][0]["stages"] == [0] and data["memory"][0]["peak_bytes"] == 31 * GIB
+    assert data["options"] == {"dp_overlap": 0.5, "local_rates": None, "p2p_scatter_gather": True,
+                               "sequence_parallel": False, "tp_overlap": 0.0}
+    again = Plan.from_json(plan.to_json())
+    assert again.predicted.stages == stage_predictions() and again.predicted.dtype == "bf16"
+    assert type(again.predicted.stages[0].params_per_device) is float
+    assert again.predicted.memory[1].parts()["activations"] == 19.5 * GIB
+    assert again.predicted.stages[0].work_s == pytest.approx(0.0152)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 from rich.console import Console
-from view_plans import XSS, hostile_plan, rich_plan, zoo_plan
+from view_plans import XSS, hostile_plan, rich_plan, version_1, zoo_plan
 
 from autopar.plans import Sharding
 from autopar.views import build_view
@@ -34,6 +34,14 @@ def test_diff_names_each_change_and_its_size():
     assert "a = a.json" in text and "tp 2 4 ×2" in text and "compared fields unchanged" in text
 
 
+def test_diff_shows_what_the_plans_store_per_stage():
+    a, b = zoo_plan(), version_1(zoo_plan())
+    rows = {r.what: r for r in compare(a, b) if r.changed}
+    assert rows["priced in"].a == "bf16" and rows["priced in"].b == "—"
+    assert rows["slowest stage / microbatch"].b == "—" and "cost options" in rows
+    assert "dp_overlap 0, tp_overlap 0" in rows["cost options"].a
+
+
 def test_diff_of_equal_plans():
     plan = rich_plan()
     assert "identical" in printed(render_diff(plan, plan))
@@ -46,7 +54,8 @@ def test_explain_gives_computed_reasons():
     for expected in ("tp 2: each layer's matmuls split over 2 devices inside a node",
                      "pp 2: 24 layers in 2 stages", "dp 4", "memory does not bind", "stage balance",
                      "stage 1 recomputes (full): without it its devices would need", "column-parallel",
-                     "row-parallel", "blocks_*_attn_qkv", "alternatives considered (top 2 of 2)"):
+                     "row-parallel", "blocks_*_attn_qkv", "alternatives considered (top 2 of 2)",
+                     "communication per microbatch on the busiest stage", "tensor-parallel"):
         assert expected in text, expected
 
 
@@ -56,7 +65,10 @@ def test_explain_binding_memory():
     device = dict(plan.cluster["device"], memory_bytes=int(peak * 1.02))
     tight = dataclasses.replace(plan, cluster=dict(plan.cluster, device=device), model="MyNet")
     text = printed(explain_plan(build_view(tight)))
-    assert "memory binds: devices" in text and "the planner's memory model needed it" in text
+    assert "memory binds: devices" in text and "recomputes (full): without it its devices would need" in text
+    assert "which would fit in the" in text and "approximate" not in text
+    text = printed(explain_plan(build_view(version_1(tight))))
+    assert "the planner's memory model needed it" in text and "approximated from the plan's totals" in text
 
 
 @pytest.mark.parametrize("query, layer, nodes", [
@@ -81,6 +93,7 @@ def test_explain_one_target():
     view = build_view(rich_plan())
     text = printed(explain_target(view, "blocks.13.attn.proj"))
     assert "layer 13 runs in stage 1" in text and "recomputes (full)" in text
+    assert "communication: tensor-parallel" in text and "(approximate)" not in text
     assert "blocks_13_attn_proj: rowwise" in text and "all-reduce" in text
 
 
@@ -101,7 +114,8 @@ def test_dot_escapes_and_groups_ranks():
 
 def test_json_summary_is_complete_and_plain():
     data = json.loads(json.dumps(summary(build_view(rich_plan()))))
-    assert data["per_stage_numbers"] == "cost model" and len(data["stages"]) == 2
+    assert data["per_stage_numbers"] == "cost model" and len(data["stages"]) == 2 and data["dtype"] == "bf16"
+    assert data["stages"][0]["tp_comm_s"] > 0 and data["stages"][0]["pp_comm_s"] > 0
     assert data["stages"][1]["recompute"] == "full" and data["stages"][1]["recompute_s"] > 0
     assert data["parallelism"] == {"dp": 4, "ep": 1, "pp": 2, "tp": 2}
     assert data["timeline_s"] > 0 and len(data["alternatives"]) == 2

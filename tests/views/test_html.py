@@ -5,9 +5,10 @@ import hashlib
 import re
 
 import pytest
-from view_plans import XSS, hostile_plan, rich_plan, zoo_plan
+from view_plans import XSS, hostile_plan, rich_plan, version_1, zoo_plan
 
 from autopar.cost_models import megatron_plan
+from autopar.plans import Plan
 from autopar.views import build_view
 from autopar.views.assets import CSP, JS
 from autopar.views.html import render_html
@@ -21,7 +22,11 @@ def test_every_section_is_there():
     for section in SECTIONS:
         assert f'<section id="{section}">' in html
     assert html.count("<svg") == 5  # mesh, layer map, timeline, memory, breakdown
-    assert html.count('data-rank="0"') > 10 and "model states" in html and "capacity" in html
+    assert html.count('data-rank="0"') > 10 and "capacity" in html
+    for part in ("weights", "gradients", "optimizer states", "activations", "reserve"):
+        assert f"{part}: " in html, part  # a memory bar's tooltip
+    assert "TP " in html and "P2P " in html  # communication per stage
+    assert "stage times the cost model stored in the plan" in html and "approximated" not in html
     assert "dp8 tp1 pp2" in html and "fused_attention" in html and "blocks_*_attn_qkv" in html
     assert "recompute" in html and "weight gradient" not in html.split('<section id="timeline">')[1][:50]
 
@@ -66,6 +71,11 @@ def test_a_thousand_gpu_report_stays_small():
     plan = estimate_plan(plan, ModelProfile.gpt(get_config("megatron-1t"), name="megatron-1t"))
     html = render_html(build_view(plan))
     assert len(html.encode()) < 2 * 2**20
+
+
+def test_an_older_plan_file_renders_approximately_and_says_so():
+    html = render_html(build_view(Plan.from_json(version_1(rich_plan()).to_json())))
+    assert "approximated from the plan&#x27;s totals" in html and "peak: " in html and "<svg" in html
 
 
 def test_a_plan_without_predictions_renders_everywhere():

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 from rich.console import Console
-from view_plans import XSS, hostile_plan, rich_plan, zoo_plan
+from view_plans import XSS, hostile_plan, rich_plan, version_1, zoo_plan
 
 from autopar.views import build_view
 from autopar.views.text import bar, describe_config, render
@@ -24,7 +24,7 @@ def test_sections_fit_the_terminal(width):
                      "pipeline stages", "0–11", "12–23", "0–7", "8–15", "full", "predicted step time",
                      "compute", "recompute", "bubble", "alternatives considered (top 2 of 2)",
                      "dp8 tp1 pp2 · 1f1b b1×m8", "+10.0 %", "graph passes: fused_attention (causal=True)",
-                     "reproduces the plan's predicted step time"):
+                     "comm", "per-stage numbers: the cost model's, stored in the plan (bf16 training)"):
         assert expected in " ".join(text.split()), expected
     assert "…" not in text  # nothing truncated
     assert ("of capacity" in text) == (width >= 90)  # memory bars only where they fit
@@ -38,7 +38,12 @@ def test_interleaved_plans_fold_stages_by_rank():
 def test_plan_strings_are_not_rich_markup():
     text = printed(hostile_plan())
     assert XSS in text and "[red]markup[/red]" in text
-    assert "times approximated from totals" in text
+    assert "approximated" not in text  # a model that is no zoo name still has its stored numbers
+
+
+def test_an_older_plan_file_says_its_numbers_are_approximate():
+    text = " ".join(printed(version_1(rich_plan())).split())
+    assert "times approximated from totals" in text and "re-plan with `autopar plan`" in text
 
 
 def test_bars_and_config_descriptions():

@@ -1,9 +1,9 @@
 """Hand-made plans for the view tests: a zoo GPT on 16 A100s with predictions from the cost model.
 
 Views must work from any Plan, so the tests do not run the planner: ``cost_models.megatron_plan``
-lays out the degrees, ``estimate_plan`` fills ``predicted`` with the default cost options (so
-``views.profile`` can recover the profile), and the rest (alternatives, passes, shardings,
-hostile names) is added by hand.
+lays out the degrees, ``estimate_plan`` fills ``predicted`` (with the per-stage numbers views
+draw), and the rest (alternatives, passes, shardings, hostile names) is added by hand.
+:func:`version_1` makes the plan an older autopar would have written: no per-stage predictions.
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ def zoo_plan(*, tp: int = 2, pp: int = 2, schedule: str = "1f1b", recompute: str
     plan = megatron_plan(MODEL, num_gpus=num_gpus, tp=tp, pp=pp, global_batch_size=batch, schedule=schedule,
                          recompute=recompute, virtual_stages=virtual_stages)
     return estimate_plan(plan, ModelProfile.gpt(get_config(MODEL), name=MODEL, dtype="bf16"))
+
+
+def version_1(plan: Plan) -> Plan:
+    """``plan`` as a schema-version-1 file stores it: predictions without stages, memory, dtype, options."""
+    return dataclasses.replace(plan, predicted=dataclasses.replace(
+        plan.predicted, stages=(), memory=(), dtype=None, options=None))
 
 
 def alternatives(plan: Plan) -> tuple[Alternative, ...]:
