@@ -27,7 +27,6 @@ from autopar.capture.batch import leading_dims, normalize_inputs, resize_batch
 from autopar.cluster import ClusterSpec
 from autopar.cost_models import CostOptions, ModelProfile
 from autopar.cost_models import estimate as estimate_predicted
-from autopar.cost_models.memory import peak_memory_bytes
 from autopar.passes import GraphPass, PassContext, check_passes, run_passes, time_profile
 from autopar.plans import AppliedPass, Plan, Predicted, graph_fingerprint
 
@@ -130,12 +129,7 @@ def with_fingerprint(plan: Plan, model: nn.Module, example_inputs: Any, *, passe
 def predict(plan: Plan, program: Program, *, options: CostOptions | None = None) -> Predicted:
     """The cost model's prediction of ``plan`` on ``program``: time on the time profile, peak memory
     on the memory profile (``cost_models.estimate``; the one pricing path)."""
-    predicted = estimate_predicted(plan, program.profile, options=options)
-    if program.profile is program.memory_profile:
-        return predicted
-    sequence_parallel = (options or CostOptions()).sequence_parallel
-    peak = peak_memory_bytes(plan, program.memory_profile, sequence_parallel=sequence_parallel)
-    return dataclasses.replace(predicted, peak_memory_bytes=peak)
+    return estimate_predicted(plan, program.profile, options=options, memory_profile=program.memory_profile)
 
 
 def predicted_plan(plan: Plan, program: Program, *, options: CostOptions | None = None) -> Plan:
