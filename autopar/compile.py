@@ -33,7 +33,7 @@ from autopar.launch_plan import EngineRequest, start_engine
 from autopar.losses import cross_entropy
 from autopar.lower import Program, predicted_plan
 from autopar.passes import GraphPass, MoE
-from autopar.passes.moe_layer import MoEStats
+from autopar.passes.moe.layer import MoEStats
 from autopar.plans import Plan
 from autopar.programs import Programs
 from autopar.runtime.executor import Executor

@@ -41,9 +41,9 @@ import torch
 import torch.distributed as dist
 
 import autopar
+from autopar.calibration import cpu_seconds, others_busy_cores
 from autopar.capture import capture
 from autopar.cost_models import CostOptions, ModelProfile, estimate
-from autopar.cost_models.calibrate import cpu_seconds, others_busy_cores
 from autopar.cost_models.local_profile import LocalProfile, load_profile
 from autopar.plans import Plan, Predicted
 from autopar.runtime import spawn
@@ -284,7 +284,7 @@ def _profile(args: argparse.Namespace, previous: dict[str, Any] | None) -> tuple
         default = load_profile()
         if default is not None:
             return default, "default profile"
-    from autopar.cost_models.calibrate import calibrate, other_load_warning
+    from autopar.calibration import calibrate, other_load_warning
 
     profile, path = calibrate(out=os.path.join(tempfile.gettempdir(), "autopar-bench-profile.json"),
                               nproc=max(args.worlds), quick=args.quick_calibration)

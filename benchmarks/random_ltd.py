@@ -40,8 +40,9 @@ from torch import fx
 
 import autopar
 from autopar.cost_models import ModelProfile, estimate
+from autopar.cost_models.token_dropping import ltd_profile
 from autopar.passes import PassContext, RandomLTD, run_passes
-from autopar.passes.random_ltd import kept_fractions, ltd_profile, random_ltd_runtime
+from autopar.passes.random_ltd import kept_fractions, random_ltd_runtime
 from autopar.plans import Plan
 
 RESULTS = Path(__file__).parent / "results"

@@ -1,6 +1,6 @@
 """Fused attention: FlashAttention-2 (Dao 2023) as a ``torch.library`` op, with an SDPA fallback.
 
-Data flow: the fused-attention pass (``passes/fused_attention.py``) puts
+Data flow: the fused-attention pass (``passes/fused_attention/transform.py``) puts
 :func:`flash_scaled_dot_product_attention` nodes into captured graphs; user code may call
 :func:`flash_attention` directly. Either runs ``autopar::flash_attention`` — Triton forward
 (``flash_fwd.py``) and backward (``flash_bwd_kv.py``, ``flash_bwd_q.py``) behind one autograd

@@ -13,7 +13,7 @@ import autopar
 from autopar.losses import cross_entropy
 from autopar.passes import MoE
 from autopar.passes.moe import moe_aux_loss
-from autopar.passes.moe_layer import MoELayer, MoEStats
+from autopar.passes.moe.layer import MoELayer, MoEStats
 from autopar.runtime.pass_state import passes_from_json, passes_to_json
 
 B, S, L = 2, 16, 4

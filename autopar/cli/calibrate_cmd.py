@@ -1,6 +1,6 @@
 """``autopar calibrate [--out PATH] [--nproc N] [--quick]``: measure this machine for the cost model.
 
-Data flow: the CLI → :func:`autopar.cost_models.calibrate.calibrate` (single-process operations
+Data flow: the CLI → :func:`autopar.calibration.calibrate` (single-process operations
 and a gloo group of N processes) → a versioned JSON profile written atomically (default
 ``~/.cache/autopar/profile-<hostname>.json``) → printed here as one table. The cost model loads it
 for ``local`` clusters (``autopar.cost_models.cpu_step``); without it, it uses placeholder rates.
@@ -33,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from autopar.cost_models import calibrate as calibration  # torch.distributed: import on use
+    import autopar.calibration as calibration  # torch.distributed: import on use
 
     profile, path = calibration.calibrate(out=args.out, nproc=args.nproc, quick=args.quick)
     console.print(profile_table(profile))

@@ -37,7 +37,7 @@ from autopar.capture import Captured
 from autopar.capture.annotate import flat_inputs
 from autopar.capture.record import META_KEY
 from autopar.losses import IGNORE_INDEX, cross_entropy, logits_of
-from autopar.passes.moe_layer import MoELayer
+from autopar.passes.moe.layer import MoELayer
 from autopar.plans import Plan
 from autopar.runtime.data_parallel import apply_data_parallel
 from autopar.runtime.expert_parallel import ExpertGroups, apply_expert_parallel

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 
 if TYPE_CHECKING:
-    from autopar.passes.moe_layer import MoELayer
+    from autopar.passes.moe.layer import MoELayer
     from autopar.plans import Plan
     from autopar.runtime.measure import StepReport
 

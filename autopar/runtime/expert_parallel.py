@@ -2,7 +2,7 @@
 
 Data flow: :class:`~autopar.runtime.engine.Engine` → :func:`apply_expert_parallel` on each stage
 graph before data parallelism and recomputation wrap it → every
-:class:`~autopar.passes.moe_layer.MoELayer` of the stage is replaced (in that stage only) by a
+:class:`~autopar.passes.moe.layer.MoELayer` of the stage is replaced (in that stage only) by a
 copy that holds ``E / ep`` experts and routes through :class:`AllToAllExperts`; the engine then
 keeps those experts out of the data-parallel wrapper and reduces their gradients itself
 (:meth:`ExpertGroups.reduce_gradients`).
@@ -20,7 +20,7 @@ process that routes each (data-parallel shard, microbatch) group separately. Dis
 ``all_to_all_single`` (autograd-aware, ``torch.distributed.nn.functional``; gloo and NCCL both
 take uneven splits), that rank runs its experts on what it received, and a second all-to-all
 returns the outputs, which are weighted and summed in fp32 like the local loop
-(:func:`~autopar.passes.moe_layer.run_local_experts`). Forward: two all-to-alls per layer and
+(:func:`~autopar.passes.moe.layer.run_local_experts`). Forward: two all-to-alls per layer and
 microbatch; backward: the two reverse ones.
 
 Gradient scale: the engine's loss on each rank is multiplied by ``dp`` so that averaging dense
@@ -42,7 +42,7 @@ from torch import fx, nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 from torch.distributed.tensor import DTensor, Replicate
 
-from autopar.passes.moe_layer import MoELayer, Routing
+from autopar.passes.moe.layer import MoELayer, Routing
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from torch.profiler import record_function
 
 from autopar.capture.batch import leading_dims
 from autopar.passes.moe import moe_aux_loss
-from autopar.passes.moe_layer import MoELayer
+from autopar.passes.moe.layer import MoELayer
 from autopar.plans import Plan
 from autopar.runtime.measure import StepReport, measure_labelled_step, stage_label
 from autopar.runtime.pass_state import PassStates

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from autopar.passes.moe_layer import MoEStats
+from autopar.passes.moe.layer import MoEStats
 
 if TYPE_CHECKING:
     from autopar.runtime.engine import Engine

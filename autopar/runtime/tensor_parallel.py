@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
-from autopar.passes.moe_layer import MoELayer
+from autopar.passes.moe.layer import MoELayer
 from autopar.plans import Sharding
 from autopar.plans.megatron import embedding_weight, linear_weight
 

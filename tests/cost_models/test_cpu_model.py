@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 import autopar
+from autopar.calibration.fits import compute_shares, cpu_rates
 from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.cost_models import CostOptions, ModelProfile, estimate, simulate, stage_costs
-from autopar.cost_models.calibrate_fits import compute_shares, cpu_rates
 from autopar.cost_models.cpu_compute import DTENSOR_TP, transformer_layer_part
 from autopar.cost_models.cpu_rates import CpuRates, OpTable
 from autopar.cost_models.local_profile import LinkFit, LocalProfile, ProcessShare, save_profile

@@ -18,8 +18,8 @@ from autopar.capture import META_KEY
 from autopar.cost_models import ModelProfile
 from autopar.kernels import triton_available
 from autopar.passes import FusedAttention, PassContext, RandomLTD, run_passes
-from autopar.passes.attention_patterns import find_attention
 from autopar.passes.fused_attention import fused_attention_nodes, fused_attention_record
+from autopar.passes.fused_attention.patterns import find_attention
 from tests.helpers.nanogpt import NanoGPT
 
 # The interpreter evaluates exp2((s − m)·log₂e) in numpy; finfo.min masks overflow to −inf there

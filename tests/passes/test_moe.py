@@ -13,7 +13,7 @@ import autopar
 from autopar.capture import META_KEY
 from autopar.passes import MoE, PassError
 from autopar.passes.moe import RECORD_KEY, moe_aux_loss, moe_layers, moe_stats
-from autopar.passes.moe_layer import MoELayer, balance_loss, expert_capacity, route, z_loss
+from autopar.passes.moe.layer import MoELayer, balance_loss, expert_capacity, route, z_loss
 
 B, S, H, V = 2, 16, 32, 64
 NO_DROP = {"capacity_factor": 4.0, "eval_capacity_factor": 4.0}  # E / k = 4: capacity = tokens

@@ -9,7 +9,7 @@ import autopar
 from autopar.capture import META_KEY
 from autopar.passes import MoE, PassContext, run_passes
 from autopar.passes.moe import RECORD_KEY, moe_layers, moe_stats
-from autopar.passes.moe_hf import GatedExpert
+from autopar.passes.moe.hf import GatedExpert
 
 tf = pytest.importorskip("transformers")
 pytestmark = pytest.mark.hf

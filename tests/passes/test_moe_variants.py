@@ -13,8 +13,8 @@ import autopar
 from autopar.capture import META_KEY
 from autopar.passes import MoE, PassError
 from autopar.passes.moe import RECORD_KEY, moe_layers, moe_runtime
-from autopar.passes.moe_gates import DTSGate, MoERuntime, dts_route, dts_temperature, gumbel_noise
-from autopar.passes.moe_layer import MoELayer
+from autopar.passes.moe.gates import DTSGate, MoERuntime, dts_route, dts_temperature, gumbel_noise
+from autopar.passes.moe.layer import MoELayer
 from autopar.runtime.pass_state import PassRuntime
 
 B, S, H, V = 2, 16, 32, 64

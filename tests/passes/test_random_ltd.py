@@ -14,8 +14,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import autopar
 from autopar.capture import META_KEY
 from autopar.cost_models import ModelProfile, estimate
+from autopar.cost_models.token_dropping import ltd_profile
 from autopar.passes import PassContext, RandomLTD, run_passes
-from autopar.passes.ltd_schedule import (
+from autopar.passes.random_ltd import kept_fractions, random_ltd_runtime
+from autopar.passes.random_ltd.schedule import (
     kept_tokens,
     layer_token_lr_scheduler,
     layer_tokens_per_step,
@@ -23,7 +25,6 @@ from autopar.passes.ltd_schedule import (
     ltd_scatter,
     mean_kept_fraction,
 )
-from autopar.passes.random_ltd import kept_fractions, ltd_profile, random_ltd_runtime
 from autopar.plans import Plan
 
 B, S, H, V = 2, 32, 32, 128

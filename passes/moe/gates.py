@@ -1,10 +1,10 @@
 """MoE gates beyond top-k: the dense-to-sparse gate (DTS-Gate, EvoMoE) and its step counter.
 
-Data flow: ``MoE(gate="dts")`` (``passes/moe.py``) installs one :class:`MoERuntime` at ``gm.moe``
-and gives every :class:`~autopar.passes.moe_layer.MoELayer` a :class:`DTSGate` that reads the
+Data flow: ``MoE(gate="dts")`` (``passes/moe/transform.py``) installs one :class:`MoERuntime` at ``gm.moe``
+and gives every :class:`~autopar.passes.moe.layer.MoELayer` a :class:`DTSGate` that reads the
 runtime's step; the compiled model moves that step (``autopar.runtime.pass_state``, like
 random-LTD's runtime) and saves it. The gate turns the router logits into a
-:class:`~autopar.passes.moe_layer.Routing` that ``run_local_experts`` and the expert-parallel
+:class:`~autopar.passes.moe.layer.Routing` that ``run_local_experts`` and the expert-parallel
 runtime consume unchanged.
 
 DTS-Gate (Nie et al., EvoMoE, TECHNIQUES.md §7), for steps ``t < N`` (``anneal_steps``)::
@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from autopar.passes.moe_layer import Routing, route
+from autopar.passes.moe.layer import Routing, route
 
 if TYPE_CHECKING:
-    from autopar.passes.moe_layer import MoELayer
+    from autopar.passes.moe.layer import MoELayer
 
 RUNTIME = "moe"  # gm.moe: the PassRuntime of the MoE pass
 

@@ -1,7 +1,7 @@
 """The Mixture-of-Experts layer that :mod:`autopar.passes.moe` puts in place of a dense MLP.
 
 Data flow: ``MoE`` pass → :class:`MoELayer` (a leaf ``call_module`` in the transformed graph;
-its gate, :func:`route` or a :mod:`~autopar.passes.moe_gates` gate, makes a :class:`Routing`
+its gate, :func:`route` or a :mod:`~autopar.passes.moe.gates` gate, makes a :class:`Routing`
 that :func:`run_local_experts` or the expert-parallel runtime consumes) → its last forward's
 losses (``last_aux_loss``, read by :func:`autopar.passes.moe.moe_aux_loss`
 into the training loss) and load statistics (:class:`MoEStats`, for reports and the planner).
@@ -101,7 +101,7 @@ class MoELayer(nn.Module):
 
     ``experts`` are modules mapping (n, h) → (n, h) (the pass copies the dense MLP into each);
     the router is an fp32 ``Linear(h, E, bias=False)``. ``gate`` routes the router logits (None:
-    :func:`route` with ``top_k`` and :meth:`capacity`; :class:`~autopar.passes.moe_gates.DTSGate`);
+    :func:`route` with ``top_k`` and :meth:`capacity`; :class:`~autopar.passes.moe.gates.DTSGate`);
     ``dropless`` gives every expert capacity T; ``dense`` adds the Residual-MoE branch (see the
     module docstring) with its fp32 mixing ``coefficient = Linear(h, 2)``. After each forward,
     ``last_aux_loss`` (``aux_loss_weight · balance + z_loss_weight · z``, in the autograd graph),

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_map
 
 from autopar.capture.record import META_KEY, NodeRecord
 from autopar.kernels.attention import flash_scaled_dot_product_attention, kernel_shape_reason
-from autopar.passes.attention_patterns import AttentionMatch, arg, kind, real_users, shape
+from autopar.passes.fused_attention.patterns import AttentionMatch, arg, kind, real_users, shape
 
 
 class UnfitError(ValueError):

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from autopar import calibration as cal
+from autopar.calibration.fits import fit_activation_reread_s_per_byte
 from autopar.cli.main import main
 from autopar.cluster import ClusterSpec
-from autopar.cost_models import calibrate as cal
-from autopar.cost_models.calibrate_fits import fit_activation_reread_s_per_byte
 from autopar.cost_models.compute import MATMUL_TILE_DIM, matmul_time_s
 from autopar.cost_models.cpu_rates import CpuRates
 from autopar.cost_models.local_profile import (

@@ -2,22 +2,22 @@
 its own sparse-MoE blocks (issue 7).
 
 Data flow: ``autopar.capture`` → annotated graph → :func:`moe_pass` (behind the :class:`MoE`
-config, ``passes/moe_config.py``) → a graph in which the feed-forward block of each chosen repeated
-layer is one ``call_module`` of a :class:`~autopar.passes.moe_layer.MoELayer`; its node carries a
+config, ``passes/moe/config.py``) → a graph in which the feed-forward block of each chosen repeated
+layer is one ``call_module`` of a :class:`~autopar.passes.moe.layer.MoELayer`; its node carries a
 :class:`MoENodeRecord` in ``node.meta["autopar_moe"]`` (E, k, gate, capacity factors, tokens,
 capacity) and a ``NodeRecord`` with the active FLOPs; ``gm.meta["autopar_moe"]`` lists the layers.
-With ``gate="dts"`` the pass installs the step counter :class:`~autopar.passes.moe_gates.MoERuntime`
+With ``gate="dts"`` the pass installs the step counter :class:`~autopar.passes.moe.gates.MoERuntime`
 at ``gm.moe`` (a ``PassRuntime``). :func:`moe_aux_loss` returns the weighted balance + z losses of
 the last forward, to add to the training loss; :func:`moe_stats` the per-layer expert loads.
 
-Upcycling: :mod:`autopar.passes.moe_ffn` finds layer ℓ's feed-forward block (its ``mlp``-like
+Upcycling: :mod:`autopar.passes.moe.ffn` finds layer ℓ's feed-forward block (its ``mlp``-like
 submodule's region, in fx or exported ATen graphs, else an ``nn.Linear`` chain) and copies it into
 an expert module (n, h) → (n, h). With ``upcycle`` (default) every expert is a copy, so with
 weights renormalized over the top-k and no token dropped the transformed model computes the dense
 function (up to fp32 rounding); otherwise the experts' weights are re-drawn. Its node's FLOPs are
 ``k ×`` the block's plus the router's (plus the dense branch and mixer with ``residual``).
 
-Adoption (``layers="existing"``): :mod:`autopar.passes.moe_hf` reads each HF sparse-MoE block
+Adoption (``layers="existing"``): :mod:`autopar.passes.moe.hf` reads each HF sparse-MoE block
 (router, fused experts, top-k, activation) and the pass installs a dropless MoE layer with the
 same weights; the node keeps the block's captured FLOPs.
 """
@@ -31,15 +31,23 @@ import torch
 from torch import fx, nn
 
 from autopar.capture.record import META_KEY, NodeRecord
-from autopar.passes.moe_config import MoE
-from autopar.passes.moe_ffn import Block, expert_module, find_block, region_block, region_path
-from autopar.passes.moe_gates import RUNTIME, DTSGate, MoERuntime
-from autopar.passes.moe_hf import SparseBlock, find_sparse_block, gated_experts, is_sparse_block
-from autopar.passes.moe_layer import MoELayer, MoEStats, expert_capacity
+from autopar.passes.moe.config import MoEConfig
+from autopar.passes.moe.ffn import Block, expert_module, find_block, region_block, region_path
+from autopar.passes.moe.gates import RUNTIME, DTSGate, MoERuntime
+from autopar.passes.moe.hf import SparseBlock, find_sparse_block, gated_experts, is_sparse_block
+from autopar.passes.moe.layer import MoELayer, MoEStats, expert_capacity
 from autopar.passes.runner import PassContext
 
 __all__ = ["MoE", "MoENodeRecord", "MoERecord", "moe_aux_loss", "moe_layers", "moe_pass", "moe_runtime",
            "moe_stats"]
+
+@dataclass(frozen=True, kw_only=True)
+class MoE(MoEConfig):
+    __doc__ = MoEConfig.__doc__
+
+    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        return moe_pass(gm, ctx, config=self)
+
 
 RECORD_KEY = "autopar_moe"
 _UPSTREAM_KEYS = ("val", "tensor_meta", "stack_trace")

@@ -1,12 +1,10 @@
 """Calibration: measure this machine so that the cost model predicts it (``autopar calibrate``).
 
-Data flow: :func:`calibrate` → :func:`measure_single_process` (``calibrate_ops``: one operation at
-a time, one thread, as each runtime rank runs) and ``calibrate_group.measure_group`` (a gloo group
-of N spawned processes) → the fits of ``calibrate_fits`` → ``local_profile.LocalProfile`` (with
-the ``cpu_rates.CpuRates`` the local-cluster model reads) → ``local_profile.save_profile``
-(atomic JSON) → the cost model, which loads it for ``local`` clusters (``cpu_step``).
-
-The names the previous single-module calibration exported stay importable from here.
+Data flow: :func:`calibrate` → :func:`measure_single_process` (``ops``: one operation at a time,
+one thread, as each runtime rank runs) and ``group.measure_group`` (a gloo group of N spawned
+processes) → the fits of ``fits`` → ``cost_models`` ``LocalProfile`` (with the ``CpuRates`` the
+local-cluster model reads) → ``save_profile`` (atomic JSON) → the cost model, which loads it for
+``local`` clusters.
 """
 
 from __future__ import annotations
@@ -25,23 +23,20 @@ from typing import Any
 
 import torch
 
-from autopar.cost_models.calibrate_fits import (
+from autopar.calibration.fits import (
     KINDS,
     cpu_rates,
     fit_alpha_beta,
     fit_matmul_curve,
     fit_matmul_peak,
     layer_check,
-    ring_coefficients,
 )
-from autopar.cost_models.calibrate_group import measure_collective_time_s, measure_group, measure_p2p_time_s
-from autopar.cost_models.calibrate_ops import (
+from autopar.calibration.group import measure_group
+from autopar.calibration.ops import (
     _TORCH_DTYPES,
-    COLD_WORKING_SET_BYTES,
     MIB,
     attention_flops,
     cpu_seconds,
-    fastest_s,
     measure_attention_time_s,
     measure_elementwise_time_s,
     measure_linear_time_s,
@@ -58,16 +53,6 @@ from autopar.cost_models.calibrate_ops import (
 from autopar.cost_models.compute import FUSED_ATTENTION_BACKWARD_FLOPS_RATIO
 from autopar.cost_models.cpu_rates import ELEMENTWISE_OPS
 from autopar.cost_models.local_profile import LocalProfile, ProcessShare, save_profile
-
-__all__ = [
-    "COLD_WORKING_SET_BYTES", "KIB", "MIB", "CalibrationConfig", "attention_flops", "build_profile",
-    "calibrate", "cpu_seconds", "fastest_s", "fit_alpha_beta", "fit_matmul_curve", "fit_matmul_peak",
-    "measure_attention_time_s", "measure_collective_time_s", "measure_elementwise_time_s",
-    "measure_linear_time_s", "measure_matmul_time_s", "measure_memory_time_s", "measure_op_overhead_s",
-    "measure_op_time_s", "measure_optimizer_time_s", "measure_p2p_time_s", "measure_single_process",
-    "measure_training_op_overhead_s", "measure_transformer_layer_time_s", "one_thread", "other_load_warning",
-    "others_busy_cores", "ring_coefficients", "transformer_shapes",
-]
 
 Shape = tuple[int, int, int]
 KIB = 2**10

@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from autopar.capture.record import META_KEY, NodeRecord
 from autopar.cost_models.profile import ModelProfile
 from autopar.cost_models.token_dropping import ltd_profile
-from autopar.passes.ltd_schedule import (
+from autopar.passes.random_ltd.schedule import (
     RandomLTDRuntime,
     kept_tokens,
     ltd_gather,

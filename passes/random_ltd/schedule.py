@@ -1,6 +1,6 @@
 """Random-LTD at run time: the kept-length schedule, its state, and the ops the pass inserts.
 
-Data flow: ``RandomLTD`` (``passes/random_ltd.py``) rewrites a graph so that each dropping
+Data flow: ``RandomLTD`` (``passes/random_ltd/transform.py``) rewrites a graph so that each dropping
 layer calls :class:`RandomLTDRuntime` (which tokens to keep, or None for all) and the
 :func:`ltd_gather` / :func:`ltd_scatter` ops around the layer. The runtime reads its step
 from :class:`RandomLTDState`, which goes into checkpoints; consumed layer-tokens can drive

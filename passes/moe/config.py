@@ -1,8 +1,10 @@
-"""The :class:`MoE` pass configuration and its validation.
+"""The MoE pass's configuration (:class:`MoEConfig`, the fields of ``autopar.passes.MoE``) and its
+validation.
 
 Data flow: the user (or ``autopar run``'s JSON, ``autopar.runtime.pass_state``) builds ``MoE(...)``
 → ``__post_init__`` checks every field, naming the value, what is allowed and the fix →
-``autopar.transform``/``autopar.compile`` run it as a pass (:func:`autopar.passes.moe.moe_pass`).
+``autopar.transform``/``autopar.compile`` run it as a pass (``MoE.apply`` in
+:mod:`autopar.passes.moe.transform`, which subclasses this record).
 Every field is a str, number, bool, None or tuple of ints, so the config round-trips through JSON.
 """
 
@@ -10,12 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
-
-if TYPE_CHECKING:
-    from torch import fx
-
-    from autopar.passes.runner import PassContext
+from typing import Any, ClassVar, Literal
 
 LAYER_CHOICES = ("every_other", "second_half", "existing")
 GATES = ("topk", "dts")
@@ -23,7 +20,7 @@ DEFAULT_NUM_EXPERTS = 8
 
 
 @dataclass(frozen=True, kw_only=True)
-class MoE:
+class MoEConfig:
     """Mixture-of-Experts layers: ``autopar.transform(model, x, passes=[MoE(...)])``.
 
     ``layers``: ``"every_other"`` (layers 1, 3, 5, …, as Switch/GLaM), ``"second_half"``, a tuple of
@@ -40,7 +37,7 @@ class MoE:
     with ``capacity_factor`` in training and ``eval_capacity_factor`` in eval mode, or every token
     with ``dropless`` (None: True for ``"existing"``, whose blocks drop nothing, else False).
 
-    ``gate``: ``"topk"`` or ``"dts"``, the dense-to-sparse gate (``passes/moe_gates.py``): Gumbel-
+    ``gate``: ``"topk"`` or ``"dts"``, the dense-to-sparse gate (``passes/moe/gates.py``): Gumbel-
     softmax over all experts at a temperature going linearly from ``dts_start_temperature`` to
     ``dts_end_temperature`` over ``dts_anneal_steps`` training steps, weights below
     ``dts_threshold`` cut; from then on top-``top_k`` routing. ``residual``: Residual-MoE
@@ -80,11 +77,6 @@ class MoE:
                 object.__setattr__(self, "top_k", 1 if self.gate == "dts" or self.residual else 2)
         _check_top_k(self)
 
-    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        from autopar.passes.moe import moe_pass  # moe.py imports this module
-
-        return moe_pass(gm, ctx, config=self)
-
     @property
     def adopts(self) -> bool:
         """Whether the pass adopts the model's own sparse-MoE blocks (``layers="existing"``)."""
@@ -109,7 +101,7 @@ def _real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _fail(config: MoE, field_name: str, expectation: str) -> None:
+def _fail(config: MoEConfig, field_name: str, expectation: str) -> None:
     raise ValueError(f"MoE.{field_name} = {getattr(config, field_name)!r} is invalid: expected {expectation}")
 
 
@@ -117,7 +109,7 @@ def _index_tuple(value: Any) -> tuple[Any, ...] | None:
     return tuple(value) if isinstance(value, (list, tuple, range)) else None
 
 
-def _check_layers(config: MoE) -> None:
+def _check_layers(config: MoEConfig) -> None:
     if isinstance(config.layers, str):
         if config.layers not in LAYER_CHOICES:
             _fail(config, "layers", "'every_other', 'second_half', 'existing' (the model's own sparse-MoE "
@@ -135,7 +127,7 @@ def _check_layers(config: MoE) -> None:
     object.__setattr__(config, "layers", tuple(sorted(layers)))  # type: ignore[arg-type]
 
 
-def _check_num_experts(config: MoE) -> None:
+def _check_num_experts(config: MoEConfig) -> None:
     value = config.num_experts
     if value is None or (type(value) is int and value >= 2):
         return
@@ -149,7 +141,7 @@ def _check_num_experts(config: MoE) -> None:
     object.__setattr__(config, "num_experts", counts)
 
 
-def _check_top_k(config: MoE) -> None:
+def _check_top_k(config: MoEConfig) -> None:
     if config.top_k is None:
         return
     counts = config.num_experts if isinstance(config.num_experts, tuple) else (config.num_experts,)
@@ -162,7 +154,7 @@ def _check_top_k(config: MoE) -> None:
         _fail(config, "top_k", f"{limit}: 1 (Switch) or 2 (GShard/GLaM), or None for the default")
 
 
-def _check_numbers(config: MoE) -> None:
+def _check_numbers(config: MoEConfig) -> None:
     for field_name in ("capacity_factor", "eval_capacity_factor"):
         value = getattr(config, field_name)
         if not _real(value) or not value > 0:
@@ -175,7 +167,7 @@ def _check_numbers(config: MoE) -> None:
         _fail(config, "seed", "an int >= 0")
 
 
-def _check_flags(config: MoE) -> None:
+def _check_flags(config: MoEConfig) -> None:
     if type(config.upcycle) is not bool:
         _fail(config, "upcycle", "True (experts copy the dense MLP) or False (experts freshly initialized)")
     if type(config.residual) is not bool:
@@ -190,7 +182,7 @@ def _check_flags(config: MoE) -> None:
                          "model's weights; drop upcycle=False")
 
 
-def _check_gate(config: MoE) -> None:
+def _check_gate(config: MoEConfig) -> None:
     if config.gate not in GATES:
         _fail(config, "gate", "'topk' (top-k routing) or 'dts' (dense-to-sparse gate, EvoMoE)")
     for field_name in ("dts_start_temperature", "dts_end_temperature"):

@@ -1,10 +1,10 @@
 """Adoption of a model's own sparse-MoE blocks (Hugging Face Mixtral and its layout).
 
 Data flow: ``MoE(layers="existing")`` → :func:`~autopar.passes.moe.moe_pass` →
-:func:`find_sparse_block` on each layer's feed-forward region (:mod:`autopar.passes.moe_ffn`) →
+:func:`find_sparse_block` on each layer's feed-forward region (:mod:`autopar.passes.moe.ffn`) →
 a :class:`SparseBlock` (router weight, fused expert weights, top-k, activation, read from the
 exported ATen graph) → :func:`gated_experts` builds one :class:`GatedExpert` per expert, and the
-pass puts a dropless :class:`~autopar.passes.moe_layer.MoELayer` with the block's router in the
+pass puts a dropless :class:`~autopar.passes.moe.layer.MoELayer` with the block's router in the
 block's place: the same function, now routed by autopar (statistics, losses, expert parallelism).
 
 The layout is transformers' ``MixtralSparseMoeBlock``: ``gate.weight`` (E, h) is the router;
@@ -12,7 +12,7 @@ The layout is transformers' ``MixtralSparseMoeBlock``: ``gate.weight`` (E, h) is
 as ``gate, up = (x @ gate_up_proj[e]ᵀ).chunk(2, -1)``; ``y = (act(gate) · up) @ down_proj[e]ᵀ``
 (``MixtralExperts.forward``; the grouped-mm path of ``transformers.integrations.moe`` transposes
 the same weights). Routing: ``softmax`` of the logits, top-k, weights renormalized over the k —
-the rule of :func:`~autopar.passes.moe_layer.route`. Blocks with other parameters (shared
+the rule of :func:`~autopar.passes.moe.layer.route`. Blocks with other parameters (shared
 experts, biases, router corrections) or another routing are refused, naming what differs.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from autopar.passes.moe_ffn import Block
+from autopar.passes.moe.ffn import Block
 
 _SOFTMAX = ("aten.softmax.int", "aten._softmax.default")
 _DIVIDE = ("aten.div.Tensor", "aten.div_.Tensor")

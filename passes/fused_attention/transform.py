@@ -23,8 +23,8 @@ from torch import fx
 
 from autopar.capture.record import META_KEY
 from autopar.kernels.attention import flash_scaled_dot_product_attention
-from autopar.passes.attention_patterns import AttentionSkip, find_attention
-from autopar.passes.attention_rewrite import UnfitError, rewrite_attention
+from autopar.passes.fused_attention.patterns import AttentionSkip, find_attention
+from autopar.passes.fused_attention.rewrite import UnfitError, rewrite_attention
 from autopar.passes.runner import PassContext
 
 RECORD_KEY = "autopar_fused_attention"

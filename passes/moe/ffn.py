@@ -3,7 +3,7 @@
 Data flow: :func:`~autopar.passes.moe.moe_pass` → :func:`find_block` per chosen layer → a
 :class:`Block` (nodes, parameters, the one value entering and the one leaving) →
 :func:`expert_module` copies it into an ``fx.GraphModule`` mapping (n, h) → (n, h), the expert
-that the pass copies E times (upcycling); :mod:`autopar.passes.moe_hf` reads native sparse-MoE
+that the pass copies E times (upcycling); :mod:`autopar.passes.moe.hf` reads native sparse-MoE
 blocks found the same way.
 
 Two ways to find the block of layer ℓ, tried in order:

@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from autopar.cost_models.calibrate_ops import MIB, cpu_seconds, fastest_s, others_busy_cores
+from autopar.calibration.ops import MIB, cpu_seconds, fastest_s, others_busy_cores
 
 if TYPE_CHECKING:
-    from autopar.cost_models.calibrate import CalibrationConfig
+    from autopar.calibration.calibrate import CalibrationConfig
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 
