@@ -12,11 +12,10 @@ from autopar.cluster import ClusterSpec
 from autopar.compile import Compiled, compile
 from autopar.config import Fix
 from autopar.lower import Program, lower
-from autopar.planning import estimate, plan
+from autopar.plan_api import estimate, plan
 from autopar.plans import Plan
 from autopar.transform import transform
-
-__version__ = "0.1.0"
+from autopar.version import __version__
 
 __all__ = [
     "CaptureError", "Captured", "ClusterSpec", "Compiled", "Fix", "Plan", "Program", "__version__",

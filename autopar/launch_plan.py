@@ -3,7 +3,7 @@ microbatch, build the :class:`~autopar.runtime.engine.Engine`.
 
 Data flow: ``Compiled``'s first multi-device step (or ``compiled.prepare(inputs)``) →
 :func:`start_engine` → without ``plan=``, rank 0 searches a Plan on the Program of the example
-batch (``autopar.planning.search_program``) and sends it to every rank as JSON bytes (no pickling),
+batch (``autopar.plan_api.search_program``) and sends it to every rank as JSON bytes (no pickling),
 so all ranks run the same Plan even if the search hit its time limit → every rank lowers the
 plan's microbatch (the same Program on rank 0 when the microbatch is the whole batch: at most two
 captures per rank) → a plan without predictions is priced on it (``autopar.lower.predict``) → the
@@ -70,7 +70,7 @@ def start_engine(programs: Programs, request: EngineRequest, args: tuple[Any, ..
 def _searched_plan(programs: Programs, request: EngineRequest, args: tuple[Any, ...], kwargs: dict[str, Any],
                    batch: int, *, step: int) -> Plan:
     """The planner's Plan (pins kept, the rest searched), made on rank 0, the same on every rank."""
-    from autopar.planning import search_program
+    from autopar.plan_api import search_program
 
     text = ""
     if dist.get_rank() == 0:

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from autopar import __version__
 from autopar.cli import (
     calibrate_cmd,
     capture_cmd,
@@ -25,6 +24,7 @@ from autopar.cli import (
     sweep_cmd,
 )
 from autopar.passes import PassError
+from autopar.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

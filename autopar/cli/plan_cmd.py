@@ -1,7 +1,7 @@
 """``autopar plan MODEL --cluster SPEC --batch B [--seq S] [--fix K=V,...] [-o plan.json]``.
 
 Data flow: MODEL → ``autopar.model_source.resolve`` (zoo name, ``module:callable`` or HF
-``config.json``, built on ``meta``) → cast to the training dtype → ``autopar.planning.plan_search``
+``config.json``, built on ``meta``) → cast to the training dtype → ``autopar.plan_api.plan_search``
 (capture, the planner's search with a progress display) → the Plan, whose ``model`` field
 records MODEL and whose predictions hold the per-stage numbers the views draw → saved with
 ``-o``, shown with ``autopar.views.text``, optionally written as an HTML report. An infeasible
@@ -119,7 +119,7 @@ class _Progress:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from autopar.planning import plan_search
+    from autopar.plan_api import plan_search
     from autopar.views import build_view
     from autopar.views.text import render
 

@@ -29,12 +29,11 @@ from autopar.plans.schema import (
     _tuple_of,
     unsupported_version,
 )
+from autopar.version import __version__
 
 
 def _created_by() -> str:
-    import autopar  # late: autopar/__init__ may import the plan package
-
-    return f"autopar {autopar.__version__}"
+    return f"autopar {__version__}"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,4 +1,6 @@
-"""``autopar.plan`` and ``autopar.estimate``: from a model to a Plan with predictions.
+"""The public planning entry points, ``autopar.plan``, ``plan_search`` and ``autopar.estimate``: from
+a model to a Plan with predictions (``autopar.planner`` holds the search, ``autopar.plans`` the Plan
+record).
 
 Data flow: model + example inputs → ``autopar.lower`` (capture, graph passes such as random-LTD,
 whose kept fractions scale the time profile, or MoE, whose annotations the profile reads and which
