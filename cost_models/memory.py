@@ -39,33 +39,20 @@ from typing import TYPE_CHECKING
 
 from autopar.cost_models.moe import EXPERT_ZERO, expert_activation_bytes, layer_params
 from autopar.cost_models.profile import LayerProfile, ModelProfile
+from autopar.cost_models.states import (  # noqa: F401 - model_state_bytes stays importable from here
+    GRADIENT_BYTES_PER_PARAM,
+    OPTIMIZER_BYTES_PER_PARAM,
+    WEIGHT_BYTES_PER_PARAM,
+    model_state_bytes,
+    state_parts_bytes,
+)
 
 if TYPE_CHECKING:
     from autopar.plans import Plan
 
-WEIGHT_BYTES_PER_PARAM = 2
-GRADIENT_BYTES_PER_PARAM = 2
-OPTIMIZER_BYTES_PER_PARAM = 12
 WORKSPACE_BYTES = 2**30
 FRAGMENTATION_FRACTION = 0.05
 LOGITS_BYTES_PER_ELEMENT = 4
-
-
-def model_state_bytes(num_params: float, *, zero: int = 0, dp: int = 1) -> float:
-    """Weights + gradients + Adam states of ``num_params`` parameters under ZeRO ``zero`` over ``dp``."""
-    if zero not in (0, 1, 2, 3):
-        raise ValueError(f"zero = {zero!r}: expected 0, 1, 2 or 3")
-    weight = WEIGHT_BYTES_PER_PARAM / (dp if zero >= 3 else 1)
-    gradient = GRADIENT_BYTES_PER_PARAM / (dp if zero >= 2 else 1)
-    optimizer = OPTIMIZER_BYTES_PER_PARAM / (dp if zero >= 1 else 1)
-    return num_params * (weight + gradient + optimizer)
-
-
-def state_parts_bytes(num_params: float, *, zero: int = 0, dp: int = 1) -> tuple[float, float, float]:
-    """(weights, gradients, optimizer states) bytes of :func:`model_state_bytes`."""
-    return (num_params * WEIGHT_BYTES_PER_PARAM / (dp if zero >= 3 else 1),
-            num_params * GRADIENT_BYTES_PER_PARAM / (dp if zero >= 2 else 1),
-            num_params * OPTIMIZER_BYTES_PER_PARAM / (dp if zero >= 1 else 1))
 
 
 def activation_bytes_per_layer(*, seq_len: int, microbatch_size: int, hidden_size: int, num_heads: int,

@@ -75,6 +75,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from autopar.cost_models.states import model_state_bytes
+
 if TYPE_CHECKING:
     from autopar.cost_models.profile import LayerProfile, ModelProfile
 
@@ -213,8 +215,6 @@ def expert_activation_bytes(layer: LayerProfile, *, microbatch_size: int, tp: in
 def layer_state_bytes(layer: LayerProfile, *, tp: int, zero: int, dp: int, ep: int) -> float:
     """Weights, gradients and optimizer states of ``layer`` on one device (module docstring): the
     dense part with ZeRO ``zero`` over ``dp``, the ``E/ep`` experts unsharded (:data:`EXPERT_ZERO`)."""
-    from autopar.cost_models.memory import model_state_bytes
-
     dense, experts = layer_params(layer, tp=tp, ep=ep)
     states = model_state_bytes(dense, zero=zero, dp=dp)
     return states + model_state_bytes(experts, zero=EXPERT_ZERO) if experts else states

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-import os
 from typing import Any
 
 import torch
@@ -26,9 +25,10 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
+from autopar.kernels.interpreter import interpreting
+
 MAX_HEAD_DIM = 256
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TRUE = ("1", "true", "on", "yes")
 
 
 @functools.cache
@@ -38,11 +38,6 @@ def triton_available() -> bool:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):
         return False
-
-
-def interpreting() -> bool:
-    """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read at every call)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
 
 
 def _plain(t: Tensor) -> bool:

@@ -14,7 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from autopar.kernels.attention import interpreting
 from autopar.kernels.flash_common import (
     LOG2E,
     dot_precision,
@@ -25,6 +24,7 @@ from autopar.kernels.flash_common import (
     score_tile,
     upcast_dots,
 )
+from autopar.kernels.interpreter import interpreting
 
 
 @triton.jit

@@ -208,14 +208,15 @@ def measure_dtensor_overhead_s(world: int, *, repeats: int, num_ops: int = 50, n
 def measure_runtime_overhead_s(rank: int, world: int, *, microbatches: int, repeats: int) -> float:
     """CPU seconds of one step, on the busiest rank, of a tiny zoo GPT (4 layers, hidden 16)
     pipelined over all ``world`` ranks with ``microbatches`` microbatches (1F1B)."""
-    import autopar
+    from autopar import models
+    from autopar.compile import compile as autopar_compile
 
     torch.manual_seed(0)
-    model = autopar.models.build("gpt", num_layers=max(4, world), hidden_size=16, num_heads=2,
+    model = models.build("gpt", num_layers=max(4, world), hidden_size=16, num_heads=2,
                                  vocab_size=32, seq_len=8)
-    inputs, targets = autopar.models.example_batch(model, microbatches, seed=1)
+    inputs, targets = models.example_batch(model, microbatches, seed=1)
     fix = {"pp": world, "num_microbatches": microbatches, "schedule": "1f1b"}
-    compiled = autopar.compile(model, f"local:{world}", fix=fix)
+    compiled = autopar_compile(model, f"local:{world}", fix=fix)
     compiled.step(inputs, targets)
     times = torch.tensor(fastest_s(lambda: compiled.step(inputs, targets), repeats=repeats,
                                    clock=time.process_time), dtype=torch.float64)

@@ -59,8 +59,9 @@ def plan_to_json(plan: Plan) -> str:
     return json.dumps(to_data(plan), **JSON_OPTIONS) + "\n"
 
 
-def plan_from_json(text: str, *, where: str = "plan JSON") -> Plan:
-    """Parse and validate; ``where`` names the source in error messages."""
+def plan_from_json(text: str, *, record: type[Plan], where: str = "plan JSON") -> Plan:
+    """Parse and validate into ``record`` (the Plan class, passed in so that this module, which
+    ``plans.plan`` imports, never imports it back); ``where`` names the source in error messages."""
     if not isinstance(text, str):
         raise TypeError(f"Plan.from_json needs a str, got {type(text).__name__}")
     try:
@@ -76,12 +77,10 @@ def plan_from_json(text: str, *, where: str = "plan JSON") -> Plan:
     version = data["schema_version"]
     if type(version) is not int or not OLDEST_SCHEMA_VERSION <= version <= SCHEMA_VERSION:
         raise ValueError(f"{unsupported_version(version)} ({where})")
-    from autopar.plans.plan import Plan
-
     try:
         for old in range(version, SCHEMA_VERSION):
             data = {**UPGRADES[old](data), "schema_version": old + 1}
-        return _decode(data, Plan, "plan")
+        return _decode(data, record, "plan")
     except (TypeError, ValueError) as error:
         raise ValueError(f"invalid {where}: {error}") from None
 
@@ -95,7 +94,8 @@ def check_fingerprint(plan: Plan, graph_fingerprint: str) -> None:
         )
 
 
-def load_plan(path: str | os.PathLike[str], *, expect_fingerprint: str | None = None) -> Plan:
+def load_plan(path: str | os.PathLike[str], *, record: type[Plan],
+              expect_fingerprint: str | None = None) -> Plan:
     """Read, parse and validate a plan file (see ``Plan.load``)."""
     name = os.fspath(path)
     try:
@@ -111,7 +111,7 @@ def load_plan(path: str | os.PathLike[str], *, expect_fingerprint: str | None = 
     except UnicodeDecodeError as error:
         raise ValueError(f"corrupt plan file {name!r}: not UTF-8 text ({error}); "
                          f"{REPLAN} or restore the file") from None
-    plan = plan_from_json(text, where=f"plan file {name!r}")
+    plan = plan_from_json(text, record=record, where=f"plan file {name!r}")
     if expect_fingerprint is not None:
         check_fingerprint(plan, expect_fingerprint)
     return plan

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autopar.cluster import ClusterSpec
+from autopar.plans.io import load_plan, plan_from_json, plan_to_json, save_plan
 from autopar.plans.schema import (
     SCHEMA_VERSION,
     Alternative,
@@ -111,24 +112,20 @@ class Plan:
 
     def to_json(self) -> str:
         """Deterministic JSON: sorted keys, two-space indent, trailing newline."""
-        from autopar.plans.io import plan_to_json
         return plan_to_json(self)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        from autopar.plans.io import plan_from_json
-        return plan_from_json(text)
+        return plan_from_json(text, record=cls)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically: a temp file in the same folder, fsync, ``os.replace``."""
-        from autopar.plans.io import save_plan
         save_plan(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, expect_fingerprint: str | None = None) -> Plan:
         """Read a plan file; with ``expect_fingerprint``, refuse a plan made for another graph."""
-        from autopar.plans.io import load_plan
-        return load_plan(path, expect_fingerprint=expect_fingerprint)
+        return load_plan(path, record=cls, expect_fingerprint=expect_fingerprint)
 
 
 def _cluster(data: Any) -> ClusterSpec:
