@@ -2,11 +2,13 @@
 
 Run: ``.venv/bin/python -m benchmarks.cost_model_megatron`` (writes
 ``benchmarks/results/cost_model_megatron.json`` and ``.md``). One row per published
-configuration on N × DGX A100 80GB: the Plan autopar builds for it, the predicted step time
-and TFLOP/s per GPU (recomputation counted, as the paper does), the published figure and the
-error. No constant is fitted to these rows; the constants and their sources are listed with
-the table, and a sensitivity section shows the table under other defensible A100 efficiencies.
-Analytic only: runs in about a second on a CPU.
+configuration on N × DGX A100 80GB, through the public path (``benchmarks.published.megatron
+.validate``: ``autopar.plan`` on Megatron-LM 2021's model captured on ``meta``, every choice of the
+row pinned, ``MEGATRON_2021`` options): the Plan, the predicted step time and TFLOP/s per GPU
+(recomputation counted, as the paper does), the published figure and the error. No constant is
+fitted to these rows; the constants and their sources are listed with the table, and a
+sensitivity section shows the table under other defensible A100 efficiencies. Predictions only
+(about a minute on a CPU, mostly capture).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from autopar.cost_models import compute
 from autopar.cost_models.comm import DEFAULT_DP_OVERLAP
-from autopar.cost_models.megatron import KORTHIKANTI_22B_MS, PAPER, korthikanti_22b_layer_ms, validate
+from benchmarks.published.megatron import KORTHIKANTI_22B_MS, PAPER, korthikanti_22b_layer_ms, validate
 
 RESULTS = Path(__file__).parent / "results"
 TOLERANCE = 0.15
@@ -107,7 +109,9 @@ def write(table: list[dict], spread: list[dict], env: dict) -> None:
     (RESULTS / "cost_model_megatron.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [f"# cost model vs Megatron-LM weak scaling ({PAPER})", "",
              f"commit {env['autopar_commit']}, torch {env['torch']}; DGX A100 80GB, s = 2048, V = 51,200, "
-             "full recomputation, microbatch 1, no overlap (Megatron-LM 2021).", "",
+             "full recomputation, microbatch 1, no overlap, unfused attention (Megatron-LM 2021). Each row "
+             "through the public path: `autopar.plan` on the model captured on meta, every choice pinned "
+             "(`fix=`), `options=MEGATRON_2021`; `plan.predicted` is the prediction.", "",
              f"**{summary['within_15pct']}/{summary['rows']} rows within 15 %**; median |error| "
              f"{summary['median_abs_error_pct']} %, max {summary['max_abs_error_pct']} %.", "",
              "| config | GPUs | t | p | d | v | batch | predicted step s | predicted TFLOP/s | published "

@@ -6,10 +6,11 @@ table of devices and links that ``ClusterSpec`` references and every model reads
 ``profile`` summarizes a captured model (``ModelProfile``); ``compute``, ``comm``,
 ``memory`` and ``schedule`` are the analytic models; ``simulate`` draws a schedule's
 timeline; ``moe`` prices Mixture-of-Experts layers (expert compute, all-to-all, expert states);
-``estimate`` turns a Plan into ``Predicted``; ``megatron`` holds the published
-measurements the models are validated against. Local CPU clusters take ``cpu_step`` (with
-``cpu_compute``, ``cpu_rates`` and ``shared_cores``), priced from the profile ``calibrate``
-measures (``local_profile``). Imported only as ``autopar.cost_models``
+``estimate`` turns a Plan into ``Predicted``; ``megatron`` holds Megatron-LM's setting (its 2021
+code's options, the Plan and analytic profile of one of its configurations; the published
+measurements they are validated against live in ``benchmarks/published``). Local CPU clusters
+take ``cpu_step`` (with ``cpu_compute``, ``cpu_rates`` and ``shared_cores``), priced from the
+profile ``calibrate`` measures (``local_profile``). Imported only as ``autopar.cost_models``
 (see ARCHITECTURE.md). Modules here import ``autopar.cluster`` and ``autopar.plans`` only
 inside functions: those import the hardware catalog, so a module-level import would cycle.
 """
@@ -43,7 +44,13 @@ from autopar.cost_models.hardware import (
     get_device,
     valid_device_names,
 )
-from autopar.cost_models.megatron import MEGATRON_2021, megatron_plan, megatron_profile
+from autopar.cost_models.megatron import (
+    MEGATRON_2021,
+    megatron_cluster,
+    megatron_fix,
+    megatron_plan,
+    megatron_profile,
+)
 from autopar.cost_models.memory import (
     activation_bytes_per_layer,
     in_flight_microbatches,
@@ -63,8 +70,8 @@ __all__ = [
     "activation_bytes_per_layer", "all_gather_time_s", "all_reduce_time_s", "all_to_all_time_s",
     "broadcast_time_s", "bubble_fraction", "canonical_dtype", "default_links", "estimate",
     "estimate_plan", "get_device", "in_flight_microbatches", "load_imbalance", "matmul_efficiency",
-    "matmul_time_s", "megatron_plan", "megatron_profile", "model_state_bytes", "moe_profile", "p2p_time_s",
-    "peak_memory_bytes",
-    "pipeline_time", "plan_memory", "rank_actions", "reduce_scatter_time_s", "simulate", "simulate_plan",
+    "matmul_time_s", "megatron_cluster", "megatron_fix", "megatron_plan", "megatron_profile",
+    "model_state_bytes", "moe_profile", "p2p_time_s", "peak_memory_bytes", "pipeline_time",
+    "plan_memory", "rank_actions", "reduce_scatter_time_s", "simulate", "simulate_plan",
     "stage_costs", "tp_volume_elements_per_layer", "transformer_layer_times", "valid_device_names",
 ]

@@ -15,7 +15,7 @@ Each kernel is a roofline, ``max(flops / (peak × η), bytes / (bandwidth × β)
   skips the masked half when causal.
 
 Constants carry their source; FITTED ones say what they were fitted to. None was fitted
-to the Megatron-LM weak-scaling table that ``megatron`` validates against.
+to the Megatron-LM weak-scaling table they are validated against (``benchmarks/published``).
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ A100_MATMUL_PEAK_FRACTION = 0.757
 """FITTED to one published A100 measurement (Korthikanti et al. 2022, Table 4; TECHNIQUES §2):
 a 22B-model layer (h 6144, a 64, s 2048, b 4, t 8) takes 7.7 ms forward + 11.9 ms backward.
 With the backward pass's two TP all-reduces hidden (Megatron's asynchronous all-reduce in that
-code) this model gives the 19.6 ms sum at this value (``megatron.korthikanti_22b_layer_ms``,
-checked in ``tests/cost_models/test_megatron.py``); the unfitted split comes out 7.8 + 11.8 ms.
+code) this model gives the 19.6 ms sum at this value (``korthikanti_22b_layer_ms`` in
+``benchmarks/published/megatron.py``, checked in ``tests/cost_models/test_megatron.py``); the
+unfitted split comes out 7.8 + 11.8 ms.
 Fitted without the overlap it would be 0.856 (split 7.3 + 12.3 ms). It is a sustained,
 in-training efficiency — it absorbs what the kernel model leaves out — hence below the A100's
 best-shape matmul, 271.2 of 312 TFLOP/s (stas00/ml-engineering MAMF table). Not fitted to the

@@ -274,7 +274,9 @@ def _param_count(record: Any) -> int:
 
 def _layer_shapes(nodes: list[tuple[Any, Any]], index: int) -> dict[str, int | None]:
     """hidden, seq from the layer's last (b, s, h) output; heads from a (b, a, s, h/a) tensor;
-    ffn from the widest parameter-owning matmul outside attention modules."""
+    ffn from the widest parameter-owning matmul outside attention modules: a leaf module with
+    parameters (fx graphs), or an op reading a parameter through ``get_attr`` (exported graphs,
+    where the node that multiplies owns no parameter bytes itself)."""
     mine = [(node, record) for node, record in nodes if record.layer == index]
     outputs = [record.shapes[0] for _, record in mine if record.shapes and len(record.shapes[0]) == 3]
     if not outputs:
@@ -282,8 +284,10 @@ def _layer_shapes(nodes: list[tuple[Any, Any]], index: int) -> dict[str, int | N
     _, seq, hidden = outputs[-1]
     heads = next((shape[1] for _, record in mine for shape in record.shapes
                   if len(shape) == 4 and shape[2] == seq and shape[1] * shape[3] == hidden), None)
-    widths = [record.shapes[0][-1] for _, record in mine
-              if record.param_bytes > 0 and record.flops_fwd > 0 and record.shapes
+    weights = {node for node, record in mine if node.op == "get_attr" and record.param_bytes > 0}
+    widths = [record.shapes[0][-1] for node, record in mine
+              if record.flops_fwd > 0 and record.shapes
+              and (record.param_bytes > 0 or any(arg in weights for arg in node.all_input_nodes))
               and not any(word in record.module_path.lower() for word in _ATTENTION_WORDS)]
     ffn = max(widths, default=None)
     return {"hidden_size": hidden, "seq_len": seq, "num_heads": heads, "ffn_size": ffn}

@@ -60,13 +60,15 @@ def _gib(value: float) -> str:
 
 
 def memory_shortfall(
-    profile: ModelProfile, ctx: PlanContext, config: Config, model: StageModel
+    profile: ModelProfile, ctx: PlanContext, config: Config, model: StageModel, *,
+    sequence_parallel: bool = False,
 ) -> Infeasible:
-    """Break down the worst stage of the even split under the most frugal recomputation."""
+    """Break down the worst stage of the even split under the most frugal recomputation (memory
+    priced with the search's ``sequence_parallel`` option, as its plans are)."""
     stages = config.pp * config.virtual_stages
     frugal = model.modes[-1]
     plan = build_plan(ctx, config, even_split(profile.num_layers, stages), [frugal] * stages)
-    memory = memory_model.plan_memory(plan, profile)
+    memory = memory_model.plan_memory(plan, profile, sequence_parallel=sequence_parallel)
     worst = max(range(config.pp), key=lambda k: memory[rank_devices(config, k)[0]].total_bytes)
     part = memory[rank_devices(config, worst)[0]]
     weights, grads = part.weights_bytes, part.gradients_bytes

@@ -6,7 +6,10 @@ the pins) → for each :class:`~autopar.planner.space.Config` (degrees including
 ``inter_op.solve_split`` (stage split and per-stage recomputation; interleaved schedules use
 equal chunks) → ``layout.build_plan`` → ``cost_models.estimate_plan`` (the exact prediction,
 peak memory checked against the device) → the fastest Plan plus the runner-ups as
-``Plan.alternatives``. Policy only: nothing is applied.
+``Plan.alternatives``. Policy only: nothing is applied. The probes and every estimate use the
+caller's ``options``, so ``plan.predicted`` is what ``cost_models.estimate`` gives the same Plan,
+profiles and options (``autopar.estimate`` calls it the same way): with every choice pinned, a
+captured model is priced as its Plan built without a search (``tests/planner/test_pricing_path.py``).
 
 Pruning. A Config's lower bound is its layers' cheapest work per microbatch spread perfectly
 over the pipeline, times the schedule's minimum number of such slots (``pipeline_lower_bound_s``,
@@ -29,7 +32,6 @@ from dataclasses import dataclass
 from autopar.config import Fix
 from autopar.cost_models import CostOptions, ModelProfile
 from autopar.cost_models.estimate import estimate_plan
-from autopar.cost_models.memory import peak_memory_bytes
 from autopar.planner.bounds import states_fit, step_lower_bound_s
 from autopar.planner.explain import (
     Infeasible,
@@ -40,7 +42,7 @@ from autopar.planner.explain import (
 )
 from autopar.planner.inter_op import solve_split
 from autopar.planner.layout import PlanContext, build_plan, even_split
-from autopar.planner.probes import RECOMPUTE_MODES, Prober
+from autopar.planner.probes import RECOMPUTE_MODES, Prober, StageModel
 from autopar.planner.space import Config, candidates, check_ep_pin, explain_empty
 from autopar.plans import Alternative, Plan, Schedule
 
@@ -107,7 +109,7 @@ class _Search:
             model, num_stages=config.pp, num_microbatches=config.num_microbatches, schedule=config.schedule
         )
         if split is None:
-            self.infeasible.append(memory_shortfall(self.memory_profile, self.ctx, config, model))
+            self.infeasible.append(self._shortfall(config, model))
             return None
         self.exact &= split.exact
         found = self._checked(config, build_plan(self.ctx, config, split.layers, split.recompute))
@@ -126,7 +128,7 @@ class _Search:
         model = self.prober.stage_model(
             dataclasses.replace(config, schedule="1f1b", virtual_stages=1), _modes(self.fix, config)
         )
-        self.infeasible.append(memory_shortfall(self.memory_profile, self.ctx, config, model))
+        self.infeasible.append(self._shortfall(config, model))
         return None
 
     def explain_too_big(self, configs: list[Config]) -> None:
@@ -134,15 +136,15 @@ class _Search:
         for config in sorted(configs, key=lambda c: (-c.tp * c.pp * (c.dp if c.zero else 1), c))[:4]:
             one = dataclasses.replace(config, schedule="1f1b" if config.pp > 1 else "gpipe", virtual_stages=1)
             model = self.prober.stage_model(one, _modes(self.fix, config))
-            self.infeasible.append(memory_shortfall(self.memory_profile, self.ctx, config, model))
+            self.infeasible.append(self._shortfall(config, model))
+
+    def _shortfall(self, config: Config, model: StageModel) -> Infeasible:
+        return memory_shortfall(self.memory_profile, self.ctx, config, model,
+                                sequence_parallel=self.options.sequence_parallel)
 
     def _checked(self, config: Config, plan: Plan) -> Evaluated | None:
-        plan = estimate_plan(plan, self.profile, options=self.options)
-        if self.memory_profile is not self.profile:  # memory at the worst point of a pass's schedule
-            peak_bytes = peak_memory_bytes(plan, self.memory_profile,
-                                           sequence_parallel=self.options.sequence_parallel)
-            plan = dataclasses.replace(plan, predicted=dataclasses.replace(
-                plan.predicted, peak_memory_bytes=peak_bytes))
+        # memory at the worst point of a pass's schedule: what autopar.estimate prices (lower.predict)
+        plan = estimate_plan(plan, self.profile, options=self.options, memory_profile=self.memory_profile)
         peak, capacity = max(plan.predicted.peak_memory_bytes or (0,)), self.ctx.cluster.device.memory_bytes
         if peak > capacity:
             return None

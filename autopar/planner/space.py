@@ -11,7 +11,9 @@ Rules (each one a property of the runtime or of the model, not a heuristic):
   size and, unless pinned, stays inside a node (Megatron-LM's rule; a pin may cross nodes);
   ``pp`` is at most the number of repeated layers.
 * The global batch divides by ``dp × microbatch_size``; ``num_microbatches`` follows.
-* Without pipelining the only schedule is ``gpipe`` (plain gradient accumulation). With it:
+* Without pipelining the schedule is ``gpipe`` (all forwards, then all backwards: torch's
+  GPipe on one stage), or ``1f1b`` when pinned (forward and backward per microbatch: plain
+  gradient accumulation, one microbatch's activations alive; not searched yet). With pipelining:
   GPipe, 1F1B (at least ``pp`` microbatches, as torch's schedule requires), zero-bubble
   (ZB-H1) and interleaved 1F1B with ``v`` chunks per rank, where ``pp × v`` divides the
   layers (equal chunks, as Megatron-LM requires) and ``num_microbatches`` divides by ``pp``.
@@ -87,9 +89,9 @@ def _tp_choices(profile: ModelProfile, cluster: ClusterSpec, world: int, fix: Fi
 
 
 def _schedules(pp: int, num_layers: int, m: int, fix: Fix) -> Iterator[tuple[str, int]]:
-    if pp == 1:
+    if pp == 1:  # one stage: a pinned 1F1B runs forward and backward per microbatch (less memory)
         if fix.schedule in (None, "gpipe", "1f1b") and fix.virtual_stages in (None, 1):
-            yield "gpipe", 1
+            yield fix.schedule or "gpipe", 1
         return
     for name in ("gpipe", "1f1b", "zero_bubble"):
         if name == "zero_bubble" and fix.recompute not in (None, "none") and fix.schedule != name:

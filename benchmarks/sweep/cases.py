@@ -63,7 +63,7 @@ def _planner_scaling() -> tuple[Case, ...]:
 
 
 def _plan_quality() -> tuple[Case, ...]:
-    from autopar.cost_models.megatron import WEAK_SCALING
+    from benchmarks.published.megatron import WEAK_SCALING
     return tuple(_quality("plan-quality", row.model) for row in WEAK_SCALING)
 
 
@@ -133,14 +133,14 @@ def _run_planner(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_quality(p: dict[str, Any]) -> dict[str, Any]:
-    from autopar.cost_models.megatron import WEAK_SCALING
     from benchmarks.plan_quality import compare
+    from benchmarks.published.megatron import WEAK_SCALING
     return compare(next(row for row in WEAK_SCALING if row.model == p["model"]))
 
 
 def _run_plan_local(p: dict[str, Any]) -> dict[str, Any]:
     import autopar
-    from autopar.planning import plan_search
+    from autopar.plan_api import plan_search
     model = autopar.models.build(p["model"])
     inputs, _ = autopar.models.example_batch(model, p["global_batch"], seed=1)
     start = time.perf_counter()

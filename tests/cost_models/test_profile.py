@@ -37,6 +37,20 @@ def test_from_captured_matches_the_analytic_gpt() -> None:
     assert (analytic.embedding_param_tensors, analytic.head_param_tensors) == (2, 2)
 
 
+def test_an_exported_graph_gives_the_fx_profile() -> None:
+    """Exported graphs read weights through ``get_attr`` nodes: their matmuls still own parameters,
+    so the MLP width (and with it the transformer pricing) is found as in an fx graph."""
+    model = autopar.models.build("megatron-1.7b", device="meta")
+    inputs, _ = autopar.models.example_batch(model, batch_size=1)
+    traced, exported = (ModelProfile.from_captured(autopar.capture(model, inputs, frontend=frontend),
+                                                   batch_size=1) for frontend in ("fx", "export"))
+    assert exported.layers[0].ffn_size == traced.layers[0].ffn_size == 9216
+    shape = ("hidden_size", "num_heads", "seq_len", "ffn_size", "flops_fwd", "flops_bwd", "param_count")
+    assert [[getattr(layer, f) for f in shape] for layer in exported.layers] == [
+        [getattr(layer, f) for f in shape] for layer in traced.layers]
+    assert all(layer.is_transformer for layer in exported.layers)
+
+
 def test_dtype_comes_from_the_parameters() -> None:
     model = autopar.models.build("gpt-tiny", device="meta")
     inputs, _ = autopar.models.example_batch(model, batch_size=1)

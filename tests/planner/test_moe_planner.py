@@ -1,6 +1,5 @@
 """The planner with MoE layers: expert parallelism is searched, chosen when it pays, and shown."""
 
-import dataclasses
 import functools
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 from rich.console import Console
 
 import autopar
-from autopar.cli import fmt
+from autopar import fmt
 from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.cost_models import CostOptions, ModelProfile, moe_profile
@@ -126,9 +125,8 @@ def test_lower_bounds_stay_below_the_estimate_with_experts():
 
 
 def test_alternative_reasons_name_what_a_different_ep_changes():
-    best = _big_experts()
-    other = dataclasses.replace(best, parallelism=dataclasses.replace(best.parallelism, ep=1),
-                                predicted=_big_experts(ep=1).predicted)
+    best, other = _big_experts(), _big_experts(ep=1)
+    assert other.parallelism.ep == 1
     reason = alternative_reason(best, other, "dp8 ep1")
     assert "ep1 instead of ep8: expert all-to-all -" in reason and "gradient sync +" in reason
 
@@ -139,7 +137,7 @@ def test_estimate_applies_the_plans_recorded_passes():
     inputs = torch.zeros(1, BIG_EXPERTS["seq_len"], dtype=torch.long, device="meta")
     plan = _big_experts()
     assert [p.name for p in plan.passes] == ["moe"]
-    assert autopar.planning.plan_passes(plan) == [MoE(num_experts=16, top_k=2)]
+    assert autopar.plan_api.plan_passes(plan) == [MoE(num_experts=16, top_k=2)]
     assert autopar.estimate(plan, model, inputs) == plan.predicted
     saved = autopar.Plan.from_json(plan.to_json())  # the pass config survives JSON
     assert autopar.estimate(saved, model, inputs) == plan.predicted
@@ -150,7 +148,7 @@ def test_estimate_applies_the_plans_recorded_passes():
     plan = _plan(shape, "1x8xA100-80GB", 16, passes=both)
     model = autopar.models.build("gpt", device="meta", **shape)
     inputs = torch.zeros(1, 512, dtype=torch.long, device="meta")
-    assert autopar.planning.plan_passes(plan) == both
+    assert autopar.plan_api.plan_passes(plan) == both
     assert autopar.estimate(plan, model, inputs) == plan.predicted
 
 
