@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python -m benchmarks.planner_local`` (writes
 ``benchmarks/results/planner_local.{json,md}``). For ``local:2`` and ``local:4``,
-``autopar.planning.plan_search`` plans a zoo GPT (8 layers, hidden 256, 8 heads, vocabulary
+``autopar.plan_api.plan_search`` plans a zoo GPT (8 layers, hidden 256, 8 heads, vocabulary
 4096, sequence 128, global batch 16, AdamW); the candidates are its choice and, for every other
 dp × tp × pp, the best plan it finds with those degrees pinned. Each candidate runs
 ``--steps`` training steps after ``--warmup`` through
@@ -29,8 +29,9 @@ import torch
 import torch.distributed as dist
 
 import autopar
+from autopar.lower import with_fingerprint
+from autopar.plan_api import plan_search
 from autopar.planner.space import divisors
-from autopar.planning import plan_search, with_runtime_fingerprint
 from autopar.plans import Plan
 from autopar.runtime.launch import spawn
 from benchmarks.common import environment, write_results
@@ -99,7 +100,7 @@ def candidates(world: int) -> tuple[list[Plan], list[str]]:
                                          global_batch_size=GLOBAL_BATCH, fix=pins).plan)
             except ValueError as error:
                 skipped.append(f"dp{dp} tp{tp} pp{pp}: {error}")
-    return [with_runtime_fingerprint(p, model, inputs) for p in plans], skipped
+    return [with_fingerprint(p, model, inputs) for p in plans], skipped
 
 
 def run_world(world: int, options: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:

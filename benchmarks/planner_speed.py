@@ -26,8 +26,8 @@ import autopar
 from autopar.cluster import ClusterSpec
 from autopar.cost_models import ModelProfile
 from autopar.models import get_config
+from autopar.plan_api import plan_search
 from autopar.planner import InfeasiblePlanError, PlanContext, search
-from autopar.planning import plan_search
 from benchmarks.common import environment, write_results
 
 TARGETS = (("gpt3-175b", 128, 1536, 10.0), ("megatron-1t", 384, 3072, 30.0))

@@ -39,8 +39,8 @@ import torch
 import autopar
 from autopar.losses import cross_entropy
 from autopar.passes import RandomLTD
-from autopar.passes.random_ltd.schedule import layer_token_lr_scheduler
 from autopar.passes.random_ltd import random_ltd_runtime
+from autopar.passes.random_ltd.schedule import layer_token_lr_scheduler
 from benchmarks.common import moving_average, save_figure
 
 RESULTS = Path(__file__).parent / "results"

@@ -11,8 +11,8 @@ import torch
 import autopar
 from autopar.losses import cross_entropy
 from autopar.passes import RandomLTD
-from autopar.passes.random_ltd.schedule import kept_tokens
 from autopar.passes.random_ltd import random_ltd_runtime
+from autopar.passes.random_ltd.schedule import kept_tokens
 from autopar.runtime.pass_state import PASSES_ENV, passes_from_json, passes_to_json
 
 B, S, L = 4, 32, 4

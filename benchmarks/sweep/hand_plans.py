@@ -25,7 +25,8 @@ import autopar
 from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.cost_models.estimate import estimate_plan
-from autopar.planning import plan_search, profile_of, with_runtime_fingerprint
+from autopar.lower import profile_of, with_fingerprint
+from autopar.plan_api import plan_search
 from autopar.plans import Plan, graph_fingerprint
 from autopar.plans.megatron import megatron_shardings
 from autopar.plans.pinned import plan_from_fix
@@ -54,7 +55,7 @@ def hand_plan(fix: dict[str, Any], world: int) -> Plan:
                          num_layers=len(captured.layers), cluster=cluster, fix=pins,
                          global_batch_size=GLOBAL_BATCH, seq_len=inputs.shape[1],
                          shardings=megatron_shardings(captured.graph_module, tp, vocab_parallel=pp == 1))
-    return with_runtime_fingerprint(estimate_plan(plan, profile_of(captured, cluster)), model, inputs)
+    return with_fingerprint(estimate_plan(plan, profile_of(captured, cluster)), model, inputs)
 
 
 def _single_process(options: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +82,7 @@ def compare_hand_plans(world: int, options: dict[str, Any]) -> list[dict[str, An
         return [_single_process(options)]
     model, inputs, _ = _model()
     chosen = plan_search(model, inputs, cluster=f"local:{world}", global_batch_size=GLOBAL_BATCH).plan
-    plans = {"autopar": with_runtime_fingerprint(chosen, model, inputs)}
+    plans = {"autopar": with_fingerprint(chosen, model, inputs)}
     plans |= {name: hand_plan(fix, world) for name, fix in _hand_fixes(world).items()}
     with tempfile.TemporaryDirectory() as folder:
         out = str(Path(folder) / "times.json")

@@ -10,13 +10,13 @@ from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.cost_models import ModelProfile, pipeline_time, stage_costs
 from autopar.cost_models.memory import peak_memory_bytes
+from autopar.lower import profile_of
 from autopar.models import get_config
 from autopar.planner import InfeasiblePlanError, PlanContext, search
 from autopar.planner.inter_op import solve_split
 from autopar.planner.layout import build_plan
 from autopar.planner.probes import Prober
 from autopar.planner.space import Config
-from autopar.planning import profile_of
 
 
 def _context(profile: ModelProfile, cluster: ClusterSpec, batch: int) -> PlanContext:
