@@ -26,8 +26,10 @@ chromium:
 	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium) \
 		|| echo "warning: could not install chromium; the browser test will be skipped"
 
+# ruff, then the layer contract of docs/ARCHITECTURE.md (pyproject.toml [tool.importlinter]).
 lint: $(STAMP)
 	$(BIN)/ruff check autopar passes kernels cost_models tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) build *.egg-info

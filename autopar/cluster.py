@@ -2,7 +2,7 @@
 
 Data flow: the user gives ``"2x8xA100-80GB"``, ``"local:4"`` or a ``.toml``/``.json``
 path; :meth:`ClusterSpec.parse` turns it into devices and link levels taken from the
-hardware catalog (``autopar.cost_models.hardware``). Cost models and the planner read
+hardware catalog (``autopar.hardware``). Cost models and the planner read
 it; a Plan stores :meth:`ClusterSpec.to_dict`, and the runtime uses ``backend``.
 
 Cluster file keys (TOML or JSON, one flat table; units are in the names; keys left out
@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from autopar.cost_models.hardware import (
+from autopar.hardware import (
     DEVICE_ALIASES,
     DEVICE_CATALOG,
     GLOO_LOOPBACK,

@@ -16,6 +16,7 @@ captures once more only when it runs a microbatch other than the example batch
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,18 +38,30 @@ class Program:
     passes that ran and their records, the cost model's profiles, and the graph's fingerprint.
 
     ``profile`` prices time (random-LTD layers at their schedule's average kept length);
-    ``memory_profile`` prices memory (every layer at full length: the schedule reaches it).
-    ``batch_size`` and ``seq_len`` are the example batch's leading dimensions.
+    ``memory_profile`` prices memory (every layer at full length: the schedule reaches it). Both are
+    made on first use (a Program that is only run, on one device, never needs them), for ``cluster``
+    in ``dtype`` (:func:`profile_of`). ``batch_size`` and ``seq_len`` are the example batch's leading
+    dimensions.
     """
 
     captured: Captured
     passes: tuple[GraphPass, ...]
     applied: tuple[AppliedPass, ...]
-    profile: ModelProfile
-    memory_profile: ModelProfile
     fingerprint: str
     batch_size: int
     seq_len: int | None
+    cluster: ClusterSpec | None = None
+    dtype: str | None = None
+
+    @functools.cached_property
+    def memory_profile(self) -> ModelProfile:
+        """The cost model's summary of the transformed graph, every layer at full length."""
+        return profile_of(self.captured, self.cluster, dtype=self.dtype)
+
+    @functools.cached_property
+    def profile(self) -> ModelProfile:
+        """:attr:`memory_profile` as the passes change the time of a step (``time_profile`` hooks)."""
+        return time_profile(self.memory_profile, self.graph_module, self.passes)
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -94,11 +107,10 @@ def lower(
         captured = dataclasses.replace(captured, graph_module=gm)
         applied = tuple(AppliedPass(name=name, config=_json_config(config))
                         for name, config, _ in ctx.applied)
-    full = profile_of(captured, cluster, dtype=dtype)
     ran = tuple(p for p in chosen if p.name in {a.name for a in applied})
-    return Program(captured=captured, passes=ran, applied=applied,
-                   profile=time_profile(full, captured.graph_module, ran), memory_profile=full,
-                   fingerprint=graph_fingerprint(captured.graph_module), batch_size=batch, seq_len=seq_len)
+    spec = ClusterSpec.parse(cluster) if isinstance(cluster, str) else cluster
+    return Program(captured=captured, passes=ran, applied=applied, batch_size=batch, seq_len=seq_len,
+                   fingerprint=graph_fingerprint(captured.graph_module), cluster=spec, dtype=dtype)
 
 
 def profile_of(captured: Captured, cluster: str | ClusterSpec | None = None, *,

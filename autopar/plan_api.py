@@ -24,8 +24,8 @@ from autopar.cost_models import CostOptions, ModelProfile
 from autopar.cost_models import estimate as estimate_predicted
 from autopar.lower import Program, lower, predict
 from autopar.passes import GraphPass, check_passes
+from autopar.planner.build_plan import PlanContext
 from autopar.planner.intra_op import solve_intra_op
-from autopar.planner.layout import PlanContext
 from autopar.planner.search import Progress, SearchResult, search
 from autopar.planner.space import Config
 from autopar.plans import Plan, Predicted

@@ -8,7 +8,7 @@ Run: ``.venv/bin/python -m benchmarks.cost_model_cpu`` (writes
   rank; the median over ``--steps`` steps after ``--warmup``, each step timed on its slowest rank;
 * **predicted**: ``cost_models.estimate(plan, ModelProfile.from_captured(...))`` for the very Plan
   the runtime executed, with ``CostOptions(local_profile=profile)``: the local-cluster model
-  (``cost_models/cpu_step.py``) priced from the calibration's single-operation measurements.
+  (``cost_models/local/step.py``) priced from the calibration's single-operation measurements.
   Nothing is fitted to the step times measured here.
 
 Other users share this machine, so each case is timed in ``--rounds`` rounds, each after waiting
@@ -44,7 +44,7 @@ import autopar
 from autopar.calibration import cpu_seconds, others_busy_cores
 from autopar.capture import capture
 from autopar.cost_models import CostOptions, ModelProfile, estimate
-from autopar.cost_models.local_profile import LocalProfile, load_profile
+from autopar.cost_models.local.profile import LocalProfile, load_profile
 from autopar.plans import Plan, Predicted
 from autopar.runtime import spawn
 
@@ -238,7 +238,7 @@ def _markdown(rows: list[dict[str, Any]], env: dict[str, Any], stats: dict[str, 
         f"{env['global_batch']}, AdamW, gloo, one thread per rank. Measured = median over "
         f"{env['num_steps']} steps (after {env['warmup_steps']} warm-up) of the slowest rank. Predicted = "
         "`estimate(plan, ModelProfile.from_captured(...), options=CostOptions(local_profile=profile))` "
-        "for the executed Plan: the local-cluster model (`cost_models/cpu_step.py`) priced from the "
+        "for the executed Plan: the local-cluster model (`cost_models/local/step.py`) priced from the "
         f"single-operation measurements of `autopar calibrate` (profile of {env['profile_created']}, "
         f"{env['profile_note']}); nothing is fitted to these step times.", "",
         f"Other users share this machine: each case is timed in {env['rounds']} rounds, each after "

@@ -28,8 +28,8 @@ from autopar import models
 from autopar.capture import capture
 from autopar.cluster import ClusterSpec
 from autopar.planner.intra_op import IntraOpOptions, intra_op_problem, solve_intra_op
-from autopar.planner.sharding_ilp import solve_sharding_ilp
-from autopar.planner.sharding_problem import EdgeCost, ShardingProblem
+from autopar.planner.intra_op.ilp import solve_sharding_ilp
+from autopar.planner.intra_op.problem import EdgeCost, ShardingProblem
 from benchmarks.common import environment, write_results
 
 GPT_LAYERS = (2, 8, 24, 48, 96)

@@ -1,18 +1,14 @@
-"""Cost models: hardware catalog, compute, communication, memory and schedule models.
+"""Cost models (layer: above kernels, below passes), imported only as ``autopar.cost_models``.
 
-Data flow: the annotated graph (``node.meta["autopar"]``) and a ``ClusterSpec`` go in;
-per-node and per-stage times and bytes come out for the planner. ``hardware`` is the
-table of devices and links that ``ClusterSpec`` references and every model reads;
-``profile`` summarizes a captured model (``ModelProfile``); ``compute``, ``comm``,
-``memory`` and ``schedule`` are the analytic models; ``simulate`` draws a schedule's
-timeline; ``moe`` prices Mixture-of-Experts layers (expert compute, all-to-all, expert states);
-``estimate`` turns a Plan into ``Predicted``; ``megatron`` holds Megatron-LM's setting (its 2021
-code's options, the Plan and analytic profile of one of its configurations; the published
-measurements they are validated against live in ``benchmarks/published``). Local CPU clusters
-take ``cpu_step`` (with ``cpu_compute``, ``cpu_rates`` and ``shared_cores``), priced from the
-profile ``calibrate`` measures (``local_profile``). Imported only as ``autopar.cost_models``
-(see ARCHITECTURE.md). Modules here import ``autopar.cluster`` and ``autopar.plans`` only
-inside functions: those import the hardware catalog, so a module-level import would cycle.
+Data flow: a ``ModelProfile`` (``profile``: what ``autopar.lower`` summarizes from an annotated
+graph) and a ``Plan`` go in; ``Predicted`` comes out of ``estimate`` (the one pricing path that
+``autopar.lower.predict`` calls) from per-stage times (``compute``, ``comm``, ``stages``), the
+schedule (``schedule``, ``simulate``), memory (``memory``, ``states``) and Mixture-of-Experts costs
+(``moe``); ``token_dropping`` prices random-LTD's shorter layers. Local CPU clusters take
+``local`` (priced from this machine's calibrated rates). ``megatron`` holds Megatron-LM's 2021
+setting (its options, a row's Plan and analytic profile); the published measurements they are
+validated against live in ``benchmarks/published``. Device and link specs are ``autopar.hardware``,
+below every layer; the calibration that measures this machine is ``autopar.calibration``, above.
 """
 
 from autopar.cost_models.comm import (
@@ -27,23 +23,6 @@ from autopar.cost_models.comm import (
 )
 from autopar.cost_models.compute import LayerTimes, matmul_efficiency, matmul_time_s, transformer_layer_times
 from autopar.cost_models.estimate import CostOptions, estimate, estimate_plan, simulate_plan, stage_costs
-from autopar.cost_models.hardware import (
-    DEVICE_ALIASES,
-    DEVICE_CATALOG,
-    DTYPES,
-    GLOO_LOOPBACK,
-    GLOO_TCP,
-    IB_HDR,
-    IB_NDR,
-    NVLINK_A100,
-    NVLINK_H100,
-    DeviceSpec,
-    LinkLevel,
-    canonical_dtype,
-    default_links,
-    get_device,
-    valid_device_names,
-)
 from autopar.cost_models.megatron import (
     MEGATRON_2021,
     megatron_cluster,
@@ -62,6 +41,23 @@ from autopar.cost_models.moe import MoELayerProfile, load_imbalance, moe_profile
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 from autopar.cost_models.schedule import StageTimes, bubble_fraction, pipeline_time, rank_actions
 from autopar.cost_models.simulate import Timeline, TimelineEvent, simulate
+from autopar.hardware import (
+    DEVICE_ALIASES,
+    DEVICE_CATALOG,
+    DTYPES,
+    GLOO_LOOPBACK,
+    GLOO_TCP,
+    IB_HDR,
+    IB_NDR,
+    NVLINK_A100,
+    NVLINK_H100,
+    DeviceSpec,
+    LinkLevel,
+    canonical_dtype,
+    default_links,
+    get_device,
+    valid_device_names,
+)
 
 __all__ = [
     "DEVICE_ALIASES", "DEVICE_CATALOG", "DTYPES", "GLOO_LOOPBACK", "GLOO_TCP", "IB_HDR", "IB_NDR",

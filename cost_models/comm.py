@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from autopar.cost_models.hardware import LinkLevel
+from autopar.hardware import LinkLevel
 
 if TYPE_CHECKING:  # autopar.cluster imports the hardware catalog: no import cycle at run time
     from autopar.cluster import ClusterSpec

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from autopar.cost_models.hardware import DeviceSpec
 from autopar.cost_models.moe import expert_matmuls
 from autopar.cost_models.profile import LayerProfile, ModelProfile
+from autopar.hardware import DeviceSpec
 
 MATMUL_TILE_DIM = 128.0
 """ASSUMED, not fitted: the matmul-size roll-off scale ``T``, one 128-wide tensor-core tile

@@ -48,7 +48,7 @@ from autopar.cost_models.compute import (
     head_times,
     transformer_layer_times,
 )
-from autopar.cost_models.cpu_step import cpu_stage_costs, estimate_local, local_rates
+from autopar.cost_models.local.step import cpu_stage_costs, estimate_local, local_rates
 from autopar.cost_models.memory import MemoryBreakdown, memory_details
 from autopar.cost_models.moe import ALL_TO_ALLS_PER_LAYER, EXPERT_ZERO, all_to_all_bytes, expert_params
 from autopar.cost_models.profile import LayerProfile, ModelProfile
@@ -58,8 +58,8 @@ from autopar.cost_models.stages import StageCost, expert_groups, layer_flops, me
 
 if TYPE_CHECKING:
     from autopar.cluster import ClusterSpec
-    from autopar.cost_models.cpu_rates import CpuRates
-    from autopar.cost_models.local_profile import LocalProfile
+    from autopar.cost_models.local.profile import LocalProfile
+    from autopar.cost_models.local.rates import CpuRates
     from autopar.plans import MemoryPrediction, Plan, Predicted, StagePrediction
 
 OPTIMIZER_BYTES_PER_PARAM = 32

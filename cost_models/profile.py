@@ -16,8 +16,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from autopar.cost_models.hardware import canonical_dtype
 from autopar.cost_models.moe import MoELayerProfile
+from autopar.hardware import canonical_dtype
 
 _ELEMENT_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4}
 _ATTENTION_WORDS = ("attn", "attention")

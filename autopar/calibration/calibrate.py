@@ -51,8 +51,8 @@ from autopar.calibration.ops import (
     others_busy_cores,
 )
 from autopar.cost_models.compute import FUSED_ATTENTION_BACKWARD_FLOPS_RATIO
-from autopar.cost_models.cpu_rates import ELEMENTWISE_OPS
-from autopar.cost_models.local_profile import LocalProfile, ProcessShare, save_profile
+from autopar.cost_models.local.profile import LocalProfile, ProcessShare, save_profile
+from autopar.cost_models.local.rates import ELEMENTWISE_OPS
 
 Shape = tuple[int, int, int]
 KIB = 2**10

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from autopar.cost_models.compute import MATMUL_TILE_DIM
-from autopar.cost_models.cpu_rates import ELEMENTWISE_OPS, CpuRates, OpTable
-from autopar.cost_models.local_profile import LinkFit
+from autopar.cost_models.local.profile import LinkFit
+from autopar.cost_models.local.rates import ELEMENTWISE_OPS, CpuRates, OpTable
 
 Shape = tuple[int, int, int]
 KINDS = ("all_reduce", "all_gather", "reduce_scatter")
@@ -174,7 +174,7 @@ def cpu_rates(single: dict[str, Any], group: dict[str, Any], *, num_cores: int, 
 def layer_check(rates: CpuRates, points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """``cpu_compute``'s forward + backward time of each measured zoo GPT block, alone (without the
     re-read of its evicted activations) and in a stack, and their errors."""
-    from autopar.cost_models.cpu_compute import transformer_layer_part
+    from autopar.cost_models.local.compute import transformer_layer_part
     from autopar.cost_models.profile import LayerProfile
 
     rows = []

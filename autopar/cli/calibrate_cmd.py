@@ -3,7 +3,7 @@
 Data flow: the CLI → :func:`autopar.calibration.calibrate` (single-process operations
 and a gloo group of N processes) → a versioned JSON profile written atomically (default
 ``~/.cache/autopar/profile-<hostname>.json``) → printed here as one table. The cost model loads it
-for ``local`` clusters (``autopar.cost_models.cpu_step``); without it, it uses placeholder rates.
+for ``local`` clusters (``autopar.cost_models.local.step``); without it, it uses placeholder rates.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from autopar.cost_models.local_profile import LocalProfile, default_profile_path
+from autopar.cost_models.local.profile import LocalProfile, default_profile_path
 
 DEFAULT_NPROC = 4
 

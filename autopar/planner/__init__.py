@@ -11,10 +11,10 @@ Plan (``layout``), estimates it and keeps the fastest that fits, with the runner
 nothing fits, the binding constraint (``explain``).
 """
 
+from autopar.planner.build_plan import PlanContext, build_plan
 from autopar.planner.explain import InfeasiblePlanError
 from autopar.planner.inter_op import Split, solve_split
 from autopar.planner.intra_op import IntraOpOptions, IntraOpPlan, intra_op_problem, solve_intra_op
-from autopar.planner.layout import PlanContext, build_plan
 from autopar.planner.search import SearchResult, search
 from autopar.planner.space import Config, candidates
 

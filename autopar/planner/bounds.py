@@ -34,7 +34,7 @@ from autopar.cost_models.comm import dp_sync_time_s
 from autopar.cost_models.compute import device_efficiency
 from autopar.cost_models.estimate import OPTIMIZER_BYTES_PER_PARAM
 from autopar.cost_models.moe import EXPERT_ZERO, expert_params, layer_state_bytes
-from autopar.planner.layout import PlanContext
+from autopar.planner.build_plan import PlanContext
 from autopar.planner.probes import Prober
 from autopar.planner.space import Config
 

@@ -16,7 +16,7 @@ from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.cost_models import ModelProfile
 from autopar.cost_models import memory as memory_model
-from autopar.planner.layout import PlanContext, build_plan, even_split, rank_devices
+from autopar.planner.build_plan import PlanContext, build_plan, even_split, rank_devices
 from autopar.planner.probes import StageModel
 from autopar.planner.space import Config
 from autopar.plans import Parallelism, Plan

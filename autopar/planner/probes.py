@@ -32,7 +32,7 @@ from autopar.cost_models import CostOptions, LayerProfile, ModelProfile, in_flig
 from autopar.cost_models import memory as memory_model
 from autopar.cost_models.estimate import stage_costs
 from autopar.cost_models.moe import layer_state_bytes
-from autopar.planner.layout import PlanContext, build_plan, rank_devices
+from autopar.planner.build_plan import PlanContext, build_plan, rank_devices
 from autopar.planner.space import Config
 
 RECOMPUTE_MODES = ("none", "selective", "full")

@@ -33,6 +33,7 @@ from autopar.config import Fix
 from autopar.cost_models import CostOptions, ModelProfile
 from autopar.cost_models.estimate import estimate_plan
 from autopar.planner.bounds import states_fit, step_lower_bound_s
+from autopar.planner.build_plan import PlanContext, build_plan, even_split
 from autopar.planner.explain import (
     Infeasible,
     InfeasiblePlanError,
@@ -41,7 +42,6 @@ from autopar.planner.explain import (
     memory_shortfall,
 )
 from autopar.planner.inter_op import solve_split
-from autopar.planner.layout import PlanContext, build_plan, even_split
 from autopar.planner.probes import RECOMPUTE_MODES, Prober, StageModel
 from autopar.planner.space import Config, candidates, check_ep_pin, explain_empty
 from autopar.plans import Alternative, Plan, Schedule

@@ -17,8 +17,7 @@ from autopar.calibration.fits import fit_activation_reread_s_per_byte
 from autopar.cli.main import main
 from autopar.cluster import ClusterSpec
 from autopar.cost_models.compute import MATMUL_TILE_DIM, matmul_time_s
-from autopar.cost_models.cpu_rates import CpuRates
-from autopar.cost_models.local_profile import (
+from autopar.cost_models.local.profile import (
     SCHEMA_VERSION,
     LinkFit,
     LocalProfile,
@@ -29,6 +28,7 @@ from autopar.cost_models.local_profile import (
     load_profile,
     save_profile,
 )
+from autopar.cost_models.local.rates import CpuRates
 from autopar.cost_models.memory import activation_bytes_per_layer
 
 

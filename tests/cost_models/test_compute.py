@@ -15,8 +15,8 @@ from autopar.cost_models.compute import (
     memory_time_s,
     transformer_layer_times,
 )
-from autopar.cost_models.hardware import get_device
 from autopar.cost_models.profile import ModelProfile
+from autopar.hardware import get_device
 from autopar.models import get_config
 
 A100, H100 = get_device("A100-80GB"), get_device("H100-SXM")

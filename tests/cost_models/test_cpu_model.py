@@ -13,12 +13,12 @@ from autopar.calibration.fits import compute_shares, cpu_rates
 from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.cost_models import CostOptions, ModelProfile, estimate, simulate, stage_costs
-from autopar.cost_models.cpu_compute import DTENSOR_TP, transformer_layer_part
-from autopar.cost_models.cpu_rates import CpuRates, OpTable
-from autopar.cost_models.local_profile import LinkFit, LocalProfile, ProcessShare, save_profile
+from autopar.cost_models.local.compute import DTENSOR_TP, transformer_layer_part
+from autopar.cost_models.local.profile import LinkFit, LocalProfile, ProcessShare, save_profile
+from autopar.cost_models.local.rates import CpuRates, OpTable
+from autopar.cost_models.local.shared_cores import simulate_shared
 from autopar.cost_models.megatron import megatron_plan, megatron_profile
 from autopar.cost_models.schedule import StageTimes
-from autopar.cost_models.shared_cores import simulate_shared
 from autopar.plans import BREAKDOWN_KEYS
 from autopar.plans.pinned import plan_from_fix
 

@@ -247,8 +247,8 @@ def test_adopted_mixtral_profile_counts_the_models_own_parameters():
 
 def test_local_cpu_model_keeps_experts_out_of_zero():
     """local:N: FSDP2 gathers the dense weights only; expert gradients are all-reduced over dp/ep."""
-    from autopar.cost_models.cpu_rates import CpuRates
-    from autopar.cost_models.cpu_step import _tails, cpu_stage_costs
+    from autopar.cost_models.local.rates import CpuRates
+    from autopar.cost_models.local.step import _tails, cpu_stage_costs
 
     shape = dict(num_layers=2, hidden_size=64, num_heads=4, seq_len=32, vocab_size=128)
     dense_profile = ModelProfile.gpt(get_config("gpt", **shape), dtype="fp32")

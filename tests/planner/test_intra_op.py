@@ -1,4 +1,4 @@
-"""Known answers of the intra-op sharding ILP (autopar/planner/intra_op.py).
+"""Known answers of the intra-op sharding ILP (autopar/planner/intra_op/solve.py).
 
 Megatron-LM's column/row alternation for an MLP and for the zoo GPT, everything replicated
 at tp = 1, agreement with brute force, variables shared across repeated layers, an
@@ -19,11 +19,11 @@ from autopar.capture import capture
 from autopar.cluster import ClusterSpec
 from autopar.cost_models import Group, all_reduce_time_s
 from autopar.planner.intra_op import IntraOpOptions, intra_op_problem, solve_intra_op
-from autopar.planner.sharding_backends import MipModel
-from autopar.planner.sharding_graph import GraphMapping
-from autopar.planner.sharding_ilp import solve_sharding_ilp
-from autopar.planner.sharding_layouts import REPLICATED, index_layout, reshape_layout
-from autopar.planner.sharding_problem import EdgeCost, ShardingProblem, evaluate, exhaustive_reference
+from autopar.planner.intra_op.backends import MipModel
+from autopar.planner.intra_op.graph import GraphMapping
+from autopar.planner.intra_op.ilp import solve_sharding_ilp
+from autopar.planner.intra_op.layouts import REPLICATED, index_layout, reshape_layout
+from autopar.planner.intra_op.problem import EdgeCost, ShardingProblem, evaluate, exhaustive_reference
 from autopar.plans.megatron import megatron_shardings
 
 A100 = ClusterSpec.parse("1x8xA100-80GB")

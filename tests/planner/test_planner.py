@@ -13,8 +13,8 @@ from autopar.cost_models.memory import peak_memory_bytes
 from autopar.lower import profile_of
 from autopar.models import get_config
 from autopar.planner import InfeasiblePlanError, PlanContext, search
+from autopar.planner.build_plan import build_plan
 from autopar.planner.inter_op import solve_split
-from autopar.planner.layout import build_plan
 from autopar.planner.probes import Prober
 from autopar.planner.space import Config
 

@@ -144,7 +144,7 @@ def test_interleaved_and_single_device_plans():
 def test_local_cluster_plans_store_the_cpu_models_numbers():
     from autopar.config import Fix
     from autopar.cost_models import estimate_plan
-    from autopar.cost_models.cpu_step import cpu_stage_costs, local_rates
+    from autopar.cost_models.local.step import cpu_stage_costs, local_rates
     from autopar.plans.pinned import plan_from_fix
 
     model = autopar.models.build("gpt-tiny", device="meta")

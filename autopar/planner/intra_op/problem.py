@@ -1,7 +1,7 @@
 """The intra-op sharding problem as plain arrays, its pricing, and a brute-force reference.
 
-Data flow: ``sharding_graph.build_problem`` fills a :class:`ShardingProblem` from an annotated
-fx graph; ``sharding_ilp.solve_sharding_ilp`` solves it (Alpa's ILP: Zheng et al., OSDI 2022,
+Data flow: ``graph.build_problem`` fills a :class:`ShardingProblem` from an annotated
+fx graph; ``ilp.solve_sharding_ilp`` solves it (Alpa's ILP: Zheng et al., OSDI 2022,
 §4.2) and prices the answer with :func:`evaluate`; :func:`exhaustive_reference` is the
 tests' brute force; :func:`explain_infeasible` names the binding constraint. No torch here.
 """

@@ -1,6 +1,6 @@
 """Layouts on the tensor-parallel axis, and how elementwise and view ops carry them.
 
-Data flow: ``sharding_graph.build_problem`` walks an annotated fx graph; :func:`classify`
+Data flow: ``graph.build_problem`` walks an annotated fx graph; :func:`classify`
 says what each node is (a decision node — linear, embedding, attention — a follower that
 takes its leading input's layout, or a fixed op that needs replicated inputs), and
 :func:`follow_layout` / :func:`operand_layout` where a follower's split lands. The

@@ -1,6 +1,6 @@
 """A fallback for the intra-op ILP when the solver finds no assignment within its time limit.
 
-Data flow: ``sharding_ilp.solve_sharding_ilp`` calls :func:`local_search` with the folded
+Data flow: ``ilp.solve_sharding_ilp`` calls :func:`local_search` with the folded
 unary costs and coupled edges only when OR-Tools returns no incumbent; the answer is reported
 as ``FEASIBLE`` with the gap to :func:`lower_bound`, so a time limit never turns into a
 failure while some assignment fits. Starts: every group's cheapest strategy, and every
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from autopar.planner.sharding_problem import EdgeCost
+from autopar.planner.intra_op.problem import EdgeCost
 
 MAX_SWEEPS = 20
 

@@ -41,16 +41,16 @@ import os
 from typing import TYPE_CHECKING
 
 from autopar.cost_models.compute import LayerTimes
-from autopar.cost_models.cpu_compute import CpuPart, embedding_part, head_part, transformer_layer_part
-from autopar.cost_models.cpu_rates import CpuRates
+from autopar.cost_models.local.compute import CpuPart, embedding_part, head_part, transformer_layer_part
+from autopar.cost_models.local.rates import CpuRates
+from autopar.cost_models.local.shared_cores import simulate_shared
 from autopar.cost_models.memory import peak_memory_bytes
 from autopar.cost_models.moe import ALL_TO_ALLS_PER_LAYER, all_to_all_bytes, expert_params, load_imbalance
 from autopar.cost_models.profile import LayerProfile, ModelProfile
-from autopar.cost_models.shared_cores import simulate_shared
 from autopar.cost_models.stages import StageCost, layer_flops
 
 if TYPE_CHECKING:
-    from autopar.cost_models.local_profile import LocalProfile
+    from autopar.cost_models.local.profile import LocalProfile
     from autopar.plans import Plan, Predicted
 
 log = logging.getLogger("autopar.cost_models")
@@ -60,7 +60,7 @@ _DEFAULT: dict[str, object] = {}
 def _default_profile() -> LocalProfile | None:
     """The profile at ``local_profile.default_profile_path()``, reloaded when the file changes;
     an unreadable or outdated file is reported once and ignored."""
-    from autopar.cost_models.local_profile import default_profile_path, load_profile
+    from autopar.cost_models.local.profile import default_profile_path, load_profile
 
     path = default_profile_path()
     try:

@@ -3,9 +3,9 @@
 Data flow::
 
     captured fx.GraphModule (node.meta["autopar"]) + tp + ClusterSpec
-      │ sharding_graph.build_problem   sharding_layouts (followers), strategies (prices), ties
+      │ graph.build_problem   layouts (followers), strategies (prices), ties
       ▼
-    ShardingProblem (plain arrays)  ──► sharding_ilp.solve_sharding_ilp (OR-Tools HiGHS)
+    ShardingProblem (plain arrays)  ──► ilp.solve_sharding_ilp (OR-Tools HiGHS)
       ▼
     IntraOpPlan: strategy per node, ``Sharding`` records for the runtime, predicted seconds
 
@@ -39,12 +39,12 @@ from typing import TYPE_CHECKING, get_args
 from torch import fx
 
 from autopar.capture.record import META_KEY
-from autopar.cost_models.hardware import canonical_dtype
 from autopar.cost_models.memory import model_state_bytes
-from autopar.planner.sharding_graph import GraphMapping, build_problem
-from autopar.planner.sharding_ilp import Backend, IlpSolution, solve_sharding_ilp
-from autopar.planner.sharding_problem import ShardingProblem
-from autopar.planner.strategies import CostContext
+from autopar.hardware import canonical_dtype
+from autopar.planner.intra_op.graph import GraphMapping, build_problem
+from autopar.planner.intra_op.ilp import Backend, IlpSolution, solve_sharding_ilp
+from autopar.planner.intra_op.problem import ShardingProblem
+from autopar.planner.intra_op.strategies import CostContext
 from autopar.plans.schema import Sharding
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """Strategies of the intra-op ILP's decision nodes, priced by ``autopar.cost_models``.
 
-Data flow: ``sharding_graph.build_problem`` calls :func:`decision_options` for every linear,
-embedding and attention node of an annotated graph (``sharding_layouts.classify``); each strategy
+Data flow: ``graph.build_problem`` calls :func:`decision_options` for every linear,
+embedding and attention node of an annotated graph (``layouts.classify``); each strategy
 comes with the layouts it needs and produces, its compute seconds and the seconds of its own
 collectives, all through a :class:`CostContext` (the tp group on a ``ClusterSpec``,
 alpha-beta per topology level). The ILP (``sharding_ilp``; Alpa: Zheng et al., OSDI 2022,
@@ -34,7 +34,7 @@ from torch import fx
 
 from autopar.cost_models import Group, all_gather_time_s, all_reduce_time_s, all_to_all_time_s, matmul_time_s
 from autopar.cost_models.compute import flops_time_s, memory_time_s
-from autopar.planner.sharding_layouts import REPLICATED, record_of, shape
+from autopar.planner.intra_op.layouts import REPLICATED, record_of, shape
 from autopar.plans.megatron import embedding_weight, linear_weight
 
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ def _attention(node: fx.Node, ctx: CostContext) -> Options:
 
 
 def decision_options(gm: fx.GraphModule, node: fx.Node, kind: str, ctx: CostContext) -> Options:
-    """The strategies of a node that ``sharding_layouts.classify`` calls linear, embedding or attention."""
+    """The strategies of a node that ``layouts.classify`` calls linear, embedding or attention."""
     if kind == "linear":
         return _linear(gm, node, ctx)
     if kind == "embedding":

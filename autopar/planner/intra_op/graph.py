@@ -1,8 +1,8 @@
 """From an annotated fx graph to the intra-op ILP's arrays: anchors, followers and ties.
 
 Data flow: ``intra_op.solve_intra_op`` → :func:`build_problem` (walks the graph with
-``sharding_layouts`` and prices strategies with ``strategies``) → ``sharding_ilp.ShardingProblem``
-plus a :class:`GraphMapping` → ``sharding_ilp.solve_sharding_ilp`` → back to node names.
+``layouts`` and prices strategies with ``strategies``) → ``ilp.ShardingProblem``
+plus a :class:`GraphMapping` → ``ilp.solve_sharding_ilp`` → back to node names.
 
 Merging, so the ILP stays small (Alpa, Zheng et al. OSDI 2022, §4.2 merges simple ops into
 their operands; repeated layers share variables as AutoParallel's clustering does):
@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from autopar.planner import sharding_layouts as lay
-from autopar.planner.sharding_layouts import REPLICATED, record_of
-from autopar.planner.sharding_problem import EdgeCost, ShardingProblem
-from autopar.planner.strategies import CostContext, Options, decision_options
+from autopar.planner.intra_op import layouts as lay
+from autopar.planner.intra_op.layouts import REPLICATED, record_of
+from autopar.planner.intra_op.problem import EdgeCost, ShardingProblem
+from autopar.planner.intra_op.strategies import CostContext, Options, decision_options
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,6 +1,6 @@
 """The intra-op sharding ILP of Alpa (Zheng et al., OSDI 2022, §4.2), on plain arrays.
 
-Data flow: ``sharding_graph.build_problem`` turns an annotated fx graph into a
+Data flow: ``graph.build_problem`` turns an annotated fx graph into a
 :class:`ShardingProblem` (no torch in here, so the solver is testable alone) →
 :func:`solve_sharding_ilp` → :class:`IlpSolution` (one strategy index per group) →
 ``intra_op.solve_intra_op`` maps it back to graph nodes. Hand-written because no maintained
@@ -36,7 +36,7 @@ before solving (HiGHS' tolerances are absolute, ~10⁻⁶, and costs in seconds 
 small); reported values are recomputed from the chosen strategies (``evaluate``), and the
 solution is validated against every constraint.
 HiGHS checks its time limit only between phases (a 0.5 s limit on 2000 groups returned after
-3.6 s); when a backend returns no incumbent, ``sharding_heuristic.local_search`` answers
+3.6 s); when a backend returns no incumbent, ``heuristic.local_search`` answers
 (``FEASIBLE``, with its gap to a separable lower bound).
 """
 
@@ -47,9 +47,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from autopar.planner.sharding_backends import CP_SAT_RESOLUTION, SCALE_TARGET, CpSatModel, MipModel, Term
-from autopar.planner.sharding_heuristic import folded_cost, local_search, lower_bound
-from autopar.planner.sharding_problem import (
+from autopar.planner.intra_op.backends import CP_SAT_RESOLUTION, SCALE_TARGET, CpSatModel, MipModel, Term
+from autopar.planner.intra_op.heuristic import folded_cost, local_search, lower_bound
+from autopar.planner.intra_op.problem import (
     Breakdown,
     EdgeCost,
     ShardingProblem,
@@ -154,7 +154,7 @@ def solve_sharding_ilp(problem: ShardingProblem, *, backend: Backend = "highs", 
                        seed: int = 0) -> IlpSolution:
     """Solve, validate and price the assignment. Raises ``ValueError`` naming the binding
     constraint when infeasible. If the solver has no incumbent at ``time_limit_s`` the
-    answer is ``sharding_heuristic.local_search``'s, ``FEASIBLE`` with its gap to a bound."""
+    answer is ``heuristic.local_search``'s, ``FEASIBLE`` with its gap to a bound."""
     if backend not in BACKENDS:
         raise ValueError(f"backend = {backend!r} is invalid: expected one of {list(BACKENDS)}")
     start = time.perf_counter()
@@ -191,7 +191,7 @@ def solve_sharding_ilp(problem: ShardingProblem, *, backend: Backend = "highs", 
 
 
 def _fallback(problem: ShardingProblem, folded: _Folded) -> tuple[tuple[int, ...], float]:
-    """``sharding_heuristic.local_search``'s assignment and its gap to the separable bound."""
+    """``heuristic.local_search``'s assignment and its gap to the separable bound."""
     budget = problem.memory_budget_bytes
     choice = local_search(folded.unary, folded.edges, problem.memory_bytes,
                           None if budget is None else budget - problem.constant_memory_bytes)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autopar.cost_models.compute import LayerTimes
-from autopar.cost_models.cpu_rates import CpuRates
+from autopar.cost_models.local.rates import CpuRates
 from autopar.cost_models.memory import activation_bytes_per_layer
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autopar.cost_models.cpu_rates import CpuRates
-from autopar.cost_models.hardware import LinkLevel, canonical_dtype
+from autopar.cost_models.local.rates import CpuRates
+from autopar.hardware import LinkLevel, canonical_dtype
 
 if TYPE_CHECKING:  # autopar.cluster imports the hardware catalog: no import cycle at run time
     from autopar.cluster import ClusterSpec
