@@ -280,26 +280,22 @@ class Compiled(nn.Module):
         arguments. With MoE layers the loss is ``loss_fn(outputs, targets) + moe_aux_loss``
         (their weighted balance and z losses). Returns the loss as a float.
         """
-        self.train()
-        args, kwargs = split_inputs(inputs)
-        executor = self._executor if self._executor is not None else self.prepare(inputs)
-        loss = executor.step(args, kwargs, targets, step=self.num_steps)
-        self._after_step(executor)
-        return loss
+        return self._train_step(inputs, targets, measured=False)
 
     def measure_step(self, inputs: Any, targets: Any) -> StepReport:
         """:meth:`step` under the profiler (it trains the model like a step): this rank's
         measured times and peak memory (``autopar.runtime.measure.StepReport``)."""
+        return self._train_step(inputs, targets, measured=True)
+
+    def _train_step(self, inputs: Any, targets: Any, *, measured: bool) -> Any:
         self.train()
         args, kwargs = split_inputs(inputs)
         executor = self._executor if self._executor is not None else self.prepare(inputs)
-        report = executor.measure_step(args, kwargs, targets, step=self.num_steps)
-        self._after_step(executor)
-        return report
-
-    def _after_step(self, executor: Executor) -> None:
+        run = executor.measure_step if measured else executor.step
+        result = run(args, kwargs, targets, step=self.num_steps)
         self._moe_stats = {m.layer: m.stats for m in executor.moe_layers()}
         self.num_steps += 1
+        return result
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """Under the runtime: the checkpoint state (parameters and optimizer state under the

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from torch import fx, nn
 
@@ -31,30 +31,30 @@ from autopar.planner.space import Config
 from autopar.plans import Plan, Predicted
 
 
-def plan(
-    model: nn.Module,
-    example_inputs: Any,
-    *,
-    cluster: str | ClusterSpec,
-    global_batch_size: int,
-    fix: dict[str, Any] | Fix | None = None,
-    example_kwargs: dict[str, Any] | None = None,
-    options: CostOptions | None = None,
-    passes: Sequence[GraphPass] = (),
-    time_limit_s: float = 60.0,
-    progress: Progress | None = None,
-) -> Plan:
+class SearchOptions(TypedDict, total=False):
+    """The optional keyword arguments of :func:`plan`, as :func:`plan_search` takes and documents them."""
+
+    fix: dict[str, Any] | Fix | None
+    example_kwargs: dict[str, Any] | None
+    options: CostOptions | None
+    passes: Sequence[GraphPass]
+    time_limit_s: float
+    progress: Progress | None
+
+
+def plan(model: nn.Module, example_inputs: Any, *, cluster: str | ClusterSpec, global_batch_size: int,
+         **search_options: Unpack[SearchOptions]) -> Plan:
     """The fastest Plan for ``model`` on ``cluster`` at ``global_batch_size`` that fits in memory.
 
     ``example_inputs`` is one example batch (any batch size; build the model on ``meta``
     for large models). Pinned choices (``fix=``) are kept; the planner searches the rest
     (``autopar.planner``). ``passes`` run on the captured graph first and the search sees
     their effect (random-LTD makes its layers cheaper). Raises ``InfeasiblePlanError`` (a
-    ValueError) naming the binding memory constraint when nothing fits.
+    ValueError) naming the binding memory constraint when nothing fits. The other options
+    (``example_kwargs``, cost ``options``, ``time_limit_s``, ``progress``) are :func:`plan_search`'s.
     """
     return plan_search(model, example_inputs, cluster=cluster, global_batch_size=global_batch_size,
-                       fix=fix, example_kwargs=example_kwargs, options=options, passes=passes,
-                       time_limit_s=time_limit_s, progress=progress).plan
+                       **search_options).plan
 
 
 def plan_search(

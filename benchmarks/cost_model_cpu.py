@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 import autopar
-from autopar.calibration import cpu_seconds, others_busy_cores
+from autopar.calibration.ops import cpu_seconds, others_busy_cores
 from autopar.capture import capture
 from autopar.cost_models import CostOptions, ModelProfile, estimate
 from autopar.cost_models.local.profile import LocalProfile, load_profile

@@ -41,33 +41,14 @@ from autopar.cost_models.moe import MoELayerProfile, load_imbalance, moe_profile
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 from autopar.cost_models.schedule import StageTimes, bubble_fraction, pipeline_time, rank_actions
 from autopar.cost_models.simulate import Timeline, TimelineEvent, simulate
-from autopar.hardware import (
-    DEVICE_ALIASES,
-    DEVICE_CATALOG,
-    DTYPES,
-    GLOO_LOOPBACK,
-    GLOO_TCP,
-    IB_HDR,
-    IB_NDR,
-    NVLINK_A100,
-    NVLINK_H100,
-    DeviceSpec,
-    LinkLevel,
-    canonical_dtype,
-    default_links,
-    get_device,
-    valid_device_names,
-)
 
 __all__ = [
-    "DEVICE_ALIASES", "DEVICE_CATALOG", "DTYPES", "GLOO_LOOPBACK", "GLOO_TCP", "IB_HDR", "IB_NDR",
-    "MEGATRON_2021", "NVLINK_A100", "NVLINK_H100", "CostOptions", "DeviceSpec", "Group", "LayerProfile",
-    "LayerTimes", "LinkLevel", "ModelProfile", "MoELayerProfile", "StageTimes", "Timeline", "TimelineEvent",
-    "activation_bytes_per_layer", "all_gather_time_s", "all_reduce_time_s", "all_to_all_time_s",
-    "broadcast_time_s", "bubble_fraction", "canonical_dtype", "default_links", "estimate",
-    "estimate_plan", "get_device", "in_flight_microbatches", "load_imbalance", "matmul_efficiency",
-    "matmul_time_s", "megatron_cluster", "megatron_fix", "megatron_plan", "megatron_profile",
-    "model_state_bytes", "moe_profile", "p2p_time_s", "peak_memory_bytes", "pipeline_time",
-    "plan_memory", "rank_actions", "reduce_scatter_time_s", "simulate", "simulate_plan",
-    "stage_costs", "tp_volume_elements_per_layer", "transformer_layer_times", "valid_device_names",
+    "MEGATRON_2021", "CostOptions", "Group", "LayerProfile", "LayerTimes", "ModelProfile", "MoELayerProfile",
+    "StageTimes", "Timeline", "TimelineEvent", "activation_bytes_per_layer", "all_gather_time_s",
+    "all_reduce_time_s", "all_to_all_time_s", "broadcast_time_s", "bubble_fraction", "estimate",
+    "estimate_plan", "in_flight_microbatches", "load_imbalance", "matmul_efficiency", "matmul_time_s",
+    "megatron_cluster", "megatron_fix", "megatron_plan", "megatron_profile", "model_state_bytes",
+    "moe_profile", "p2p_time_s", "peak_memory_bytes", "pipeline_time", "plan_memory", "rank_actions",
+    "reduce_scatter_time_s", "simulate", "simulate_plan", "stage_costs", "tp_volume_elements_per_layer",
+    "transformer_layer_times",
 ]

@@ -26,31 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from autopar.plans.schema import StageTimes  # noqa: F401 - the schedule model's input, defined with the Plan
+
 Kind = Literal["F", "B", "W"]
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zero_bubble")
-
-
-@dataclass(frozen=True, kw_only=True)
-class StageTimes:
-    """Seconds per microbatch of one stage (a model chunk) on its devices, communication included.
-
-    ``backward_s`` is the input-gradient part; ``backward_weight_s`` the weight-gradient part,
-    run separately only by zero-bubble schedules. ``recompute_s`` runs right before backward.
-    ``send_forward_s`` / ``send_backward_s``: P2P to the next / previous stage (0 at the ends).
-    """
-
-    forward_s: float
-    backward_s: float
-    backward_weight_s: float = 0.0
-    recompute_s: float = 0.0
-    send_forward_s: float = 0.0
-    send_backward_s: float = 0.0
-
-    @property
-    def work_s(self) -> float:
-        """All seconds this stage spends on one microbatch."""
-        return (self.forward_s + self.backward_s + self.backward_weight_s + self.recompute_s
-                + self.send_forward_s + self.send_backward_s)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from autopar.cluster import ClusterSpec
-from autopar.cost_models import DEVICE_CATALOG, DeviceSpec, LinkLevel, default_links, get_device
+from autopar.hardware import DEVICE_CATALOG, DeviceSpec, LinkLevel, default_links, get_device
 
 A100_80GB = "A100-80GB"
 VALID_FILE = 'nodes = 2\ndevices_per_node = 8\ndevice = "A100-80GB"\n'

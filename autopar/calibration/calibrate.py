@@ -17,7 +17,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +217,7 @@ def build_profile(single: dict[str, Any], group: dict[str, Any], *, quick: bool,
                if len(mine := [p for p in points if p["num_ranks"] == n and p["kind"] == kind]) >= 2}
     others = {"single_process": single["others_busy_cores"],
               "shares": group["others_busy_cores_during_shares"]}
-    hostname, created = socket.gethostname(), datetime.now(timezone.utc).isoformat(timespec="seconds")
+    hostname, created = socket.gethostname(), datetime.now(UTC).isoformat(timespec="seconds")
     rates = cpu_rates(single, group, num_cores=os.cpu_count() or 1,
                       source=f"`autopar calibrate` on {hostname} at {created}")
     fits = {"matmul_curve_fp32": {"peak_flops_per_s": curve_peak, "tile_dim": tile}, "links_by_kind": by_kind,

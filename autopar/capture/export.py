@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import fx, nn
+
+from autopar.quiet import quiet_logger
 
 
 @contextlib.contextmanager
@@ -38,24 +39,12 @@ def _no_kv_cache(model: nn.Module) -> Iterator[None]:
             config.use_cache = value
 
 
-@contextlib.contextmanager
-def _quiet_torch_logs() -> Iterator[None]:
-    """A failed export logs and prints whole graphs; capture reports the failure itself."""
-    logger = logging.getLogger("torch")
-    saved = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        logger.setLevel(saved)
-
-
 def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:
     """Export ``model`` non-strictly and return the runnable, unlifted GraphModule.
 
     The module shares parameters and buffers with ``model``.
     """
-    with _no_kv_cache(model), _quiet_torch_logs():
+    # a failed export logs and prints whole graphs; capture reports the failure itself
+    with _no_kv_cache(model), quiet_logger("torch"), contextlib.redirect_stderr(io.StringIO()):
         program = torch.export.export(model, args, kwargs, strict=False)
     return program.module()

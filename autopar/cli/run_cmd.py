@@ -13,12 +13,11 @@ its exception, in one line, exit code 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import runpy
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from autopar.cli.pass_args import add_pass_arguments, passes_from_args
 from autopar.passes import GraphPass
+from autopar.quiet import quiet_logger
 
 USAGE = ("autopar run SCRIPT --nproc N [--all-ranks] [--timeout S] [--random-ltd K=V,...] [--moe K=V,...] "
          "[-- SCRIPT_ARGS ...]")
@@ -108,25 +108,13 @@ def run_ranks(fn: Callable[..., Any], nproc: int, *args: Any, timeout_s: float |
     from autopar.runtime.launch import DEFAULT_TIMEOUT_S, spawn  # the runtime is slow to import
 
     try:
-        with _quiet_spawn_log():
+        with quiet_logger("torch.multiprocessing.spawn", logging.ERROR):  # the failed rank is reported once
             spawn(fn, nproc, *args, timeout_s=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
     except ProcessRaisedException as error:
         raise ValueError(f"rank {error.error_index} failed: {_last_line(str(error))}") from None
     except ProcessExitedException as error:
         how = f"signal {error.signal_name}" if error.signal_name else f"exit code {error.exit_code}"
         raise ValueError(f"rank {error.error_index} died ({how})") from None
-
-
-@contextlib.contextmanager
-def _quiet_spawn_log() -> Iterator[None]:
-    """Hide torch's "Terminating process … via SIGTERM" warnings: the failed rank is reported once."""
-    logger = logging.getLogger("torch.multiprocessing.spawn")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def run_script(rank: int, world_size: int, path: str, argv: list[str], all_ranks: bool,

@@ -223,7 +223,31 @@ class AppliedPass:
 
 
 @dataclass(frozen=True, kw_only=True)
-class StagePrediction:
+class StageTimes:
+    """Seconds per microbatch of one stage (a model chunk) on its devices, communication included:
+    what the schedule model (``cost_models.schedule``) runs, and the base of :class:`StagePrediction`.
+
+    ``backward_s`` is the input-gradient part; ``backward_weight_s`` the weight-gradient part,
+    run separately only by zero-bubble schedules. ``recompute_s`` runs right before backward.
+    ``send_forward_s`` / ``send_backward_s``: P2P to the next / previous stage (0 at the ends).
+    """
+
+    forward_s: float
+    backward_s: float
+    backward_weight_s: float = 0.0
+    recompute_s: float = 0.0
+    send_forward_s: float = 0.0
+    send_backward_s: float = 0.0
+
+    @property
+    def work_s(self) -> float:
+        """All seconds this stage spends on one microbatch."""
+        return (self.forward_s + self.backward_s + self.backward_weight_s + self.recompute_s
+                + self.send_forward_s + self.send_backward_s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagePrediction(StageTimes):
     """The cost model's seconds for one pipeline stage (model chunk), per microbatch on one of its
     devices (``cost_models.stage_costs``). ``forward_s``, ``backward_s`` (input gradient),
     ``backward_weight_s`` (weight gradient, run apart only by zero-bubble schedules),
@@ -235,12 +259,6 @@ class StagePrediction:
     the stage's devices were it not recomputing (None when it recomputes nothing)."""
 
     index: int
-    forward_s: float
-    backward_s: float
-    backward_weight_s: float = 0.0
-    recompute_s: float = 0.0
-    send_forward_s: float = 0.0
-    send_backward_s: float = 0.0
     tp_comm_s: float = 0.0
     ep_comm_s: float = 0.0
     dp_comm_s: float = 0.0
@@ -254,11 +272,6 @@ class StagePrediction:
         if self.memory_without_recompute_bytes is not None:
             _int(self, "memory_without_recompute_bytes", 0)
 
-    @property
-    def work_s(self) -> float:
-        """Seconds per microbatch: forward, backward, recomputation and sends."""
-        return (self.forward_s + self.backward_s + self.backward_weight_s + self.recompute_s
-                + self.send_forward_s + self.send_backward_s)
 
 
 MEMORY_PARTS = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "logits_bytes",

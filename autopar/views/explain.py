@@ -19,7 +19,7 @@ from rich.text import Text
 
 from autopar import fmt
 from autopar.plans import Plan
-from autopar.views.model import PlanView, StageRow
+from autopar.views.model import PlanView, StageRow, communication_s
 from autopar.views.names import Match, fold, lookup
 from autopar.views.text import alternatives_table, describe_config, passes_line
 
@@ -108,12 +108,8 @@ def balance_reason(view: PlanView) -> str | None:
 
 def communication_text(stage: StageRow) -> str:
     """'tensor-parallel 1.2 ms, sends 0.3 ms' per microbatch of a stage ('' when nothing is stored)."""
-    p = stage.prediction
-    if p is None:
-        return ""
-    parts = (("tensor-parallel", p.tp_comm_s), ("all-to-all", p.ep_comm_s), ("data-parallel", p.dp_comm_s),
-             ("sends", p.send_forward_s + p.send_backward_s))
-    return ", ".join(f"{name} {fmt.seconds(value)}" for name, value in parts if value)
+    names = {"tp": "tensor-parallel", "ep": "all-to-all", "dp": "data-parallel", "p2p": "sends"}
+    return ", ".join(f"{names[kind]} {fmt.seconds(value)}" for kind, value in communication_s(stage) or ())
 
 
 def communication_reason(view: PlanView) -> str | None:

@@ -16,7 +16,7 @@ from autopar import fmt
 from autopar.plans import BREAKDOWN_KEYS
 from autopar.views import svg, timeline
 from autopar.views.assets import BREAKDOWN_COLOURS, CSP, CSS, JS, MEMORY_COLOURS, rank_colour
-from autopar.views.model import PlanView, StageRow
+from autopar.views.model import PlanView, StageRow, communication_s
 from autopar.views.names import fold
 from autopar.views.svg import esc
 from autopar.views.text import BREAKDOWN_LABELS, cluster_line, describe_config
@@ -53,12 +53,10 @@ def _cards(view: PlanView) -> str:
 
 def _comm_cell(s: StageRow) -> str:
     """Communication per microbatch inside the stage's forward and backward, plus its sends."""
-    p = s.prediction
-    if p is None:
+    parts = communication_s(s)
+    if parts is None:
         return "—"
-    parts = (("TP", p.tp_comm_s), ("EP", p.ep_comm_s), ("DP", p.dp_comm_s),
-             ("P2P", p.send_forward_s + p.send_backward_s))
-    return "<br>".join(f"{name} {esc(fmt.seconds(value))}" for name, value in parts if value) or "none"
+    return "<br>".join(f"{kind.upper()} {esc(fmt.seconds(value))}" for kind, value in parts) or "none"
 
 
 def _stage_rows(view: PlanView) -> str:

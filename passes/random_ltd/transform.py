@@ -20,7 +20,6 @@ running it on fake tensors at two kept lengths.
 from __future__ import annotations
 
 import contextlib
-import logging
 import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from autopar.passes.random_ltd.schedule import (
     mean_kept_fraction,
 )
 from autopar.passes.runner import PassContext
+from autopar.quiet import quiet_logger
 
 RUNTIME = "random_ltd"
 RECORD_KEY = "autopar_random_ltd"
@@ -418,18 +418,6 @@ def _rewrite_sizes(graph: fx.Graph, boundary: _Boundary, hidden: fx.Node, s: int
             node.args = (*node.args[:position], new, *node.args[position + 1:])
 
 
-@contextlib.contextmanager
-def _quiet_fake_tensor_log() -> Iterator[None]:
-    """A failing probe is reported as a ValueError; fake tensors would also log the traceback."""
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    saved = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(saved)
-
-
 def _check_shapes(gm: fx.GraphModule, ctx: PassContext, runtime: RandomLTDRuntime) -> None:
     """Run the rewritten graph on the example inputs keeping fewer tokens; an error means a layer's
     shapes could not be made to follow the kept length. Real tensors (no gradients; buffers and
@@ -442,7 +430,8 @@ def _check_shapes(gm: fx.GraphModule, ctx: PassContext, runtime: RandomLTDRuntim
     tensors = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)] + list(gm.parameters())
     on_meta = any(t.device.type == "meta" for t in tensors)
     for probe in sorted({s // 2 + 1, s - 1}):
-        with runtime.probing(probe), _quiet_fake_tensor_log(), _untouched(gm, tensors, on_meta) as convert:
+        quiet = quiet_logger("torch._subclasses.fake_tensor")  # the failure is raised as a ValueError
+        with runtime.probing(probe), quiet, _untouched(gm, tensors, on_meta) as convert:
             args, kwargs = tree_map(lambda v: convert(v) if isinstance(v, torch.Tensor) else v, inputs)
             try:
                 gm(*args, **kwargs)

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from autopar import calibration as cal
-from autopar.calibration.fits import fit_activation_reread_s_per_byte
+from autopar.calibration.fits import (
+    fit_activation_reread_s_per_byte,
+    fit_alpha_beta,
+    fit_matmul_curve,
+    fit_matmul_peak,
+    ring_coefficients,
+)
+from autopar.calibration.ops import MIB
 from autopar.cli.main import main
 from autopar.cluster import ClusterSpec
 from autopar.cost_models.compute import MATMUL_TILE_DIM, matmul_time_s
@@ -169,7 +176,7 @@ def _synthetic_points(num_ranks: int, bandwidth: float, latency: float, noise: f
     points = []
     for kind in kinds:
         for size in (4096, 65536, 2**20, 2**24):
-            x, y = cal.ring_coefficients(kind, num_ranks, size)
+            x, y = ring_coefficients(kind, num_ranks, size)
             time_s = (x / bandwidth + y * latency) * (1 + rng.uniform(-noise, noise))
             points.append({"kind": kind, "num_ranks": num_ranks, "size_bytes": size, "time_s": time_s})
     return points
@@ -177,11 +184,11 @@ def _synthetic_points(num_ranks: int, bandwidth: float, latency: float, noise: f
 
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])
 def test_alpha_beta_fit_recovers_known_parameters(num_ranks: int) -> None:
-    exact = cal.fit_alpha_beta(_synthetic_points(num_ranks, 2.5e9, 60e-6, 0.0))
+    exact = fit_alpha_beta(_synthetic_points(num_ranks, 2.5e9, 60e-6, 0.0))
     assert exact.bandwidth_bytes_per_s == pytest.approx(2.5e9, rel=1e-9)
     assert exact.latency_s == pytest.approx(60e-6, rel=1e-9)
     assert exact.rms_relative_error < 1e-9 and exact.num_ranks == num_ranks
-    noisy = cal.fit_alpha_beta(_synthetic_points(num_ranks, 2.5e9, 60e-6, 0.05))
+    noisy = fit_alpha_beta(_synthetic_points(num_ranks, 2.5e9, 60e-6, 0.05))
     assert noisy.bandwidth_bytes_per_s == pytest.approx(2.5e9, rel=0.1)
     assert noisy.latency_s == pytest.approx(60e-6, rel=0.1)
 
@@ -189,10 +196,10 @@ def test_alpha_beta_fit_recovers_known_parameters(num_ranks: int) -> None:
 def test_alpha_beta_fit_keeps_parameters_non_negative() -> None:
     points = [{"kind": "p2p", "num_ranks": 2, "size_bytes": s, "time_s": s / 1e9} for s in (1e3, 1e6)]
     points.append({"kind": "p2p", "num_ranks": 2, "size_bytes": 1e2, "time_s": 1e-8})  # pulls α below 0
-    fit = cal.fit_alpha_beta(points)
+    fit = fit_alpha_beta(points)
     assert fit.latency_s > 0 and fit.bandwidth_bytes_per_s > 0
     with pytest.raises(ValueError, match="one group size"):
-        cal.fit_alpha_beta(_synthetic_points(2, 1e9, 1e-5, 0) + _synthetic_points(4, 1e9, 1e-5, 0))
+        fit_alpha_beta(_synthetic_points(2, 1e9, 1e-5, 0) + _synthetic_points(4, 1e9, 1e-5, 0))
 
 
 def test_matmul_fits_recover_known_curves() -> None:
@@ -201,13 +208,13 @@ def test_matmul_fits_recover_known_curves() -> None:
     def points(peak: float, tile: float) -> list:
         return [((m, k, n), peak / (1 + tile * (1 / m + 1 / k + 1 / n))) for m, k, n in shapes]
 
-    assert cal.fit_matmul_peak(points(300e9, MATMUL_TILE_DIM)) == pytest.approx(300e9)
-    peak, tile = cal.fit_matmul_curve(points(200e9, 16.0))
+    assert fit_matmul_peak(points(300e9, MATMUL_TILE_DIM)) == pytest.approx(300e9)
+    peak, tile = fit_matmul_curve(points(200e9, 16.0))
     assert peak == pytest.approx(200e9, rel=1e-6) and tile == pytest.approx(16.0)
-    flat_peak, flat_tile = cal.fit_matmul_curve(points(200e9, 0.0))
+    flat_peak, flat_tile = fit_matmul_curve(points(200e9, 0.0))
     assert flat_peak == pytest.approx(200e9) and flat_tile == 0.0
     # a flat measured curve seen through the model's T = 128 roll-off needs a higher peak
-    assert cal.fit_matmul_peak(points(200e9, 0.0)) > 200e9 * (1 + MATMUL_TILE_DIM * 3 / 4096)
+    assert fit_matmul_peak(points(200e9, 0.0)) > 200e9 * (1 + MATMUL_TILE_DIM * 3 / 4096)
 
 
 def test_activation_reread_fit_recovers_a_known_cost() -> None:
@@ -248,8 +255,8 @@ def test_quick_calibration_writes_a_loadable_profile(tmp_path: Path) -> None:
     config = dataclasses.replace(
         cal.CalibrationConfig.preset(quick=True, nproc=2),
         matmul_shapes=cal.transformer_shapes((64, 256), (64,)), low_precision_shapes=((64, 64, 64),),
-        linear_shapes=cal.transformer_shapes((64, 128), (32,)), copy_bytes=4 * cal.MIB,
-        cold_pool_bytes=2 * cal.MIB, elementwise_elements=4096, op_elements=(4096, 32768),
+        linear_shapes=cal.transformer_shapes((64, 128), (32,)), copy_bytes=4 * MIB,
+        cold_pool_bytes=2 * MIB, elementwise_elements=4096, op_elements=(4096, 32768),
         cross_entropy_elements=(8192, 32768), attention_shapes=((1, 2, 32, 16),),
         math_attention_shapes=((1, 2, 32, 16),), layer_shapes=((1, 32, 64, 2),), layer_stack=2,
         optimizer_params=2**18, share_seconds=0.03, share_layer_shape=(1, 16, 32, 2), measure_runtime=False,
