@@ -1,8 +1,9 @@
 """autopar: a compiler-style auto-parallelizer for PyTorch training.
 
-Data flow: ``capture`` (model + example batch → annotated fx graph) → passes →
-cost models → planner → ``Plan`` (versioned JSON) → runtime. See the README and
-``../shared/ARCHITECTURE.md``.
+Data flow: ``lower`` (capture → passes → profiles: a ``Program``) → ``plan`` (the planner on the
+Program) → ``Plan`` (versioned JSON) → ``compile`` (an executor runs the Plan). The package root only
+re-exports the public names; the layers, from ``cli`` at the top to ``config``/``hardware`` at the
+bottom, are drawn in docs/ARCHITECTURE.md and checked by the import contract in pyproject.toml.
 """
 
 from autopar import models

@@ -4,6 +4,9 @@ Data flow: the fused-attention pass (``autopar.passes.FusedAttention``) substitu
 :func:`flash_scaled_dot_product_attention` into captured graphs; the runtime executes it, which
 runs the FlashAttention-2 (Dao 2023) Triton kernels where :func:`supports` allows and
 ``scaled_dot_product_attention`` elsewhere. Importing this package never imports Triton.
+
+Layer: above ``model_source``, ``plans`` and ``capture``, below ``cost_models``; imports nothing
+of autopar outside this package.
 """
 
 from autopar.kernels.attention import (

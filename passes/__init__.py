@@ -4,7 +4,11 @@ Data flow: ``autopar.capture`` → annotated ``fx.GraphModule`` → passes (each
 ``*_pass(gm, ctx) -> gm`` function behind a config object, applied in order by
 :func:`run_passes`) → cost models, planner, runtime. ``autopar.transform`` runs them
 on a model. Random layerwise token dropping, Mixture-of-Experts routing and fused
-attention each add their pass here.
+attention each add their pass here, one package each (``moe``, ``random_ltd``,
+``fused_attention``); what a pass changes in the cost lives behind ``PricedPass.time_profile`` or
+in the node records the cost model reads.
+
+Layer: above ``cost_models`` and ``kernels``, below ``planner`` and ``runtime``.
 """
 
 from autopar.passes.fused_attention import FusedAttention

@@ -9,6 +9,9 @@ non-strict ``torch.export`` (``export.py``) for models fx cannot trace (Hugging
 Face ``**kwargs`` forwards). ``frontend="auto"`` tries fx, then export. Every node
 then gets a :class:`NodeRecord` in ``node.meta["autopar"]`` (``annotate.py``).
 Models on the ``meta`` device are captured without allocating their weights.
+
+Layer: above ``cluster``/``config``/``hardware``, below ``plans``, ``models`` and everything else;
+``autopar.lower`` calls it once per Program.
 """
 
 from __future__ import annotations

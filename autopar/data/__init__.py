@@ -4,6 +4,8 @@ Data flow: a dataset → (optional) :class:`CurriculumSampler` over a :class:`Di
 :func:`truncate_batch` at ``pacing(step)`` tokens; documents → (optional) :class:`FIMTransform` →
 ``torch.utils.data.DataLoader`` → training. Nothing here is on unless built; graph-side data
 efficiency (random layerwise token dropping) is the ``autopar.passes.RandomLTD`` pass.
+
+Layer: beside ``plans``, ``models`` and ``hf``; imports nothing of autopar.
 """
 
 from autopar.data.curriculum import (

@@ -3,6 +3,8 @@
 Data flow: ``build(name)`` → ``nn.Module`` (on any device; ``meta`` allocates
 nothing) → ``autopar.capture`` / ``autopar.compile`` / ``autopar capture MODEL`` and
 the benchmarks. ``example_batch`` makes matching inputs and targets.
+
+Layer: beside ``plans``, ``hf`` and ``data``, above ``capture``; imports nothing of autopar.
 """
 
 from __future__ import annotations

@@ -1,13 +1,16 @@
 """The planner: policy only — it returns a Plan, it applies nothing.
 
-Data flow: ``autopar.plan`` captures the model, runs its graph passes and summarizes it as a
+Layer: above ``passes`` and ``cost_models``, below ``runtime`` (which never imports it) and
+``plan_api``, which calls :func:`search` on a lowered ``Program``.
+
+Data flow: ``autopar.lower`` captures the model, runs its graph passes and summarizes it as a
 ``ModelProfile``; the intra-op solver (``intra_op``, Alpa's ILP over the captured graph) picks
 each node's tensor-parallel strategy per tp degree; :func:`search` walks the space of
 ``space.candidates`` (dp × tp × pp,
 schedule, microbatching, ZeRO) in increasing order of ``bounds.step_lower_bound_s``, solves
 each configuration's stage split and per-stage recomputation exactly (``inter_op``, a dynamic
 program over costs probed from ``autopar.cost_models``: ``probes``), lays the result out as a
-Plan (``layout``), estimates it and keeps the fastest that fits, with the runner-ups and, when
+Plan (``build_plan``), estimates it and keeps the fastest that fits, with the runner-ups and, when
 nothing fits, the binding constraint (``explain``).
 """
 

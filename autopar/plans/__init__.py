@@ -5,6 +5,8 @@ the runtime executes it; the CLI views, the HTML report and the benchmarks read 
 from JSON only. Nothing here decides anything, and a hand-written Plan is as good as a
 planned one. The root record is defined here; its parts live in ``schema``, JSON and
 files in ``io``, and the graph fingerprint that ties a Plan to a model in ``fingerprint``.
+
+Layer: beside ``models``, ``hf`` and ``data``, above ``capture``; every layer above reads Plans.
 """
 
 from autopar.plans.fingerprint import graph_fingerprint

@@ -1,9 +1,13 @@
 """The runtime: executes a Plan on torch.distributed (the mechanism half of autopar).
 
 Data flow: ``Captured`` + ``Plan`` → ``split`` (stage graphs) → ``recompute`` →
-``data_parallel`` → ``pipeline`` (PipelineStage + schedule) → :class:`Engine`.
-Processes come from ``launch`` (autopar's local spawner, or torchrun). The runtime
-decides nothing: a hand-written Plan runs as well as a planned one.
+``data_parallel`` → ``pipeline`` (PipelineStage + schedule) → :class:`Engine`; one device runs
+``local.LocalEngine``. Both implement ``executor.Executor`` (step, measured step, optimizer, Plan,
+parameters by the model's names), the only face ``autopar.compile``, checkpoints and reports see.
+Processes come from ``launch`` (autopar's local spawner, or torchrun). The runtime decides
+nothing: a hand-written Plan runs as well as a planned one.
+
+Layer: above ``planner``, ``passes`` and ``kernels``, below ``lower``; never imports the planner.
 """
 
 from typing import Any

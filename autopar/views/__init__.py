@@ -7,6 +7,8 @@ in ``plan.predicted``: ``views.model``) → one renderer per format (``text``, `
 ``autopar.cli`` (``show``, ``diff``, ``explain``, ``plan``) only parse arguments and call these.
 Views never change a Plan, never run user code, never rebuild a model and never import
 ``autopar.models``, ``autopar.capture`` or ``autopar.passes``.
+
+Layer: below ``cli`` only; reads ``plans``, ``cost_models`` (the timeline simulation) and ``fmt``.
 """
 
 from autopar.views.model import MemoryRow, PlanView, StageRow, build_view
