@@ -79,6 +79,8 @@ class Engine:
         self.device = device or default_device()
         self.layout = Layout.build(plan, self.device.type)
         self.constants = _constant_inputs(captured)
+        self._example_shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else ()
+                                for v in self._tensor_inputs(captured.example_args, captured.example_kwargs)]
         _check_supported(plan)
         check_stage_layers(len(captured.layers), [s.layers for s in plan.stages])
         _check_moe(captured, plan)
@@ -180,12 +182,14 @@ class Engine:
         start = time.perf_counter()
         dp, dp_rank = self.plan.parallelism.dp, self.layout.dp_rank
         batch = self.plan.global_batch_size
+        tensors = self._tensor_inputs(args, kwargs)
+        self._check_shapes(tensors, targets)
         self.passes.begin_step(step, first_sample=dp_rank * (batch // dp))
         if self.exact:
             self.loss.count = max(int((targets != IGNORE_INDEX).sum()), 1)
         elif not self._loss_checked:
             self._check_user_loss(_shard(targets, dp, dp_rank))
-        flat = [_to(_shard(v, dp, dp_rank), self.device) for v in self._tensor_inputs(args, kwargs)]
+        flat = [_to(_shard(v, dp, dp_rank), self.device) for v in tensors]
         target = _to(_shard(targets, dp, dp_rank), self.device) if self.has_last else None
         losses: list[torch.Tensor] = []
         self._aux_losses.clear()
@@ -227,6 +231,23 @@ class Engine:
             raise TypeError(problem or "loss_fn must return a scalar tensor: the last pipeline stage's "
                             "loss_fn did not (see that rank's error)")
         self._loss_checked = True
+
+    def _check_shapes(self, tensors: list[Any], targets: Any) -> None:
+        """Every rank runs the shapes the engine was built for (its stages exchange tensors of those
+        shapes): a different batch or sequence length is refused here, before any collective, on
+        every rank alike (each gets the same global batch)."""
+        batch = self.plan.global_batch_size
+        for got, example in zip(tensors, self._example_shapes, strict=True):
+            if isinstance(got, torch.Tensor) and example:
+                wanted = (batch, *example[1:])
+                if tuple(got.shape) != wanted:
+                    raise ValueError(
+                        f"step() got an input of shape {tuple(got.shape)}, but this engine runs the plan's "
+                        f"global batch of shape {wanted} (the shapes it was planned and captured for); "
+                        "pad or cut batches to that shape, or compile the model again for the new one")
+        if isinstance(targets, torch.Tensor) and (targets.dim() == 0 or targets.shape[0] != batch):
+            raise ValueError(f"step() got targets of shape {tuple(targets.shape)}: expected the plan's "
+                             f"global batch of {batch} in the first dimension")
 
     def _tensor_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
         """The graph's inputs without the constants baked into the stages (checked equal)."""

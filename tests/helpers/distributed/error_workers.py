@@ -38,3 +38,19 @@ def pipeline_mistakes(rank: int, world: int) -> None:
                                    out.flatten(0, 1), t.flatten(), reduction="none"))
     with pytest.raises(TypeError, match="loss_fn must return a scalar tensor"):  # on every rank
         compiled.step(inputs, targets)
+
+
+def shape_changes(rank: int, world: int) -> None:
+    """Issue 16 item 7: a new sequence length under pp is refused on every rank before any collective
+    (it used to abort a worker in gloo), and the engine keeps working with the planned shape."""
+    torch.manual_seed(0)
+    model = autopar.models.build("gpt", num_layers=2, hidden_size=32, num_heads=2, vocab_size=64,
+                                 seq_len=16)
+    inputs, targets = autopar.models.example_batch(model, batch_size=4, seq_len=16)
+    compiled = autopar.compile(model, "local:2", fix={"pp": 2, "num_microbatches": 2})
+    first = compiled.step(inputs, targets)
+    with pytest.raises(ValueError, match=r"shape \(4, 8\).*\(4, 16\)"):
+        compiled.step(inputs[:, :8], targets[:, :8])
+    with pytest.raises(ValueError, match=r"shape \(2, 16\).*\(4, 16\)"):
+        compiled.step(inputs[:2], targets[:2])
+    assert compiled.step(inputs, targets) < first
