@@ -1,10 +1,12 @@
 """The autopar console script: capture, demo, and one-line errors with exit code 2."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -143,3 +145,15 @@ def test_demo_trains_and_loss_falls(capfd):
     assert "pp2 × dp1 × tp2" in out and "predicted" in out
     rows = [line for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"], ["3"])]
     assert len(rows) == 4, out
+    _readme_describes_the_demo(out)
+
+
+def _readme_describes_the_demo(out: str) -> None:
+    """Issue 16 item 13: the README's description of the demo is what the demo runs."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith("autopar demo "))
+    described = re.search(r"on (\d+) processes \(pp(\d+) × tp(\d+), (\w+)\)", line)
+    assert described, line
+    processes, pp, tp, schedule = described.groups()
+    assert f"on {processes} local CPU processes" in out, out[:300]
+    assert f"pp{pp} × dp1 × tp{tp}, {schedule.lower()}" in out, out[:400]
