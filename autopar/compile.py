@@ -107,6 +107,7 @@ class Compiled(nn.Module):
         self.loss_fn: LossFn = loss_fn or cross_entropy
         self.moe = nn.ModuleDict()  # str(layer index) → MoELayer, filled by the first capture
         self.num_steps = 0
+        self.steps_run = 0  # steps this process ran (num_steps follows checkpoints and set_step)
         self._pass_states = PassStates()
         self._moe_stats: dict[int, MoEStats | None] = {}
         self._request = EngineRequest(cluster=self.cluster, fix=self.fix, plan=plan,
@@ -119,7 +120,7 @@ class Compiled(nn.Module):
 
     def _local_engine(self) -> LocalEngine:
         return LocalEngine(
-            graph_for=lambda args, kwargs: self.program_for(*args, **kwargs).graph_module,
+            module=self, graph_for=lambda args, kwargs: self.program_for(*args, **kwargs).graph_module,
             parameters=self.named_model_parameters, loss_fn=self.loss_fn, optimizer=self._request.optimizer,
             passes=self._pass_states, plan=self._local_plan,
             moe=lambda: {int(k): m for k, m in self.moe.items()},  # type: ignore[misc]
@@ -287,14 +288,20 @@ class Compiled(nn.Module):
         measured times and peak memory (``autopar.runtime.measure.StepReport``)."""
         return self._train_step(inputs, targets, measured=True)
 
-    def _train_step(self, inputs: Any, targets: Any, *, measured: bool) -> Any:
+    def measure_memory(self, inputs: Any, targets: Any) -> dict[str, int]:
+        """:meth:`step` under torch's memory tracker (it trains the model like a step): this rank's
+        bytes by category (``autopar.runtime.measure.MEMORY_CATEGORIES``)."""
+        return self._train_step(inputs, targets, measured="memory")
+
+    def _train_step(self, inputs: Any, targets: Any, *, measured: bool | str) -> Any:
         self.train()
         args, kwargs = split_inputs(inputs)
         executor = self._executor if self._executor is not None else self.prepare(inputs)
-        run = executor.measure_step if measured else executor.step
+        run = {False: executor.step, True: executor.measure_step, "memory": executor.measure_memory}[measured]
         result = run(args, kwargs, targets, step=self.num_steps)
         self._moe_stats = {m.layer: m.stats for m in executor.moe_layers()}
         self.num_steps += 1
+        self.steps_run += 1
         return result
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -339,9 +346,9 @@ class Compiled(nn.Module):
             self.num_steps = steps.pop()
 
     def report(self, inputs: Any, targets: Any) -> Any:
-        """Run one measured training step and return a table of what each rank spent
-        (forward, backward, communication, bubble, memory) beside the Plan's predictions,
-        followed by the MoE layers' expert loads if there are any (``autopar.report``).
+        """Measure training steps and restore the model: an ``autopar.report.Report`` with, per rank,
+        measured and predicted step time and memory by category (``rep.ranks[i].measured.step_s``,
+        ``.memory_bytes``), printed as tables, with the MoE layers' expert loads if there are any.
         On one device too; multi-device runs call it on every rank."""
         from autopar.report import report
 

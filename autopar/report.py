@@ -9,17 +9,21 @@ with MoE layers :func:`format_moe_report`, their expert loads in the measured st
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
-from collections.abc import Iterable
+import io
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import torch
 from rich import box
-from rich.console import Group
+from rich.console import Console, Group
 from rich.table import Table
 
 from autopar import fmt
-from autopar.plans import Plan
-from autopar.runtime.measure import StepReport, gather_reports
+from autopar.plans import Plan, device_stages
+from autopar.runtime.measure import MEMORY_CATEGORIES, StepReport, gather_reports
 
 if TYPE_CHECKING:
     from autopar.compile import Compiled
@@ -29,15 +33,13 @@ def _seconds(values: Iterable[float]) -> str:
     return " / ".join(f"{v:.3f}" for v in values)
 
 
-def _predicted(plan: Plan, rank: int) -> str:
-    """This rank's cell: the predicted step time and its device's predicted peak memory."""
-    predicted, parts = plan.predicted, []
-    if predicted.step_time_s is not None:
-        parts.append(f"{predicted.step_time_s:.3f} s")
-    memory = predicted.peak_memory_bytes
-    if memory is not None and rank < len(memory):
-        parts.append(fmt.nbytes(memory[rank]))
-    return " · ".join(parts) or "not estimated"
+def _predicted(plan: Plan, step_s: float) -> str:
+    """A rank's cell: the predicted step time and its error against the measured one (process
+    memory is never compared with a prediction: see the memory table)."""
+    predicted = plan.predicted.step_time_s
+    if predicted is None:
+        return "not estimated"
+    return f"{predicted:.3f} s ({(predicted - step_s) / step_s:+.0%})" if step_s > 0 else f"{predicted:.3f} s"
 
 
 def _predicted_breakdown(plan: Plan) -> str:
@@ -48,7 +50,7 @@ def _predicted_breakdown(plan: Plan) -> str:
 
 
 COLUMNS = ("rank", "stages", "fwd s", "bwd s", "optim s", "comm s", "bubble s", "step s", "peak mem",
-           "predicted")
+           "predicted step")
 MEMORY_NOTE = {"rss": "process peak RSS", "cuda_allocated": "torch.cuda.max_memory_allocated"}
 
 
@@ -64,14 +66,14 @@ def format_report(reports: list[StepReport], plan: Plan) -> Table:
                   caption="\n".join(note for note in notes if note), box=box.SIMPLE_HEAD, show_edge=False,
                   padding=0)
     for column in COLUMNS:
-        wide = column == "predicted"  # the only column that may wrap on a narrow terminal
-        table.add_column(column, justify="left" if column in ("stages", "predicted") else "right",
+        wide = column == "predicted step"  # the only column that may wrap on a narrow terminal
+        table.add_column(column, justify="left" if column in ("stages", "predicted step") else "right",
                          no_wrap=not wide, overflow="fold" if wide else "ellipsis")
     for r in reports:
         memory = fmt.nbytes(r.peak_memory_bytes)
         table.add_row(str(r.rank), ", ".join(map(str, r.stages)), _seconds(r.forward_s),
                       _seconds(r.backward_s), f"{r.optimizer_s:.3f}", f"{r.comm_s:.3f}",
-                      f"{r.bubble_s:.3f}", f"{r.step_s:.3f}", memory, _predicted(plan, r.rank))
+                      f"{r.bubble_s:.3f}", f"{r.step_s:.3f}", memory, _predicted(plan, r.step_s))
     return table
 
 
@@ -105,18 +107,118 @@ def _with_moe(mine: StepReport, compiled: Any) -> StepReport:
     return dataclasses.replace(mine, moe=tuple(loads))
 
 
-def report(compiled: Compiled, inputs: Any, targets: Any) -> Table | Group:
-    """Run one measured training step of a ``Compiled`` model; return the table, or, when the
-    model has MoE layers, a Group of it and the MoE table (:func:`format_moe_report`).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepNumbers:
+    """One side of the comparison: step seconds and bytes by category (:data:`MEMORY_CATEGORIES`);
+    None where that side has no number (a plan without predictions)."""
 
-    Distributed, a collective: call it on every rank. The step trains the model like ``step()``;
-    if no step has run yet, one unmeasured step first captures and builds the runtime (capture and
-    the pipeline's shape inference would otherwise dominate the measurement).
+    step_s: float | None
+    memory_bytes: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RankReport:
+    """One rank: what it measured and what the Plan predicted for it, and the measured details."""
+
+    rank: int
+    measured: StepNumbers
+    predicted: StepNumbers
+    step: StepReport
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Report:
+    """``compiled.report(...)``: one entry per rank in rank order (the same on every rank); prints as
+    the tables (time by phase, memory by category, MoE loads) in a terminal, under rich, or ``str``."""
+
+    ranks: tuple[RankReport, ...]
+    plan: Plan
+
+    def __rich__(self) -> Group:
+        steps = [r.step for r in self.ranks]
+        tables: list[Table] = [format_report(steps, self.plan), format_memory_report(self)]
+        moe = format_moe_report(steps, ranks=len(steps) > 1)
+        return Group(*tables, *([moe] if moe is not None else []))
+
+    def __str__(self) -> str:
+        console = Console(file=io.StringIO(), width=100, color_system=None)
+        console.print(self)
+        return console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def predicted_memory_bytes(plan: Plan, rank: int) -> dict[str, int]:
+    """The Plan's memory prediction for ``rank``'s stages by category ({} when it stores none):
+    weights, gradients, optimizer; activations with the logits; the reserve as temporaries."""
+    held = device_stages(plan)[rank] if rank < plan.world_size else ()
+    found = next((m for m in plan.predicted.memory if m.stages == held), None)
+    if found is None:
+        return {}
+    return {"parameters": int(found.weights_bytes), "gradients": int(found.gradients_bytes),
+            "optimizer": int(found.optimizer_bytes),
+            "activations": int(found.activations_bytes + found.logits_bytes),
+            "temporaries": int(found.reserve_bytes)}
+
+
+def format_memory_report(report: Report) -> Table:
+    """Measured beside predicted bytes, per rank and category, with the relative error."""
+    table = Table(title="memory by category", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1),
+                  caption="measured: torch's MemTracker over one step (model states after it, activations "
+                          "and temporaries at its peak) · predicted: the plan's cost model")
+    for column in ("rank", "category", "measured", "predicted", "error"):
+        table.add_column(column, justify="left" if column == "category" else "right", no_wrap=True)
+    for r in report.ranks:
+        for name in MEMORY_CATEGORIES:
+            measured, predicted = r.measured.memory_bytes.get(name), r.predicted.memory_bytes.get(name)
+            error = f"{(predicted - measured) / measured:+.1%}" if measured and predicted is not None else "–"
+            table.add_row(str(r.rank) if name == MEMORY_CATEGORIES[0] else "", name,
+                          "–" if measured is None else fmt.nbytes(measured),
+                          "–" if predicted is None else fmt.nbytes(predicted), error)
+    return table
+
+
+def report(compiled: Compiled, inputs: Any, targets: Any) -> Report:
+    """Measure training steps of a ``Compiled`` model and put it back as it was: returns a
+    :class:`Report` of every rank's measured time and memory beside the Plan's predictions.
+
+    Distributed, a collective: call it on every rank. It runs up to three steps — a warm-up when
+    none has run yet (capture and the pipeline's shape inference would dominate the measurement), one
+    timed under the profiler, one under the memory tracker — then restores the parameters, the
+    optimizer state, the step counter and the passes' state, so the model trains on as if it had
+    not been called.
     """
-    if not compiled.started:
-        compiled.step(inputs, targets)
-    mine = _with_moe(compiled.measure_step(inputs, targets), compiled)
-    reports = gather_reports(mine)
-    table = format_report(reports, compiled.plan)
-    moe = format_moe_report(reports, ranks=len(reports) > 1)
-    return table if moe is None else Group(table, moe)
+    compiled.prepare(inputs)
+    with _restored(compiled):
+        if not compiled.steps_run:
+            compiled.step(inputs, targets)
+        timed = compiled.measure_step(inputs, targets)
+        memory = compiled.measure_memory(inputs, targets)
+    mine = dataclasses.replace(_with_moe(timed, compiled), memory_bytes=tuple(sorted(memory.items())))
+    plan = compiled.plan
+    ranks = tuple(RankReport(rank=r.rank, step=r,
+                             measured=StepNumbers(step_s=r.step_s, memory_bytes=dict(r.memory_bytes)),
+                             predicted=StepNumbers(step_s=plan.predicted.step_time_s,
+                                                   memory_bytes=predicted_memory_bytes(plan, r.rank)))
+                  for r in gather_reports(mine))
+    return Report(ranks=ranks, plan=plan)
+
+
+@contextlib.contextmanager
+def _restored(compiled: Compiled) -> Iterator[None]:
+    """Parameters, optimizer state, step counter and pass state as they were before the block."""
+    executor, steps, passes = compiled.executor, compiled.num_steps, compiled.pass_state
+    params = [p for copies in executor.parameter_copies().values() for p in copies]
+    saved = [p.detach().clone() for p in params]
+    optimizer = executor.optimizer
+    state = {p: {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in s.items()}
+             for p, s in optimizer.state.items()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, value in zip(params, saved, strict=True):
+                param.copy_(value)
+                param.grad = None
+        optimizer.state.clear()
+        optimizer.state.update(state)
+        compiled.load_pass_state(passes)
+        compiled.num_steps = steps

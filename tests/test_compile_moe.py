@@ -6,8 +6,6 @@ import copy
 
 import pytest
 import torch
-from rich.console import Group
-from rich.table import Table
 
 import autopar
 from autopar.losses import cross_entropy
@@ -15,18 +13,17 @@ from autopar.passes import MoE
 from autopar.passes.moe import moe_aux_loss
 from autopar.passes.moe.layer import MoELayer, MoEStats
 from autopar.runtime.pass_state import passes_from_json, passes_to_json
+from tests.helpers.models import gpt_and_batch
 
 B, S, L = 2, 16, 4
 NO_DROP = MoE(num_experts=8, top_k=2, capacity_factor=4.0, eval_capacity_factor=4.0)  # E / k = 4
 CONFIG = MoE(num_experts=8, top_k=2)
+MODEL = dict(num_layers=L, hidden_size=32, num_heads=2, vocab_size=64, seq_len=S)
 SGD = lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)  # noqa: E731
 
 
 def _model():
-    torch.manual_seed(0)
-    model = autopar.models.build("gpt", num_layers=L, hidden_size=32, num_heads=2, vocab_size=64, seq_len=S)
-    inputs, targets = autopar.models.example_batch(model, batch_size=B, seq_len=S, seed=1)
-    return model, inputs, targets
+    return gpt_and_batch(MODEL, batch_size=B, seq_len=S)
 
 
 def _compiled(model, config=CONFIG, **options):
@@ -165,15 +162,22 @@ def test_moe_stats_and_the_single_device_report():
     assert compiled.moe_stats() == stats  # the last training step's, not the eval forward's
     compiled.train()
 
-    result = compiled.report(inputs, targets)
-    assert isinstance(result, Group) and compiled.num_steps == 2
-    steps, moe = result.renderables
-    assert steps.row_count == 1 and moe.row_count == 2
+    before = compiled.state_dict()
+    result = compiled.report(inputs, targets)  # measures, then puts the model back as it was
+    assert compiled.num_steps == 1 and len(result.ranks) == 1
+    after = compiled.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    steps, memory, moe = result.__rich__().renderables
+    assert steps.row_count == 1 and memory.row_count == 5 and moe.row_count == 2
     assert [str(c.header) for c in moe.columns][:3] == ["layer", "tokens", "capacity"]
+    assert "memory by category" in str(result) and "expert load" in str(result)
 
     plain = autopar.compile(_model()[0], "local:1", optimizer=SGD)
-    table = plain.report(inputs, targets)  # no step yet: one unmeasured step first
-    assert isinstance(table, Table) and table.row_count == 1 and plain.num_steps == 2
+    rep = plain.report(inputs, targets)  # no step yet: one unmeasured step first, then restored
+    (rank,) = rep.ranks
+    assert rank.measured.step_s > 0 and rank.predicted.step_s > 0 and plain.num_steps == 0
+    assert set(rank.measured.memory_bytes) == set(rank.predicted.memory_bytes) == {
+        "parameters", "gradients", "optimizer", "activations", "temporaries"}
     assert plain.moe_stats() == {} and not len(plain.moe)
 
 

@@ -42,7 +42,7 @@ from autopar.plans import Plan
 from autopar.runtime.data_parallel import apply_data_parallel
 from autopar.runtime.expert_parallel import ExpertGroups, apply_expert_parallel
 from autopar.runtime.layout import Layout
-from autopar.runtime.measure import StepReport, measure_engine_step
+from autopar.runtime.measure import StepReport, measure_engine_step, measure_memory_bytes
 from autopar.runtime.pass_state import PassStates
 from autopar.runtime.pipeline import make_schedule, make_stage
 from autopar.runtime.recompute import apply_recompute
@@ -153,6 +153,12 @@ class Engine:
                      step: int = 0) -> StepReport:
         """:meth:`step` under the profiler (it trains), each local stage's compute labelled."""
         return measure_engine_step(self, args, kwargs, targets, step=step)
+
+    def measure_memory(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *,
+                       step: int = 0) -> dict[str, int]:
+        """:meth:`step` under the memory tracker (it trains): this rank's bytes by category."""
+        return measure_memory_bytes(lambda: self.step(args, kwargs, targets, step=step), modules=self.modules,
+                                    optimizer=self.optimizer, device=self.device)
 
     def moe_layers(self) -> list[MoELayer]:
         """This rank's MoE layers as its stages run them (their ``stats`` are this rank's last

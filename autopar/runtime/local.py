@@ -22,7 +22,7 @@ from autopar.capture.batch import leading_dims
 from autopar.passes.moe import moe_aux_loss
 from autopar.passes.moe.layer import MoELayer
 from autopar.plans import Plan
-from autopar.runtime.measure import StepReport, measure_labelled_step, stage_label
+from autopar.runtime.measure import StepReport, measure_labelled_step, measure_memory_bytes, stage_label
 from autopar.runtime.pass_state import PassStates
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -36,11 +36,12 @@ class LocalEngine:
     distributed = False
     stage_indices = (0,)
 
-    def __init__(self, *, graph_for: GraphFor, parameters: Callable[[], list[tuple[str, nn.Parameter]]],
+    def __init__(self, *, module: nn.Module, graph_for: GraphFor,
+                 parameters: Callable[[], list[tuple[str, nn.Parameter]]],
                  loss_fn: LossFn, optimizer: OptimizerFactory, passes: PassStates,
                  plan: Callable[[], Plan], moe: Callable[[], dict[int, MoELayer]],
                  device: torch.device | None = None) -> None:
-        self._graph_for, self._parameters, self._plan = graph_for, parameters, plan
+        self._module, self._graph_for, self._parameters, self._plan = module, graph_for, parameters, plan
         self._moe = moe
         self.loss_fn, self._factory, self.passes = loss_fn, optimizer, passes
         self.device = device or torch.device("cpu")
@@ -94,6 +95,12 @@ class LocalEngine:
                      step: int = 0) -> StepReport:
         """:meth:`step` under the profiler (it trains), summarized as stage 0 of rank 0."""
         return measure_labelled_step(lambda: self.step(args, kwargs, targets, step=step), device=self.device)
+
+    def measure_memory(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *,
+                       step: int = 0) -> dict[str, int]:
+        """:meth:`step` under the memory tracker (it trains): bytes by category."""
+        return measure_memory_bytes(lambda: self.step(args, kwargs, targets, step=step),
+                                    modules=[self._module], optimizer=self.optimizer, device=self.device)
 
     def parameter_copies(self) -> dict[str, list[torch.Tensor]]:
         """Parameter name → its one copy here (checkpoints name tensors this way)."""

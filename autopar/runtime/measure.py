@@ -44,11 +44,12 @@ import os
 import re
 import resource
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from autopar.passes.moe.layer import MoEStats
@@ -83,6 +84,7 @@ class StepReport:
     peak_memory_bytes: int
     memory_kind: Literal["rss", "cuda_allocated"]
     moe: tuple[tuple[int, MoEStats], ...] = ()  # (MoE layer, its load in the step) on this rank
+    memory_bytes: tuple[tuple[str, int], ...] = ()  # (category, bytes) of a tracked step, MEMORY_CATEGORIES
 
     @property
     def compute_s(self) -> float:
@@ -240,3 +242,53 @@ def gather_reports(mine: StepReport) -> list[StepReport]:
     reports: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(reports, mine)  # inter-process transport only, never persisted
     return sorted(reports, key=lambda r: r.rank)
+
+
+MEMORY_CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporaries")
+"""What the report compares, measured (:func:`measure_memory_bytes`) and predicted."""
+
+
+def measure_memory_bytes(run: Callable[[], Any], *, modules: Sequence[nn.Module],
+                         optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, int]:
+    """Bytes by category (:data:`MEMORY_CATEGORIES`) of one training step ``run()`` on this rank,
+    from ``torch.distributed._tools.mem_tracker.MemTracker`` (CPU and GPU tensors alike).
+
+    The model states (parameters and buffers, gradients, optimizer state) are read after the step,
+    when all of them exist; activations and temporaries at the step's peak. The tracker sees every
+    tensor the step allocates through its dispatch mode, so the step runs slower under it: time is
+    measured in another step (:func:`measure_labelled_step`)."""
+    tracker = _step_tracker()
+    tracker.track_external(*modules, optimizer)
+    with tracker:
+        run()
+    after = _on_device(tracker.get_tracker_snapshot(), device)
+    peak = _on_device(tracker.get_tracker_snapshot("peak"), device)
+    return {"parameters": after.get("PARAM", 0) + after.get("BUFFER", 0), "gradients": after.get("GRAD", 0),
+            "optimizer": after.get("OPT", 0), "activations": peak.get("ACT", 0),
+            "temporaries": peak.get("TEMP", 0)}
+
+
+def _step_tracker() -> Any:
+    """A ``MemTracker`` for a whole pipelined step. torch's refuses a root module that runs twice in
+    one tracked region (it takes that for a second iteration), but a pipeline stage runs once per
+    microbatch: before each new forward of a root module, its per-module record is dropped (autopar
+    reads only the per-category totals, which this does not touch)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class StepTracker(MemTracker):
+        def _pre_fw_hook(self, module: nn.Module, inputs: Any) -> None:
+            name = self._mod_tracker.get_known_fqn(module)
+            root = set(self._mod_tracker.parents) - {name} == {"Global"}
+            if module in self.memory_tracking and root and not self._mod_tracker.is_bw:
+                del self.memory_tracking[module]
+            super()._pre_fw_hook(module, inputs)
+
+    return StepTracker()
+
+
+def _on_device(snapshot: dict[Any, dict[Any, int]], device: torch.device) -> dict[str, int]:
+    """One device's entry of a MemTracker snapshot, keyed by category name (``PARAM``, ``GRAD`` …)."""
+    for key, parts in snapshot.items():
+        if torch.device(key).type == device.type:
+            return {str(name).rsplit(".", 1)[-1]: int(value) for name, value in parts.items()}
+    return {}

@@ -144,7 +144,10 @@ def test_demo_trains_and_loss_falls(capfd):
     assert "single-process reference" in out and "(equal" in out and "DIFFERENT" not in out
     assert "pp2 × dp1 × tp2" in out and "predicted" in out
     rows = [line for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"], ["3"])]
-    assert len(rows) == 4, out
+    timing = [row for row in rows if "parameters" not in row]
+    memory = [row for row in rows if "parameters" in row]  # each rank's first memory-by-category row
+    assert len(timing) == 4 and len(memory) == 4, out
+    assert "memory by category" in out
     _readme_describes_the_demo(out)
 
 
