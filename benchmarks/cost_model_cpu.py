@@ -29,9 +29,7 @@ import functools
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -47,8 +45,9 @@ from autopar.cost_models import CostOptions, ModelProfile, estimate
 from autopar.cost_models.local.profile import LocalProfile, load_profile
 from autopar.plans import Plan, Predicted
 from autopar.runtime import spawn
+from benchmarks.common import RESULTS, dp_and_pp_cases, slowest_rank_times_s, with_recompute
+from benchmarks.common import environment as common_environment
 
-RESULTS = Path(__file__).parent / "results"
 MODEL = dict(num_layers=8, hidden_size=256, num_heads=8, vocab_size=4096, seq_len=128)
 GLOBAL_BATCH = 16
 NUM_MICROBATCHES = 4
@@ -57,13 +56,10 @@ TARGET_MEDIAN_ERROR_PCT = 15.0
 
 def plan_cases(world: int) -> list[tuple[str, dict[str, Any]]]:
     """(case name, fix) on ``world`` ranks: data, pipeline and tensor parallelism and their mixes."""
-    pipe = {"pp": world, "num_microbatches": NUM_MICROBATCHES}
-    cases: list[tuple[str, dict[str, Any]]] = [
-        ("dp", {"dp": world}), ("dp zero3", {"dp": world, "zero": 3}),
-        ("dp +recompute", {"dp": world, "recompute": "full"}),
-        *[(f"pp {s}", {**pipe, "schedule": s}) for s in ("gpipe", "1f1b", "interleaved")],
-        ("pp 1f1b +recompute", {**pipe, "schedule": "1f1b", "recompute": "full"}),
-    ]
+    dp, zero3, gpipe, one_f1b, interleaved = dp_and_pp_cases(
+        world, schedules=("gpipe", "1f1b", "interleaved"), num_microbatches=NUM_MICROBATCHES)
+    cases = [dp, zero3, with_recompute(dp, "full"), gpipe, one_f1b, interleaved,
+             with_recompute(one_f1b, "full")]
     if world == 2:
         return [*cases, ("tp", {"tp": 2})]
     half, micro = world // 2, {"schedule": "1f1b", "num_microbatches": NUM_MICROBATCHES}
@@ -74,18 +70,6 @@ def plan_cases(world: int) -> list[tuple[str, dict[str, Any]]]:
 def _build() -> torch.nn.Module:
     torch.manual_seed(0)
     return autopar.models.build("gpt", **MODEL)
-
-
-def _step_times(compiled: Any, inputs: torch.Tensor, targets: torch.Tensor, num_steps: int) -> list[float]:
-    """Each step's time on the slowest rank (a max all-reduce after the timed steps)."""
-    mine = []
-    for _ in range(num_steps):
-        start = time.perf_counter()
-        compiled.step(inputs, targets)
-        mine.append(time.perf_counter() - start)
-    times = torch.tensor(mine, dtype=torch.float64)
-    dist.all_reduce(times, op=dist.ReduceOp.MAX)
-    return times.tolist()
 
 
 def wait_until_quiet(pids: list[int], max_busy_cores: float, timeout_s: float) -> float:
@@ -104,13 +88,13 @@ def _bench_case(world: int, name: str, fix: dict[str, Any], options: dict[str, A
     model = _build()
     inputs, targets = autopar.models.example_batch(model, GLOBAL_BATCH, seed=1)
     compiled = autopar.compile(model, f"local:{world}", fix=fix)
-    _step_times(compiled, inputs, targets, options["warmup"])
+    slowest_rank_times_s(lambda: compiled.step(inputs, targets), options["warmup"])
     quiet = torch.zeros(1, dtype=torch.float64)
     if dist.get_rank() == 0:  # the other ranks wait, idle, in the broadcast
         quiet[0] = wait_until_quiet(pids, options["quiet_cores"], options["quiet_timeout_s"])
     dist.broadcast(quiet, src=0)
     since = cpu_seconds(pids) if dist.get_rank() == 0 else None
-    times = _step_times(compiled, inputs, targets, options["steps"])
+    times = slowest_rank_times_s(lambda: compiled.step(inputs, targets), options["steps"])
     during = others_busy_cores(since, pids) or 0.0
     return {"world_size": world, "case": name, "fix": fix, "times_s": times,
             "others_busy_cores_before": round(float(quiet[0]), 2),
@@ -220,11 +204,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def environment(profile: LocalProfile, profile_path: str) -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    return {"autopar_commit": commit, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "cores": os.cpu_count(), "threads_per_rank": 1,
-            "model": MODEL, "global_batch": GLOBAL_BATCH, "profile_path": profile_path,
+    return common_environment() | {
+            "threads_per_rank": 1, "model": MODEL, "global_batch": GLOBAL_BATCH, "profile_path": profile_path,
             "profile_created": profile.created, "profile_quick": profile.quick,
             "profile": profile.to_dict()}  # all of it: `--measured` re-predicts from this file alone
 

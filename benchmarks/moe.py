@@ -34,9 +34,7 @@ import argparse
 import csv
 import dataclasses
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +46,8 @@ from autopar.capture import META_KEY
 from autopar.losses import cross_entropy
 from autopar.passes import MoE
 from autopar.passes.moe import moe_aux_loss
-from benchmarks.common import moving_average, save_figure, write_results
+from benchmarks.common import curve_figure, moving_average, save_figure, write_results
+from benchmarks.common import environment as common_environment
 from benchmarks.random_ltd_loss import corpus_text, encode
 
 RESULTS = Path(__file__).parent / "results"
@@ -243,15 +242,10 @@ def summarize(case: str, rows: list[dict[str, Any]], dense: list[dict[str, Any]]
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip())
-    return {"autopar_commit": commit + ("+uncommitted" if dirty else ""), "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "model": MODEL, "batch": BATCH, "lr": LR,
-            "pretrain_steps": args.pretrain_steps, "train_steps": args.train_steps,
-            "load_average_before": _load()}
+    return common_environment(mark_uncommitted=True) | {
+        "threads": torch.get_num_threads(), "model": MODEL, "batch": BATCH, "lr": LR,
+        "pretrain_steps": args.pretrain_steps, "train_steps": args.train_steps,
+        "load_average_before": _load()}
 
 
 def _load() -> list[float]:
@@ -343,12 +337,7 @@ def write_csv(curves: dict[str, list[dict[str, Any]]]) -> None:
 
 
 def plot(curves: dict[str, list[dict[str, Any]]], summaries: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = curve_figure(2, width_in=12)
     for case, rows in curves.items():
         steps = [r["step"] for r in rows]
         axes[0].plot(steps, [r["loss"] for r in rows], color=COLORS[case], alpha=0.25, linewidth=0.8)
@@ -362,13 +351,9 @@ def plot(curves: dict[str, list[dict[str, Any]]], summaries: list[dict[str, Any]
                 title="training loss")
     axes[1].set(xlabel="steps taken after upcycling", ylabel="held-out cross-entropy (eval mode)",
                 title="held-out loss")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8)
-    fig.suptitle(f"sparse upcycling of a pre-trained zoo GPT ({MODEL['num_layers']} layers, "
-                 f"h={MODEL['hidden_size']}, s={MODEL['seq_len']}, batch {BATCH}): MoE on layers 1 and 3")
-    fig.tight_layout()
-    save_figure(fig, NAME)
+    title = (f"sparse upcycling of a pre-trained zoo GPT ({MODEL['num_layers']} layers, "
+             f"h={MODEL['hidden_size']}, s={MODEL['seq_len']}, batch {BATCH}): MoE on layers 1 and 3")
+    save_figure(fig, axes, title=title, name=NAME)
 
 
 def main() -> None:

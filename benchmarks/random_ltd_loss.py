@@ -26,10 +26,8 @@ import itertools
 import json
 import math
 import os
-import platform
 import random
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,8 @@ from autopar.losses import cross_entropy
 from autopar.passes import RandomLTD
 from autopar.passes.random_ltd import random_ltd_runtime
 from autopar.passes.random_ltd.schedule import layer_token_lr_scheduler
-from benchmarks.common import moving_average, save_figure
+from benchmarks.common import curve_figure, moving_average, save_figure
+from benchmarks.common import environment as common_environment
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "random_ltd_loss"
@@ -180,14 +179,9 @@ def _interpolate(xs: list[float], ys: list[float], x: float) -> float:
 
 
 def environment() -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip())
-    return {"autopar_commit": commit + ("+uncommitted" if dirty else ""), "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "model": MODEL, "batch": BATCH, "schedule": SCHEDULE,
-            "lr": LR, "warmup_steps": WARMUP_STEPS, "load_average_before": _load()}
+    return common_environment(mark_uncommitted=True) | {
+        "threads": torch.get_num_threads(), "model": MODEL, "batch": BATCH, "schedule": SCHEDULE, "lr": LR,
+        "warmup_steps": WARMUP_STEPS, "load_average_before": _load()}
 
 
 def _load() -> list[float]:
@@ -260,12 +254,7 @@ def _markdown(summaries: list[dict[str, Any]], env: dict[str, Any]) -> list[str]
 
 
 def plot(cases: dict[str, dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = curve_figure(3, width_in=16)
     for name in CASES:
         rows = cases[name]["rows"]
         steps = [r["step"] for r in rows]
@@ -288,14 +277,9 @@ def plot(cases: dict[str, dict[str, Any]]) -> None:
     axes[1].set(xlabel="consumed layer-tokens", ylabel="training loss (10-step mean)",
                 title="training loss per layer-token")
     axes[2].set(xlabel="consumed layer-tokens", ylabel="held-out loss (all tokens)", title="held-out loss")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8)
     kept.legend(loc="center right", fontsize=8)
-    fig.suptitle(f"random-LTD {SCHEDULE} vs no dropping · zoo GPT {MODEL['num_layers']} layers, "
-                 f"s={MODEL['seq_len']}, batch {BATCH}")
-    fig.tight_layout()
-    save_figure(fig, NAME)
+    save_figure(fig, axes, name=NAME, title=f"random-LTD {SCHEDULE} vs no dropping · zoo GPT "
+                f"{MODEL['num_layers']} layers, s={MODEL['seq_len']}, batch {BATCH}")
 
 
 def main() -> None:

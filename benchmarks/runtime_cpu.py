@@ -23,11 +23,8 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,8 +38,9 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 import autopar
 from autopar.compile import default_optimizer
 from autopar.runtime import spawn
+from benchmarks.common import RESULTS, dp_and_pp_cases, slowest_rank_times_s, with_recompute
+from benchmarks.common import environment as common_environment
 
-RESULTS = Path(__file__).parent / "results"
 MODEL = dict(num_layers=8, hidden_size=256, num_heads=8, vocab_size=4096, seq_len=128, tie_embeddings=False)
 GLOBAL_BATCH = 16
 NUM_MICROBATCHES = 4
@@ -51,17 +49,12 @@ TARGET_OVERHEAD_PCT = 5.0
 
 def plan_cases(world: int) -> list[tuple[str, dict[str, Any]]]:
     """(case name, fix) for every plan kind on ``world`` ranks, without and with full recomputation."""
-    pipeline = {"pp": world, "num_microbatches": NUM_MICROBATCHES}
-    base: list[tuple[str, dict[str, Any]]] = [
-        ("dp", {"dp": world}),
-        ("dp zero3", {"dp": world, "zero": 3}),
-        *[(f"pp {s}", {**pipeline, "schedule": s}) for s in ("gpipe", "1f1b", "interleaved", "zero_bubble")],
-    ]
+    base = dp_and_pp_cases(world, schedules=("gpipe", "1f1b", "interleaved", "zero_bubble"),
+                           num_microbatches=NUM_MICROBATCHES)
     if world >= 4:
         base.append(("pp×dp 1f1b", {"pp": 2, "dp": world // 2, "schedule": "1f1b",
                                     "num_microbatches": NUM_MICROBATCHES}))
-    return [(f"{name}{' +recompute' if r == 'full' else ''}", {**fix, "recompute": r})
-            for name, fix in base for r in ("none", "full")]
+    return [with_recompute(case, r) for case in base for r in ("none", "full")]
 
 
 def _batch(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,26 +66,14 @@ def _build() -> nn.Module:
     return autopar.models.build("gpt", **MODEL)
 
 
-def _times(step: Callable[[], Any], num_steps: int) -> list[float]:
-    """Each step's time on the slowest rank (a max all-reduce after the timed region)."""
-    mine = []
-    for _ in range(num_steps):
-        start = time.perf_counter()
-        step()
-        mine.append(time.perf_counter() - start)
-    times = torch.tensor(mine, dtype=torch.float64)
-    dist.all_reduce(times, op=dist.ReduceOp.MAX)
-    return times.tolist()
-
-
 def bench_plan(world: int, fix: dict[str, Any], warmup: int,
                steps: int) -> tuple[dict[str, Any], list[float]]:
     """The plan's shape and ``steps`` step times of a freshly compiled model, after ``warmup`` steps."""
     model = _build()
     inputs, targets = _batch(model)
     compiled = autopar.compile(model, f"local:{world}", fix=fix)
-    _times(lambda: compiled.step(inputs, targets), warmup)
-    times = _times(lambda: compiled.step(inputs, targets), steps)
+    slowest_rank_times_s(lambda: compiled.step(inputs, targets), warmup)
+    times = slowest_rank_times_s(lambda: compiled.step(inputs, targets), steps)
     plan = compiled.plan
     par, sched = plan.parallelism, plan.schedule
     shape = {"dp": par.dp, "pp": par.pp, "tp": par.tp, "schedule": sched.name,
@@ -166,12 +147,12 @@ def bench_overhead(world: int, warmup: int, steps: int, rounds: int) -> dict[str
     hand = hand_written_step(world)
     first = torch.tensor([compiled.step(inputs, targets), hand() or 0.0], dtype=torch.float64)
     dist.all_reduce(first[1:])  # the hand-written loss lives on the last stage only
-    _times(ours, warmup)
-    _times(hand, warmup)
+    slowest_rank_times_s(ours, warmup)
+    slowest_rank_times_s(hand, warmup)
     ours_s, hand_s = [], []
     for _ in range(rounds):
-        ours_s += _times(ours, steps)
-        hand_s += _times(hand, steps)
+        ours_s += slowest_rank_times_s(ours, steps)
+        hand_s += slowest_rank_times_s(hand, steps)
     ours_median, hand_median = statistics.median(ours_s), statistics.median(hand_s)
     return {
         "world_size": world, "case": f"pp{world} 1f1b: autopar vs hand-written", "schedule": "1f1b",
@@ -207,11 +188,7 @@ def bench_rank(rank: int, world: int, out: str, warmup: int, steps: int, repeats
 
 
 def environment() -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=Path(__file__).parent).stdout.strip()
-    return {"autopar_commit": commit, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "cores": os.cpu_count(), "threads_per_rank": 1,
-            "model": MODEL, "global_batch": GLOBAL_BATCH}
+    return common_environment() | {"threads_per_rank": 1, "model": MODEL, "global_batch": GLOBAL_BATCH}
 
 
 def _header(env: dict[str, Any]) -> list[str]:

@@ -14,17 +14,17 @@ from autopar.passes import RandomLTD
 from autopar.passes.random_ltd import random_ltd_runtime
 from autopar.passes.random_ltd.schedule import kept_tokens
 from autopar.runtime.pass_state import PASSES_ENV, passes_from_json, passes_to_json
+from tests.helpers.models import gpt_and_batch
+from tests.helpers.random_ltd import random_ltd_reference
 
 B, S, L = 4, 32, 4
 CONFIG = RandomLTD(min_tokens=8, num_steps=6, granularity=4, seed=5)
+MODEL = dict(num_layers=L, hidden_size=32, num_heads=2, vocab_size=128, seq_len=S)
 SGD = lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9)  # noqa: E731
 
 
 def _model():
-    torch.manual_seed(0)
-    model = autopar.models.build("gpt", num_layers=L, hidden_size=32, num_heads=2, vocab_size=128, seq_len=S)
-    inputs, targets = autopar.models.example_batch(model, batch_size=B, seq_len=S, seed=1)
-    return model, inputs, targets
+    return gpt_and_batch(MODEL, batch_size=B, seq_len=S)
 
 
 def _compiled(model, **options):
@@ -48,15 +48,7 @@ def test_step_equals_the_transformed_graph():
     reference = copy.deepcopy(model)
     compiled = _compiled(model)
     losses = [compiled.step(inputs, targets) for _ in range(4)]
-    gm = autopar.transform(reference, inputs, passes=[CONFIG])
-    runtime, optimizer, expected = random_ltd_runtime(gm), SGD(reference.parameters()), []
-    for step in range(4):
-        runtime.set_step(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss = cross_entropy(gm(inputs), targets)
-        loss.backward()
-        optimizer.step()
-        expected.append(loss.item())
+    expected = random_ltd_reference(reference, inputs, targets, config=CONFIG, optimizer=SGD, num_steps=4)
     assert losses == expected  # the same graph, the same token choices: bitwise
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(p, q), name

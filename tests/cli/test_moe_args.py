@@ -1,15 +1,12 @@
 """``--moe K=V,...``: parsing, one-line errors with exit code 2 in ``autopar plan``, ``run`` and
 ``demo``, planning an MoE model, and the pass reaching the script's ``autopar.compile``."""
 
-import argparse
-import json
 import textwrap
 
 import pytest
 
-from autopar.cli.main import main
-from autopar.cli.pass_args import add_pass_arguments, passes_from_args
 from autopar.passes import MoE, RandomLTD
+from tests.helpers.cli import assert_one_line_error, parse_passes, run_cli, run_script
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -31,33 +28,21 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _parse(*argv):
-    parser = argparse.ArgumentParser()
-    add_pass_arguments(parser)
-    return passes_from_args(parser.parse_args(argv))
-
-
-def _run(capfd, *argv):
-    code = main(["--no-color", *argv])
-    out, err = capfd.readouterr()
-    return code, out, err
-
-
 def test_moe_values():
-    assert _parse("--moe") == [MoE()]
-    assert _parse("--moe", "num_experts=8,top_k=2,layers=every_other,capacity_factor=1.25") == [MoE()]
+    assert parse_passes("--moe") == [MoE()]
+    assert parse_passes("--moe", "num_experts=8,top_k=2,layers=every_other,capacity_factor=1.25") == [MoE()]
     full = ("num_experts=4,top_k=1,layers=1;3,capacity_factor=2,eval_capacity_factor=3.5,upcycle=false,"
             "aux_loss_weight=0,z_loss_weight=1e-4,seed=7")
-    assert _parse("--moe", full) == [MoE(num_experts=4, top_k=1, layers=(1, 3), capacity_factor=2.0,
+    assert parse_passes("--moe", full) == [MoE(num_experts=4, top_k=1, layers=(1, 3), capacity_factor=2.0,
                                          eval_capacity_factor=3.5, upcycle=False, aux_loss_weight=0.0,
                                          z_loss_weight=1e-4, seed=7)]
-    assert _parse("--moe", " num-experts = 16 , layers=0-2+5, upcycle=YES") == [
+    assert parse_passes("--moe", " num-experts = 16 , layers=0-2+5, upcycle=YES") == [
         MoE(num_experts=16, layers=(0, 1, 2, 5), upcycle=True)]
-    assert _parse("--moe", "layers=second_half") == [MoE(layers="second_half")]
-    assert _parse("--moe", "layers=3") == [MoE(layers=(3,))]
-    assert _parse("--moe", "layers=1+3,num_experts=4;8,gate=dts,residual=true,dropless=none") == [
+    assert parse_passes("--moe", "layers=second_half") == [MoE(layers="second_half")]
+    assert parse_passes("--moe", "layers=3") == [MoE(layers=(3,))]
+    assert parse_passes("--moe", "layers=1+3,num_experts=4;8,gate=dts,residual=true,dropless=none") == [
         MoE(layers=(1, 3), num_experts=(4, 8), gate="dts", residual=True, dropless=None)]
-    both = _parse("--random-ltd", "min_tokens=4,num_steps=8", "--moe", "top_k=1")
+    both = parse_passes("--random-ltd", "min_tokens=4,num_steps=8", "--moe", "top_k=1")
     assert both == [MoE(top_k=1), RandomLTD(min_tokens=4, num_steps=8)]  # MoE finds the MLPs first
 
 
@@ -84,37 +69,25 @@ def test_moe_values():
     ("z_loss_weight=-1", "MoE.z_loss_weight = -1.0 is invalid"),
 ])
 def test_bad_values_exit_2_with_one_line(tmp_path, capfd, value, message):
-    script = tmp_path / "train.py"
-    script.write_text("raise SystemExit('never run')\n")
-    for argv in (["run", str(script), "--nproc", "2", "--moe", value], ["demo", "--moe", value],
-                 ["plan", "gpt-tiny", "--cluster", "8xA100-80GB", "--batch", "8", "--moe", value]):
-        code, out, err = _run(capfd, *argv)
-        assert code == 2, (argv, out, err)
-        assert err.count("\n") == 1 and err.startswith("autopar: error: --moe"), err
-        assert message in err, err
+    assert_one_line_error(capfd, tmp_path, ["--moe", value], message, plan=True)
 
 
 def test_plan_with_moe(capfd):
-    code, out, err = _run(capfd, "plan", "gpt-tiny", "--cluster", "8xA100-80GB", "--batch", "8",
-                          "--moe", "num_experts=8", "--time-limit", "20")
+    code, out, err = run_cli(capfd, "plan", "gpt-tiny", "--cluster", "8xA100-80GB", "--batch", "8",
+                             "--moe", "num_experts=8", "--time-limit", "20")
     assert code == 0, err
     assert "graph passes: moe" in " ".join(out.split()), out
 
 
 def test_plan_names_a_layer_the_model_lacks(capfd):
-    code, out, err = _run(capfd, "plan", "gpt-tiny", "--cluster", "8xA100-80GB", "--batch", "8",
-                          "--moe", "layers=1;9")
+    code, out, err = run_cli(capfd, "plan", "gpt-tiny", "--cluster", "8xA100-80GB", "--batch", "8",
+                             "--moe", "layers=1;9")
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith("autopar: error: pass 1 (moe) failed") and "names layer(s) [9]" in err, err
 
 
 def test_run_hands_moe_to_the_script(tmp_path, capfd):
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
-    code, out, err = _run(capfd, "run", str(script), "--nproc", "1", "--moe",
-                          "num_experts=4,top_k=1,layers=0;2", "--", "--out", str(tmp_path))
-    assert code == 0, err
-    result = json.loads((tmp_path / "rank0.json").read_text())
+    [result] = run_script(capfd, tmp_path, SCRIPT, "--moe", "num_experts=4,top_k=1,layers=0;2", nproc=1)
     assert result["passes"] == [repr(MoE(num_experts=4, top_k=1, layers=(0, 2)))]
     assert result["applied"] == ["moe"] and result["moe"] == ["0", "2"]
     assert result["loads"] == {"0": 32, "2": 32}  # batch 2 × sequence 16 tokens each

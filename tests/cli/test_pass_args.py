@@ -1,15 +1,12 @@
 """Graph-pass options (``--random-ltd``): parsing, one-line errors with exit code 2 in
 ``autopar run`` and ``autopar demo``, and the passes reaching the script's ``autopar.compile``."""
 
-import argparse
-import json
 import textwrap
 
 import pytest
 
-from autopar.cli.main import main
-from autopar.cli.pass_args import add_pass_arguments, passes_from_args
 from autopar.passes import RandomLTD
+from tests.helpers.cli import assert_one_line_error, parse_passes, run_script
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
@@ -32,17 +29,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _parse(*argv):
-    parser = argparse.ArgumentParser()
-    add_pass_arguments(parser)
-    return passes_from_args(parser.parse_args(argv))
-
-
 def test_random_ltd_values():
-    assert _parse() == []
-    assert _parse("--random-ltd", "min_tokens=128,num_steps=1000,granularity=16,layers=1-10") == [
+    assert parse_passes() == []
+    assert parse_passes("--random-ltd", "min_tokens=128,num_steps=1000,granularity=16,layers=1-10") == [
         RandomLTD(min_tokens=128, num_steps=1000, granularity=16, layers=tuple(range(1, 11)))]
-    assert _parse("--random-ltd", " num-steps = 5 , min_tokens=4,layers=1-2+4,seed=3") == [
+    assert parse_passes("--random-ltd", " num-steps = 5 , min_tokens=4,layers=1-2+4,seed=3") == [
         RandomLTD(min_tokens=4, num_steps=5, layers=(1, 2, 4), seed=3)]
 
 
@@ -61,26 +52,14 @@ def test_random_ltd_values():
     ("min_tokens=0,num_steps=4", "RandomLTD.min_tokens = 0 is invalid"),
 ])
 def test_bad_values_exit_2_with_one_line(tmp_path, capfd, value, message):
-    script = tmp_path / "train.py"
-    script.write_text("raise SystemExit('never run')\n")
     option = ["--random-ltd"] if value is None else ["--random-ltd", value]
-    for argv in (["run", str(script), "--nproc", "2", *option], ["demo", *option]):
-        code = main(["--no-color", *argv])
-        out, err = capfd.readouterr()
-        assert code == 2, (argv, out, err)
-        assert err.count("\n") == 1 and err.startswith("autopar: error: --random-ltd"), err
-        assert message in err, err
+    assert_one_line_error(capfd, tmp_path, option, message)
 
 
 def test_run_hands_the_passes_to_the_script(tmp_path, capfd):
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
-    code = main(["--no-color", "run", str(script), "--nproc", "2", "--random-ltd",
-                 "min_tokens=4,num_steps=10,layers=1-2", "--", "--out", str(tmp_path)])
-    out, err = capfd.readouterr()
-    assert code == 0, err
-    for rank in range(2):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    results = run_script(capfd, tmp_path, SCRIPT, "--random-ltd", "min_tokens=4,num_steps=10,layers=1-2",
+                         nproc=2)
+    for result in results:
         assert result["passes"] == [repr(RandomLTD(min_tokens=4, num_steps=10, layers=(1, 2)))]
         assert result["applied"] == ["random_ltd"]
         assert result["state"]["random_ltd"]["step"] == 1

@@ -7,15 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from autopar.data import (
-    CurriculumSampler,
-    DifficultyIndex,
-    Pacing,
-    sequence_length,
-    token_counts,
-    truncate_batch,
-    vocabulary_rarity,
-)
+from autopar.data import curriculum
 
 
 def _dataset(n=100):
@@ -25,27 +17,27 @@ def _dataset(n=100):
 
 
 def test_metrics():
-    assert sequence_length(torch.tensor([5, 6, 0, 0]), pad_id=0) == 2.0
-    assert sequence_length({"input_ids": [1, 2, 3]}) == 3.0
+    assert curriculum.sequence_length(torch.tensor([5, 6, 0, 0]), pad_id=0) == 2.0
+    assert curriculum.sequence_length({"input_ids": [1, 2, 3]}) == 3.0
     data = [torch.tensor([1, 1, 1, 2]), torch.tensor([1, 1, 1, 1]), torch.tensor([3, 1, 1, 1])]
-    counts = token_counts(data, vocab_size=4)
+    counts = curriculum.token_counts(data, vocab_size=4)
     assert counts.tolist() == [0, 10, 1, 1]
-    rarity = vocabulary_rarity(counts)
+    rarity = curriculum.vocabulary_rarity(counts)
     common, rare = rarity(data[1]), rarity(data[0])
     assert rare > common
     p = (counts.double() + 1) / (counts.sum() + 4)
     assert common == pytest.approx(float(-4 * torch.log(p[1])))
-    assert vocabulary_rarity(counts, reduction="mean")(data[0]) == pytest.approx(rare / 4)
+    assert curriculum.vocabulary_rarity(counts, reduction="mean")(data[0]) == pytest.approx(rare / 4)
 
 
 @pytest.mark.parametrize("suffix", [".json", ".pt"])
 def test_index_saves_and_loads(tmp_path, suffix):
     data = _dataset()
-    index = DifficultyIndex.build(data, "sequence_length")
+    index = curriculum.DifficultyIndex.build(data, "sequence_length")
     assert index.difficulties.tolist() == [float(len(x)) for x in data] and index.metric == "sequence_length"
     path = tmp_path / f"index{suffix}"
     index.save(path)
-    loaded = DifficultyIndex.load(path)
+    loaded = curriculum.DifficultyIndex.load(path)
     assert torch.equal(loaded.difficulties, index.difficulties) and loaded.metric == index.metric
     if suffix == ".pt":
         torch.load(path, weights_only=True)  # a plain dict: no pickled objects
@@ -54,27 +46,28 @@ def test_index_saves_and_loads(tmp_path, suffix):
 
 
 def test_pacing_formulas():
-    linear = Pacing(kind="linear", min_value=64, max_value=1024, num_steps=100, granularity=8)
+    linear = curriculum.Pacing(kind="linear", min_value=64, max_value=1024, num_steps=100, granularity=8)
     for step in (0, 7, 50, 99, 100, 500):
         value = 64 + (1024 - 64) * min(1, step / 100)
         assert linear(step) == min(1024, math.floor(value / 8) * 8)
-    root = Pacing(kind="root", min_value=10, max_value=100, num_steps=100, root_degree=2, granularity=1)
+    root = curriculum.Pacing(kind="root", min_value=10, max_value=100, num_steps=100, root_degree=2,
+                             granularity=1)
     assert [root(s) for s in (0, 25, 100)] == [10, 55, 100]  # 10 + 90 × √0.25 = 55
-    discrete = Pacing(kind="discrete", values=(20, 50, 100), boundaries=(10, 30))
+    discrete = curriculum.Pacing(kind="discrete", values=(20, 50, 100), boundaries=(10, 30))
     assert [discrete(s) for s in (0, 10, 11, 30, 31, 999)] == [20, 20, 50, 50, 100, 100]
-    custom = Pacing(kind="custom", function=lambda step: 100 if step > 3 else 40)
+    custom = curriculum.Pacing(kind="custom", function=lambda step: 100 if step > 3 else 40)
     assert (custom(3), custom(4)) == (40, 100)
     with pytest.raises(ValueError, match="Pacing.kind"):
-        Pacing(kind="cosine")
+        curriculum.Pacing(kind="cosine")
     with pytest.raises(ValueError, match="len\\(values\\) = len\\(boundaries\\) \\+ 1"):
-        Pacing(kind="discrete", values=(1, 2), boundaries=(1, 2))
+        curriculum.Pacing(kind="discrete", values=(1, 2), boundaries=(1, 2))
 
 
 def test_sampler_paces_easy_samples_first():
     data = _dataset(200)
-    index = DifficultyIndex.build(data, "sequence_length")
-    pacing = Pacing(kind="linear", min_value=10, max_value=100, num_steps=20)
-    sampler = CurriculumSampler(index, pacing, batch_size=8, num_steps=30, seed=1)
+    index = curriculum.DifficultyIndex.build(data, "sequence_length")
+    pacing = curriculum.Pacing(kind="linear", min_value=10, max_value=100, num_steps=20)
+    sampler = curriculum.CurriculumSampler(index, pacing, batch_size=8, num_steps=30, seed=1)
     ranks = torch.empty(200, dtype=torch.long)
     ranks[torch.sort(index.difficulties, stable=True).indices] = torch.arange(200)
     for step in (0, 10, 20, 29):
@@ -82,18 +75,19 @@ def test_sampler_paces_easy_samples_first():
         assert len(set(batch)) == 8
         assert max(ranks[batch].tolist()) < sampler.pool_size(step) == math.ceil(200 * pacing(step) / 100)
     assert sampler.pool_size(0) == 20 and sampler.pool_size(25) == 200
-    by_value = CurriculumSampler(index, Pacing(kind="discrete", values=(10, 100), boundaries=(5,)),
-                                 batch_size=4, num_steps=10, difficulty_type="value")
+    value_pacing = curriculum.Pacing(kind="discrete", values=(10, 100), boundaries=(5,))
+    by_value = curriculum.CurriculumSampler(index, value_pacing, batch_size=4, num_steps=10,
+                                            difficulty_type="value")
     assert all(index.difficulties[i] <= 10 for i in by_value.batch(0))
 
 
 def test_sampler_is_deterministic_resumable_and_feeds_a_dataloader():
     data = _dataset(64)
-    index = DifficultyIndex.build(data, "sequence_length")
-    pacing = Pacing(kind="root", min_value=25, max_value=100, num_steps=10)
+    index = curriculum.DifficultyIndex.build(data, "sequence_length")
+    pacing = curriculum.Pacing(kind="root", min_value=25, max_value=100, num_steps=10)
 
     def sampler(seed=0):
-        return CurriculumSampler(index, pacing, batch_size=4, num_steps=12, seed=seed)
+        return curriculum.CurriculumSampler(index, pacing, batch_size=4, num_steps=12, seed=seed)
 
     full = list(sampler())
     assert len(full) == 48 and full == list(sampler()) and full != list(sampler(seed=1))
@@ -115,10 +109,10 @@ def test_sampler_is_deterministic_resumable_and_feeds_a_dataloader():
 
 
 def test_truncation_curriculum():
-    pacing = Pacing(kind="linear", min_value=8, max_value=32, num_steps=4, granularity=8)
+    pacing = curriculum.Pacing(kind="linear", min_value=8, max_value=32, num_steps=4, granularity=8)
     batch = {"input_ids": torch.zeros(2, 32, dtype=torch.long), "labels": torch.zeros(2, 32), "n": 3}
-    lengths = [truncate_batch(batch, int(pacing(step)))["input_ids"].shape[1] for step in range(6)]
+    lengths = [curriculum.truncate_batch(batch, int(pacing(step)))["input_ids"].shape[1] for step in range(6)]
     assert lengths == [8, 8, 16, 26 // 8 * 8, 32, 32]
-    assert truncate_batch((torch.ones(2, 5), torch.ones(2)), 3)[1].shape == (2,)
+    assert curriculum.truncate_batch((torch.ones(2, 5), torch.ones(2)), 3)[1].shape == (2,)
     with pytest.raises(ValueError, match="length"):
-        truncate_batch(batch, 0)
+        curriculum.truncate_batch(batch, 0)

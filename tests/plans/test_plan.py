@@ -11,38 +11,24 @@ from typing import Any
 import pytest
 
 from autopar.cluster import ClusterSpec
-from autopar.plans import (
-    SCHEMA_VERSION,
-    Alternative,
-    AppliedPass,
-    CostOptionsUsed,
-    MemoryPrediction,
-    Mesh,
-    Parallelism,
-    Plan,
-    PlanNotFoundError,
-    Predicted,
-    Schedule,
-    Sharding,
-    Stage,
-    StagePrediction,
-)
+from autopar.plans import Plan, PlanNotFoundError, schema
 
 GIB = 2**30
 
 
-def stage_predictions() -> tuple[StagePrediction, ...]:
-    return (StagePrediction(index=0, forward_s=0.004, backward_s=0.006, backward_weight_s=0.002,
-                            recompute_s=0.003, send_forward_s=0.0002, tp_comm_s=0.001,
-                            params_per_device=62_000_000, memory_without_recompute_bytes=40 * GIB),
-            StagePrediction(index=1, forward_s=0.005, backward_s=0.008, send_backward_s=0.0002,
-                            tp_comm_s=0.001, params_per_device=62_500_000.5))
+def stage_predictions() -> tuple[schema.StagePrediction, ...]:
+    return (schema.StagePrediction(index=0, forward_s=0.004, backward_s=0.006, backward_weight_s=0.002,
+                                   recompute_s=0.003, send_forward_s=0.0002, tp_comm_s=0.001,
+                                   params_per_device=62_000_000, memory_without_recompute_bytes=40 * GIB),
+            schema.StagePrediction(index=1, forward_s=0.005, backward_s=0.008, send_backward_s=0.0002,
+                                   tp_comm_s=0.001, params_per_device=62_500_000.5))
 
 
-def memory_predictions() -> tuple[MemoryPrediction, ...]:
-    return tuple(MemoryPrediction(stages=(i,), weights_bytes=2 * GIB, gradients_bytes=2 * GIB,
-                                  optimizer_bytes=6 * GIB, activations_bytes=19.5 * GIB, logits_bytes=0,
-                                  reserve_bytes=1.5 * GIB, peak_bytes=31 * GIB) for i in range(2))
+def memory_predictions() -> tuple[schema.MemoryPrediction, ...]:
+    return tuple(schema.MemoryPrediction(stages=(i,), weights_bytes=2 * GIB, gradients_bytes=2 * GIB,
+                                         optimizer_bytes=6 * GIB, activations_bytes=19.5 * GIB,
+                                         logits_bytes=0, reserve_bytes=1.5 * GIB, peak_bytes=31 * GIB)
+                 for i in range(2))
 
 
 def make_plan(**overrides: Any) -> Plan:
@@ -50,44 +36,45 @@ def make_plan(**overrides: Any) -> Plan:
     values: dict[str, Any] = dict(
         model="gpt2-small", graph_fingerprint="0123456789abcdef",
         cluster=ClusterSpec.parse("1x8xA100-80GB"), global_batch_size=32, seq_len=1024,
-        parallelism=Parallelism(dp=2, tp=2, pp=2),
-        mesh=Mesh(axis_names=("pp", "dp", "tp"), shape=(2, 2, 2), device_ids=tuple(range(8))),
+        parallelism=schema.Parallelism(dp=2, tp=2, pp=2),
+        mesh=schema.Mesh(axis_names=("pp", "dp", "tp"), shape=(2, 2, 2), device_ids=tuple(range(8))),
         stages=(
-            Stage(index=0, first_node="input_ids", last_node="h_5_add_1", layers=(0, 6),
-                  devices=(0, 1, 2, 3), recompute="selective"),
-            Stage(index=1, first_node="h_6_ln_1", last_node="output", layers=(6, 12),
-                  devices=(4, 5, 6, 7)),
+            schema.Stage(index=0, first_node="input_ids", last_node="h_5_add_1", layers=(0, 6),
+                         devices=(0, 1, 2, 3), recompute="selective"),
+            schema.Stage(index=1, first_node="h_6_ln_1", last_node="output", layers=(6, 12),
+                         devices=(4, 5, 6, 7)),
         ),
-        shardings=(Sharding(node="h_0_attn_c_attn", strategy="colwise"),
-                   Sharding(node="h_0_attn_c_proj", strategy="rowwise")),
-        schedule=Schedule(name="1f1b", microbatch_size=2, num_microbatches=8),
+        shardings=(schema.Sharding(node="h_0_attn_c_attn", strategy="colwise"),
+                   schema.Sharding(node="h_0_attn_c_proj", strategy="rowwise")),
+        schedule=schema.Schedule(name="1f1b", microbatch_size=2, num_microbatches=8),
         zero=1,
-        passes=(AppliedPass(name="random_ltd", config={"keep_ratio": 0.5, "layers": [1, 11]}),
-                AppliedPass(name="fused_attention")),
-        predicted=Predicted(step_time_s=0.41, tokens_per_s=79_921.3, tflops_per_device=121.7,
-                            mfu=0.39, peak_memory_bytes=(31 * 2**30,) * 8,
-                            breakdown={"compute": 0.3, "bubble": 0.05, "tp_comm": 0.04,
-                                       "dp_comm": 0.02},
-                            stages=stage_predictions(), memory=memory_predictions(), dtype="bf16",
-                            options=CostOptionsUsed(dp_overlap=0.5, tp_overlap=0, sequence_parallel=False,
-                                                    p2p_scatter_gather=True)),
-        alternatives=(Alternative(parallelism=Parallelism(dp=8, tp=1, pp=1),
-                                  schedule=Schedule(name="gpipe", microbatch_size=4,
-                                                    num_microbatches=1),
-                                  predicted_step_time_s=None, reason="out of memory: 93 GiB"),),
+        passes=(schema.AppliedPass(name="random_ltd", config={"keep_ratio": 0.5, "layers": [1, 11]}),
+                schema.AppliedPass(name="fused_attention")),
+        predicted=schema.Predicted(step_time_s=0.41, tokens_per_s=79_921.3, tflops_per_device=121.7,
+                                   mfu=0.39, peak_memory_bytes=(31 * 2**30,) * 8,
+                                   breakdown={"compute": 0.3, "bubble": 0.05, "tp_comm": 0.04,
+                                              "dp_comm": 0.02},
+                                   stages=stage_predictions(), memory=memory_predictions(), dtype="bf16",
+                                   options=schema.CostOptionsUsed(dp_overlap=0.5, tp_overlap=0,
+                                                                  sequence_parallel=False,
+                                                                  p2p_scatter_gather=True)),
+        alternatives=(schema.Alternative(parallelism=schema.Parallelism(dp=8, tp=1, pp=1),
+                                         schedule=schema.Schedule(name="gpipe", microbatch_size=4,
+                                                                  num_microbatches=1),
+                                         predicted_step_time_s=None, reason="out of memory: 93 GiB"),),
     )
     values.update(overrides)
     return Plan(**values)
 
 
 def interleaved_plan() -> Plan:
-    stages = tuple(Stage(index=i, first_node=f"a{i}", last_node=f"b{i}", layers=(3 * i, 3 * i + 3),
-                         devices=(i % 2,), virtual_chunk=i // 2) for i in range(4))
+    stages = tuple(schema.Stage(index=i, first_node=f"a{i}", last_node=f"b{i}", layers=(3 * i, 3 * i + 3),
+                                devices=(i % 2,), virtual_chunk=i // 2) for i in range(4))
     return Plan(model="m", graph_fingerprint="f", cluster=ClusterSpec.parse("local:2"),
-                global_batch_size=8, seq_len=None, parallelism=Parallelism(dp=1, tp=1, pp=2),
-                mesh=Mesh(axis_names=("pp",), shape=(2,), device_ids=(0, 1)), stages=stages,
-                schedule=Schedule(name="interleaved", microbatch_size=2, num_microbatches=4,
-                                  virtual_stages=2))
+                global_batch_size=8, seq_len=None, parallelism=schema.Parallelism(dp=1, tp=1, pp=2),
+                mesh=schema.Mesh(axis_names=("pp",), shape=(2,), device_ids=(0, 1)), stages=stages,
+                schedule=schema.Schedule(name="interleaved", microbatch_size=2, num_microbatches=4,
+                                         virtual_stages=2))
 
 
 @pytest.mark.parametrize("build", [make_plan, interleaved_plan])
@@ -99,7 +86,7 @@ def test_json_round_trip_is_equal_and_byte_identical(build: Any) -> None:
     assert again.to_json() == text
     assert build().to_json() == text  # a separately built equal plan: same bytes
     assert text.startswith('{\n  "alternatives"') and text.endswith("}\n")
-    assert json.loads(text)["schema_version"] == SCHEMA_VERSION
+    assert json.loads(text)["schema_version"] == schema.SCHEMA_VERSION
 
 
 def test_normalization() -> None:
@@ -109,8 +96,8 @@ def test_normalization() -> None:
     assert plan.passes[0].config == (("keep_ratio", 0.5), ("layers", (1, 11)))
     assert plan.passes[0].config_dict() == {"keep_ratio": 0.5, "layers": (1, 11)}
     assert plan.predicted.breakdown[0] == ("bubble", 0.05)
-    assert Predicted(step_time_s=1).step_time_s == 1.0 and type(Predicted(mfu=0).mfu) is float
-    assert Stage(index=0, first_node="", last_node="", layers=[0, 2], devices=[0]).layers == (0, 2)
+    assert schema.Predicted(step_time_s=1).step_time_s == 1.0 and type(schema.Predicted(mfu=0).mfu) is float
+    assert schema.Stage(index=0, first_node="", last_node="", layers=[0, 2], devices=[0]).layers == (0, 2)
     assert plan.created_by.startswith("autopar ")
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.zero = 2  # type: ignore[misc]
@@ -140,23 +127,23 @@ def test_single_device() -> None:
 )
 def test_parallelism_arithmetic(degrees: dict[str, int], world: int, message: str) -> None:
     with pytest.raises(ValueError) as info:
-        Parallelism(**degrees).check_world_size(world)
+        schema.Parallelism(**degrees).check_world_size(world)
     assert str(info.value) == message
 
 
 def test_parallelism_validation() -> None:
-    Parallelism(dp=2, tp=2, pp=2).check_world_size(8)
-    assert Parallelism(dp=4, tp=2, pp=1, ep=4).world_size == 8
+    schema.Parallelism(dp=2, tp=2, pp=2).check_world_size(8)
+    assert schema.Parallelism(dp=4, tp=2, pp=1, ep=4).world_size == 8
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match=r"Parallelism.tp = .* invalid: expected an int >= 1"):
-            Parallelism(dp=1, tp=bad, pp=1)  # type: ignore[arg-type]
+            schema.Parallelism(dp=1, tp=bad, pp=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"ep = 4 must divide dp = 6"):
-        Parallelism(dp=6, tp=1, pp=1, ep=4)
+        schema.Parallelism(dp=6, tp=1, pp=1, ep=4)
     with pytest.raises(ValueError, match=r"tp\(2\) × pp\(2\) × dp\(4\) = 16 ≠ world size 8"):
-        make_plan(parallelism=Parallelism(dp=4, tp=2, pp=2))
+        make_plan(parallelism=schema.Parallelism(dp=4, tp=2, pp=2))
 
 
-STAGE = Stage(index=0, first_node="", last_node="", layers=(0, 12), devices=(0, 1, 2, 3))
+STAGE = schema.Stage(index=0, first_node="", last_node="", layers=(0, 12), devices=(0, 1, 2, 3))
 
 
 @pytest.mark.parametrize(
@@ -176,11 +163,11 @@ STAGE = Stage(index=0, first_node="", last_node="", layers=(0, 12), devices=(0, 
         ({"model": ""}, "Plan.model = '' is invalid: expected a nonempty str"),
         ({"schema_version": 3}, "plan schema_version 3 is not supported"),
         ({"schema_version": 1}, "a Plan in memory is version 2; Plan.load and Plan.from_json upgrade"),
-        ({"mesh": Mesh(axis_names=("pp", "dp", "tp"), shape=(2, 4, 1),
-                          device_ids=tuple(range(8)))},
+        ({"mesh": schema.Mesh(axis_names=("pp", "dp", "tp"), shape=(2, 4, 1),
+                                 device_ids=tuple(range(8)))},
          "Plan.mesh axis 'dp' = 4 is invalid: expected dp(2)"),
-        ({"predicted": Predicted(peak_memory_bytes=(1, 2))}, "8 entries, one per device"),
-        ({"shardings": (Sharding(node="a", strategy="x"), Sharding(node="a", strategy="y"))},
+        ({"predicted": schema.Predicted(peak_memory_bytes=(1, 2))}, "8 entries, one per device"),
+        ({"shardings": (schema.Sharding(node="a", strategy="x"), schema.Sharding(node="a", strategy="y"))},
          "one entry per node"),
         ({"cluster": {"num_nodes": 1}}, "Plan.cluster is invalid"),
         ({"stages": [STAGE, 3]}, "Plan.stages = [Stage("),
@@ -195,48 +182,50 @@ def test_plan_validation(overrides: dict[str, Any], message: str) -> None:
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: Schedule(name="pipedream", microbatch_size=1, num_microbatches=1),
+        (lambda: schema.Schedule(name="pipedream", microbatch_size=1, num_microbatches=1),
          "Schedule.name = 'pipedream' is invalid: expected one of ['gpipe', '1f1b'"),
-        (lambda: Schedule(name="1f1b", microbatch_size=1, num_microbatches=1, virtual_stages=2),
+        (lambda: schema.Schedule(name="1f1b", microbatch_size=1, num_microbatches=1, virtual_stages=2),
          "expected 1 for 1f1b"),
-        (lambda: Schedule(name="interleaved", microbatch_size=1, num_microbatches=1),
+        (lambda: schema.Schedule(name="interleaved", microbatch_size=1, num_microbatches=1),
          "expected >= 2 for interleaved"),
-        (lambda: Mesh(axis_names=("dp",), shape=(3,), device_ids=(0, 1)), "3 distinct ids >= 0"),
-        (lambda: Mesh(axis_names=("dp", "dp"), shape=(1, 1), device_ids=(0,)), "distinct nonempty"),
-        (lambda: Stage(index=0, first_node="", last_node="", layers=(3, 2), devices=(0,)),
+        (lambda: schema.Mesh(axis_names=("dp",), shape=(3,), device_ids=(0, 1)), "3 distinct ids >= 0"),
+        (lambda: schema.Mesh(axis_names=("dp", "dp"), shape=(1, 1), device_ids=(0,)), "distinct nonempty"),
+        (lambda: schema.Stage(index=0, first_node="", last_node="", layers=(3, 2), devices=(0,)),
          "half-open range"),
-        (lambda: Stage(index=0, first_node="", last_node="", layers=(0, 2), devices=(0,),
-                       recompute="most"), "expected one of ['none', 'selective', 'full']"),
-        (lambda: Predicted(breakdown={"network": 1.0}), "Predicted.breakdown['network']"),
-        (lambda: Predicted(step_time_s=-1.0), "expected a finite float >= 0 or None"),
-        (lambda: Predicted(mfu=float("nan")), "Predicted.mfu = nan is invalid"),
-        (lambda: Predicted(stages=stage_predictions()[1:]),
+        (lambda: schema.Stage(index=0, first_node="", last_node="", layers=(0, 2), devices=(0,),
+                              recompute="most"), "expected one of ['none', 'selective', 'full']"),
+        (lambda: schema.Predicted(breakdown={"network": 1.0}), "Predicted.breakdown['network']"),
+        (lambda: schema.Predicted(step_time_s=-1.0), "expected a finite float >= 0 or None"),
+        (lambda: schema.Predicted(mfu=float("nan")), "Predicted.mfu = nan is invalid"),
+        (lambda: schema.Predicted(stages=stage_predictions()[1:]),
          "Predicted.stages[0].index = 1 is invalid: expected 0 (stage order)"),
-        (lambda: Predicted(memory=memory_predictions()[:1] * 2), "one entry per set of stages"),
-        (lambda: StagePrediction(index=0, forward_s=-1.0, backward_s=0, params_per_device=1),
+        (lambda: schema.Predicted(memory=memory_predictions()[:1] * 2), "one entry per set of stages"),
+        (lambda: schema.StagePrediction(index=0, forward_s=-1.0, backward_s=0, params_per_device=1),
          "StagePrediction.forward_s = -1.0 is invalid: expected a finite float >= 0"),
-        (lambda: StagePrediction(index=0, forward_s=1, backward_s=None, params_per_device=1),
+        (lambda: schema.StagePrediction(index=0, forward_s=1, backward_s=None, params_per_device=1),
          "StagePrediction.backward_s = None is invalid"),
-        (lambda: StagePrediction(index=0, forward_s=1, backward_s=1, params_per_device=1,
-                                 memory_without_recompute_bytes=1.5),
+        (lambda: schema.StagePrediction(index=0, forward_s=1, backward_s=1, params_per_device=1,
+                                        memory_without_recompute_bytes=1.5),
          "StagePrediction.memory_without_recompute_bytes = 1.5 is invalid: expected an int >= 0"),
         (lambda: dataclasses.replace(memory_predictions()[0], stages=(1, 0)),
          "MemoryPrediction.stages = (1, 0) is invalid: expected distinct stage indices >= 0 in "
          "increasing order"),
         (lambda: dataclasses.replace(memory_predictions()[0], logits_bytes=float("inf")),
          "MemoryPrediction.logits_bytes = inf is invalid"),
-        (lambda: CostOptionsUsed(dp_overlap=1.5, tp_overlap=0, sequence_parallel=False,
-                                 p2p_scatter_gather=True), "CostOptionsUsed.dp_overlap = 1.5 is invalid"),
-        (lambda: CostOptionsUsed(dp_overlap=0, tp_overlap=0, sequence_parallel=1, p2p_scatter_gather=True),
+        (lambda: schema.CostOptionsUsed(dp_overlap=1.5, tp_overlap=0, sequence_parallel=False,
+                                        p2p_scatter_gather=True),
+         "CostOptionsUsed.dp_overlap = 1.5 is invalid"),
+        (lambda: schema.CostOptionsUsed(dp_overlap=0, tp_overlap=0, sequence_parallel=1,
+                                        p2p_scatter_gather=True),
          "CostOptionsUsed.sequence_parallel = 1 is invalid: expected a bool"),
-        (lambda: Predicted(dtype=""), "Predicted.dtype = '' is invalid"),
-        (lambda: AppliedPass(name="moe", config={"experts": {"n": 8}}),
+        (lambda: schema.Predicted(dtype=""), "Predicted.dtype = '' is invalid"),
+        (lambda: schema.AppliedPass(name="moe", config={"experts": {"n": 8}}),
          "AppliedPass.config['experts'] = {'n': 8} is invalid: expected a JSON scalar"),
-        (lambda: Sharding(node="", strategy="colwise"), "Sharding.node = '' is invalid"),
-        (lambda: Alternative(parallelism=Parallelism(dp=1, tp=1, pp=1),
-                             schedule=Schedule(name="gpipe", microbatch_size=1,
-                                               num_microbatches=1),
-                             predicted_step_time_s=1.0, reason=""), "Alternative.reason"),
+        (lambda: schema.Sharding(node="", strategy="colwise"), "Sharding.node = '' is invalid"),
+        (lambda: schema.Alternative(parallelism=schema.Parallelism(dp=1, tp=1, pp=1),
+                                    schedule=schema.Schedule(name="gpipe", microbatch_size=1,
+                                                             num_microbatches=1),
+                                    predicted_step_time_s=1.0, reason=""), "Alternative.reason"),
     ],
 )
 def test_part_validation(build: Any, message: str) -> None:
@@ -386,7 +375,7 @@ def test_version_1_files_load_without_per_stage_predictions(tmp_path: Path) -> N
     path = tmp_path / "old.json"
     path.write_text(_version_1_text(plan))
     old = Plan.load(path)
-    assert old.schema_version == SCHEMA_VERSION == 2
+    assert old.schema_version == schema.SCHEMA_VERSION == 2
     assert old.predicted.stages == () and old.predicted.memory == ()
     assert old.predicted.dtype is None and old.predicted.options is None
     assert old.predicted.step_time_s == plan.predicted.step_time_s

@@ -19,6 +19,8 @@ import autopar
 from autopar.losses import cross_entropy
 from autopar.passes import RandomLTD
 from autopar.passes.random_ltd import random_ltd_runtime
+from tests.helpers.models import gpt_and_batch
+from tests.helpers.random_ltd import random_ltd_reference
 
 # fp32 on CPU: the pipelined program sums the same terms in another order (as workers.RTOL).
 RTOL, ATOL = 1e-5, 1e-6
@@ -34,30 +36,16 @@ def _sgd(params):
 
 
 def _model():
-    torch.manual_seed(0)
-    model = autopar.models.build("gpt", num_layers=4)
-    inputs, targets = autopar.models.example_batch(model, batch_size=8, seq_len=SEQ_LEN, seed=1)
-    return model, inputs, targets
+    return gpt_and_batch({"num_layers": 4}, batch_size=8, seq_len=SEQ_LEN)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def reference_run(model, inputs, targets, steps: int, *, start: int = 0) -> list[float]:
-    """Single-process training on the transformed graph, the schedule at each step's number."""
-    gm = autopar.transform(model, inputs, passes=[CONFIG])
-    runtime = random_ltd_runtime(gm)
-    optimizer = _sgd(model.parameters())
-    losses = []
-    for step in range(start, start + steps):
-        runtime.set_step(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss = cross_entropy(gm(inputs), targets)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+def reference_run(model, inputs, targets) -> list[float]:
+    """Single-process training on the transformed graph for ``STEPS`` steps."""
+    return random_ltd_reference(model, inputs, targets, config=CONFIG, optimizer=_sgd, num_steps=STEPS)
 
 
 def run_case(world: int, fix: dict) -> None:
@@ -66,7 +54,7 @@ def run_case(world: int, fix: dict) -> None:
     reference = copy.deepcopy(model)
     compiled = autopar.compile(model, f"local:{world}", fix=fix, optimizer=_sgd, passes=[CONFIG])
     losses = [compiled.step(inputs, targets) for _ in range(STEPS)]
-    expected = reference_run(reference, inputs, targets, STEPS)
+    expected = reference_run(reference, inputs, targets)
     for step, (got, want) in enumerate(zip(losses, expected, strict=True)):
         assert abs(got - want) <= RTOL * abs(want) + ATOL, (fix, step, got, want)
     assert abs(losses[0] - plain) > 1e-3, (fix, losses[0], plain)  # tokens were dropped
@@ -107,7 +95,7 @@ def resume_case(world: int, folder: str, fix_a: dict, fix_b: dict) -> None:
     autopar.load(resumed, path, example_inputs=inputs)
     assert resumed.num_steps == 2 and resumed.pass_state == first.pass_state, resumed.pass_state
     loss = resumed.step(inputs, targets)
-    want = reference_run(reference, inputs, targets, STEPS)[-1]
+    want = reference_run(reference, inputs, targets)[-1]
     assert abs(loss - want) <= RTOL * abs(want) + ATOL, (fix_a, fix_b, loss, want)
     assert resumed.consumed_layer_tokens == 8 * sum(2 * k + 2 * SEQ_LEN for k in (4, 6, 10))
 
