@@ -269,9 +269,10 @@ class Engine:
     def _sync_tied_gradients(self) -> None:
         for group, params in self.tied:
             for param in params:
-                if param.grad is not None:  # sharded/replicated grads: reduce the local part
-                    grad = param.grad
-                    dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=group)
+                if param.grad is None:  # a copy this stage holds but does not use: it adds nothing, but
+                    param.grad = torch.zeros_like(param)  # every rank of the group must join the reduce
+                grad = param.grad  # sharded/replicated grads: reduce the local part
+                dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=group)
 
     def _global_loss(self, losses: list[torch.Tensor]) -> float:
         if losses:

@@ -135,9 +135,10 @@ def _build_stage(
     if is_last:
         graph.output(fx.node.map_arg(output_node.args[0], lambda n: env[n]))
     else:
-        values = tuple(env[n] for n in crossing_out)
         _require_tensors(crossing_out, k)
-        graph.output(values)
+        # torch's pipelining receives into buffers with the sent tensor's strides, and gloo/NCCL
+        # refuse non-contiguous ones (a transposed or expanded value, e.g. BERT's attention mask)
+        graph.output(tuple(graph.call_method("contiguous", (env[n],)) for n in crossing_out))
     module = fx.GraphModule(gm, graph, f"{type(gm).__name__}Stage{k}")
     return StageGraph(k, module, tuple(n.name for n in crossing_in),
                       tuple(n.name for n in crossing_out), is_last)
