@@ -14,8 +14,18 @@ Two ways to find the block of layer ℓ, tried in order:
    outside; parameters (``get_attr``) must be read only inside. Covers fx graphs (zoo GPT
    ``blocks.ℓ.mlp``) and ATen graphs from ``torch.export`` (HF GPT-2's Conv1D ``addmm``, Llama's
    gated SwiGLU MLP, T5).
-2. **Linear chain** (fx graphs): two ``nn.Linear`` leaf calls of the layer, ``fc: h → f`` and
-   ``proj: f → h``, joined by one-input ops (activation, dropout) that nothing else reads (zoo BERT).
+2. **Shape** (:func:`shape_block`; fx or exported graphs, whatever the modules are called): a
+   projection ``down: f → h`` of the layer (``nn.Linear``, ``F.linear``/``aten.linear``, or a matmul
+   by a parameter, possibly transposed), optionally followed by ops that add or scale it by
+   parameters (a bias, a layer scale); before it, per-token ops on ``(…, f)`` (activation modules or
+   functions, ``x · sigmoid(x)``, dropout, a gate product, a chunk of a fused gate-up projection) back
+   to one or more projections ``h → f`` that all read one value x (two: SwiGLU's gate and up). Its
+   output (after one-input ops such as dropout) must be added to a value of the residual stream that
+   x is computed from, or that is computed from x (pre-LN, post-LN, parallel blocks); nothing but
+   the block may read its intermediate values or parameters. Exactly one such block per layer (zoo
+   BERT, inline user MLPs). "Per-token" is judged by shape: every value keeps the leading dims of
+   ``(…, f)`` and the rank, and no matmul of two activations; an op that mixes tokens along a kept
+   dim (``cumsum(dim=1)``) is not recognised as such.
 
 Exported graphs bake the token count into reshapes (``view(x, [b, s, f])``). The expert takes
 (n, h), views it as ``(1, …, 1, n, h)`` (the captured input's rank) and rewrites a size argument
@@ -27,11 +37,13 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import os
 import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -89,11 +101,11 @@ def find_block(gm: fx.GraphModule, layer: int) -> Block:
         except ValueError as err:
             region_error = str(err)
     try:
-        return _linear_chain(gm, layer)
+        return shape_block(gm, layer)
     except ValueError as err:
         if region_error is None:
             raise
-        raise ValueError(f"{region_error}; nor is it a Linear chain: {err}") from None
+        raise ValueError(f"{region_error}; nor by its shape: {err}") from None
 
 
 def region_path(gm: fx.GraphModule, layer: int) -> str | None:
@@ -145,41 +157,217 @@ def region_block(gm: fx.GraphModule, layer: int, path: str) -> Block:
     return block
 
 
-def _linear(gm: fx.GraphModule, node: fx.Node) -> nn.Linear | None:
-    if node.op != "call_module":
+_CALLS = ("call_function", "call_method", "call_module")
+_LINEAR_FUNCTIONS = (F.linear, torch.ops.aten.linear.default)
+_MATMUL_FUNCTIONS = (operator.matmul, torch.matmul, torch.mm, torch.ops.aten.matmul.default,
+                     torch.ops.aten.mm.default)
+_MIXING = (*_MATMUL_FUNCTIONS, torch.bmm, torch.einsum, torch.ops.aten.bmm.default,
+           torch.ops.aten.einsum.default)  # products of two activations mix tokens
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor,
+                  torch.ops.aten.add_.Tensor)
+_ADD_METHODS = ("add", "add_", "__add__", "__iadd__")
+_MAX_HOPS = 8  # one-input ops (dropout) between a block's output and its residual add
+LOOKED_FOR = ("a submodule named mlp/feed_forward/ffn/DenseReluDense with one input and one output, or the "
+              "shape x → linear h→f (nn.Linear, F.linear or a matmul by a parameter) → per-token ops (an "
+              "activation, dropout, optionally times a second linear h→f as in SwiGLU) → linear f→h, whose "
+              "input x comes from the residual stream its output is added back to")
+
+
+@dataclass(frozen=True)
+class _Projection:
+    """``node = input · W (+ b)`` over the last dim with W a parameter: nn.Linear, F.linear, ``x @ W``."""
+
+    node: fx.Node
+    input: fx.Node
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return _record(self.input).shapes[0][-1], _record(self.node).shapes[0][-1]
+
+
+def _is_param(node: fx.Node) -> bool:
+    """A parameter (or buffer) read, or an op on such reads only (``w.t()``, ``w.to(dtype)``)."""
+    if node.op == "get_attr":
+        return True
+    inputs = node.all_input_nodes
+    return node.op in ("call_function", "call_method") and bool(inputs) and all(map(_is_param, inputs))
+
+
+def _is_matmul(node: fx.Node, functions: tuple = _MATMUL_FUNCTIONS) -> bool:
+    return (node.op == "call_function" and node.target in functions) or \
+        (node.op == "call_method" and node.target in ("matmul", "__matmul__", "mm", "bmm"))
+
+
+def _projection(gm: fx.GraphModule, node: fx.Node) -> _Projection | None:
+    if node.op == "call_module":
+        if not isinstance(gm.get_submodule(str(node.target)), nn.Linear) or not node.args:
+            return None
+        weights: tuple = ()
+    elif (node.op == "call_function" and node.target in _LINEAR_FUNCTIONS) or _is_matmul(node):
+        if len(node.args) < 2:
+            return None
+        weights = tuple(w for w in node.args[1:3 if node.target in _LINEAR_FUNCTIONS else 2] if w is not None)
+    else:
         return None
-    module = gm.get_submodule(node.target)  # type: ignore[arg-type]
-    return module if type(module) is nn.Linear else None
+    x = node.args[0]
+    if not isinstance(x, fx.Node) or not all(isinstance(w, fx.Node) and _is_param(w) for w in weights):
+        return None
+    x_shapes, y_shapes = _record(x).shapes, _record(node).shapes
+    if len(x_shapes) != 1 or len(y_shapes) != 1 or not x_shapes[0] or x_shapes[0][:-1] != y_shapes[0][:-1]:
+        return None
+    return _Projection(node, x)
 
 
-def _linear_chain(gm: fx.GraphModule, layer: int) -> Block:
-    """``fc → one-input ops → proj`` of layer ``layer`` (exactly one such chain)."""
-    found = []
-    for fc in [n for n in gm.graph.nodes if _record(n).layer == layer and _linear(gm, n) is not None]:
-        first, chain, node = _linear(gm, fc), [], fc
-        while len(node.users) == 1:
-            user = next(iter(node.users))
-            if _record(user).layer != layer or user.all_input_nodes != [node]:
-                break
-            second = _linear(gm, user)
-            if second is not None:
-                if (second.in_features, second.out_features) == (first.out_features, first.in_features):
-                    found.append((fc, chain, user))
-                break
-            if user.op not in ("call_function", "call_method", "call_module") or \
-                    _record(user).shapes != _record(fc).shapes:
-                break
-            chain, node = [*chain, user], user
-    if len(found) != 1:
-        pairs = [(fc.target, proj.target) for fc, _, proj in found]
-        raise ValueError(f"layer {layer}: found {len(found)} feed-forward blocks {pairs}; the MoE pass "
-                         "needs exactly one per chosen layer: a submodule named mlp/feed_forward/ffn with "
-                         "one input and one output, or nn.Linear(h, f), one-input ops (activation, dropout), "
-                         "nn.Linear(f, h). Leave such layers out of MoE.layers")
-    fc, chain, proj = found[0]
-    path = ".".join(os.path.commonprefix([str(fc.target).split(".")[:-1], str(proj.target).split(".")[:-1]]))
-    return Block(layer=layer, path=path, nodes=(fc, *chain, proj), params=(), input=fc.args[0],  # type: ignore[arg-type]
-                 output=proj)
+def shape_block(gm: fx.GraphModule, layer: int) -> Block:
+    """Layer ``layer``'s feed-forward block found by its shape (module docstring); ValueError otherwise."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    projections = {n: p for n in order if _record(n).layer == layer and (p := _projection(gm, n)) is not None}
+    found, rejected = [], []
+    for down in projections.values():
+        try:
+            found.append(_block_ending_at(down, layer, projections, order))
+        except ValueError as why:
+            rejected.append(f"{down.node.name} ({_what(down.node)}): {why}")
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ValueError(f"layer {layer} has {len(found)} feed-forward blocks, ending at "
+                         f"{[b.output.name for b in found]}; the MoE pass replaces one per layer: leave this "
+                         "layer out of MoE.layers")
+    why = "; ".join(rejected) if rejected else "it has no linear layer or matmul by a parameter"
+    raise ValueError(f"layer {layer}: found no feed-forward block; looked for {LOOKED_FOR} ({why}). Leave "
+                     "such layers out of MoE.layers")
+
+
+def _what(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+    return f"{node.op} {target}"
+
+
+def _block_ending_at(down: _Projection, layer: int, projections: dict[fx.Node, _Projection],
+                     order: dict[fx.Node, int]) -> Block:
+    """The block whose f → h projection is ``down``; ValueError saying why there is none."""
+    output = _tail(down.node, layer)
+    streams = _residual_streams(output)
+    middle, ups = _between(down, layer, projections)
+    x = ups[0].input
+    if any(up.input is not x for up in ups):
+        raise ValueError(f"its h → f projections read different values {sorted({u.input.name for u in ups})}")
+    in_shapes, out_shapes = _record(x).shapes, _record(output).shapes
+    if in_shapes != out_shapes:
+        raise ValueError(f"it maps {list(in_shapes)} to {list(out_shapes)}; an expert maps (…, h) to the "
+                         "same shape")
+    if not any(s in _ancestors(x, layer) or x in _ancestors(s, layer) for s in streams):
+        raise ValueError(f"its input {x.name} is not taken from the residual stream its output is added to")
+    members = {*middle, *(u.node for u in ups), down.node}
+    node = down.node
+    while node is not output:
+        node = next(iter(node.users))
+        members.add(node)
+    weights = _weights(members)
+    inside = members | weights
+    for node in inside - {output}:
+        outside = [u.name for u in node.users if u not in inside]
+        if outside:
+            what = "shares parameter" if node in weights else "has an intermediate value"
+            raise ValueError(f"it {what} {node.name} with the rest of the model ({outside}); experts need "
+                             "their own copies")
+    params = sorted((n for n in weights if n.op == "get_attr"), key=order.__getitem__)
+    nodes = sorted(inside - set(params), key=order.__getitem__)
+    path = ".".join(os.path.commonprefix([_record(n).module_path.split(".") for n in (*params, *nodes)]))
+    return Block(layer=layer, path=path, nodes=tuple(nodes), params=tuple(params), input=x, output=output)
+
+
+def _tail(node: fx.Node, layer: int) -> fx.Node:
+    """``node`` followed through its only user while that adds or scales it by parameters (a bias, a
+    layer scale)."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        others = [a for a in user.all_input_nodes if a is not node]
+        record = _record(user)
+        if user.op not in _CALLS or record.layer != layer or record.shapes != _record(node).shapes \
+                or not others or not all(map(_is_param, others)):
+            break
+        node = user
+    return node
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or \
+        (node.op == "call_method" and node.target in _ADD_METHODS)
+
+
+def _residual_streams(output: fx.Node) -> list[fx.Node]:
+    """The values that ``output`` (after one-input ops such as dropout) is added to; ValueError if none."""
+    node = output
+    for _ in range(_MAX_HOPS):
+        shapes = _record(node).shapes
+        streams = [a for u in node.users if _is_add(u) for a in u.all_input_nodes
+                   if a is not node and _record(a).shapes == shapes]
+        if streams:
+            return streams
+        users = list(node.users)
+        if len(users) != 1 or users[0].all_input_nodes != [node] or _record(users[0]).shapes != shapes:
+            break
+        node = users[0]
+    raise ValueError("its output is not added back to the residual stream")
+
+
+def _between(down: _Projection, layer: int, projections: dict[fx.Node, _Projection]
+             ) -> tuple[list[fx.Node], list[_Projection]]:
+    """The per-token ops between ``down`` and the h → f projections that feed it, and those projections."""
+    f_shape, h = _record(down.input).shapes[0], down.dims[1]
+    middle, ups, seen, stack = [], [], set(), [down.input]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        up = projections.get(node)
+        if up is not None:
+            if up.dims[0] != h:
+                raise ValueError(f"{node.name} ({_what(node)}) inside it reads {up.dims[0]} features, "
+                                 f"not h = {h}")
+            ups.append(up)
+            continue
+        if _is_param(node):
+            continue
+        record = _record(node)
+        per_token = bool(record.shapes) and all(len(s) == len(f_shape) and s[:-1] == f_shape[:-1]
+                                                for s in record.shapes)
+        if node.op not in _CALLS or record.layer != layer or not per_token or _is_matmul(node, _MIXING):
+            raise ValueError(f"{node.name} ({_what(node)}, shapes {list(record.shapes)}) before it is not a "
+                             f"per-token op on (…, f) = {list(f_shape)} fed by a linear h → f")
+        middle.append(node)
+        stack.extend(node.all_input_nodes)
+    if not ups:
+        raise ValueError("no linear h → f feeds it")
+    return middle, ups
+
+
+def _weights(members: set[fx.Node]) -> set[fx.Node]:
+    """The parameter reads (and ops on them, ``w.t()``) that ``members`` use."""
+    found: set[fx.Node] = set()
+    stack = [a for n in members for a in n.all_input_nodes if a not in members and _is_param(a)]
+    while stack:
+        node = stack.pop()
+        if node not in found:
+            found.add(node)
+            stack.extend(node.all_input_nodes)
+    return found
+
+
+def _ancestors(node: fx.Node, layer: int) -> set[fx.Node]:
+    """``node`` and the values it is computed from within layer ``layer`` (and that layer's inputs)."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current is node or _record(current).layer == layer:
+            stack.extend(current.all_input_nodes)
+    return seen
 
 
 def _relative(target: str, path: str) -> str:

@@ -11,7 +11,8 @@ at ``gm.moe`` (a ``PassRuntime``). :func:`moe_aux_loss` returns the weighted bal
 the last forward, to add to the training loss; :func:`moe_stats` the per-layer expert loads.
 
 Upcycling: :mod:`autopar.passes.moe.ffn` finds layer ℓ's feed-forward block (its ``mlp``-like
-submodule's region, in fx or exported ATen graphs, else an ``nn.Linear`` chain) and copies it into
+submodule's region, in fx or exported ATen graphs, else the block found by its graph shape: linear
+h → f, per-token ops, linear f → h, added back to the residual stream) and copies it into
 an expert module (n, h) → (n, h). With ``upcycle`` (default) every expert is a copy, so with
 weights renormalized over the top-k and no token dropped the transformed model computes the dense
 function (up to fp32 rounding); otherwise the experts' weights are re-drawn. Its node's FLOPs are
