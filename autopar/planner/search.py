@@ -38,12 +38,14 @@ from autopar.planner.explain import (
     Infeasible,
     InfeasiblePlanError,
     alternative_reason,
+    explain_empty,
     infeasible_error,
     memory_shortfall,
+    unsharded_message,
 )
 from autopar.planner.inter_op import solve_split
 from autopar.planner.probes import RECOMPUTE_MODES, Prober, StageModel
-from autopar.planner.space import Config, candidates, check_ep_pin, explain_empty
+from autopar.planner.space import Config, candidates, check_ep_pin
 from autopar.plans import Alternative, Plan, Schedule
 
 NUM_ALTERNATIVES = 5
@@ -209,9 +211,8 @@ def search(
                 best = found
     if best is None and state.unsharded and not state.infeasible and not too_big:
         tps = sorted({c.tp for c in state.unsharded})
-        raise InfeasiblePlanError(
-            f"the intra-op solver shards nothing at tp={tps} for this model (tensor parallelism costs more "
-            "communication than it saves at its width), and no other configuration is allowed; unpin tp")
+        raise InfeasiblePlanError(unsharded_message(profile, ctx.cluster, fix=fix, tps=tps,
+                                                    global_batch_size=ctx.global_batch_size))
     if best is None:
         state.explain_too_big(too_big)
         raise infeasible_error(state.infeasible, ctx.cluster, fix)

@@ -3,7 +3,10 @@
 Data flow: a ``ModelProfile``, a ``ClusterSpec``, the global batch and the user's pins
 (``autopar.Fix``) go in; :func:`candidates` yields :class:`Config` records (degrees,
 schedule, microbatching, ZeRO stage) that the inter-op solver (``inter_op``) turns into
-stage splits with per-stage recomputation. Nothing here costs anything.
+stage splits with per-stage recomputation. Nothing here costs anything. :func:`broken_rule` names
+the first rule below that some degrees (dp, tp, pp) break, and :func:`schedule_refusal` why a pinned
+schedule cannot run, so that ``explain`` can say why the space is empty (a pin is kept or refused,
+never changed).
 
 Rules (each one a property of the runtime or of the model, not a heuristic):
 
@@ -107,6 +110,44 @@ def _schedules(pp: int, num_layers: int, m: int, fix: Fix) -> Iterator[tuple[str
             yield "interleaved", v
 
 
+def schedule_refusal(fix: Fix, *, pp: int, num_microbatches: int, num_layers: int) -> tuple[str, str]:
+    """Why the pinned schedule (or ``virtual_stages``) cannot run ``pp`` stages of ``num_layers``
+    layers on ``num_microbatches`` microbatches, and what to pin instead (for :func:`_schedules`
+    yielding nothing there): ``(kind, words)``, the kind naming the rule."""
+    name, v, m, pin = fix.schedule, fix.virtual_stages, num_microbatches, _pin(fix)
+    if name in ("gpipe", "1f1b", "zero_bubble") and v not in (None, 1):
+        return "chunks", (f"{pin}: virtual_stages > 1 needs schedule='interleaved' ({name} runs one model "
+                          "chunk per rank); drop virtual_stages or pin schedule='interleaved'")
+    interleaved = "interleaved needs pp > 1 and layers divisible by pp × virtual_stages"
+    if name == "interleaved" or (name is None and v not in (None, 1)):
+        if pp == 1:
+            return "pipeline", (f"{pin}: {interleaved}, but pp = 1 (no pipeline to interleave); pin pp > 1 "
+                                "or another schedule")
+        if m % pp:
+            return "microbatches", (f"{pin}: interleaved needs num_microbatches divisible by pp, but "
+                                    f"{m} does not divide by pp = {pp}; pin num_microbatches to a multiple "
+                                    f"of {pp}")
+        product = f"{pp} × {v}" if v else f"{pp} × v for any v in 2..{MAX_VIRTUAL_STAGES}"
+        return "layers", (f"{pin}: {interleaved}, but the model's {num_layers} layers do not divide by "
+                          f"{product}; pin pp and virtual_stages whose product divides {num_layers}, or "
+                          "another schedule")
+    if name == "zero_bubble" and pp == 1:
+        return "pipeline", (f"{pin}: zero_bubble needs pp > 1 (it splits each stage's backward between "
+                            "pipeline stages), but pp = 1; pin pp > 1, or schedule='1f1b' or 'gpipe' for "
+                            "one stage")
+    if name == "1f1b" and m < pp:
+        return "microbatches", (f"{pin}: 1f1b with pp = {pp} needs at least pp microbatches (torch's "
+                                f"Schedule1F1B), but num_microbatches = {m}; pin num_microbatches >= {pp} "
+                                "(or a smaller microbatch_size), or schedule='gpipe'")
+    return "other", f"{pin} cannot run pp = {pp} with {m} microbatches"
+
+
+def _pin(fix: Fix) -> str:
+    parts = [f"schedule={fix.schedule}"] if fix.schedule else []
+    parts += [f"virtual_stages={fix.virtual_stages}"] if fix.virtual_stages else []
+    return "pinned " + ", ".join(parts)
+
+
 def _microbatches(local_batch: int, fix: Fix) -> list[int]:
     sizes = [b for b in divisors(local_batch) if fix.microbatch_size in (None, b)]
     if fix.num_microbatches is not None:
@@ -114,34 +155,62 @@ def _microbatches(local_batch: int, fix: Fix) -> list[int]:
     return sizes
 
 
+RULES = ("tp", "layers", "pins", "batch", "microbatch", "schedule", "ep")
+"""The rules of the module docstring in the order :func:`broken_rule` checks them: a tp the model or a
+node does not allow, more stages than layers, a degree the pins exclude, a data-parallel degree that
+does not divide the global batch, microbatch pins the local batch cannot meet, no schedule the pins
+allow, no expert-parallel degree the pins allow."""
+
+
+def broken_rule(profile: ModelProfile, cluster: ClusterSpec, degrees: tuple[int, int, int], *,
+                global_batch_size: int, fix: Fix) -> str | None:
+    """The first of :data:`RULES` that ``degrees`` (dp, tp, pp) breaks, or None when
+    :func:`candidates` yields a Config with them."""
+    dp, tp, pp = degrees
+    rule = _degree_rule(profile, cluster, degrees, global_batch_size=global_batch_size, fix=fix)
+    if rule is not None:
+        return rule
+    sizes = _microbatches(global_batch_size // dp, fix)
+    if not sizes:
+        return "microbatch"
+    if not any(any(True for _ in _schedules(pp, profile.num_layers, global_batch_size // (dp * b), fix))
+               for b in sizes):
+        return "schedule"
+    return None if _ep_choices(profile, dp, fix) else "ep"
+
+
+def _degree_rule(profile: ModelProfile, cluster: ClusterSpec, degrees: tuple[int, int, int], *,
+                 global_batch_size: int, fix: Fix) -> str | None:
+    dp, tp, pp = degrees
+    if fix.tp is None and tp not in _tp_choices(profile, cluster, cluster.num_devices, fix):
+        return "tp"
+    if pp > max(profile.num_layers, 1):
+        return "layers"
+    if any(pin not in (None, value) for pin, value in ((fix.tp, tp), (fix.pp, pp), (fix.dp, dp))):
+        return "pins"
+    return "batch" if global_batch_size % dp else None
+
+
+def all_degrees(cluster: ClusterSpec) -> list[tuple[int, int, int]]:
+    """Every (dp, tp, pp) whose product is the cluster's device count, tp then pp ascending."""
+    world = cluster.num_devices
+    return [(world // (tp * pp), tp, pp) for tp in divisors(world) for pp in divisors(world // tp)]
+
+
 def candidates(
     profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: int, fix: Fix
 ) -> Iterator[Config]:
     """Every configuration allowed by the rules above and the pins, in a fixed order."""
-    world, num_layers = cluster.num_devices, profile.num_layers
-    for tp in _tp_choices(profile, cluster, world, fix):
-        for pp in divisors(world // tp):
-            dp = world // (tp * pp)
-            if pp > max(num_layers, 1) or fix.pp not in (None, pp) or fix.dp not in (None, dp):
-                continue
-            if global_batch_size % dp:
-                continue
-            for b in _microbatches(global_batch_size // dp, fix):
-                m = global_batch_size // (dp * b)
-                for schedule, v in _schedules(pp, num_layers, m, fix):
-                    for zero in _zero_stages(dp, fix):
-                        for ep in _ep_choices(profile, dp, fix):
-                            yield Config(
-                                dp=dp,
-                                tp=tp,
-                                pp=pp,
-                                schedule=schedule,
-                                virtual_stages=v,
-                                microbatch_size=b,
-                                num_microbatches=m,
-                                zero=zero,
-                                ep=ep,
-                            )
+    for dp, tp, pp in all_degrees(cluster):
+        if _degree_rule(profile, cluster, (dp, tp, pp), global_batch_size=global_batch_size, fix=fix):
+            continue
+        for b in _microbatches(global_batch_size // dp, fix):
+            m = global_batch_size // (dp * b)
+            for schedule, v in _schedules(pp, profile.num_layers, m, fix):
+                for zero in _zero_stages(dp, fix):
+                    for ep in _ep_choices(profile, dp, fix):
+                        yield Config(dp=dp, tp=tp, pp=pp, schedule=schedule, virtual_stages=v,
+                                     microbatch_size=b, num_microbatches=m, zero=zero, ep=ep)
 
 
 def _ep_choices(profile: ModelProfile, dp: int, fix: Fix) -> list[int]:
@@ -167,29 +236,3 @@ def _zero_stages(dp: int, fix: Fix) -> tuple[int, ...]:
     if fix.zero is not None:
         return (fix.zero,)
     return (0, 1, 3) if dp > 1 else (0,)
-
-
-def explain_empty(profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: int, fix: Fix) -> str:
-    """Why :func:`candidates` yields nothing: the first rule every degree choice breaks."""
-    world = cluster.num_devices
-    if not _tp_choices(profile, cluster, world, fix):
-        return (
-            f"no tensor-parallel degree divides both the hidden size {profile.hidden_size} and "
-            f"the heads within a node of {cluster.devices_per_node} devices"
-            + (f" (pinned tp={fix.tp})" if fix.tp else "")
-        )
-    if fix.world_size() > world or world % fix.world_size():
-        return f"the pinned degrees {fix.pinned()} do not divide the cluster's {world} devices"
-    if fix.pp is not None and fix.pp > profile.num_layers:
-        return f"pp={fix.pp} exceeds the model's {profile.num_layers} repeated layers"
-    if fix.ep is not None and fix.ep > 1:
-        return (
-            f"pinned ep={fix.ep} must divide dp (expert-parallel groups are data-parallel ranks); "
-            f"the pins {fix.pinned()} leave no dp × tp × pp = {world} with dp divisible by {fix.ep} "
-            f"and dividing the global batch {global_batch_size}"
-        )
-    return (
-        f"no dp × tp × pp = {world} with dp dividing the global batch {global_batch_size} satisfies "
-        f"the pins {fix.pinned() or '{}'} (interleaving needs pp × v to divide the layers and "
-        "the microbatches to divide by pp)"
-    )
