@@ -1,7 +1,9 @@
 """Entry point of the ``autopar`` console script.
 
 Every user mistake (``ValueError``/``TypeError``, a missing file, an untraceable
-model) prints one line and exits with code 2; ``--debug`` shows the traceback.
+model) prints one line and exits with code 2; ``--debug`` shows the traceback. A script that
+``autopar run`` ran and that raised shows the failing rank's traceback, then one line naming the
+rank, exit code 1 (``run_cmd.ScriptFailed``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from autopar.cli import (
     show_cmd,
     sweep_cmd,
 )
-from autopar.passes import PassError
 from autopar.version import __version__
 
 
@@ -57,7 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(no_color=args.no_color, highlight=False)
     try:
         return int(args.run(args, console))
-    except (ValueError, TypeError, FileNotFoundError, ImportError, PassError) as err:
+    except run_cmd.ScriptFailed as failed:
+        print(failed.traceback_text.rstrip("\n"), file=sys.stderr)
+        print(f"autopar: error: {failed}", file=sys.stderr)
+        return 1
+    except run_cmd.USER_MISTAKES as err:
         if args.debug:
             raise
         message = " ".join(str(err).split())

@@ -6,8 +6,11 @@ group with ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set) → in each rank
 just calls ``autopar.compile(model, "local:N", fix=...)`` and ``.step(...)``. Graph-pass
 options (``--random-ltd ...``, ``--moe ...``, :mod:`autopar.cli.pass_args`) reach every ``autopar.compile``
 in the script that gives no ``passes=`` itself, through the environment. Only rank 0's
-output is shown unless ``--all-ranks``; a rank that fails is named with the last line of
-its exception, in one line, exit code 2.
+output is shown unless ``--all-ranks``. A rank whose script raises shows that rank's traceback
+(the script's files and lines; the launcher's own frames left out) above one line naming the rank
+(:class:`ScriptFailed`, exit code 1, like ``python script.py``); a user mistake that autopar itself
+reports (a ``ValueError``/``TypeError`` raised inside autopar, such as a bad ``fix=``) stays one
+line, exit code 2, unless ``--debug`` asks for the whole traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pydoc
+import re
 import runpy
 import sys
 from collections.abc import Callable, Sequence
@@ -25,8 +30,22 @@ from rich.console import Console
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from autopar.cli.pass_args import add_pass_arguments, passes_from_args
-from autopar.passes import GraphPass
+from autopar.passes import GraphPass, PassError
 from autopar.quiet import quiet_logger
+
+USER_MISTAKES = (ValueError, TypeError, FileNotFoundError, ImportError, PassError)
+"""What autopar reports as a user's mistake: one line, exit code 2 (``autopar.cli.main``), also when
+raised inside autopar in a rank of ``autopar run``."""
+
+
+class ScriptFailed(Exception):
+    """A rank raised outside autopar's user-mistake errors: ``str(self)`` is one line naming the rank,
+    ``traceback_text`` that rank's traceback (the CLI prints both, exit code 1)."""
+
+    def __init__(self, message: str, traceback_text: str) -> None:
+        super().__init__(message)
+        self.traceback_text = traceback_text
+
 
 USAGE = ("autopar run SCRIPT --nproc N [--all-ranks] [--timeout S] [--random-ltd K=V,...] [--moe K=V,...] "
          "[-- SCRIPT_ARGS ...]")
@@ -86,22 +105,27 @@ def run(args: argparse.Namespace, console: Console) -> int:
     passes = passes_from_args(options)
     sys.stdout.flush()
     launch_script(str(script.resolve()), script_args, nproc=options.nproc, all_ranks=options.all_ranks,
-                  timeout_s=options.timeout, passes=passes)
+                  timeout_s=options.timeout, passes=passes, full_traceback=getattr(args, "debug", False))
     return 0
 
 
 def launch_script(path: str, argv: list[str], *, nproc: int, all_ranks: bool = False,
-                  timeout_s: float | None = None, passes: Sequence[GraphPass] = ()) -> None:
-    """Run ``path`` as ``__main__`` in ``nproc`` ranks; a failed rank raises ValueError naming it.
+                  timeout_s: float | None = None, passes: Sequence[GraphPass] = (),
+                  full_traceback: bool = False) -> None:
+    """Run ``path`` as ``__main__`` in ``nproc`` ranks; a failed rank raises as :func:`run_ranks` says.
     ``passes`` apply to the script's ``autopar.compile`` calls that give no ``passes=``."""
     from autopar.runtime.pass_state import passes_to_json
 
     handed = passes_to_json(passes) if passes else None
-    run_ranks(run_script, nproc, path, argv, all_ranks, handed, timeout_s=timeout_s)
+    run_ranks(run_script, nproc, path, argv, all_ranks, handed, timeout_s=timeout_s,
+              full_traceback=full_traceback)
 
 
-def run_ranks(fn: Callable[..., Any], nproc: int, *args: Any, timeout_s: float | None = None) -> None:
-    """``spawn(fn, nproc, *args)``, with a failed rank turned into one ValueError line that names it.
+def run_ranks(fn: Callable[..., Any], nproc: int, *args: Any, timeout_s: float | None = None,
+              full_traceback: bool = False) -> None:
+    """``spawn(fn, nproc, *args)``; a failed rank raises :class:`ScriptFailed` with its traceback, or a
+    one-line ValueError naming it when autopar reported a user mistake there (``full_traceback``:
+    always the traceback, launcher frames included).
 
     ``timeout_s`` None: the launcher's default collective timeout.
     """
@@ -111,7 +135,7 @@ def run_ranks(fn: Callable[..., Any], nproc: int, *args: Any, timeout_s: float |
         with quiet_logger("torch.multiprocessing.spawn", logging.ERROR):  # the failed rank is reported once
             spawn(fn, nproc, *args, timeout_s=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
     except ProcessRaisedException as error:
-        raise ValueError(f"rank {error.error_index} failed: {_last_line(str(error))}") from None
+        raise _rank_failure(error.error_index, str(error), full_traceback=full_traceback) from None
     except ProcessExitedException as error:
         how = f"signal {error.signal_name}" if error.signal_name else f"exit code {error.exit_code}"
         raise ValueError(f"rank {error.error_index} died ({how})") from None
@@ -147,6 +171,54 @@ def _silence() -> None:
     os.close(devnull)
 
 
-def _last_line(traceback_text: str) -> str:
-    lines = [line.strip() for line in traceback_text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "unknown error"
+_FRAME = re.compile(r'^  File "(?P<file>[^"]*)", line \d+')
+
+
+def _rank_failure(rank: int, text: str, *, full_traceback: bool) -> Exception:
+    """The error for a rank whose traceback (as ``torch.multiprocessing`` sends it) is ``text``."""
+    _, marker, rest = text.partition("terminated with the following error:\n")
+    trace = (rest if marker else text).strip("\n")
+    lines = trace.splitlines()
+    frames = [i for i, line in enumerate(lines) if _FRAME.match(line)]
+    after = frames[-1] + 1 if frames else 0
+    while after < len(lines) and lines[after].startswith("    "):
+        after += 1  # the innermost frame's source line and carets
+    exception = next((line.strip() for line in lines[after:] if line.strip()), "unknown error")
+    message = f"rank {rank} failed: {exception}"
+    innermost = _FRAME.match(lines[frames[-1]]).group("file") if frames else ""  # type: ignore[union-attr]
+    if not full_traceback and _reported_by_autopar(exception, innermost):
+        return ValueError(message)
+    return ScriptFailed(message, trace if full_traceback else _without_launcher(lines))
+
+
+def _reported_by_autopar(exception: str, innermost_file: str) -> bool:
+    """One of :data:`USER_MISTAKES` raised inside autopar, or a failure of this launcher itself (such
+    as the script's non-zero ``sys.exit``)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.abspath(innermost_file).startswith(package + os.sep):
+        return False
+    if os.path.abspath(innermost_file) == os.path.abspath(__file__):
+        return True
+    kind = pydoc.locate(exception.partition(":")[0].strip())
+    return isinstance(kind, type) and issubclass(kind, USER_MISTAKES)
+
+
+def _without_launcher(lines: list[str]) -> str:
+    """The traceback without the frames of the spawner, ``runpy`` and this module (with their source
+    lines): what ``python script.py`` would have shown."""
+    from autopar.runtime import launch
+
+    spawner = sys.modules[ProcessRaisedException.__module__]  # torch.multiprocessing.spawn
+    files = (__file__, launch.__file__, spawner.__file__, runpy.__file__)
+    launchers = {os.path.abspath(f) for f in files if f}
+    kept, skipping = [], False
+    for line in lines:
+        frame = _FRAME.match(line)
+        if frame:
+            name = frame.group("file")
+            skipping = name == "<frozen runpy>" or os.path.abspath(name) in launchers
+        elif not line.startswith("    "):
+            skipping = False
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept)

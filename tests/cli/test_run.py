@@ -1,4 +1,5 @@
-"""``autopar run``: a script on 2 gloo processes, one-line errors, and the measured report's table."""
+"""``autopar run``: a script on 2 gloo processes, one-line errors for autopar's own user mistakes, the
+failing rank's traceback for the script's exceptions, and the measured report's table."""
 
 import dataclasses
 import json
@@ -25,12 +26,17 @@ SCRIPT = textwrap.dedent("""
     import autopar
     from autopar.report import format_report, report
 
+    def boom():
+        raise RuntimeError("boom on purpose")
+
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     print(f"hello from rank {rank}", flush=True)
     if "--hello-only" in sys.argv:
         sys.exit(0)
     if "--fail" in sys.argv and rank == 1:
-        raise KeyError("no such layer on purpose")
+        boom()
+    if "--bad-cluster" in sys.argv and rank == 1:
+        autopar.ClusterSpec.parse("no-such-cluster")
     torch.manual_seed(0)
     model = autopar.models.build("gpt-tiny")
     inputs, targets = autopar.models.example_batch(model, batch_size=4, seq_len=8)
@@ -91,10 +97,33 @@ def test_run_script_on_two_ranks(script, tmp_path, capfd):
     assert results[0]["loss"] == results[1]["loss"] > 0
 
 
-def test_failing_rank_is_named_in_one_line(script, tmp_path, capfd):
-    code, out, err = run(capfd, "run", str(script), "--nproc", "2", "--", "--fail", "--out", str(tmp_path))
+BOOM_LINE = SCRIPT.splitlines().index('    raise RuntimeError("boom on purpose")') + 1
+
+
+@pytest.mark.parametrize("options", [[], ["--all-ranks"]])
+@pytest.mark.parametrize("debug", [False, True])
+def test_failing_rank_shows_the_scripts_traceback(script, tmp_path, capfd, options, debug):
+    """Issue 16 item 9: an exception in the script shows where (file, line, function) on the failing
+    rank, then one line naming the rank; the exit code is not 0."""
+    argv = ["--debug"] * debug + ["run", str(script), "--nproc", "2", *options, "--", "--fail", "--out",
+                                  str(tmp_path)]
+    code, out, err = run(capfd, *argv)
+    assert code == 1, err
+    assert f'File "{script}", line {BOOM_LINE}, in boom' in err, err
+    assert "boom()" in err and 'raise RuntimeError("boom on purpose")' in err
+    assert err.endswith("RuntimeError: boom on purpose\nautopar: error: rank 1 failed: RuntimeError: boom on "
+                        "purpose\n"), err
+    if not debug:  # what `python train.py` would show: the launcher's frames left out
+        assert err.startswith("Traceback (most recent call last):\n") and "runpy" not in err
+        assert "spawn.py" not in err and "run_cmd.py" not in err, err
+
+
+def test_autopar_user_mistake_in_the_script_stays_one_line(script, tmp_path, capfd):
+    code, out, err = run(capfd, "run", str(script), "--nproc", "2", "--", "--bad-cluster", "--out",
+                         str(tmp_path))
     assert code == 2
-    assert err == "autopar: error: rank 1 failed: KeyError: 'no such layer on purpose'\n", err
+    assert err.startswith("autopar: error: rank 1 failed: ValueError: cannot parse cluster spec "
+                          "'no-such-cluster'") and err.count("\n") == 1, err
 
 
 def test_all_ranks_shows_every_rank(script, capfd):
