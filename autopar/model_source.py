@@ -69,13 +69,29 @@ def resolve(spec: str, *, batch_size: int, seq_len: int | None, device: str = "m
         return Resolved(type(model).__name__, model, args, kwargs)
     if ":" in spec:
         model, inputs = _from_callable(spec)
-        model = model.to(device)
+        model = _move(model, device)
         if inputs is not None:
             return Resolved(spec, model, _on(normalize_inputs(inputs), device), {})
         return Resolved(spec, model, *_known_batch(spec, model, batch_size, seq_len, device))
     model = models.build(spec, device=device)
     inputs, _ = models.example_batch(model, batch_size, seq_len)
     return Resolved(spec, model, (inputs,), {})
+
+
+def _move(model: nn.Module, device: str) -> nn.Module:
+    """``model.to(device)`` with tied parameters still tied. Moving to another kind of device (CPU to
+    ``meta``) gives every module its own new Parameter, which would untie an LM head from its
+    embedding: the captured graph would then differ from the one of the model the callable built."""
+    shared: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(param), []).append(name)
+    model = model.to(device)
+    for first, *others in (names for names in shared.values() if len(names) > 1):
+        param = model.get_parameter(first)
+        for name in others:
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, param)
+    return model
 
 
 def _on(args: tuple[Any, ...], device: str) -> tuple[Any, ...]:

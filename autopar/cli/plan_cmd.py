@@ -1,15 +1,18 @@
 """``autopar plan MODEL --cluster SPEC --batch B [--seq S] [--fix K=V,...] [-o plan.json]``.
 
 Data flow: MODEL → ``autopar.model_source.resolve`` (zoo name, ``module:callable`` or HF
-``config.json``, built on ``meta``) → cast to the training dtype → ``autopar.plan_api.plan_search``
-(capture, the planner's search with a progress display) → the Plan, whose ``model`` field
-records MODEL and whose predictions hold the per-stage numbers the views draw → saved with
-``-o``, shown with ``autopar.views.text``, optionally written as an HTML report. An infeasible
+``config.json``, built on ``meta``) → ``autopar.lower`` (capture, passes, profiles priced in the
+training dtype) → ``autopar.plan_api.search_program`` (the planner's search with a progress display)
+→ the Plan, fingerprinted on the graph of its microbatch (``autopar.lower.with_fingerprint``), whose
+``model`` field records MODEL and whose predictions hold the per-stage numbers the views draw → saved
+with ``-o``, shown with ``autopar.views.text``, optionally written as an HTML report. An infeasible
 request is one line naming the binding memory constraint (``autopar.planner``), exit code 2.
 
 ``--dtype auto`` plans bf16 training on GPU clusters and keeps the model's own dtype on CPU
 (``local``) clusters: a meta-device model is fp32, and planning fp32 for an A100 would use its
-fp32 peak, about a sixteenth of its bf16 peak.
+fp32 peak, about a sixteenth of its bf16 peak. The dtype only prices the plan: the model is captured
+as MODEL builds it, so the plan's fingerprint is that of the graph ``autopar.compile`` captures
+from the model the same MODEL builds on a real device (a cast copy would fingerprint another graph).
 """
 
 from __future__ import annotations
@@ -18,11 +21,9 @@ import argparse
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from rich.console import Console
-from torch.utils._pytree import tree_map
 
 from autopar.cli.pass_args import add_pass_arguments, passes_from_args
 from autopar.cluster import ClusterSpec
@@ -30,9 +31,12 @@ from autopar.config import Fix
 from autopar.model_source import Resolved, resolve
 from autopar.passes import GraphPass
 
+if TYPE_CHECKING:
+    from autopar.planner.search import SearchResult
+
 FIX_EXAMPLE = "tp=8,pp=4,schedule=1f1b"
 FIX_KEYS = tuple(f.name for f in dataclasses.fields(Fix))
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = ("bf16", "fp16", "fp32")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -80,18 +84,28 @@ def parse_fix(text: str | None) -> dict[str, Any]:
     return pins
 
 
-def _cast(resolved: Resolved, dtype: torch.dtype) -> Resolved:
-    def cast(value: Any) -> Any:
-        return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-
-    return dataclasses.replace(resolved, model=resolved.model.to(dtype), args=tree_map(cast, resolved.args),
-                               kwargs=tree_map(cast, resolved.kwargs))
+def _training_dtype(choice: str) -> str | None:
+    """The dtype the profile prices; None: ``autopar.lower.profile_of``'s default (bf16 on GPU clusters,
+    the parameters' dtype on CPU clusters)."""
+    return None if choice == "auto" else choice
 
 
-def _training_dtype(choice: str, cluster: ClusterSpec) -> torch.dtype | None:
-    if choice != "auto":
-        return DTYPES[choice]
-    return None if cluster.local or cluster.device.name == "CPU" else torch.bfloat16
+def _search(resolved: Resolved, args: argparse.Namespace, *, cluster: ClusterSpec, pins: dict[str, Any],
+            passes: list[GraphPass], progress: _Progress) -> SearchResult:
+    """The search's result on the model as MODEL builds it, its Plan fingerprinted on the graph that
+    ``autopar.compile`` captures at the plan's microbatch."""
+    from autopar.lower import lower, with_fingerprint
+    from autopar.plan_api import search_program
+
+    program = lower(resolved.model, resolved.args, example_kwargs=resolved.kwargs, passes=passes,
+                    cluster=cluster, dtype=_training_dtype(args.dtype))
+    result = search_program(program, cluster=cluster, global_batch_size=args.batch, fix=pins,
+                            time_limit_s=args.time_limit, progress=progress)
+    plan = result.plan
+    if plan.schedule.microbatch_size != program.batch_size:
+        plan = with_fingerprint(plan, resolved.model, resolved.args, passes=passes,
+                                example_kwargs=resolved.kwargs)
+    return dataclasses.replace(result, plan=dataclasses.replace(plan, model=resolved.name))
 
 
 class _Progress:
@@ -119,7 +133,6 @@ class _Progress:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from autopar.plan_api import plan_search
     from autopar.views import build_view
     from autopar.views.text import render
 
@@ -135,12 +148,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     started = time.perf_counter()
     with _Progress(console, args.model) as progress:
         resolved = resolve(args.model, batch_size=1, seq_len=args.seq)
-        dtype = _training_dtype(args.dtype, cluster)
-        resolved = _cast(resolved, dtype) if dtype is not None else resolved
-        result = plan_search(resolved.model, resolved.args, example_kwargs=resolved.kwargs, cluster=cluster,
-                             global_batch_size=args.batch, fix=pins, passes=passes,
-                             time_limit_s=args.time_limit, progress=progress)
-    plan = dataclasses.replace(result.plan, model=resolved.name)
+        result = _search(resolved, args, cluster=cluster, pins=pins, passes=passes, progress=progress)
+    plan = result.plan
     if args.output:
         _save(plan, args.output)
     view = build_view(plan, timeline=bool(args.html))

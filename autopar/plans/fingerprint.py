@@ -7,6 +7,12 @@ op, its target by qualified name (module path and class for submodules), its arg
 structure by node name, its output shapes and dtypes (``node.meta["autopar"]``, else
 ``"val"``/``"tensor_meta"``) — and the parameter and buffer shapes. Nothing
 process-specific enters it (no ``id()``, no addresses), so it is the same across runs.
+
+Devices do not enter it either: a graph exported on ``meta`` (how ``autopar plan`` builds
+models) carries ``device=meta`` in its factory calls where the runtime's capture of the real
+model says ``cpu`` or ``cuda:3``, and each rank runs its stages on its own device whatever the
+graph says. Every ``torch.device`` argument is written ``device``, so a plan made on ``meta``
+applies to the model the same source builds on any device.
 """
 
 from __future__ import annotations
@@ -74,7 +80,9 @@ def _arg(value: Any) -> str:
         return "{" + ", ".join(f"{k}: {_arg(v)}" for k, v in sorted(value.items(), key=str)) + "}"
     if isinstance(value, slice):
         return f"slice({_arg(value.start)}, {_arg(value.stop)}, {_arg(value.step)})"
-    if isinstance(value, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
+    if isinstance(value, torch.device):
+        return "device"  # where the graph runs is each rank's choice (module docstring)
+    if isinstance(value, (torch.dtype, torch.memory_format, torch.layout)):
         return str(value)
     if isinstance(value, torch.Tensor):
         return f"tensor {_tensor(value)}"
