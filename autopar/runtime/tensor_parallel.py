@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _MaskPartial  # the vocab-parallel embedding's output
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
@@ -111,6 +112,33 @@ def _drop_metadata_asserts(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def replicated(value: Any) -> Any:
+    """``value`` reduced to a replicated DTensor if it is a partial one, anything else unchanged.
+
+    A plain partial sum is redistributed (its backward hands the gradient on replicated). The
+    vocabulary-parallel embedding's masked partial sum cannot be redistributed back in backward, so
+    it is reduced the way a GPT's position-embedding add reduces it: by DTensor's dispatcher, in an
+    add of a replicated zero (a masked partial and a plain one cannot be added as partials)."""
+    if not isinstance(value, DTensor) or not any(p.is_partial() for p in value.placements):
+        return value
+    if any(isinstance(p, _MaskPartial) for p in value.placements):
+        return value + torch.zeros((), dtype=value.dtype, device=value.device)
+    return value.redistribute(placements=[Replicate()] * len(value.placements))
+
+
+def _replicate_after(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Reduce a row-parallel linear's or a vocabulary-parallel embedding's partial output right
+    after the node, as Megatron-LM does. Left partial, DTensor reduces it lazily wherever a
+    non-linear op first needs it, and again at each such op on every path (Llama's RMSNorm: once
+    for the variance, once at the MLP's activation); the embedding's masked partial sum even loses
+    its mask through a dtype cast, and then cannot be reduced at all."""
+    with gm.graph.inserting_after(node):
+        reduced = gm.graph.call_function(replicated, (node,))
+    node.replace_all_uses_with(reduced, delete_user_cb=lambda user: user is not reduced)
+    gm.graph.lint()
+    gm.recompile()
+
+
 def shard_parameters(gm: fx.GraphModule, shardings: Iterable[Sharding], tp_mesh: DeviceMesh) -> None:
     """Replace ``gm``'s parameters, in place, by DTensors over ``tp_mesh`` (no-op if tp = 1).
 
@@ -131,6 +159,8 @@ def shard_parameters(gm: fx.GraphModule, shardings: Iterable[Sharding], tp_mesh:
             raise ValueError(f"sharding {sharding.strategy!r} names node {sharding.node}, which is not "
                              "a linear layer (or, for 'vocab', an embedding) with a weight parameter")
         placements.update(_placements(gm, node, sharding.strategy))
+        if sharding.strategy in ("vocab", "rowwise"):
+            _replicate_after(gm, node)
     names: dict[int, list[str]] = {}
     originals: dict[int, nn.Parameter] = {}
     local = {id(p) for m in gm.modules() if isinstance(m, MoELayer) for p in m.parameters()}

@@ -16,13 +16,16 @@ import torch.distributed._functional_collectives as funcol
 from torch.distributed.tensor import DTensor, Shard
 
 import autopar
+from autopar.cluster import ClusterSpec
+from autopar.config import Fix
 from autopar.losses import cross_entropy
 from autopar.plans.megatron import megatron_shardings
+from autopar.plans.pinned import plan_from_fix
 from autopar.runtime.recompute import Recomputed
 
 # fp32 on CPU: the pipelined program sums the same terms in another order.
 RTOL, ATOL = 1e-5, 1e-6
-LAYER = re.compile(r"(?:^|\.)(?:blocks|layers|h)\.(\d+)\.")
+LAYER = re.compile(r"(?:^|\.)(?:blocks|layers|layer|h)\.(\d+)\.")
 STEPS = 3
 LR = 0.05
 
@@ -70,10 +73,41 @@ def build_case(name: str):
         generator = torch.Generator().manual_seed(1)
         ids = torch.randint(0, 64, (8, 16), generator=generator)
         return model, ids, ids.roll(-1, dims=1)
+    elif name in HF_CONFIGS:
+        model = hf_model(name)
+        generator = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 64, (8, 16), generator=generator)
+        return model, ids, (ids if name == "hf-bert" else ids.roll(-1, dims=1))
     else:
         raise ValueError(name)
     inputs, targets = autopar.models.example_batch(model, batch_size=8, seq_len=16, seed=1)
     return model, inputs, targets
+
+
+# Tiny Hugging Face configs (random weights, nothing downloaded): 4 layers, hidden 32, 2 heads (Llama-
+# family models with 2 KV heads, one per tensor-parallel rank), vocabulary 64, dropout off.
+HF_CONFIGS = {
+    "hf-bert": ("BertConfig", "BertForMaskedLM", dict(
+        num_hidden_layers=4, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
+    "hf-llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_hidden_layers=4, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=32)),
+    "hf-mistral": ("MistralConfig", "MistralForCausalLM", dict(num_hidden_layers=4, hidden_size=32,
+                   num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                   max_position_embeddings=32, sliding_window=None)),
+    "hf-qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        num_hidden_layers=4, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=32)),
+}
+
+
+def hf_model(name: str) -> torch.nn.Module:
+    import transformers as tf
+
+    config_class, model_class, options = HF_CONFIGS[name]
+    config = getattr(tf, config_class)(vocab_size=64, use_cache=False, **options)
+    return getattr(tf, model_class)(config)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -88,12 +122,7 @@ def run_case(world: int, name: str, fix: dict, layers=None, expect=None, recompu
     compiled = autopar.compile(model, f"local:{world}", fix=fix, optimizer=_sgd)
     megatron = fix.get("tp", 1) > 1  # run Megatron's own layout, whatever the planner would choose
     if layers is not None or recompute is not None or megatron:  # a hand-written Plan
-        probe = autopar.compile(copy.deepcopy(model), f"local:{world}", fix=fix, optimizer=_sgd)
-        probe.step(inputs, targets)
-        plan = probe.plan
-        if megatron:
-            plan = dataclasses.replace(plan, shardings=megatron_shardings(
-                probe.captured.graph_module, fix["tp"], vocab_parallel=fix.get("pp", 1) == 1))
+        plan = _hand_written_plan(model, inputs, world, fix)
         layers = layers or [s.layers for s in plan.stages]
         recompute = recompute or [s.recompute for s in plan.stages]
         stages = tuple(dataclasses.replace(s, layers=r, recompute=c)
@@ -121,6 +150,20 @@ def run_case(world: int, name: str, fix: dict, layers=None, expect=None, recompu
         assert counts.get("all_reduce", 0) > 0, counts
     if fix.get("tp", 1) > 1 and fix.get("pp", 1) == 1 and fix.get("dp", 1) == 1:
         _check_megatron_forward(compiled, inputs, len(compiled.captured.layers))
+
+
+def _hand_written_plan(model, inputs, world: int, fix: dict):
+    """The Plan the pins describe (no planner involved), with Megatron's tensor-parallel layout when
+    tp > 1, for ``model`` at the plan's microbatch."""
+    program = autopar.lower(model, inputs)
+    plan = plan_from_fix(type(model).__name__, graph_fingerprint="unset",
+                         num_layers=len(program.captured.layers), cluster=ClusterSpec.parse(f"local:{world}"),
+                         fix=Fix.from_dict(fix),
+                         global_batch_size=program.batch_size, seq_len=program.seq_len)
+    runtime = autopar.lower(model, inputs, microbatch_size=plan.schedule.microbatch_size)
+    shardings = megatron_shardings(runtime.graph_module, fix["tp"], vocab_parallel=fix.get("pp", 1) == 1) \
+        if fix.get("tp", 1) > 1 else ()
+    return dataclasses.replace(plan, graph_fingerprint=runtime.fingerprint, shardings=shardings)
 
 
 def _check_megatron_forward(compiled, inputs, num_layers: int) -> None:

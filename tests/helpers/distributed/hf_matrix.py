@@ -1,0 +1,59 @@
+"""Per-rank bodies of the Hugging Face runtime matrix (issue 16): GPT-2, BERT (masked LM), Llama,
+Mistral and Qwen2 built from tiny configs, each under dp2, tp2 and pp2 on 2 ranks, pp2 × tp2 and dp4
+with ZeRO-3 on 4, and under the plan the planner chooses on 2 and 4 ranks; every case trains 3 steps
+and is compared with one process (losses, then every gradient and parameter: ``workers.run_case``)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import autopar
+from autopar.losses import cross_entropy
+from tests.helpers.distributed.workers import (
+    ATOL,
+    RTOL,
+    STEPS,
+    _compare_parameters,
+    _sgd,
+    build_case,
+    run_case,
+)
+
+MODELS = ("hf-gpt2", "hf-bert", "hf-llama", "hf-mistral", "hf-qwen2")
+TWO_RANKS = ({"dp": 2, "num_microbatches": 2}, {"tp": 2, "num_microbatches": 2},
+             {"pp": 2, "num_microbatches": 2})
+FOUR_RANKS = ({"pp": 2, "tp": 2, "num_microbatches": 2}, {"dp": 4, "num_microbatches": 2, "zero": 3})
+
+
+def run_planned(world: int, name: str) -> None:
+    """The planner chooses every degree (no pins); the run still equals one process."""
+    model, inputs, targets = build_case(name)
+    reference = copy.deepcopy(model)
+    compiled = autopar.compile(model, f"local:{world}", optimizer=_sgd, time_limit_s=30)
+    optimizer = _sgd(reference.parameters())
+    for step in range(STEPS):
+        loss = compiled.step(inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        expected = cross_entropy(reference(inputs), targets)
+        expected.backward()
+        optimizer.step()
+        assert abs(loss - expected.item()) <= RTOL * abs(expected.item()) + ATOL, (name, step, loss, expected)
+    _compare_parameters(compiled.engine, reference, (name, compiled.plan.parallelism))
+
+
+def _matrix(world: int, fixes: tuple[dict, ...], models: tuple[str, ...]) -> None:
+    torch.set_num_threads(1)
+    for name in models:
+        for fix in fixes:
+            run_case(world, name, dict(fix))
+        run_planned(world, name)
+
+
+def two_ranks(rank: int, world: int, models: tuple[str, ...] = MODELS) -> None:
+    _matrix(world, TWO_RANKS, models)
+
+
+def four_ranks(rank: int, world: int, models: tuple[str, ...] = MODELS) -> None:
+    _matrix(world, FOUR_RANKS, models)
