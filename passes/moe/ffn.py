@@ -48,15 +48,9 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from autopar.capture.record import META_KEY, NodeRecord
+from autopar.passes.size_args import SIZE_ARG, SIZE_METHODS
 
 FFN_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "DenseReluDense")
-_SIZE_ARG = {  # ATen ops whose shape argument may hold the literal token count: its position
-    "aten.view.default": 1, "aten.reshape.default": 1, "aten._unsafe_view.default": 1,
-    "aten.expand.default": 1, "aten.new_zeros.default": 1, "aten.new_ones.default": 1,
-    "aten.new_empty.default": 1, "aten.new_full.default": 1, "aten.zeros.default": 0,
-    "aten.ones.default": 0, "aten.empty.memory_format": 0, "aten.full.default": 0,
-}
-_SIZE_METHODS = ("view", "reshape", "expand", "new_zeros", "new_ones", "new_empty")
 
 
 @dataclass(frozen=True)
@@ -430,7 +424,7 @@ def expert_module(gm: fx.GraphModule, block: Block) -> fx.GraphModule:
 
 def _rewrite_sizes(node: fx.Node, lead: tuple[int, ...], count: fx.Node) -> None:
     """Literal token counts in ``node``'s size argument → the expert's ``count`` (module docstring)."""
-    if node.op == "call_method" and node.target in _SIZE_METHODS:
+    if node.op == "call_method" and node.target in SIZE_METHODS:
         sizes = node.args[1:]
         if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
             sizes = tuple(sizes[0])
@@ -438,7 +432,7 @@ def _rewrite_sizes(node: fx.Node, lead: tuple[int, ...], count: fx.Node) -> None
         if new is not None:
             node.args = (node.args[0], *new)
         return
-    position = _SIZE_ARG.get(str(node.target)) if node.op == "call_function" else None
+    position = SIZE_ARG.get(str(node.target)) if node.op == "call_function" else None
     if position is not None and len(node.args) > position and isinstance(node.args[position], (list, tuple)):
         new = _resized(list(node.args[position]), lead, count)
         if new is not None:

@@ -42,18 +42,12 @@ from autopar.passes.random_ltd.schedule import (
     mean_kept_fraction,
 )
 from autopar.passes.runner import PassContext
+from autopar.passes.size_args import SIZE_ARG, SIZE_METHODS
 from autopar.quiet import quiet_logger
 
 RUNTIME = "random_ltd"
 RECORD_KEY = "autopar_random_ltd"
 
-_SIZE_ARG = {  # ATen ops whose shape argument may hold the literal sequence length: its position
-    "aten.view.default": 1, "aten.reshape.default": 1, "aten._unsafe_view.default": 1,
-    "aten.expand.default": 1, "aten.new_zeros.default": 1, "aten.new_ones.default": 1,
-    "aten.new_empty.default": 1, "aten.new_full.default": 1, "aten.zeros.default": 0,
-    "aten.ones.default": 0, "aten.empty.memory_format": 0, "aten.full.default": 0,
-}
-_SIZE_METHODS = ("view", "reshape", "expand", "new_zeros", "new_ones", "new_empty")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -358,11 +352,11 @@ def _size_arg(node: fx.Node) -> tuple[int, list[Any]] | None:
     target = str(node.target)
     if node.op == "call_function" and (target == "aten.arange.default" or node.target is torch.arange):
         return (-2, [node.args[0]]) if len(node.args) == 1 else None
-    if node.op == "call_function" and target in _SIZE_ARG:
-        position = _SIZE_ARG[target]
+    if node.op == "call_function" and target in SIZE_ARG:
+        position = SIZE_ARG[target]
     elif node.op == "call_function" and node.target is torch.reshape:
         position = 1
-    elif node.op == "call_method" and node.target in _SIZE_METHODS:
+    elif node.op == "call_method" and node.target in SIZE_METHODS:
         if not (len(node.args) == 2 and isinstance(node.args[1], (list, tuple))):
             return -1, list(node.args[1:])
         position = 1
