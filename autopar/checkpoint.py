@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from autopar.runtime.pass_state import state_int
+
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
 
@@ -112,10 +114,8 @@ def save(compiled: Compiled, path: str | os.PathLike[str], *, extra: dict[str, A
         with _quiet():  # returns once every rank wrote and rank 0 wrote the metadata
             _dcp().save(content, checkpoint_id=partial)
     except CheckpointException as err:  # a BaseException: `except Exception` would let it through
-        failures = [str(e).strip().splitlines()[-1] for e in getattr(err, "failures", {}).values()]
-        reason = (failures or [str(err)])[0][:200]
-        raise ValueError(f"cannot save checkpoint {path}: writing failed ({reason}); choose a folder every "
-                         "rank can write, with room for the checkpoint") from None
+        raise ValueError(f"cannot save checkpoint {path}: writing failed ({_reason(err)}); choose a folder "
+                         "every rank can write, with room for the checkpoint") from None
     if _rank() == 0:
         _swap_in(partial, path)
     _barrier()
@@ -135,13 +135,15 @@ def load(compiled: Compiled, path: str | os.PathLike[str], *,
     created = _init_optimizer_state(optimizer)
     try:
         where, metadata, target = _checked_target(compiled, path)
+        unsaved = _drop_unsaved_state(target, metadata, _parameters(compiled))
+        _read_pass_state(target["passes"], where, path)
+        _read_tensors(target, where, path)
     except ValueError:
         for param in created:  # a failed load leaves the optimizer as it was
             optimizer.state.pop(param, None)
         raise
-    _drop_unsaved_state(target, metadata, optimizer, _parameters(compiled))
-    with _quiet():
-        _dcp().load(target, checkpoint_id=where)
+    for param in unsaved:
+        optimizer.state.pop(param, None)
     _restore(target, compiled, optimizer)
     return target["extra"]
 
@@ -163,9 +165,51 @@ def _checked_target(compiled: Compiled, path: str) -> tuple[str, Metadata, dict[
                            if key.startswith("extra.") and isinstance(meta, _tensor_metadata())}
         target["passes"] = _saved_pass_state(metadata)
         problems = _mismatches(target, metadata, _all_fqns(compiled))
+        problems += [f"passes.{name}.{key} was saved with shape {tuple(value.shape)} and dtype "
+                     f"{value.dtype}, not as one int" for name, state in target["passes"].items()
+                     for key, value in state.items() if value.numel() != 1 or value.is_floating_point()
+                     or value.is_complex() or value.dtype == torch.bool]
     _agree(problems, path, _device(compiled))
     assert where is not None and metadata is not None
     return where, metadata, target
+
+
+def _read_tensors(target: dict[str, Any], where: str, path: str) -> None:
+    """DCP's read of the checkpoint's tensors into ``target``; a damaged data file is one ValueError."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _quiet():
+            _dcp().load(target, checkpoint_id=where)
+    except CheckpointException as err:  # a BaseException: `except Exception` would let it through
+        raise ValueError(f"cannot load checkpoint {path}: reading {where} failed ({_reason(err)}); its files "
+                         "are damaged: load an earlier checkpoint, or save again") from None
+
+
+def _read_pass_state(passes: dict[str, dict[str, torch.Tensor]], where: str, path: str) -> None:
+    """Read and check the passes' state before the weights, so that a bad value fails the load
+    before it changed anything."""
+    if not passes:
+        return
+    _read_tensors({"passes": passes}, where, path)
+    try:
+        for name, state in passes.items():
+            for key, value in state.items():
+                state_int(f"passes.{name}.{key}", value)
+    except ValueError as err:
+        raise ValueError(f"cannot load checkpoint {path}: {err}") from None
+
+
+def _reason(err: BaseException) -> str:
+    """The first failure a ``CheckpointException`` carries (per rank: an exception, or an
+    ``(exception, traceback)`` pair), as one short line."""
+    failures = list(getattr(err, "failures", {}).values())
+    if not failures:
+        return " ".join(str(err).split())[:200]
+    first = failures[0][0] if isinstance(failures[0], tuple) and failures[0] else failures[0]
+    text = (f"{type(first).__name__}: {first}".removesuffix(": ") if isinstance(first, BaseException)
+            else str(first))
+    return " ".join(text.split())[:200]
 
 
 def _saved_pass_state(metadata: Metadata) -> dict[str, dict[str, torch.Tensor]]:
@@ -343,15 +387,16 @@ def _agree(problems: list[str], path: str, device: torch.device, *, verb: str = 
                          "error)")
 
 
-def _drop_unsaved_state(target: dict[str, Any], metadata: Metadata, optimizer: torch.optim.Optimizer,
-                        params: dict[str, list[torch.Tensor]]) -> None:
-    """Parameters that had no optimizer state when saved (no step yet) get none now."""
-    state = target["optimizer"]["state"]
+def _drop_unsaved_state(target: dict[str, Any], metadata: Metadata,
+                        params: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Parameters that had no optimizer state when saved (no step yet) get none now: their state
+    leaves ``target``; returns those parameters, whose state to drop once the load succeeded."""
+    state, unsaved = target["optimizer"]["state"], []
     for fqn in list(state):
         if not any(f"optimizer.state.{fqn}.{name}" in metadata.state_dict_metadata for name in state[fqn]):
             del state[fqn]
-            for param in params[fqn]:
-                optimizer.state.pop(param, None)
+            unsaved += params[fqn]
+    return unsaved
 
 
 def _restore(target: dict[str, Any], compiled: Compiled, optimizer: torch.optim.Optimizer) -> None:

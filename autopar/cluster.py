@@ -260,24 +260,31 @@ def _show(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _number(data: Mapping[str, Any], key: str) -> float:
+def _number(data: Mapping[str, Any], key: str, *, scale: float = 1.0) -> float:
+    """``data[key] × scale`` (the scale converts the file's unit: GiB → bytes, TFLOP/s → FLOP/s)."""
     value = data[key]
-    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+    try:
+        number = float(value) if type(value) in (int, float) else math.nan
+    except OverflowError:  # an int no float holds
+        number = math.inf
+    if not math.isfinite(number) or number <= 0:
         raise ValueError(f"{key!r} must be a positive number, got {_show(value)}")
-    return float(value)
+    if not math.isfinite(number * scale):
+        raise ValueError(f"{key!r} = {value!r} is too large")
+    return number * scale
 
 
 def _override_device(device: DeviceSpec, data: dict[str, Any], path: str) -> DeviceSpec:
     changes: dict[str, Any] = {}
     if "memory_gib" in data:
-        changes["memory_bytes"] = int(_number(data, "memory_gib") * 2**30)
+        changes["memory_bytes"] = int(_number(data, "memory_gib", scale=2**30))
     if "peak_tflops" in data:
         table = data["peak_tflops"]
         if not isinstance(table, dict) or not table:
             raise ValueError(f"'peak_tflops' must be a table of dtype -> TFLOP/s like "
                              f"{{bf16 = 280}}, got {_show(table)}")
         peaks = dict(device.peak_flops_per_s)
-        peaks.update({canonical_dtype(dtype): _number(table, dtype) * 1e12 for dtype in table})
+        peaks.update({canonical_dtype(dtype): _number(table, dtype, scale=1e12) for dtype in table})
         changes["peak_flops_per_s"] = peaks
     if not changes:
         return device
@@ -288,10 +295,10 @@ def _override_device(device: DeviceSpec, data: dict[str, Any], path: str) -> Dev
 def _override_link(link: LinkLevel, level: str, data: dict[str, Any], path: str) -> LinkLevel:
     changes: dict[str, Any] = {}
     if f"{level}_bandwidth_gb_per_s" in data:
-        changes["bandwidth_bytes_per_s"] = _number(data, f"{level}_bandwidth_gb_per_s") * 1e9
+        changes["bandwidth_bytes_per_s"] = _number(data, f"{level}_bandwidth_gb_per_s", scale=1e9)
         changes["peak_bandwidth_bytes_per_s"] = None
     if f"{level}_latency_us" in data:
-        changes["latency_s"] = _number(data, f"{level}_latency_us") * 1e-6
+        changes["latency_s"] = _number(data, f"{level}_latency_us", scale=1e-6)
     if not changes:
         return link
     return dataclasses.replace(link, source=f"{', '.join(sorted(changes))} from {path}; "

@@ -50,7 +50,7 @@ class Fix:
         if not isinstance(values, Mapping):
             raise TypeError(f"fix must be a dict such as {{'pp': 2, 'tp': 2}}, got {type(values).__name__}")
         valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(valid))
+        unknown = sorted(set(values) - set(valid), key=repr)  # keys need not be str, nor comparable
         if unknown:
             raise ValueError(f"fix has unknown key(s) {unknown}; valid keys are {valid}")
         return cls(**dict(values))

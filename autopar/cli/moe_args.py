@@ -20,6 +20,7 @@ from autopar.passes import MoE
 
 MOE_EXAMPLE = "--moe num_experts=8,top_k=2,layers=every_other,capacity_factor=1.25"
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+MAX_ITEMS = 100_000  # layers or expert counts in one option: more than any model has, and quick to list
 LIST = re.compile(r"^\d+(-\d+)?([;+]\d+(-\d+)?)*$")  # 1;3;5, 1+3+5, 1-3 (ranges for layers only)
 # DeepSpeed-MoE's argument names (deepspeed.moe.layer.MoE) that differ here, with what to write instead
 DEEPSPEED_NAMES = {
@@ -39,6 +40,7 @@ MOE_HELP = (
 
 def parse_moe(text: str) -> MoE:
     """``num_experts=8,top_k=2,layers=1;3`` → ``MoE(num_experts=8, top_k=2, layers=(1, 3))``."""
+    check_one_line("--moe", text)
     hints = typing.get_type_hints(MoE)
     keys = [f.name for f in dataclasses.fields(MoE)]
     config: dict[str, Any] = {}
@@ -109,7 +111,21 @@ def _int_tuple(key: str, value: str, *, ranges: bool) -> tuple[int, ...]:
         lo, hi = int(first), int(last if dash else first)
         if hi < lo:
             raise ValueError(f"--moe: {key}={value} has the range {piece!r}: expected A-B with A <= B")
+        check_count(f"--moe: {key}={value}", len(items) + hi - lo + 1)
         items += range(lo, hi + 1)
     if key == "layers" and len(set(items)) != len(items):
         raise ValueError(f"--moe: {key}={value} names a layer twice")
     return tuple(items)
+
+
+def check_count(option: str, count: int) -> None:
+    """Refuse a list of more than :data:`MAX_ITEMS` values before building it (``0-10**12`` would
+    fill the memory)."""
+    if count > MAX_ITEMS:
+        raise ValueError(f"{option} lists {count} values; at most {MAX_ITEMS:,} (no model has more layers)")
+
+
+def check_one_line(option: str, text: str) -> None:
+    """Refuse a line break inside the option up front, so that each message quoting it is one line."""
+    if len(text.strip().splitlines()) > 1:
+        raise ValueError(f"{option} {text.strip()!r} holds a line break; write the option on one line")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from autopar.cli.moe_args import MOE_HELP, parse_moe
+from autopar.cli.moe_args import MOE_HELP, check_count, check_one_line, parse_moe
 from autopar.passes import GraphPass, RandomLTD
 
 RANDOM_LTD_EXAMPLE = "--random-ltd min_tokens=128,num_steps=1000,granularity=16,layers=1-10"
@@ -55,6 +55,7 @@ def parse_random_ltd(text: str) -> RandomLTD:
     if not text.strip():
         raise ValueError(f"--random-ltd needs at least min_tokens and num_steps (the schedule depends on the "
                          f"sequence length and the training length), e.g. {RANDOM_LTD_EXAMPLE}")
+    check_one_line("--random-ltd", text)
     config: dict[str, Any] = {}
     for part in text.split(","):
         key, equals, value = (s.strip() for s in part.partition("="))
@@ -99,6 +100,7 @@ def _layers(value: str) -> tuple[int, ...]:
         if lo < 0 or hi < lo:
             raise ValueError(f"--random-ltd: layers={value} has the range {piece!r}: expected A-B with "
                              "0 <= A <= B")
+        check_count(f"--random-ltd: layers={value}", len(layers) + hi - lo + 1)
         layers += range(lo, hi + 1)
     if len(set(layers)) != len(layers):
         raise ValueError(f"--random-ltd: layers={value} names a layer twice")

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import tempfile
 import types
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -66,7 +67,7 @@ def plan_from_json(text: str, *, record: type[Plan], where: str = "plan JSON") -
         raise TypeError(f"Plan.from_json needs a str, got {type(text).__name__}")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # JSONDecodeError, or an int of more digits than Python converts
         raise ValueError(f"corrupt {where}: not valid JSON ({error}); {REPLAN} "
                          "or restore the file") from None
     if not isinstance(data, dict):
@@ -89,7 +90,7 @@ def check_fingerprint(plan: Plan, graph_fingerprint: str) -> None:
     """Refuse a plan made for a different graph than the model's current one."""
     if plan.graph_fingerprint != graph_fingerprint:
         raise ValueError(
-            f"plan was made for graph fingerprint {plan.graph_fingerprint} but the model's "
+            f"plan was made for graph fingerprint {_shown(plan.graph_fingerprint)} but the model's "
             f"graph is {graph_fingerprint} — the model changed; {REPLAN}"
         )
 
@@ -106,6 +107,8 @@ def load_plan(path: str | os.PathLike[str], *, record: type[Plan],
                                 "plan with `autopar plan`") from None
     except IsADirectoryError:
         raise ValueError(f"plan file {name!r} is a directory, not a plan file") from None
+    except ValueError as error:  # a NUL in the path
+        raise ValueError(f"plan file {name!r} is not a valid path ({error})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -126,6 +129,8 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
     folder = os.path.dirname(os.path.abspath(name))
     if not os.path.isdir(folder):
         raise ValueError(f"cannot save plan to {name!r}: folder {folder!r} does not exist")
+    if os.path.isdir(name):
+        raise ValueError(f"cannot save plan to {name!r}: it is a directory; give a file name")
     mode = os.stat(name).st_mode & 0o777 if os.path.exists(name) else 0o644
     data = to_data(plan)
     handle, temp = tempfile.mkstemp(prefix=f".{os.path.basename(name)}.", suffix=".tmp",
@@ -184,6 +189,11 @@ def _encode(value: Any, hint: Any) -> Any:
     return value
 
 
+def _shown(text: str) -> str:
+    """Text from the file as is when it prints on one line as one word, else quoted and escaped."""
+    return text if text.isprintable() and not any(c.isspace() for c in text) and text else repr(text)
+
+
 def _wrong(path: str, expected: str, value: Any) -> ValueError:
     shown = repr(value)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
@@ -205,7 +215,7 @@ def _decode(value: Any, hint: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise _wrong(path, "a JSON object", value)
         item_hint = get_args(get_args(hint)[0])[1]
-        return tuple((key, _decode(item, item_hint, f"{path}.{key}"))
+        return tuple((key, _decode(item, item_hint, f"{path}.{_shown(key)}"))
                      for key, item in sorted(value.items()))
     if get_origin(hint) is tuple:
         return _decode_tuple(value, get_args(hint), path)
@@ -215,7 +225,7 @@ def _decode(value: Any, hint: Any, path: str) -> Any:
         return value
     kinds = {bool: ((bool,), "a bool"), int: ((int,), "an int"), float: ((int, float), "a number"),
              str: ((str,), "a str")}
-    if type(value) not in kinds[hint][0]:
+    if type(value) not in kinds[hint][0] or (hint is float and abs(value) > sys.float_info.max):
         raise _wrong(path, kinds[hint][1], value)
     return float(value) if hint is float else value
 

@@ -10,6 +10,7 @@ the value and what is allowed.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -31,6 +32,9 @@ def _int(owner: object, name: str, minimum: int, value: Any = None) -> None:
     value = getattr(owner, name) if value is None else value
     if type(value) is not int or value < minimum:
         raise _fail(owner, name, value, f"an int >= {minimum}")
+    if value >= 2**63:  # what JSON readers other than Python's hold, and the views' floats
+        raise ValueError(f"{type(owner).__name__}.{name} = an int of {value.bit_length()} bits is invalid: "
+                         "expected an int below 2**63")
 
 
 def _text(owner: object, *names: str, allow_empty: bool = False) -> None:
@@ -46,7 +50,9 @@ def _choice(owner: object, name: str, allowed: tuple[Any, ...]) -> None:
 
 
 def _is_number(value: Any) -> bool:
-    return type(value) in (int, float) and math.isfinite(value) and value >= 0
+    if type(value) is int:  # a JSON int can be larger than any float
+        return 0 <= value <= sys.float_info.max
+    return type(value) is float and math.isfinite(value) and value >= 0
 
 
 def _floats(owner: object, *names: str) -> None:

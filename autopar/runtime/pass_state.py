@@ -140,8 +140,22 @@ def split_pass_state(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dic
     for key, value in state_dict.items():
         if key.startswith(STATE_PREFIX):
             name, _, field = key[len(STATE_PREFIX):].partition(".")
-            states.setdefault(name, {})[field] = int(value)
+            states.setdefault(name, {})[field] = state_int(key, value)
     return rest, states
+
+
+def state_int(key: str, value: Any) -> int:
+    """A pass-state entry: an int >= 0 that fits int64, given as an int or a one-element integer
+    tensor (what ``compiled.state_dict()`` writes)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not (
+            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        value = int(value.item())
+    if type(value) is not int or not 0 <= value < 2**63:
+        shown = f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}" if isinstance(
+            value, torch.Tensor) else " ".join(repr(value).split())[:60]
+        raise ValueError(f"state entry {key} = {shown} is invalid: expected an int >= 0 (a one-element "
+                         "int64 tensor, as compiled.state_dict() writes)")
+    return value
 
 
 def resolve_passes(passes: Sequence[GraphPass] | None) -> list[GraphPass]:
@@ -176,10 +190,11 @@ def passes_from_json(text: str) -> list[GraphPass]:
     """The passes :func:`passes_to_json` wrote."""
     try:
         items = json.loads(text)
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # JSONDecodeError, or an int of more digits than Python converts
         raise ValueError(f"{PASSES_ENV} holds no JSON ({err}); it is set by `autopar run --random-ltd ...`, "
                          "unset it or let autopar run set it") from None
-    if not isinstance(items, list) or not all(isinstance(i, dict) and "name" in i for i in items):
+    if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("name"), str)
+                                              for i in items):
         raise ValueError(f"{PASSES_ENV} must be a JSON list of objects with a \"name\", got {text[:80]!r}")
     passes = []
     for item in items:
@@ -188,8 +203,18 @@ def passes_from_json(text: str) -> list[GraphPass]:
         if cls is None:
             raise ValueError(f"{PASSES_ENV} names pass {item['name']!r}; known passes are "
                              f"{sorted(PASS_TYPES)}")
-        passes.append(cls(**config))
-    return check_passes(passes)
+        unknown = sorted(set(config) - {f.name for f in dataclasses.fields(cls)})
+        try:
+            if unknown:
+                raise ValueError(f"unknown option(s) {unknown}")
+            passes.append(cls(**config))
+        except (TypeError, ValueError, OverflowError) as err:  # OverflowError: an int no float holds
+            raise ValueError(f"{PASSES_ENV} holds an invalid {item['name']} pass: {err}; it is set by "
+                             "`autopar run --moe/--random-ltd`: unset it or let autopar run set it") from None
+    try:
+        return check_passes(passes)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{PASSES_ENV}: {err}") from None
 
 
 def passes_from_env() -> list[GraphPass] | None:
