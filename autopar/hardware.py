@@ -39,12 +39,19 @@ def canonical_dtype(dtype: str) -> str:
     return key
 
 
+def _finite(value: object) -> bool:
+    """An int or float that a float holds and that is finite (an int beyond any float is not)."""
+    if type(value) is int:
+        return abs(value) < 2**1023
+    return type(value) is float and math.isfinite(value)
+
+
 def _check(owner: object, name: str, kind: str) -> None:
     """Validate ``owner.name``: kind is "text" (nonempty str), "bool", "int" or "float" (> 0)."""
     value = getattr(owner, name)
     ok = {"text": isinstance(value, str) and value != "", "bool": type(value) is bool,
           "int": type(value) is int and value > 0,
-          "float": type(value) in (int, float) and math.isfinite(value) and value > 0}[kind]
+          "float": _finite(value) and value > 0}[kind]
     if not ok:
         expected = {"text": "a nonempty str", "bool": "a bool"}.get(kind, f"a positive {kind}")
         owner_name = type(owner).__name__
@@ -84,7 +91,7 @@ class DeviceSpec:
             raise ValueError(f"DeviceSpec {self.name}: peak_flops_per_s needs one entry per dtype, "
                              f"got {dtypes}")
         for dtype, flops in normalized:
-            if type(flops) not in (int, float) or not math.isfinite(flops) or flops <= 0:
+            if not _finite(flops) or flops <= 0:
                 raise ValueError(f"DeviceSpec {self.name}: peak_flops_per_s[{dtype}] = {flops!r} "
                                  "is invalid: expected a positive float")
         object.__setattr__(self, "peak_flops_per_s", normalized)

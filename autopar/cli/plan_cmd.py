@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from autopar.cli.moe_args import check_one_line
 from autopar.cli.pass_args import add_pass_arguments, passes_from_args
 from autopar.cluster import ClusterSpec
 from autopar.config import Fix
@@ -69,6 +70,7 @@ def parse_fix(text: str | None) -> dict[str, Any]:
     """``tp=8,pp=4,schedule=1f1b`` → ``{'tp': 8, 'pp': 4, 'schedule': '1f1b'}``, validated by ``Fix``."""
     if text is None:
         return {}
+    check_one_line("--fix", text)
     pins: dict[str, Any] = {}
     for part in text.split(","):
         key, equals, value = (s.strip() for s in part.partition("="))
@@ -76,7 +78,7 @@ def parse_fix(text: str | None) -> dict[str, Any]:
             raise ValueError(f"--fix: {part.strip()!r} is not KEY=VALUE; expected e.g. --fix {FIX_EXAMPLE}")
         if key in pins:
             raise ValueError(f"--fix: {key} is given twice")
-        pins[key] = int(value) if value.lstrip("-").isdigit() else value
+        pins[key] = int(value) if value.lstrip("-").isdecimal() else value
     try:
         Fix.from_dict(pins)
     except (TypeError, ValueError) as error:

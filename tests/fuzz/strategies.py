@@ -16,7 +16,6 @@ import json
 import math
 import os
 import signal
-import sys
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -120,16 +119,6 @@ json_values = st.recursive(scalars | st.sampled_from(EDGE_VALUES),
                            lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(keys, inner, max_size=4),
                            max_leaves=8)
-
-
-def huge_int_inside(tree: Any) -> bool:
-    """Whether a JSON tree holds an int no float holds. autopar/hardware.py's checks overflow on one
-    (test_plan_json.test_huge_int_in_the_cluster); the cluster fuzz cases leave those out."""
-    if isinstance(tree, dict):
-        return any(huge_int_inside(value) for value in tree.values())
-    if isinstance(tree, list):
-        return any(map(huge_int_inside, tree))
-    return type(tree) is int and abs(tree) > sys.float_info.max
 
 
 def paths(tree: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:

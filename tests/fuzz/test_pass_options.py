@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -97,15 +96,13 @@ def _plan_cmd_bug(text: str) -> bool:
     return len(text.strip().splitlines()) > 1 or any(char.isdigit() and not char.isdecimal() for char in text)
 
 
-@pytest.mark.xfail(strict=True, reason="autopar/cli/plan_cmd.py: parse_fix tests str.isdigit(), which '²' "
-                   "passes and int() refuses: Python's message, without --fix (str.isdecimal() would do)")
 def test_fix_option_superscript_digit():
+    """'²' is a digit to str.isdigit() but not to int(): refused with --fix's own message."""
     accepted(parse_fix, "tp=²", mention="--fix")
 
 
-@pytest.mark.xfail(strict=True, reason="autopar/cli/plan_cmd.py: parse_fix quotes keys as they are: a line "
-                   "break splits the message (the CLI joins lines; --moe, --random-ltd refuse breaks)")
 def test_fix_option_line_break():
+    """A line break in --fix is refused up front, so each message quoting it stays one line."""
     accepted(parse_fix, "tp=2,t\np=2,t\np=2", mention="--fix")
 
 
