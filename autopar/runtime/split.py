@@ -18,6 +18,7 @@ values relayed stage by stage, which is what this module adds.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -138,10 +139,23 @@ def _build_stage(
         _require_tensors(crossing_out, k)
         # torch's pipelining receives into buffers with the sent tensor's strides, and gloo/NCCL
         # refuse non-contiguous ones (a transposed or expanded value, e.g. BERT's attention mask)
-        graph.output(tuple(graph.call_method("contiguous", (env[n],)) for n in crossing_out))
+        graph.output(tuple(_contiguous(graph, env[n], n) for n in crossing_out))
     module = fx.GraphModule(gm, graph, f"{type(gm).__name__}Stage{k}")
     return StageGraph(k, module, tuple(n.name for n in crossing_in),
                       tuple(n.name for n in crossing_out), is_last)
+
+
+def _contiguous(graph: fx.Graph, value: fx.Node, source: fx.Node) -> fx.Node:
+    """``value.contiguous()``, annotated as ``source`` (same tensor; a copy at most, no FLOPs); a
+    value this stage only relays arrived contiguous and is sent on as it is."""
+    if value.op == "placeholder":
+        return value
+    node = graph.call_method("contiguous", (value,))
+    record = source.meta.get(META_KEY)
+    if record is not None:
+        node.meta[META_KEY] = dataclasses.replace(record, flops_fwd=0, flops_bwd=0, bytes_read=0,
+                                                  bytes_written=0, param_bytes=0)
+    return node
 
 
 def _require_tensors(nodes: list[fx.Node], k: int) -> None:
