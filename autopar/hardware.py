@@ -20,6 +20,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8")
+DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 _DTYPE_ALIASES = {
     "float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
     "bfloat16": "bf16", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8",

@@ -7,11 +7,12 @@ both from :func:`memory_details`.
 
 Per device: model states + activations + logits + reserve.
 
-* Model states, mixed-precision Adam: 16 bytes per parameter (2 bf16 weight, 2 bf16 gradient,
-  12 fp32 master weight and two moments), the parameters of the device's stages ÷ t. ZeRO
-  shards over the ``dp`` replicas: 1 the 12 optimizer bytes, 2 also the gradient, 3 also
-  the weight. The first stage holds the embedding; the last the final norm and LM head, and
-  under pipelining a copy of a weight tied to the embedding (as Megatron-LM does).
+* Model states (``states``): on GPUs mixed-precision Adam, 16 bytes per parameter (2 bf16 weight,
+  2 bf16 gradient, 12 fp32 master weight and two moments); on CPU processes the parameters' dtype
+  throughout (fp32: 4 + 4 + 8); the parameters of the device's stages ÷ t. ZeRO shards over the
+  ``dp`` replicas: 1 the optimizer bytes, 2 also the gradient, 3 also the weight. The first stage
+  holds the embedding; the last the final norm and LM head, and under pipelining a copy of a
+  weight tied to the embedding (as Megatron-LM does).
 * Activations of one layer and microbatch: Korthikanti et al. 2022 exactly (TECHNIQUES §2,
   16-bit; scaled for other dtypes), times the microbatches in flight on that pipeline rank:
   GPipe ``m``; 1F1B and zero-bubble (ZB-H1) ``min(p − r, m)`` on rank ``r``; interleaved
@@ -45,6 +46,7 @@ from autopar.cost_models.states import (  # noqa: F401 - model_state_bytes stays
     WEIGHT_BYTES_PER_PARAM,
     model_state_bytes,
     state_parts_bytes,
+    training_states,
 )
 
 if TYPE_CHECKING:
@@ -157,12 +159,12 @@ def _stage_set_memory(plan: Plan, profile: ModelProfile, stage_indices: tuple[in
     in_flight = in_flight_microbatches(sched.name, pp=par.pp, rank=rank,
                                        num_microbatches=sched.num_microbatches,
                                        virtual_stages=sched.virtual_stages)
-    parts = state_parts_bytes(params, zero=plan.zero, dp=par.dp)
-    states = model_state_bytes(params, zero=plan.zero, dp=par.dp)
+    held = training_states(gpu=gpu, element_bytes=profile.bytes_per_element)
+    parts = state_parts_bytes(params, zero=plan.zero, dp=par.dp, states=held)
     if experts:  # E/ep experts per device, their states replicated over dp/ep ranks: no ZeRO (``moe``)
-        expert_parts = state_parts_bytes(experts, zero=EXPERT_ZERO)
+        expert_parts = state_parts_bytes(experts, zero=EXPERT_ZERO, states=held)
         parts = tuple(a + e for a, e in zip(parts, expert_parts, strict=True))  # type: ignore[assignment]
-        states += model_state_bytes(experts, zero=EXPERT_ZERO)
+    states = sum(parts)
     activations = stored * in_flight + working
     reserve = FRAGMENTATION_FRACTION * (states + activations + logits) + (WORKSPACE_BYTES if gpu else 0)
     return MemoryBreakdown(model_states_bytes=states, activations_bytes=activations,

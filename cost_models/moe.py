@@ -75,7 +75,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from autopar.cost_models.states import model_state_bytes
+from autopar.cost_models.states import MIXED_PRECISION, StateBytes, model_state_bytes
 
 if TYPE_CHECKING:
     from autopar.cost_models.profile import LayerProfile, ModelProfile
@@ -212,12 +212,13 @@ def expert_activation_bytes(layer: LayerProfile, *, microbatch_size: int, tp: in
     return experts - dense_mlp + ROUTER_BYTES_PER_LOGIT * tokens * moe.num_experts
 
 
-def layer_state_bytes(layer: LayerProfile, *, tp: int, zero: int, dp: int, ep: int) -> float:
+def layer_state_bytes(layer: LayerProfile, *, tp: int, zero: int, dp: int, ep: int,
+                      states: StateBytes = MIXED_PRECISION) -> float:
     """Weights, gradients and optimizer states of ``layer`` on one device (module docstring): the
     dense part with ZeRO ``zero`` over ``dp``, the ``E/ep`` experts unsharded (:data:`EXPERT_ZERO`)."""
     dense, experts = layer_params(layer, tp=tp, ep=ep)
-    states = model_state_bytes(dense, zero=zero, dp=dp)
-    return states + model_state_bytes(experts, zero=EXPERT_ZERO) if experts else states
+    held = model_state_bytes(dense, zero=zero, dp=dp, states=states)
+    return held + model_state_bytes(experts, zero=EXPERT_ZERO, states=states) if experts else held
 
 
 def moe_profile(profile: ModelProfile, *, num_experts: int, top_k: int, capacity_factor: float = 1.25,

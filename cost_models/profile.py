@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from autopar.cost_models.moe import MoELayerProfile
-from autopar.hardware import canonical_dtype
+from autopar.hardware import DTYPE_BYTES, canonical_dtype
 
 _ELEMENT_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4}
 _ATTENTION_WORDS = ("attn", "attention")
-_DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,7 +91,7 @@ class ModelProfile:
     @property
     def bytes_per_element(self) -> int:
         """Bytes of one activation/weight element in the training dtype."""
-        return _DTYPE_BYTES[self.dtype]
+        return DTYPE_BYTES[self.dtype]
 
     @property
     def param_count(self) -> int:
@@ -123,7 +122,7 @@ class ModelProfile:
                              config.vocab_size)
         fwd = 8 * s * h * h + 4 * s * h * f + 4 * s * s * h  # QKV+proj, MLP, QKᵀ and attn·V
         layer_params = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h
-        scale = _DTYPE_BYTES[canonical_dtype(dtype)] / 2
+        scale = DTYPE_BYTES[canonical_dtype(dtype)] / 2
         written = (34 * s * h + 5 * a * s * s) * scale  # Korthikanti's count, no recomputation
         layers = tuple(
             LayerProfile(name=f"blocks.{i}", flops_fwd=fwd, flops_bwd=2 * fwd, param_count=layer_params,
@@ -160,7 +159,7 @@ class ModelProfile:
         first = layer_nodes[0] if layer_nodes else len(nodes)
         outside = [(i < first, record) for i, (_, record) in enumerate(nodes) if record.layer is None]
         shapes = [_layer_shapes(nodes, info.index) for info in captured.layers]
-        scale = _DTYPE_BYTES[canonical_dtype(dtype)] / batch_size
+        scale = DTYPE_BYTES[canonical_dtype(dtype)] / batch_size
         written = [sum(r.bytes_written / _ELEMENT_BYTES.get(r.dtypes[0], 4) for _, r in nodes
                        if r.layer == info.index and r.dtypes) * scale for info in captured.layers]
         layers = tuple(

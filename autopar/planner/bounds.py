@@ -34,6 +34,7 @@ from autopar.cost_models.comm import dp_sync_time_s
 from autopar.cost_models.compute import device_efficiency
 from autopar.cost_models.estimate import OPTIMIZER_BYTES_PER_PARAM
 from autopar.cost_models.moe import EXPERT_ZERO, expert_params, layer_state_bytes
+from autopar.cost_models.states import StateBytes
 from autopar.planner.build_plan import PlanContext
 from autopar.planner.probes import Prober
 from autopar.planner.space import Config
@@ -115,7 +116,9 @@ def forced_recompute_s(prober: Prober, config: Config, modes: tuple[str, ...]) -
             for k in range(config.pp)
         ]
     )
-    states = min(layer_state_bytes(layer, tp=config.tp, zero=config.zero, dp=config.dp, ep=config.ep)
+    held = _states(profile, ctx)
+    states = min(layer_state_bytes(layer, tp=config.tp, zero=config.zero, dp=config.dp, ep=config.ep,
+                                   states=held)
                  for layer in profile.layers)
     extra = 0.0
     for r, mode in enumerate(modes):
@@ -140,12 +143,18 @@ def step_lower_bound_s(prober: Prober, config: Config, modes: tuple[str, ...], o
     return pipeline + outside_lower_bound_s(prober.profile, prober.ctx, config, options)
 
 
+def _states(profile: ModelProfile, ctx: PlanContext) -> StateBytes:
+    return memory_model.training_states(gpu=ctx.cluster.device.name != "CPU",
+                                        element_bytes=profile.bytes_per_element)
+
+
 def states_fit(profile: ModelProfile, ctx: PlanContext, config: Config) -> bool:
     """Whether an even share of the model states fits the device at all."""
     dense, experts = _share(profile, config)
-    states = memory_model.model_state_bytes(dense, zero=config.zero, dp=config.dp)
+    held = _states(profile, ctx)
+    states = memory_model.model_state_bytes(dense, zero=config.zero, dp=config.dp, states=held)
     if experts:
-        states += memory_model.model_state_bytes(experts, zero=EXPERT_ZERO)
+        states += memory_model.model_state_bytes(experts, zero=EXPERT_ZERO, states=held)
     gpu = ctx.cluster.device.name != "CPU"
     need = (1 + memory_model.FRAGMENTATION_FRACTION) * states + (memory_model.WORKSPACE_BYTES if gpu else 0)
     return need <= ctx.cluster.device.memory_bytes

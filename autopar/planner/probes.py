@@ -74,6 +74,8 @@ class Prober:
     def __init__(self, profile: ModelProfile, ctx: PlanContext, options: CostOptions,
                  memory_profile: ModelProfile | None = None) -> None:
         self.profile, self.ctx, self.options = profile, ctx, options
+        self.states = memory_model.training_states(gpu=ctx.cluster.device.name != "CPU",
+                                                   element_bytes=profile.bytes_per_element)
         self.memory_profile = memory_profile or profile
         mem_kinds = [_kind(layer) for layer in self.memory_profile.layers]
         self._mem_kinds = tuple(dict.fromkeys(mem_kinds))
@@ -115,13 +117,13 @@ class Prober:
                 plan, self._empty, sequence_parallel=self.options.sequence_parallel
             )
             parts = [memory[rank_devices(one, k)[0]] for k in range(config.pp)]
-            per_param = memory_model.model_state_bytes(1.0)
+            per_param = memory_model.model_state_bytes(1.0, states=self.states)
             self._fixed_params[mkey] = (
                 np.array([m.model_states_bytes / per_param for m in parts]),
                 np.array([m.logits_bytes for m in parts]),
             )
         params, logits = self._fixed_params[mkey]
-        per_param = memory_model.model_state_bytes(1.0, zero=config.zero, dp=config.dp)
+        per_param = memory_model.model_state_bytes(1.0, zero=config.zero, dp=config.dp, states=self.states)
         return (*self._fixed_work[key], params * per_param + logits)
 
     def _layer(self, kind_index: int, config: Config, mode: str) -> tuple[float, float]:
@@ -146,7 +148,8 @@ class Prober:
         weight = np.array([self._per_layer(config, r, 1) for r in modes])
         stored = np.array([self.layer_bytes(config, r)[0] for r in modes])
         working = np.array([self.layer_bytes(config, r)[1] for r in modes])
-        states = np.array([layer_state_bytes(layer, tp=t, zero=config.zero, dp=config.dp, ep=config.ep)
+        states = np.array([layer_state_bytes(layer, tp=t, zero=config.zero, dp=config.dp, ep=config.ep,
+                                             states=self.states)
                            for layer in profile.layers])
         fixed_work, fixed_weight, fixed_bytes = self._fixed_parts(config)
         in_flight = np.array(

@@ -253,8 +253,9 @@ def measure_memory_bytes(run: Callable[[], Any], *, modules: Sequence[nn.Module]
     """Bytes by category (:data:`MEMORY_CATEGORIES`) of one training step ``run()`` on this rank,
     from ``torch.distributed._tools.mem_tracker.MemTracker`` (CPU and GPU tensors alike).
 
-    The model states (parameters and buffers, gradients, optimizer state) are read after the step,
-    when all of them exist; activations and temporaries at the step's peak. The tracker sees every
+    The model states (parameters, gradients, optimizer state) are read after the step, when all of
+    them exist; activations and temporaries at the step's peak. Buffers (masks, rotary tables) are
+    constants the cost model does not price and are left out. The tracker sees every
     tensor the step allocates through its dispatch mode, so the step runs slower under it: time is
     measured in another step (:func:`measure_labelled_step`)."""
     tracker = _step_tracker()
@@ -263,7 +264,7 @@ def measure_memory_bytes(run: Callable[[], Any], *, modules: Sequence[nn.Module]
         run()
     after = _on_device(tracker.get_tracker_snapshot(), device)
     peak = _on_device(tracker.get_tracker_snapshot("peak"), device)
-    return {"parameters": after.get("PARAM", 0) + after.get("BUFFER", 0), "gradients": after.get("GRAD", 0),
+    return {"parameters": after.get("PARAM", 0), "gradients": after.get("GRAD", 0),
             "optimizer": after.get("OPT", 0), "activations": peak.get("ACT", 0),
             "temporaries": peak.get("TEMP", 0)}
 

@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, get_args
 from torch import fx
 
 from autopar.capture.record import META_KEY
-from autopar.cost_models.memory import model_state_bytes
-from autopar.hardware import canonical_dtype
+from autopar.cost_models.memory import model_state_bytes, training_states
+from autopar.hardware import DTYPE_BYTES, canonical_dtype
 from autopar.planner.intra_op.graph import GraphMapping, build_problem
 from autopar.planner.intra_op.ilp import Backend, IlpSolution, solve_sharding_ilp
 from autopar.planner.intra_op.problem import ShardingProblem
@@ -123,7 +123,11 @@ def intra_op_problem(gm: fx.GraphModule, *, tp: int, cluster: ClusterSpec, dtype
                      tie_layers: bool = True) -> tuple[ShardingProblem, GraphMapping]:
     """The ILP :func:`solve_intra_op` solves, as plain arrays (for tests and explanations)."""
     _check(gm, tp, microbatch_scale, memory_budget_bytes)
-    state = model_state_bytes(1.0) if state_bytes_per_param is None else float(state_bytes_per_param)
+    if state_bytes_per_param is None:  # the runtime's model states (mixed precision on GPUs)
+        states = training_states(gpu=cluster.device.name != "CPU",
+                                 element_bytes=DTYPE_BYTES[canonical_dtype(dtype)])
+        state_bytes_per_param = model_state_bytes(1.0, states=states)
+    state = float(state_bytes_per_param)
     ctx = CostContext(tp=tp, cluster=cluster, dtype=canonical_dtype(dtype),
                       microbatch_scale=float(microbatch_scale), state_bytes_per_param=state)
     return build_problem(gm, ctx, memory_budget_bytes=memory_budget_bytes, tie_layers=tie_layers)
