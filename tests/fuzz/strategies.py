@@ -62,6 +62,18 @@ def check_rejection(error: BaseException, *, mention: str = "") -> None:
     assert mention in message, f"not a message of autopar's (no {mention!r}): {message!r}"
 
 
+def check_refuses_non_str(call: Callable[[Any], Any], value: Any) -> None:
+    """``call`` (a parser of text) given anything but a str: a one-line TypeError."""
+    if isinstance(value, str):
+        return
+    try:
+        call(value)
+    except TypeError as error:
+        check_rejection(error)
+    else:
+        raise AssertionError(f"{getattr(call, '__qualname__', call)} accepted a {type(value).__name__}")
+
+
 def accepted(call: Callable[..., Any], *args: Any, mention: str = "", **kwargs: Any) -> Any:
     """``call(...)``'s result, or None after checking the rejection; other errors propagate."""
     with hard_limit():
