@@ -22,7 +22,7 @@ import torch.distributed as dist
 from autopar.capture.batch import leading_dims, resize_batch
 from autopar.cluster import ClusterSpec
 from autopar.config import Fix
-from autopar.lower import predicted_plan
+from autopar.lower import Program, predicted_plan
 from autopar.plans import Plan, check_fingerprint
 from autopar.programs import Programs
 from autopar.runtime.split import check_stage_layers
@@ -60,11 +60,23 @@ def start_engine(programs: Programs, request: EngineRequest, args: tuple[Any, ..
         plan = dataclasses.replace(plan, graph_fingerprint=program.fingerprint)
     else:
         check_fingerprint(plan, program.fingerprint)
-    check_stage_layers(len(program.captured.layers), [s.layers for s in plan.stages])
+    _check_against_model(plan, program)
     if plan.predicted.step_time_s is None:
         plan = predicted_plan(plan, program)
     return Engine(program.captured, plan, loss_fn=request.loss_fn, optimizer=request.optimizer,
                   passes=programs.pass_states)
+
+
+def _check_against_model(plan: Plan, program: Program) -> None:
+    """The plan's fields that name parts of the model must name this model's: stage layer ranges
+    tile its layers, shardings name its nodes (a hand-edited plan is refused here, on every rank,
+    before any collective)."""
+    check_stage_layers(len(program.captured.layers), [s.layers for s in plan.stages])
+    nodes = {node.name for node in program.graph_module.graph.nodes}
+    unknown = sorted({s.node for s in plan.shardings} - nodes)
+    if unknown:
+        raise ValueError(f"the plan shards node(s) {unknown[:5]} that this model's graph does not have; "
+                         "re-plan for this model, or remove those shardings from the plan")
 
 
 def _searched_plan(programs: Programs, request: EngineRequest, args: tuple[Any, ...], kwargs: dict[str, Any],

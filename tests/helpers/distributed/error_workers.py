@@ -12,6 +12,7 @@ import autopar
 from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.lower import with_fingerprint
+from autopar.plans import Sharding
 from autopar.plans.pinned import plan_from_fix
 
 
@@ -33,6 +34,10 @@ def pipeline_mistakes(rank: int, world: int) -> None:
     for layers, match in cases:
         with pytest.raises(ValueError, match=match):
             autopar.compile(model, "local:2", plan=_pp2_plan(model, inputs, layers)).step(inputs, targets)
+    foreign = dataclasses.replace(_pp2_plan(model, inputs, ((0, 1), (1, 2))),
+                                  shardings=(Sharding(node="no_such_node", strategy="colwise"),))
+    with pytest.raises(ValueError, match=r"shards node\(s\) \['no_such_node'\]"):
+        autopar.compile(model, "local:2", plan=foreign).step(inputs, targets)
     compiled = autopar.compile(model, "local:2", fix={"pp": 2, "num_microbatches": 2},
                                loss_fn=lambda out, t: torch.nn.functional.cross_entropy(
                                    out.flatten(0, 1), t.flatten(), reduction="none"))
