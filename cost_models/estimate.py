@@ -54,7 +54,16 @@ from autopar.cost_models.moe import ALL_TO_ALLS_PER_LAYER, EXPERT_ZERO, all_to_a
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 from autopar.cost_models.schedule import pipeline_time
 from autopar.cost_models.simulate import Timeline, simulate
-from autopar.cost_models.stages import StageCost, expert_groups, layer_flops, mesh_group
+from autopar.cost_models.stages import (
+    CommTimes,
+    StageCost,
+    comm_s,
+    exchange_times,
+    expert_groups,
+    layer_flops,
+    mesh_group,
+    sends_s,
+)
 
 if TYPE_CHECKING:
     from autopar.cluster import ClusterSpec
@@ -157,15 +166,13 @@ def stage_costs(plan: Plan, profile: ModelProfile, *, options: CostOptions | Non
         send_next, send_previous = _sends(plan, stage.index, boundary_bytes, cluster, options)
         all_to_all_s = _all_to_all_s(plan, profile, stage.devices, layers)
         per_device = (params - experts - shared) / t + shared + experts / ep if experts else params / t
+        tp_comm = CommTimes(forward_s=forward * all_reduce_s,
+                            backward_s=backward * all_reduce_s * (1 - options.tp_overlap),
+                            recompute_s=recompute * all_reduce_s)
         costs.append(StageCost(
-            compute=compute, tp_forward_s=forward * all_reduce_s,
-            tp_backward_s=backward * all_reduce_s * (1 - options.tp_overlap),
-            tp_recompute_s=recompute * all_reduce_s, send_forward_s=send_next,
-            send_backward_s=send_previous, hardware_flops=flops,
-            params_per_device=per_device,
-            ep_forward_s=all_to_all_s, ep_backward_s=all_to_all_s,
-            ep_recompute_s=all_to_all_s if stage.recompute == "full" else 0.0,
-            expert_params_per_device=experts / ep))
+            compute=compute, comm={"tp": tp_comm, "ep": exchange_times(all_to_all_s, stage.recompute)},
+            send_forward_s=send_next, send_backward_s=send_previous, hardware_flops=flops,
+            params_per_device=per_device, expert_params_per_device=experts / ep))
     return tuple(costs)
 
 
@@ -259,9 +266,8 @@ def _estimate_gpu(plan: Plan, profile: ModelProfile, costs: tuple[StageCost, ...
     c = sum((x.compute for x in mine), LayerTimes())
     breakdown = {
         "compute": m * (c.forward_s + c.backward_s), "recompute": m * c.recompute_s,
-        "tp_comm": m * sum(x.tp_forward_s + x.tp_backward_s + x.tp_recompute_s for x in mine),
-        "pp_comm": m * sum(x.send_forward_s + x.send_backward_s for x in mine),
-        "dp_comm": dp_s, "ep_comm": m * sum(x.ep_s for x in mine), "bubble": pipe.bubble_s,
+        "tp_comm": m * comm_s(mine, "tp"), "pp_comm": m * sends_s(mine), "dp_comm": dp_s,
+        "ep_comm": m * comm_s(mine, "ep"), "bubble": pipe.bubble_s,
         "optimizer": optimizer_s,
     }
     step_s = pipe.total_s + dp_s + optimizer_s
@@ -305,8 +311,8 @@ def _stage_prediction(index: int, cost: StageCost, memory_without_recompute_byte
         index=index, forward_s=times.forward_s, backward_s=times.backward_s,
         backward_weight_s=times.backward_weight_s, recompute_s=times.recompute_s,
         send_forward_s=times.send_forward_s, send_backward_s=times.send_backward_s,
-        tp_comm_s=cost.tp_forward_s + cost.tp_backward_s + cost.tp_recompute_s, ep_comm_s=cost.ep_s,
-        dp_comm_s=cost.dp_forward_s + cost.dp_backward_s, params_per_device=cost.params_per_device,
+        tp_comm_s=cost.comm_of("tp").total_s, ep_comm_s=cost.comm_of("ep").total_s,
+        dp_comm_s=cost.comm_of("dp").total_s, params_per_device=cost.params_per_device,
         memory_without_recompute_bytes=memory_without_recompute_bytes)
 
 

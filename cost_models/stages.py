@@ -7,7 +7,8 @@ clusters: ``cpu_compute``) → :class:`StageCost` per stage and microbatch → t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from autopar.cost_models.compute import LayerTimes
@@ -18,44 +19,79 @@ if TYPE_CHECKING:
     from autopar.plans import Plan
 
 
-@dataclass(frozen=True, kw_only=True)
-class StageCost:
-    """One stage (model chunk) per microbatch on one of its devices, split by cause.
-    ``dp_forward_s``/``dp_backward_s``: data-parallel traffic repeated every microbatch (ZeRO-3
-    weight gathers on CPU; 0 in the GPU model, which counts it per step). ``ep_*_s``: the MoE
-    layers' all-to-alls (``moe``); ``expert_params_per_device``: the part of
-    ``params_per_device`` that is expert parameters (all-reduced over ``dp/ep`` ranks, no ZeRO)."""
+COMM_KINDS = ("tp", "dp", "ep")
+"""The collectives priced inside a microbatch: tensor-parallel all-reduces/gathers, data-parallel
+traffic repeated every microbatch (ZeRO-3 weight gathers on CPU; the GPU model counts dp per step)
+and the MoE layers' all-to-alls (``moe``)."""
 
-    compute: LayerTimes
-    tp_forward_s: float
-    tp_backward_s: float
-    tp_recompute_s: float
-    send_forward_s: float
-    send_backward_s: float
-    params_per_device: float
-    hardware_flops: float
-    dp_forward_s: float = 0.0
-    dp_backward_s: float = 0.0
-    overhead_s: float = 0.0
-    ep_forward_s: float = 0.0
-    ep_backward_s: float = 0.0
-    ep_recompute_s: float = 0.0
-    expert_params_per_device: float = 0.0
+
+@dataclass(frozen=True, kw_only=True)
+class CommTimes:
+    """Seconds of one kind of collective per microbatch, by the phase that waits for it."""
+
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    recompute_s: float = 0.0
 
     @property
-    def ep_s(self) -> float:
-        """All-to-all seconds per microbatch (forward, backward and recomputation)."""
-        return self.ep_forward_s + self.ep_backward_s + self.ep_recompute_s
+    def total_s(self) -> float:
+        return self.forward_s + self.backward_s + self.recompute_s
+
+    def __add__(self, other: CommTimes) -> CommTimes:
+        return CommTimes(forward_s=self.forward_s + other.forward_s,
+                         backward_s=self.backward_s + other.backward_s,
+                         recompute_s=self.recompute_s + other.recompute_s)
+
+
+NO_COMM = CommTimes()
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageCost:
+    """One stage (model chunk) per microbatch on one of its devices, split by cause: ``compute``,
+    ``comm[kind]`` for each of :data:`COMM_KINDS` it has, the pipeline sends and the runtime's
+    per-microbatch ``overhead_s``. ``expert_params_per_device``: the part of ``params_per_device``
+    that is expert parameters (all-reduced over ``dp/ep`` ranks, no ZeRO)."""
+
+    compute: LayerTimes
+    comm: Mapping[str, CommTimes] = field(default_factory=dict)
+    send_forward_s: float = 0.0
+    send_backward_s: float = 0.0
+    overhead_s: float = 0.0
+    params_per_device: float
+    expert_params_per_device: float = 0.0
+    hardware_flops: float
+
+    def __post_init__(self) -> None:
+        assert set(self.comm) <= set(COMM_KINDS), f"unknown collective kinds {sorted(self.comm)}"
+
+    def comm_of(self, kind: str) -> CommTimes:
+        """The ``kind`` collectives' seconds (zeros when the stage has none)."""
+        return self.comm.get(kind, NO_COMM)
 
     def times(self) -> StageTimes:
-        c = self.compute
-        return StageTimes(forward_s=c.forward_s + self.tp_forward_s + self.dp_forward_s + self.overhead_s
-                          + self.ep_forward_s,
-                          backward_s=c.backward_input_s + self.tp_backward_s + self.dp_backward_s
-                          + self.ep_backward_s,
+        c, comm = self.compute, sum(self.comm.values(), NO_COMM)
+        return StageTimes(forward_s=c.forward_s + comm.forward_s + self.overhead_s,
+                          backward_s=c.backward_input_s + comm.backward_s,
                           backward_weight_s=c.backward_weight_s,
-                          recompute_s=c.recompute_s + self.tp_recompute_s + self.ep_recompute_s,
+                          recompute_s=c.recompute_s + comm.recompute_s,
                           send_forward_s=self.send_forward_s, send_backward_s=self.send_backward_s)
+
+
+def comm_s(costs: Iterable[StageCost], kind: str) -> float:
+    """All ``kind`` collective seconds of ``costs`` per microbatch."""
+    return sum(cost.comm_of(kind).total_s for cost in costs)
+
+
+def sends_s(costs: Iterable[StageCost]) -> float:
+    """Pipeline send seconds of ``costs`` per microbatch, both directions."""
+    return sum(cost.send_forward_s + cost.send_backward_s for cost in costs)
+
+
+def exchange_times(all_to_all_s: float, recompute: str) -> CommTimes:
+    """An MoE stage's all-to-alls: the same in forward and backward, again when fully recomputed."""
+    return CommTimes(forward_s=all_to_all_s, backward_s=all_to_all_s,
+                     recompute_s=all_to_all_s if recompute == "full" else 0.0)
 
 
 def mesh_group(plan: Plan, axis: str) -> tuple[int, ...]:

@@ -26,6 +26,7 @@ from autopar.cost_models.compute import LayerTimes
 from autopar.cost_models.local.rates import CpuRates
 from autopar.cost_models.memory import activation_bytes_per_layer
 from autopar.cost_models.profile import LayerProfile, ModelProfile
+from autopar.cost_models.stages import NO_COMM, CommTimes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,12 +57,10 @@ class CpuPart:
     """Seconds per microbatch on one process: compute (``times``) and tensor-parallel collectives."""
 
     times: LayerTimes = LayerTimes()
-    tp_forward_s: float = 0.0
-    tp_backward_s: float = 0.0
+    tp: CommTimes = NO_COMM
 
     def __add__(self, other: CpuPart) -> CpuPart:
-        return CpuPart(times=self.times + other.times, tp_forward_s=self.tp_forward_s + other.tp_forward_s,
-                       tp_backward_s=self.tp_backward_s + other.tp_backward_s)
+        return CpuPart(times=self.times + other.times, tp=self.tp + other.tp)
 
 
 def _linear(rates: CpuRates, m: float, k: float, n: float) -> LayerTimes:
@@ -145,7 +144,7 @@ def _under_dtensor(times: LayerTimes, *, rates: CpuRates, sbh_bytes: float, tp: 
     if recompute == "full":  # the recomputed forward repeats its collectives
         times = LayerTimes(forward_s=times.forward_s, backward_input_s=times.backward_input_s,
                            backward_weight_s=times.backward_weight_s, recompute_s=times.recompute_s + forward)
-    return CpuPart(times=times, tp_forward_s=forward, tp_backward_s=backward)
+    return CpuPart(times=times, tp=CommTimes(forward_s=forward, backward_s=backward))
 
 
 def generic_layer_part(layer: LayerProfile, *, rates: CpuRates, microbatch_size: int, tp: int,
@@ -174,7 +173,7 @@ def embedding_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: i
     times += _op(rates, "add", sbh, 2) + _dispatch(rates, DTENSOR_TP.dispatches_outside_layers / 2)
     sbh_bytes = sbh * profile.bytes_per_element
     reduce = rates.collective_work_s("all_reduce", sbh_bytes, tp) if vocab_parallel else 0.0
-    return CpuPart(times=times, tp_forward_s=reduce)
+    return CpuPart(times=times, tp=CommTimes(forward_s=reduce))
 
 
 def head_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: int, tp: int) -> CpuPart:
@@ -193,4 +192,4 @@ def head_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: int, t
     times += _dispatch(rates, DTENSOR_TP.dispatches_outside_layers / 2) + LayerTimes(
         forward_s=rates.copy_s(2 * logit_bytes), backward_input_s=rates.copy_s(2 * logit_bytes / tp))
     gather = rates.collective_work_s("all_gather", logit_bytes, tp)
-    return CpuPart(times=times, tp_forward_s=gather)
+    return CpuPart(times=times, tp=CommTimes(forward_s=gather))

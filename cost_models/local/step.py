@@ -47,7 +47,7 @@ from autopar.cost_models.local.shared_cores import simulate_shared
 from autopar.cost_models.memory import peak_memory_bytes
 from autopar.cost_models.moe import ALL_TO_ALLS_PER_LAYER, all_to_all_bytes, expert_params, load_imbalance
 from autopar.cost_models.profile import LayerProfile, ModelProfile
-from autopar.cost_models.stages import StageCost, layer_flops
+from autopar.cost_models.stages import CommTimes, StageCost, comm_s, exchange_times, layer_flops, sends_s
 
 if TYPE_CHECKING:
     from autopar.cost_models.local.profile import LocalProfile
@@ -155,14 +155,12 @@ def cpu_stage_costs(plan: Plan, profile: ModelProfile, rates: CpuRates) -> tuple
         if stage.index == len(plan.stages) - 1:
             flops += b * (profile.head_flops_fwd + profile.head_flops_bwd)
         all_to_all = _all_to_all_s(plan, profile, rates, stage.layers)
+        comm = {"tp": part.tp, "dp": CommTimes(forward_s=gather, backward_s=gather),
+                "ep": exchange_times(all_to_all, stage.recompute)}
         costs.append(StageCost(
-            compute=part.times, tp_forward_s=part.tp_forward_s, tp_backward_s=part.tp_backward_s,
-            tp_recompute_s=0.0, send_forward_s=send if stage.index < len(plan.stages) - 1 else 0.0,
+            compute=part.times, comm=comm, send_forward_s=send if stage.index < len(plan.stages) - 1 else 0.0,
             send_backward_s=send if stage.index > 0 else 0.0, params_per_device=params, hardware_flops=flops,
-            dp_forward_s=gather, dp_backward_s=gather, overhead_s=rates.runtime_microbatch_s,
-            ep_forward_s=all_to_all, ep_backward_s=all_to_all,
-            ep_recompute_s=all_to_all if stage.recompute == "full" else 0.0,
-            expert_params_per_device=experts))
+            overhead_s=rates.runtime_microbatch_s, expert_params_per_device=experts))
     return tuple(costs)
 
 
@@ -223,10 +221,9 @@ def estimate_local(plan: Plan, profile: ModelProfile, rates: CpuRates) -> Predic
     solo = {
         "compute": m * (c.forward_s + c.backward_s + sum(x.overhead_s for x in mine)),
         "recompute": m * c.recompute_s,
-        "tp_comm": m * sum(x.tp_forward_s + x.tp_backward_s + x.tp_recompute_s for x in mine),
-        "pp_comm": m * sum(x.send_forward_s + x.send_backward_s for x in mine),
-        "dp_comm": m * sum(x.dp_forward_s + x.dp_backward_s for x in mine) + tails[r][0],
-        "optimizer": tails[r][1], "ep_comm": m * sum(x.ep_s for x in mine),
+        "tp_comm": m * comm_s(mine, "tp"), "pp_comm": m * sends_s(mine),
+        "dp_comm": m * comm_s(mine, "dp") + tails[r][0], "optimizer": tails[r][1],
+        "ep_comm": m * comm_s(mine, "ep"),
     }
     stretch = run.busy_s[r] / run.work_s[r] if run.work_s[r] > 0 else 1.0
     breakdown = {k: v * stretch for k, v in solo.items()} | {"bubble": max(0.0, run.total_s - run.busy_s[r])}

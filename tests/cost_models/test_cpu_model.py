@@ -123,14 +123,14 @@ def test_cpu_layer_is_a_sum_of_measured_operations() -> None:
     elementwise = 2 * NS * (2 * tokens * h + 2 * tokens * h + tokens * f + tokens * h)
     times = part.times
     assert times.forward_s + times.backward_s == pytest.approx(linear + attention + elementwise)
-    assert times.backward_weight_s == pytest.approx(linear / 3) and part.tp_forward_s == 0
+    assert times.backward_weight_s == pytest.approx(linear / 3) and part.tp.forward_s == 0
     full = transformer_layer_part(layer, rates=rates, microbatch_size=b, tp=1, bytes_per_element=4,
                                   recompute="full")
     assert full.times.recompute_s == pytest.approx(times.forward_s)
     tp = transformer_layer_part(layer, rates=rates, microbatch_size=b, tp=2, bytes_per_element=4)
     sbh = tokens * h * 4
     forward = 2 * (1e-4 + sbh / 1e9) + (1e-4 + 3 * sbh / 1e9)
-    assert tp.tp_forward_s == pytest.approx(forward)  # two all-reduces, the QKV all-gather
+    assert tp.tp.forward_s == pytest.approx(forward)  # two all-reduces, the QKV all-gather
     dispatch = DTENSOR_TP.dispatches_per_layer * rates.dtensor_dispatch_s
     assert tp.times.forward_s + tp.times.backward_s > dispatch
 

@@ -77,12 +77,14 @@ def test_all_to_all_time_inside_a_node_by_hand():
     cost = stage_costs(plan, profile)[0]
     size_bytes = 1.04215 * (2 * 512) * 2 * 1024 * 2  # imbalance · T · k · h · bf16 bytes
     one_s = 7 / 8 * size_bytes / 230e9 + 7 * 5e-6  # (ep−1)/ep · S/B + (ep−1)α on NVLink (A100)
-    assert cost.ep_forward_s == pytest.approx(2 * 2 * one_s, rel=1e-5)  # 2 MoE layers × dispatch + combine
-    assert cost.ep_backward_s == cost.ep_forward_s and cost.ep_recompute_s == 0.0
+    ep = cost.comm_of("ep")
+    assert ep.forward_s == pytest.approx(2 * 2 * one_s, rel=1e-5)  # 2 MoE layers × dispatch + combine
+    assert ep.backward_s == ep.forward_s and ep.recompute_s == 0.0
     predicted = estimate(plan, profile)
     assert predicted.breakdown_dict()["ep_comm"] == pytest.approx(4 * 2 * one_s, rel=1e-5)
     recomputed = stage_costs(_plan("1x8xA100-80GB", 16, dp=8, ep=8, recompute="full"), profile)[0]
-    assert recomputed.ep_recompute_s == recomputed.ep_forward_s  # the recomputed forward exchanges again
+    ep = recomputed.comm_of("ep")
+    assert ep.recompute_s == ep.forward_s  # the recomputed forward exchanges again
 
 
 def test_all_to_all_across_nodes_uses_both_links():
@@ -93,7 +95,7 @@ def test_all_to_all_across_nodes_uses_both_links():
     size_bytes = imbalance * 1024 * 2 * 1024 * 2
     inside, across = 7 / 16 * size_bytes / 230e9, 8 / 16 * size_bytes / 22.5e9  # NVLink, HDR InfiniBand
     one_s = max(inside, across) + 15 * 10e-6
-    assert stage_costs(plan, profile)[0].ep_forward_s == pytest.approx(2 * 2 * one_s, rel=1e-9)
+    assert stage_costs(plan, profile)[0].comm_of("ep").forward_s == pytest.approx(2 * 2 * one_s, rel=1e-9)
 
 
 def test_expert_states_are_divided_by_ep_and_never_sharded_by_zero():
@@ -137,7 +139,7 @@ def test_tensor_parallel_ranks_hold_the_whole_moe_layer():
         16 * (rest / 2 + routers + experts / 4))
     assert expert_groups(plan, plan.stages[0].devices) == ((0, 2, 4, 6), (0,))  # tp coordinate 0's group
     cost = stage_costs(plan, profile)[0]
-    assert cost.ep_forward_s > 0 and cost.expert_params_per_device == experts / 4
+    assert cost.comm_of("ep").forward_s > 0 and cost.expert_params_per_device == experts / 4
     assert cost.params_per_device == pytest.approx(rest / 2 + routers + experts / 4)
 
 
@@ -261,7 +263,7 @@ def test_local_cpu_model_keeps_experts_out_of_zero():
     [cost] = cpu_stage_costs(plan, profile, rates)
     dense_bytes = (profile.param_count - experts) * 4
     assert cost.expert_params_per_device == experts / 2
-    assert cost.dp_forward_s == pytest.approx(rates.collective_work_s("all_gather", dense_bytes, 4)
+    assert cost.comm_of("dp").forward_s == pytest.approx(rates.collective_work_s("all_gather", dense_bytes, 4)
                                               + rates.copy_s(2 * dense_bytes))
     [(sync, _)] = _tails(plan, profile, rates)
     reduce_scatter = (rates.collective_work_s("reduce_scatter", dense_bytes, 4, memory_bound=True)

@@ -31,7 +31,7 @@ def test_views_draw_the_cost_models_numbers_stored_in_the_plan():
     assert [s.times for s in view.stages] == [c.times() for c in costs]
     assert [s.params_per_device for s in view.stages] == [c.params_per_device for c in costs]
     assert view.stages[0].prediction.tp_comm_s == pytest.approx(
-        costs[0].tp_forward_s + costs[0].tp_backward_s + costs[0].tp_recompute_s)
+        costs[0].comm_of("tp").total_s)
     assert view.timeline.total_s == simulate_plan(plan, profile).total_s
     memory = plan_memory(plan, profile)
     for row in view.memory:
