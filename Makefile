@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint clean chromium
+.PHONY: demo test lint clean chromium gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/autopar demo
+
+# One GPU, under 8 minutes, no network: calibration, single-GPU plans predicted beside measured (time,
+# memory by category), Triton attention vs SDPA flash → benchmarks/results/gpu_check.md (.json).
+# Without a GPU: a dry run that lists what it would measure.
+gpu-check: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_check
 
 test: $(STAMP) chromium
 	$(BIN)/pytest -n 2 -q

@@ -28,6 +28,9 @@ How each number is measured, all from one profiler trace of the step (one clock)
   bubble was spent blocked on point-to-point transfers.
 - **peak memory**: ``ru_maxrss`` of the process (its peak so far, not of this step
   alone) on CPU; ``torch.cuda.max_memory_allocated`` over the step on GPU.
+- **memory by category**, in another step: torch's ``MemTracker`` on CPU
+  (:func:`measure_memory_bytes`), the CUDA allocator's statistics on a GPU
+  (:func:`measure_cuda_memory_bytes`).
 
 Only host activity is traced. On GPU each labelled call ends with a device
 synchronize so compute covers the kernels, but NCCL's host events are launches, so
@@ -257,7 +260,11 @@ def measure_memory_bytes(run: Callable[[], Any], *, modules: Sequence[nn.Module]
     them exist; activations and temporaries at the step's peak. Buffers (masks, rotary tables) are
     constants the cost model does not price and are left out. The tracker sees every
     tensor the step allocates through its dispatch mode, so the step runs slower under it: time is
-    measured in another step (:func:`measure_labelled_step`)."""
+    measured in another step (:func:`measure_labelled_step`). Modules on a CUDA device are measured
+    from the allocator's statistics instead (:func:`measure_cuda_memory_bytes`)."""
+    cuda = _cuda_device(modules, device)
+    if cuda is not None:
+        return measure_cuda_memory_bytes(run, modules=modules, optimizer=optimizer, device=cuda)
     tracker = _step_tracker()
     tracker.track_external(*modules, optimizer)
     with tracker:
@@ -293,3 +300,62 @@ def _on_device(snapshot: dict[Any, dict[Any, int]], device: torch.device) -> dic
         if torch.device(key).type == device.type:
             return {str(name).rsplit(".", 1)[-1]: int(value) for name, value in parts.items()}
     return {}
+
+
+CUDA_BLOCK_BYTES = 512  # the caching allocator's smallest block: torch.cuda.memory_allocated counts in these
+
+
+def _cuda_device(modules: Sequence[nn.Module], device: torch.device) -> torch.device | None:
+    """The CUDA device of the step: ``device``, or the one the modules' parameters live on (a
+    one-device executor may not know where the user put the model); None off CUDA."""
+    if device.type == "cuda":
+        return device
+    return next((p.device for m in modules for p in m.parameters() if p.is_cuda), None)
+
+
+def _allocated_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes the CUDA allocator holds for ``tensors``' storages, each storage once (tied weights);
+    tensors elsewhere (AdamW's step counts on the host) are left out."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
+                if isinstance(t, torch.Tensor) and t.is_cuda}
+    return sum(-(-size // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES for size in storages.values())
+
+
+def measure_cuda_memory_bytes(run: Callable[[], Any], *, modules: Sequence[nn.Module],
+                              optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, int]:
+    """Bytes by category (:data:`MEMORY_CATEGORIES`) of one training step ``run()`` on a CUDA device,
+    from ``torch.cuda`` allocator statistics (the step runs at full speed).
+
+    Parameters, gradients and optimizer state are the storages of those tensors after the step, in
+    the allocator's 512-byte blocks. Activations: ``torch.cuda.memory_allocated`` when a tensor is
+    saved for backward (its highest outside backward, so recomputation does not count) minus its
+    value when the step's first module forward began: what the forward and the loss hold for backward.
+    Temporaries: ``torch.cuda.max_memory_allocated`` over the step minus the activations, the
+    gradients and what was allocated when the forward began (at least parameters and optimizer
+    state), so the categories add up to the measured peak when nothing else is resident."""
+    marks: dict[str, int] = {}
+
+    def before_forward(module: nn.Module, args: Any) -> None:
+        marks.setdefault("start", torch.cuda.memory_allocated(device))
+
+    def saved(tensor: torch.Tensor) -> torch.Tensor:
+        if torch._C._current_autograd_node() is None:  # not a recomputation inside backward
+            marks["forward"] = max(marks.get("forward", 0), torch.cuda.memory_allocated(device))
+        return tensor.detach()  # not the tensor itself: that would be a reference cycle (torch's docs)
+
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    hook = nn.modules.module.register_module_forward_pre_hook(before_forward)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(saved, lambda tensor: tensor):
+            run()
+        torch.cuda.synchronize(device)
+    finally:
+        hook.remove()
+    params = [p for m in modules for p in m.parameters()]
+    states = {"parameters": _allocated_bytes(params), "gradients": _allocated_bytes(p.grad for p in params),
+              "optimizer": _allocated_bytes(v for s in optimizer.state.values() for v in s.values())}
+    activations = max(marks.get("forward", 0) - marks.get("start", 0), 0)
+    resident = max(marks.get("start", 0), states["parameters"] + states["optimizer"]) + states["gradients"]
+    temporaries = max(torch.cuda.max_memory_allocated(device) - resident - activations, 0)
+    return {**states, "activations": activations, "temporaries": temporaries}
