@@ -1,5 +1,6 @@
-"""Small file helpers for the data package: the cache folder, content keys, atomic writes, and a lock
-so that processes on one machine build a cached file once (the others wait, then read it).
+"""Small helpers for the data package: the cache folder, content keys, atomic writes, a lock so that
+processes on one machine build a cached file once (the others wait, then read it), and the check of
+integer settings.
 
 Data flow: used by :mod:`autopar.data.tokenizer` and :mod:`autopar.data.stream` when they save a
 trained tokenizer or a tokenized split; nothing here knows about tokens.
@@ -65,3 +66,9 @@ def build_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def check_int(name: str, value: Any, low: int) -> None:
+    """Refuse ``value`` unless it is an int (not a bool) >= ``low``, naming the setting."""
+    if type(value) is not int or value < low:
+        raise ValueError(f"{name} = {value!r} is invalid: expected an int >= {low}")

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from autopar.data._files import check_int
 from autopar.data.corpus import Corpus
 from autopar.data.curriculum import CurriculumSampler, truncate_batch
 from autopar.data.stream import TokenStream, token_stream
@@ -80,17 +81,12 @@ class TokenWindows:
         return torch.from_numpy(np.stack(rows).astype(np.int64)).reshape(len(indices), length + 1)
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
-    if type(value) is not int or value < low:
-        raise ValueError(f"{name} = {value!r} is invalid: expected an int >= {low}")
-
-
 def _check_layout(global_batch_size: int, seq_len: int, dp_degree: int, dp_rank: int, cp_degree: int,
                   cp_rank: int, max_seq_len: int | None) -> None:
     for name, value, low in (("global_batch_size", global_batch_size, 1), ("seq_len", seq_len, 1),
                              ("dp_degree", dp_degree, 1), ("dp_rank", dp_rank, 0),
                              ("cp_degree", cp_degree, 1), ("cp_rank", cp_rank, 0)):
-        _check_int(name, value, low)
+        check_int(name, value, low)
     for axis, rank, degree in (("dp", dp_rank, dp_degree), ("cp", cp_rank, cp_degree)):
         if rank >= degree:
             raise ValueError(f"{axis}_rank = {rank} is out of range for {axis}_degree = {degree}: expected "
@@ -122,7 +118,7 @@ class TokenLoader:
                  sampler: CurriculumSampler | None = None,
                  cache_dir: str | os.PathLike[str] | None = None) -> None:
         _check_layout(global_batch_size, seq_len, dp_degree, dp_rank, cp_degree, cp_rank, max_seq_len)
-        _check_int("seed", seed, 0)
+        check_int("seed", seed, 0)
         self.corpus, self.tokenizer, self.cache_dir = corpus, tokenizer, cache_dir
         self.global_batch_size, self.seq_len, self.seed = global_batch_size, seq_len, seed
         self.dp_degree, self.dp_rank, self.cp_degree, self.cp_rank = dp_degree, dp_rank, cp_degree, cp_rank
@@ -216,7 +212,7 @@ class TokenLoader:
         windows = TokenWindows(stream.tokens, self.seq_len)
         count = len(windows) // batch_size
         if max_batches is not None:
-            _check_int("max_batches", max_batches, 0)
+            check_int("max_batches", max_batches, 0)
             count = min(count, max_batches)
         for index in range(count):
             rows = self._local(list(range(index * batch_size, (index + 1) * batch_size)), batch_size)

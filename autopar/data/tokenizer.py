@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from autopar.data._files import build_lock, cache_folder, content_key, write_atomic
+from autopar.data._files import build_lock, cache_folder, check_int, content_key, write_atomic
 from autopar.data.corpus import Corpus, path_fraction
 
 EOT = "<|endoftext|>"
@@ -110,19 +110,14 @@ def _train(texts: list[str], vocab_size: int, min_frequency: int) -> Any:
     return backend
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
-    if type(value) is not int or value < low:
-        raise ValueError(f"{name} = {value!r} is invalid: expected an int >= {low}")
-
-
 def train_tokenizer(corpus: Corpus, *, vocab_size: int = 4096, max_train_bytes: int = 4_000_000,
                     min_frequency: int = 2, cache_dir: str | os.PathLike[str] | None = None) -> BPETokenizer:
     """Train (or load from ``cache_dir``) a byte-level BPE tokenizer of ``vocab_size`` tokens on at
     most ``max_train_bytes`` of ``corpus``'s train split; ``cache_dir`` defaults to
     ``~/.cache/autopar/data`` (see ``autopar.data._files.cache_folder``)."""
-    _check_int("vocab_size", vocab_size, 256 + len(SPECIAL_TOKENS))
-    _check_int("max_train_bytes", max_train_bytes, 1)
-    _check_int("min_frequency", min_frequency, 1)
+    check_int("vocab_size", vocab_size, 256 + len(SPECIAL_TOKENS))
+    check_int("max_train_bytes", max_train_bytes, 1)
+    check_int("min_frequency", min_frequency, 1)
     key = content_key({"format": FORMAT_VERSION, "corpus": corpus.fingerprint("train"),
                        "vocab_size": vocab_size, "max_train_bytes": max_train_bytes,
                        "min_frequency": min_frequency, "tokenizers": _tokenizers().__version__})
