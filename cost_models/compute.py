@@ -139,15 +139,15 @@ class LayerTimes:
     backward_weight_s: float = 0.0
     recompute_s: float = 0.0
 
-    @property
-    def backward_s(self) -> float:
-        return self.backward_input_s + self.backward_weight_s
-
     def __add__(self, other: LayerTimes) -> LayerTimes:
         return LayerTimes(forward_s=self.forward_s + other.forward_s,
                           backward_input_s=self.backward_input_s + other.backward_input_s,
                           backward_weight_s=self.backward_weight_s + other.backward_weight_s,
                           recompute_s=self.recompute_s + other.recompute_s)
+
+    @property
+    def backward_s(self) -> float:
+        return self.backward_input_s + self.backward_weight_s
 
 
 @dataclass(frozen=True, kw_only=True)

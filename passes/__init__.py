@@ -14,15 +14,8 @@ Layer: above ``cost_models`` and ``kernels``, below ``planner`` and ``runtime``.
 from autopar.passes.fused_attention import FusedAttention
 from autopar.passes.moe import MoE
 from autopar.passes.random_ltd import RandomLTD
-from autopar.passes.runner import (
-    GraphPass,
-    PassContext,
-    PassError,
-    PricedPass,
-    check_passes,
-    run_passes,
-    time_profile,
-)
+from autopar.passes.runner import GraphPass, PassContext, PassError, PricedPass, check_passes, run_passes
+from autopar.passes.runner import time_profile as time_profile  # explicit re-export (PEP 484)
 
 __all__ = [
     "FusedAttention", "GraphPass", "MoE", "PassContext", "PassError", "PricedPass", "RandomLTD",

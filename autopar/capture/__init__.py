@@ -90,13 +90,6 @@ def _finish(
 ) -> Captured:
     index = LayerIndex(model, gm)
     notes = annotate(gm, args, kwargs, index)
-    return Captured.build(
-        graph_module=gm,
-        model=model,
-        frontend=frontend,
-        example_args=args,
-        example_kwargs=kwargs,
-        layer_index=index,
-        warnings=tuple(fallbacks) + tuple(notes),
-        capture_time_s=time.perf_counter() - start,
-    )
+    return Captured.build(graph_module=gm, model=model, frontend=frontend, example_args=args,
+                          example_kwargs=kwargs, layer_index=index, warnings=tuple(fallbacks) + tuple(notes),
+                          capture_time_s=time.perf_counter() - start)

@@ -57,9 +57,15 @@ Progress = Callable[[int, int, float | None], None]
 
 @dataclass(frozen=True, kw_only=True)
 class Evaluated:
+    """A feasible Config and the Plan it priced to."""
+
     config: Config
     plan: Plan
-    step_time_s: float
+
+    @property
+    def step_time_s(self) -> float:
+        assert self.plan.predicted.step_time_s is not None
+        return self.plan.predicted.step_time_s
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,8 +156,7 @@ class _Search:
         peak, capacity = max(plan.predicted.peak_memory_bytes or (0,)), self.ctx.cluster.device.memory_bytes
         if peak > capacity:
             return None
-        assert plan.predicted.step_time_s is not None
-        return Evaluated(config=config, plan=plan, step_time_s=plan.predicted.step_time_s)
+        return Evaluated(config=config, plan=plan)
 
 
 def search(

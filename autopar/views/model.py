@@ -77,8 +77,12 @@ class PlanView:
     exact: bool
     stages: tuple[StageRow, ...]
     memory: tuple[MemoryRow, ...]
-    capacity_bytes: int
     timeline: Timeline | None
+
+    @property
+    def capacity_bytes(self) -> int:
+        """One device's memory, as the plan's cluster states it."""
+        return int(self.plan.cluster["device"]["memory_bytes"])
 
     def stage_of_layer(self, layer: int) -> StageRow | None:
         return next((s for s in self.stages if s.layers[0] <= layer < s.layers[1]), None)
@@ -96,8 +100,7 @@ def build_view(plan: Plan, *, timeline: bool = True) -> PlanView:
         for s in plan.stages)
     memory, memory_note = _memory_rows(plan)
     return PlanView(plan=plan, source=_source(plan) + memory_note, exact=bool(stored), stages=stages,
-                    memory=memory, capacity_bytes=int(plan.cluster["device"]["memory_bytes"]),
-                    timeline=_timeline(plan, times, exact=bool(stored)) if timeline else None)
+                    memory=memory, timeline=_timeline(plan, times, exact=bool(stored)) if timeline else None)
 
 
 def _source(plan: Plan) -> str:

@@ -50,10 +50,6 @@ class MoE(MoEConfig):
         return moe_pass(gm, ctx, config=self)
 
 
-RECORD_KEY = "autopar_moe"
-_UPSTREAM_KEYS = ("val", "tensor_meta", "stack_trace")
-
-
 @dataclass(frozen=True, kw_only=True)
 class MoENodeRecord:
     """What the planner and cost model need about one MoE node (``node.meta["autopar_moe"]``)."""
@@ -72,6 +68,10 @@ class MoENodeRecord:
     residual: bool = False  # Residual-MoE: a dense MLP runs beside the experts on every token
     dropless: bool = False
     adopted: bool = False  # the model's own sparse-MoE block (layers="existing")
+
+
+RECORD_KEY = "autopar_moe"
+"""The node meta key of :class:`MoENodeRecord` (beside the one ``NodeRecord`` of ``META_KEY``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -317,7 +317,8 @@ def _install(gm: fx.GraphModule, planned: _Planned) -> None:
     gm.add_submodule(planned.target, planned.moe)
     with graph.inserting_after(block.output):
         node = graph.call_module(planned.target, (block.input,))
-    node.meta.update({k: block.output.meta[k] for k in _UPSTREAM_KEYS if k in block.output.meta})
+    upstream = ("val", "tensor_meta", "stack_trace")  # torch's own keys, so views can point at source
+    node.meta.update({k: block.output.meta[k] for k in upstream if k in block.output.meta})
     node.meta[META_KEY] = planned.record
     node.meta[RECORD_KEY] = planned.moe_record
     block.output.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
