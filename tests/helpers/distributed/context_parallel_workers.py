@@ -8,21 +8,26 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from autopar.cost_models.context_parallel import RingAttentionShape
 from autopar.runtime import context_parallel as cpar
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # fp32: the ring reorders sums only (the issue's 1e-5)
 
 
 class CountingP2P:
-    """Counts ``dist.batch_isend_irecv`` calls (one per ring exchange) while it is entered."""
+    """Counts ``dist.batch_isend_irecv`` calls (one per ring exchange) and the bytes each sends
+    while it is entered."""
 
     def __init__(self) -> None:
         self.calls = 0
+        self.sent_bytes: list[int] = []
         self._original = dist.batch_isend_irecv
 
     def __enter__(self) -> CountingP2P:
         def counted(ops):
             self.calls += 1
+            sends = [op.tensor for op in ops if op.op is dist.isend]
+            self.sent_bytes += [t.numel() * t.element_size() for t in sends]
             return self._original(ops)
 
         dist.batch_isend_irecv = counted
@@ -62,6 +67,11 @@ def check_ring_attention(group, *, causal: bool, heads: int, kv_heads: int, seq:
         out.backward(shard(dout))
     expected_calls = (cp - 1, 2 * cp - 1 if cp > 1 else 0)  # backward: K/V cp − 1 times, dK/dV cp times
     assert (forward.calls, backward.calls) == expected_calls, (cp, forward.calls, backward.calls)
+    priced = RingAttentionShape(microbatch_size=2, seq_len=seq, num_heads=heads, kv_heads=kv_heads,
+                                head_dim=8, cp=cp, bytes_per_element=4)  # the cost model's bytes: those sent
+    assert forward.sent_bytes == [priced.kv_block_bytes] * (cp - 1), forward.sent_bytes
+    assert sorted(backward.sent_bytes) == sorted([priced.kv_block_bytes] * (cp - 1)
+                                                 + [priced.grad_block_bytes] * (cp if cp > 1 else 0))
     torch.testing.assert_close(out, shard(expected), **TOL)
     for name, mine, ref in zip("qkv", local, full, strict=True):
         torch.testing.assert_close(mine.grad, shard(ref.grad), **TOL, msg=lambda m, n=name: f"d{n}: {m}")
