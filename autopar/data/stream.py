@@ -90,10 +90,14 @@ def _save(path: Path, record_path: Path, tokens: np.ndarray, record: dict) -> No
 def _load(path: Path, record_path: Path, split: Split, key: str, eot_id: int) -> TokenStream | None:
     if not (path.is_file() and record_path.is_file()):
         return None
-    record = json.loads(record_path.read_text(encoding="utf-8"))
-    tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    if record.get("key") != key or tokens.ndim != 1 or tokens.shape[0] != record.get("num_tokens"):
-        return None  # a partial or foreign pair: rebuild
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):  # a corrupt file: rebuild it
+        return None
+    if not isinstance(record, dict) or record.get("key") != key or tokens.ndim != 1 \
+            or tokens.shape[0] != record.get("num_tokens"):
+        return None  # a foreign or mismatched pair: rebuild
     return TokenStream(tokens, split, key, path, int(record["num_documents"]), int(record["num_skipped"]),
                        eot_id)
 

@@ -15,6 +15,7 @@ project's 2-core machine: 4 MB of standard-library source trains a 4096-token vo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -58,7 +59,12 @@ class BPETokenizer:
         if not path.is_file():
             raise ValueError(f"tokenizer file {str(path)!r} does not exist: train one with "
                              "autopar.data.train_tokenizer(corpus)")
-        return cls(_tokenizers().Tokenizer.from_file(str(path)), path=path, trained=False)
+        try:
+            backend = _tokenizers().Tokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises its own Exception types for bad JSON
+            raise ValueError(f"tokenizer file {str(path)!r} is corrupt ({error}): delete it and train "
+                             "again with autopar.data.train_tokenizer") from None
+        return cls(backend, path=path, trained=False)
 
     @property
     def vocab_size(self) -> int:
@@ -124,7 +130,8 @@ def train_tokenizer(corpus: Corpus, *, vocab_size: int = 4096, max_train_bytes: 
     path = cache_folder(cache_dir) / f"tokenizer-{key[:20]}.json"
     with build_lock(path):
         if path.is_file():
-            return BPETokenizer.load(path)
+            with contextlib.suppress(ValueError):  # a corrupt cached file is trained again
+                return BPETokenizer.load(path)
         backend = _train(training_sample(corpus, max_train_bytes), vocab_size, min_frequency)
         write_atomic(path, lambda file: file.write(backend.to_str().encode("utf-8")))
     return BPETokenizer(backend, path=path, trained=True)

@@ -103,6 +103,12 @@ def test_token_file_is_cached_and_reused(make):
     assert loader.stream.path.suffix == ".npy" and str(loader.stream.tokens.dtype) == "uint16"
     assert make(seed=4).stream.path == loader.stream.path  # the shuffle seed does not retokenize
     assert make(fim_rate=0.5).stream.path != loader.stream.path
+    tokens = loader.stream.tokens.copy()
+    broken = loader.stream.path.with_name("broken.npy")  # a new inode: open memory maps stay valid
+    broken.write_bytes(b"truncated")
+    os.replace(broken, loader.stream.path)
+    rebuilt = make()
+    assert (rebuilt.stream.tokens == tokens).all() and rebuilt.stream.num_tokens == tokens.shape[0]
 
 
 def test_eval_batches_cover_the_heldout_split_per_rank(make):

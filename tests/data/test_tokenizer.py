@@ -2,6 +2,7 @@
 training sample, and the cache (a second construction loads the file instead of training)."""
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -73,3 +74,17 @@ def test_bad_settings_and_missing_file(corpus, tmp_path):
         BPETokenizer.load(tmp_path / "nope.json")
     with pytest.raises(ValueError, match="is a file: pass a folder"):
         train_tokenizer(corpus, cache_dir=corpus.root / "README.md")
+
+
+def test_concurrent_builders_train_once_and_a_corrupt_file_is_replaced(corpus, tmp_path):
+    def build(_):  # each call opens its own lock file description, as separate processes do
+        return train_tokenizer(corpus, vocab_size=300, cache_dir=tmp_path)
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(build, range(3)))
+    assert sorted(r.trained for r in results) == [False, False, True]
+    assert len({r.digest for r in results}) == 1
+    results[0].path.write_text("{not json")
+    with pytest.raises(ValueError, match="is corrupt .* delete it and train again"):
+        BPETokenizer.load(results[0].path)
+    assert build(0).trained and BPETokenizer.load(results[0].path).digest == results[0].digest
