@@ -13,7 +13,8 @@ Every rank computes the same ids (cheap), then reads only its rows: data-paralle
 the runtime's per-rank slicing would take. Context-parallel ranks of one dp group read the same
 rows and the loader returns the whole sequence: the runtime cuts it along the sequence dimension
 (``seq_len`` must divide by ``cp``). Pipeline ranks that take neither inputs nor labels pass
-``reads_data=False``: they read nothing and get ``tokens=None``, but keep step with the others.
+``reads_data=False``: they read no rows and get ``tokens=None``, but keep step with the others
+(they open the cached token file only for its length).
 ``samples_read`` counts the rows this rank read.
 
 Resume: :meth:`TokenLoader.state_dict` is plain JSON (seed, step, epoch, position, batch geometry,

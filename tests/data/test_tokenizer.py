@@ -2,6 +2,7 @@
 training sample, and the cache (a second construction loads the file instead of training)."""
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -88,3 +89,9 @@ def test_concurrent_builders_train_once_and_a_corrupt_file_is_replaced(corpus, t
     with pytest.raises(ValueError, match="is corrupt .* delete it and train again"):
         BPETokenizer.load(results[0].path)
     assert build(0).trained and BPETokenizer.load(results[0].path).digest == results[0].digest
+
+
+def test_missing_tokenizers_package_names_the_extra(corpus, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # what `import tokenizers` sees when absent
+    with pytest.raises(ImportError, match=r"needs the `tokenizers` package: pip install 'autopar\[hf\]'"):
+        train_tokenizer(corpus, cache_dir=tmp_path)
