@@ -176,6 +176,9 @@ def run_command(command: list[str], *, budget_s: float) -> dict[str, Any]:
             output, _ = child.communicate()
             return {"status": "stopped", "reason": f"still running after its budget of {budget_s:.0f} s",
                     "elapsed_s": round(time.monotonic() - start, 1), "output_tail": output[-1500:]}
+        except BaseException:  # the deadline's alarm, Ctrl-C: leave no rank running
+            os.killpg(child.pid, signal.SIGKILL)
+            raise
     result = {"returncode": child.returncode, "elapsed_s": round(time.monotonic() - start, 1),
               "output_tail": output[-1500:]}
     if child.returncode != 0:
@@ -425,9 +428,9 @@ def measure(args: argparse.Namespace, items: list[Item], payload: dict[str, Any]
     start = time.monotonic()
 
     def record(records: list[dict[str, Any]]) -> None:
-        failed = sum(r["status"] != "ok" for r in records)
+        ok = sum(r["status"] == "ok" for r in records)
         status = (f"{len(records)} of {len(items)} items run" if len(records) < len(items)
-                  else "measured" + (f", {failed} items not (see below)" if failed else ""))
+                  else "measured" if ok == len(items) else f"measured {ok} of {len(items)} items (see below)")
         payload.update(items=records, elapsed_s=round(time.monotonic() - start, 1), status=status)
         write(payload, args.out)
 

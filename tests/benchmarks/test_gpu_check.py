@@ -5,6 +5,7 @@ are recorded and the check goes on. On a GPU, the CUDA memory-by-category branch
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -91,13 +92,23 @@ def test_an_item_past_the_deadline_is_interrupted():
     assert record["status"] == "error" and record["error"].startswith("DeadlineExceeded")
 
 
-def test_a_command_past_its_budget_is_stopped_and_a_failing_one_raises():
+def test_a_command_past_its_budget_is_stopped_and_a_failing_one_raises(tmp_path):
     start = time.monotonic()
     stopped = run_command([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
                           budget_s=2.0)
     assert stopped["status"] == "stopped" and time.monotonic() - start < 10
     with pytest.raises(RuntimeError, match="exited with 3"):
         run_command([sys.executable, "-c", "raise SystemExit(3)"], budget_s=30.0)
+    pid_file = tmp_path / "pid"
+    sleeper = [sys.executable, "-c",
+               f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"]
+    item = Item(kind="calibration", name="sleeper", settings={}, min_s=0.0,
+                run=lambda s: run_command(sleeper, budget_s=s), budget_s=60.0)
+    start = time.monotonic()
+    (record,) = run_items([item], deadline_s=2.0, on_record=lambda r: None)  # the alarm comes first
+    assert record["error"].startswith("DeadlineExceeded") and time.monotonic() - start < 10
+    with pytest.raises(ProcessLookupError):  # the command did not outlive the check
+        os.kill(int(pid_file.read_text()), 0)
 
 
 def test_gpu_names_map_to_catalog_clusters():
