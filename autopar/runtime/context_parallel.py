@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from autopar.kernels import attention as flash
+import autopar.kernels.attention  # noqa: F401 - registers torch.ops.autopar.flash_attention(_backward)
 
 BlockForward = Callable[..., tuple[Tensor, Tensor]]
 BlockBackward = Callable[..., tuple[Tensor, Tensor, Tensor]]
@@ -202,7 +202,6 @@ def _flash_block_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
 
 
 
-assert flash.flash_attention is not None  # importing the module registers torch.ops.autopar.*
 FLASH_BLOCK_ATTENTION = BlockAttention(name="flash", forward=_flash_block_forward,
                                        backward=_flash_block_backward)
 
