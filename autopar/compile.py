@@ -372,7 +372,7 @@ def _check_process_group(cluster: ClusterSpec, fix: Fix, plan: Plan | None) -> b
             f"torch.distributed.init_process_group first), or compile for cluster='local:{world}'"
         )
     if plan is None and wanted == 1 and fix.world_size() != 1:
-        raise ValueError(f"fix={fix.pinned()} asks for dp×tp×pp = {fix.world_size()} devices "
+        raise ValueError(f"fix={fix.pinned()} asks for dp×tp×pp×cp = {fix.world_size()} devices "
                          f"but cluster {cluster.text!r} has 1")
     return wanted > 1
 

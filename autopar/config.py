@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 Schedule = Literal["gpipe", "1f1b", "interleaved", "zero_bubble"]
 Recompute = Literal["none", "selective", "full"]
 
-_DEGREES = ("dp", "tp", "pp", "ep", "microbatch_size", "num_microbatches", "virtual_stages")
+_DEGREES = ("dp", "tp", "pp", "ep", "cp", "microbatch_size", "num_microbatches", "virtual_stages")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +25,8 @@ class Fix:
     tp: int | None = None
     pp: int | None = None
     ep: int | None = None
+    cp: int | None = None
+    sequence_parallel: bool | None = None
     microbatch_size: int | None = None
     num_microbatches: int | None = None
     schedule: Schedule | None = None
@@ -39,6 +41,12 @@ class Fix:
         _check_choice("recompute", self.recompute, get_args(Recompute))
         if self.zero is not None and (type(self.zero) is not int or not 0 <= self.zero <= 3):
             raise ValueError(f"fix['zero'] = {self.zero!r} is invalid: expected an int 0, 1, 2 or 3")
+        if self.sequence_parallel is not None and not isinstance(self.sequence_parallel, bool):
+            raise ValueError(f"fix['sequence_parallel'] = {self.sequence_parallel!r} is invalid: "
+                             "expected True or False")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("fix={'sequence_parallel': True, 'tp': 1} is contradictory: sequence "
+                             "parallelism splits the tensor-parallel ranks' work; pin tp ≥ 2")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | Fix | None) -> Fix:
@@ -61,7 +69,7 @@ class Fix:
 
     def world_size(self) -> int:
         """The device count the pinned degrees imply (unpinned degrees count as 1)."""
-        return (self.dp or 1) * (self.tp or 1) * (self.pp or 1)
+        return (self.dp or 1) * (self.tp or 1) * (self.pp or 1) * (self.cp or 1)
 
 
 def _check_positive_int(name: str, value: Any) -> None:

@@ -78,12 +78,19 @@ def parse_fix(text: str | None) -> dict[str, Any]:
             raise ValueError(f"--fix: {part.strip()!r} is not KEY=VALUE; expected e.g. --fix {FIX_EXAMPLE}")
         if key in pins:
             raise ValueError(f"--fix: {key} is given twice")
-        pins[key] = int(value) if value.lstrip("-").isdecimal() else value
+        pins[key] = _fix_value(value)
     try:
         Fix.from_dict(pins)
     except (TypeError, ValueError) as error:
         raise ValueError(f"--fix: {error}") from None
     return pins
+
+
+def _fix_value(text: str) -> int | bool | str:
+    """``8`` → 8, ``true``/``false`` (any case) → a bool (``sequence_parallel=true``), else the text."""
+    if text.lstrip("-").isdecimal():
+        return int(text)
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def _training_dtype(choice: str) -> str | None:

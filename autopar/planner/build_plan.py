@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from autopar.cluster import ClusterSpec
 from autopar.planner.space import Config
-from autopar.plans import Mesh, Parallelism, Plan, Schedule, Sharding, Stage
-from autopar.plans.pinned import layer_ranges
+from autopar.plans import MESH_AXES, Mesh, Parallelism, Plan, Schedule, Sharding, Stage
+from autopar.plans.pinned import layer_ranges, mesh_grid
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,9 +38,8 @@ class PlanContext:
 
 
 def rank_devices(config: Config, rank: int) -> tuple[int, ...]:
-    """Device ids of pipeline rank ``rank``: ``dp × tp`` of them, tp fastest."""
-    dp, tp = config.dp, config.tp
-    return tuple((rank * dp + d) * tp + t for d in range(dp) for t in range(tp))
+    """Device ids of pipeline rank ``rank``: ``dp × cp × tp`` of them, tp fastest (the mesh order)."""
+    return tuple(mesh_grid(pp=config.pp, dp=config.dp, cp=config.cp, tp=config.tp)[rank])
 
 
 def even_split(num_layers: int, num_stages: int) -> tuple[tuple[int, int], ...]:
@@ -72,12 +71,10 @@ def build_plan(
         cluster=ctx.cluster.to_dict(),
         global_batch_size=ctx.global_batch_size,
         seq_len=ctx.seq_len,
-        parallelism=Parallelism(dp=config.dp, tp=config.tp, pp=pp, ep=config.ep),
-        mesh=Mesh(
-            axis_names=("pp", "dp", "tp"),
-            shape=(pp, config.dp, config.tp),
-            device_ids=tuple(range(ctx.cluster.num_devices)),
-        ),
+        parallelism=Parallelism(dp=config.dp, tp=config.tp, pp=pp, ep=config.ep, cp=config.cp,
+                                sequence_parallel=config.sequence_parallel),
+        mesh=Mesh(axis_names=MESH_AXES, shape=(pp, config.dp, config.cp, config.tp),
+                  device_ids=tuple(range(ctx.cluster.num_devices))),
         stages=stages,
         shardings=(ctx.shardings(config) or ()) if config.tp > 1 else (),
         schedule=Schedule(

@@ -59,6 +59,8 @@ class Config:
     num_microbatches: int
     zero: int
     ep: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
 
     @property
     def degrees(self) -> tuple[int, int, int, int]:

@@ -15,6 +15,7 @@ from autopar.plans.plan import Plan, device_stages
 from autopar.plans.schema import (
     BREAKDOWN_KEYS,
     MEMORY_PARTS,
+    MESH_AXES,
     SCHEMA_VERSION,
     Alternative,
     AppliedPass,
@@ -32,7 +33,8 @@ from autopar.plans.schema import (
 )
 
 __all__ = [
-    "BREAKDOWN_KEYS", "MEMORY_PARTS", "SCHEMA_VERSION", "Alternative", "AppliedPass", "CostOptionsUsed",
+    "BREAKDOWN_KEYS", "MEMORY_PARTS", "MESH_AXES", "SCHEMA_VERSION", "Alternative", "AppliedPass",
+    "CostOptionsUsed",
     "MemoryPrediction", "Mesh", "Parallelism", "Plan", "PlanNotFoundError", "Predicted", "Recompute",
     "Schedule", "ScheduleName", "Sharding", "Stage", "StagePrediction", "check_fingerprint",
     "device_stages", "graph_fingerprint",

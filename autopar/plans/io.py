@@ -42,7 +42,19 @@ def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-UPGRADES = {1: _from_version_1}
+def _from_version_2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 3 added ``Parallelism.cp`` and ``sequence_parallel``; a version-2 plan ran neither
+    (cp 1, no sequence parallelism, its ``pp × dp × tp`` mesh as it was)."""
+    parallelism = data.get("parallelism")
+    new_fields = {"cp", "sequence_parallel"}
+    added = sorted(new_fields.intersection(parallelism)) if isinstance(parallelism, dict) else []
+    if added:
+        raise ValueError(f"plan.parallelism has field(s) {added}, which schema version 2 does not have; "
+                         f"correct schema_version or {REPLAN}")
+    return data
+
+
+UPGRADES = {1: _from_version_1, 2: _from_version_2}
 """Version → the function that turns its JSON data into the next version's."""
 
 

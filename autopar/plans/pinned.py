@@ -16,16 +16,24 @@ from __future__ import annotations
 from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.plans.plan import Plan
-from autopar.plans.schema import Mesh, Parallelism, Schedule, Sharding, Stage
+from autopar.plans.schema import MESH_AXES, Mesh, Parallelism, Schedule, Sharding, Stage
 
 
-def _degrees(fix: Fix, world: int) -> tuple[int, int, int]:
-    tp, pp = fix.tp or 1, fix.pp or 1
-    dp = fix.dp if fix.dp is not None else world // (tp * pp)
-    if dp * tp * pp != world:
-        raise ValueError(f"dp({dp}) × tp({tp}) × pp({pp}) = {dp * tp * pp} ≠ world size {world}; "
-                         "pin degrees whose product is the cluster's device count")
-    return dp, tp, pp
+def _degrees(fix: Fix, world: int) -> tuple[int, int, int, int]:
+    tp, pp, cp = fix.tp or 1, fix.pp or 1, fix.cp or 1
+    dp = fix.dp if fix.dp is not None else world // (tp * pp * cp)
+    if dp * tp * pp * cp != world:
+        shown = f" × cp({cp})" if cp > 1 else ""
+        raise ValueError(f"dp({dp}) × tp({tp}) × pp({pp}){shown} = {dp * tp * pp * cp} ≠ world size "
+                         f"{world}; pin degrees whose product is the cluster's device count")
+    return dp, tp, pp, cp
+
+
+def mesh_grid(*, pp: int, dp: int, cp: int, tp: int) -> list[list[int]]:
+    """Pipeline rank → its devices, ``dp``, then ``cp``, then ``tp`` (fastest), the order every
+    stage lists them in; device ids run row-major over the ``pp × dp × cp × tp`` mesh."""
+    return [[((p * dp + d) * cp + c) * tp + t for d in range(dp) for c in range(cp) for t in range(tp)]
+            for p in range(pp)]
 
 
 def layer_ranges(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
@@ -47,7 +55,7 @@ def plan_from_fix(model: str, *, graph_fingerprint: str, num_layers: int, cluste
                   shardings: tuple[Sharding, ...] = ()) -> Plan:
     """The Plan the pinned choices describe, with the defaults above for the rest."""
     world = cluster.num_devices
-    dp, tp, pp = _degrees(fix, world)
+    dp, tp, pp, cp = _degrees(fix, world)
     virtual = fix.virtual_stages or (2 if fix.schedule == "interleaved" else 1)
     name = fix.schedule or ("1f1b" if pp > 1 else "gpipe")
     if global_batch_size % dp:
@@ -55,17 +63,18 @@ def plan_from_fix(model: str, *, graph_fingerprint: str, num_layers: int, cluste
     local = global_batch_size // dp
     micro = fix.microbatch_size or (local // fix.num_microbatches if fix.num_microbatches else local)
     num_micro = fix.num_microbatches or local // micro
-    grid = [[[(p * dp + d) * tp + t for t in range(tp)] for d in range(dp)] for p in range(pp)]
+    grid = mesh_grid(pp=pp, dp=dp, cp=cp, tp=tp)
     stages = []
     for k, layers in enumerate(layer_ranges(num_layers, pp * virtual)):
-        devices = tuple(x for row in grid[k % pp] for x in row)
+        devices = tuple(grid[k % pp])
         stages.append(Stage(index=k, first_node="", last_node="", layers=layers, devices=devices,
                             recompute=fix.recompute or "none", virtual_chunk=k // pp))
     return Plan(
         model=model, graph_fingerprint=graph_fingerprint, cluster=cluster.to_dict(),
         global_batch_size=global_batch_size, seq_len=seq_len,
-        parallelism=Parallelism(dp=dp, tp=tp, pp=pp, ep=fix.ep or 1),
-        mesh=Mesh(axis_names=("pp", "dp", "tp"), shape=(pp, dp, tp), device_ids=tuple(range(world))),
+        parallelism=Parallelism(dp=dp, tp=tp, pp=pp, ep=fix.ep or 1, cp=cp,
+                                sequence_parallel=bool(fix.sequence_parallel)),
+        mesh=Mesh(axis_names=MESH_AXES, shape=(pp, dp, cp, tp), device_ids=tuple(range(world))),
         stages=tuple(stages),
         shardings=shardings if tp > 1 else (),
         schedule=Schedule(name=name, microbatch_size=micro, num_microbatches=num_micro,

@@ -92,6 +92,11 @@ class Plan:
     def world_size(self) -> int:
         return self.parallelism.world_size
 
+    @property
+    def sequence_parallel(self) -> bool:
+        """Whether the tensor-parallel regions run Megatron sequence parallelism."""
+        return self.parallelism.sequence_parallel
+
     def cluster_spec(self) -> ClusterSpec:
         return ClusterSpec.from_dict(self.cluster)
 
@@ -141,7 +146,7 @@ def _check_layout(plan: Plan) -> None:
     if sorted(plan.mesh.device_ids) != list(range(world)):
         raise _fail(plan, "mesh.device_ids", plan.mesh.device_ids, f"ids 0..{world - 1}")
     for axis, size in zip(plan.mesh.axis_names, plan.mesh.shape, strict=True):
-        if axis in ("dp", "tp", "pp", "ep") and getattr(par, axis) != size:
+        if axis in ("dp", "tp", "pp", "ep", "cp") and getattr(par, axis) != size:
             raise _fail(plan, f"mesh axis {axis!r}", size, f"{axis}({getattr(par, axis)})")
     memory = plan.predicted.peak_memory_bytes
     if memory is not None and len(memory) != world:
@@ -158,7 +163,7 @@ def _check_layout(plan: Plan) -> None:
             raise _fail(plan, f"stages[{position}].layers", stage.layers, f"to start at {end}")
         if len(stage.devices) != world // par.pp or max(stage.devices) >= world:
             raise _fail(plan, f"stages[{position}].devices", stage.devices,
-                        f"dp × tp = {world // par.pp} device ids below {world}")
+                        f"dp × cp × tp = {world // par.pp} device ids below {world}")
         if stage.virtual_chunk >= sched.virtual_stages:
             raise _fail(plan, f"stages[{position}].virtual_chunk", stage.virtual_chunk,
                         f"< virtual_stages({sched.virtual_stages})")

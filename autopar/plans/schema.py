@@ -14,10 +14,14 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """2: ``Predicted`` gained ``stages``, ``memory``, ``dtype`` and ``options`` (files of version 1
-load with them empty: ``autopar.plans.io``)."""
+load with them empty: ``autopar.plans.io``). 3: ``Parallelism`` gained ``cp`` (context parallelism)
+and ``sequence_parallel``, and new meshes are ``pp × dp × cp × tp`` (files of versions 1 and 2 load
+with ``cp`` 1 and no sequence parallelism: what they ran)."""
 OLDEST_SCHEMA_VERSION = 1
+MESH_AXES = ("pp", "dp", "cp", "tp")
+"""The axes of a new plan's mesh, slowest first (tensor parallelism innermost, on the fastest links)."""
 ScheduleName = Literal["gpipe", "1f1b", "interleaved", "zero_bubble"]
 Recompute = Literal["none", "selective", "full"]
 BREAKDOWN_KEYS = ("compute", "recompute", "tp_comm", "pp_comm", "dp_comm", "ep_comm", "bubble",
@@ -100,29 +104,42 @@ def _sorted_pairs(owner: object, name: str, ok: Any, expected: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class Parallelism:
-    """Degrees of parallelism. World size is ``dp × tp × pp``; expert parallelism shards
-    the experts across data-parallel ranks, so ``ep`` divides ``dp``."""
+    """Degrees of parallelism. World size is ``pp × dp × cp × tp`` (the mesh's axis order).
+
+    ``cp``: context parallelism, each layer's sequence split over ``cp`` ranks (ring attention,
+    load-balanced causal chunks). ``sequence_parallel`` (needs ``tp > 1``): Megatron sequence
+    parallelism, the norm/dropout/residual regions split along the sequence over the ``tp`` ranks
+    (Korthikanti et al. 2022). Expert parallelism shards the experts across the ``dp`` ranks of
+    each ``cp`` slice (each cp rank routes its own part of the sequence), so ``ep`` divides ``dp``."""
 
     dp: int
     tp: int
     pp: int
     ep: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("dp", "tp", "pp", "ep"):
+        for name in ("dp", "tp", "pp", "ep", "cp"):
             _int(self, name, 1)
         if self.dp % self.ep:
             raise ValueError(f"Parallelism.ep = {self.ep} must divide dp = {self.dp} "
                              "(experts are sharded across data-parallel ranks)")
+        if not isinstance(self.sequence_parallel, bool):
+            raise _fail(self, "sequence_parallel", self.sequence_parallel, "True or False")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("Parallelism.sequence_parallel = True needs tp > 1 (it splits the "
+                             "tensor-parallel ranks' replicated regions); set tp ≥ 2 or turn it off")
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.pp * self.dp * self.cp * self.tp
 
     def check_world_size(self, world_size: int) -> None:
-        """Raise, showing the arithmetic, unless ``dp × tp × pp == world_size``."""
+        """Raise, showing the arithmetic, unless ``pp × dp × cp × tp == world_size``."""
         if self.world_size != world_size:
-            raise ValueError(f"tp({self.tp}) × pp({self.pp}) × dp({self.dp}) = {self.world_size} "
+            cp = f" × cp({self.cp})" if self.cp > 1 else ""
+            raise ValueError(f"tp({self.tp}) × pp({self.pp}) × dp({self.dp}){cp} = {self.world_size} "
                              f"≠ world size {world_size}")
 
 

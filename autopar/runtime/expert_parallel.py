@@ -57,8 +57,13 @@ class ExpertGroups:
 
     @classmethod
     def build(cls, grid: torch.Tensor, rank: int, ep: int) -> ExpertGroups:
-        """Groups from the (pp, dp, tp) grid of ranks; collective: every rank calls it."""
-        pp, dp, tp = grid.shape
+        """Groups from the (pp, dp, tp) or (pp, dp, cp, tp) grid of ranks; collective: every rank
+        calls it. Expert parallelism stays inside one context-parallel slice: ``ep`` consecutive
+        data-parallel ranks of the same ``cp`` coordinate exchange tokens; an expert slice's
+        replicas (its gradients' all-reduce group) are the ``dp/ep`` ranks holding it in every
+        ``cp`` slice, since each cp rank routes its own part of the sequence."""
+        grid = grid if grid.dim() == 4 else grid.unsqueeze(2)
+        pp, dp, cp, tp = grid.shape
         if dp % ep:
             raise ValueError(f"ep = {ep} must divide dp = {dp}: expert-parallel groups are made of "
                              "data-parallel ranks")
@@ -66,15 +71,17 @@ class ExpertGroups:
         ep_rank = 0
         for p in range(pp):
             for t in range(tp):
-                ranks = [int(r) for r in grid[p, :, t]]
-                for g in range(dp // ep):  # ep consecutive dp ranks
-                    members = ranks[g * ep:(g + 1) * ep]
-                    group = dist.new_group(members) if ep > 1 else None
-                    if rank in members:
-                        mine["ep"], ep_rank = group, members.index(rank)
-                for r in range(ep):  # the dp/ep replicas of one expert slice
-                    members = ranks[r::ep]
-                    group = dist.new_group(members) if dp // ep > 1 else None
+                ranks = grid[p, :, :, t]  # (dp, cp)
+                for c in range(cp):
+                    column = [int(r) for r in ranks[:, c]]
+                    for g in range(dp // ep):  # ep consecutive dp ranks
+                        members = column[g * ep:(g + 1) * ep]
+                        group = dist.new_group(members) if ep > 1 else None
+                        if rank in members:
+                            mine["ep"], ep_rank = group, members.index(rank)
+                for r in range(ep):  # the dp/ep replicas of one expert slice, in every cp slice
+                    members = [int(x) for x in ranks[r::ep].flatten()]
+                    group = dist.new_group(members) if len(members) > 1 else None
                     if rank in members:
                         mine["edp"] = group
         return cls(ep=ep, ep_rank=ep_rank, ep_group=mine["ep"], edp_group=mine["edp"], dp=dp)

@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from autopar.plans import Plan
+from autopar.plans import MESH_AXES, Plan
 
-AXES = ("pp", "dp", "tp")
+AXES = MESH_AXES
 
 
 def coordinates(plan: Plan) -> dict[int, dict[str, int]]:
@@ -39,6 +39,7 @@ class Layout:
     pp_rank: int
     dp_rank: int
     tp_rank: int
+    cp_rank: int
     mesh: DeviceMesh
     stage_ranks: tuple[int, ...]  # stage index → pp coordinate that runs it
 
@@ -50,12 +51,12 @@ class Layout:
         shape = tuple(getattr(plan.parallelism, axis) for axis in AXES)
         grid = torch.empty(shape, dtype=torch.int64)
         for device, c in coords.items():
-            grid[c["pp"], c["dp"], c["tp"]] = device
+            grid[c["pp"], c["dp"], c["cp"], c["tp"]] = device
         mesh = DeviceMesh(device_type, grid, mesh_dim_names=AXES)
         rank = dist.get_rank()
         mine = coords[rank]
         stage_ranks = tuple(coords[stage.devices[0]]["pp"] for stage in plan.stages)
-        return cls(rank, mine["pp"], mine["dp"], mine["tp"], mesh, stage_ranks)
+        return cls(rank, mine["pp"], mine["dp"], mine["tp"], mine["cp"], mesh, stage_ranks)
 
     def group(self, axis: str) -> dist.ProcessGroup:
         return self.mesh.get_group(axis)

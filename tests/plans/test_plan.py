@@ -155,14 +155,14 @@ STAGE = schema.Stage(index=0, first_node="", last_node="", layers=(0, 12), devic
         ({"stages": (STAGE, dataclasses.replace(STAGE, index=1, layers=(6, 12)))},
          "Plan.stages[1].layers = (6, 12) is invalid: expected to start at 12"),
         ({"stages": (STAGE, dataclasses.replace(STAGE, index=1, layers=(12, 13), devices=(4,)))},
-         "dp × tp = 4 device ids below 8"),
+         "dp × cp × tp = 4 device ids below 8"),
         ({"stages": (STAGE, dataclasses.replace(STAGE, layers=(12, 13)))},
          "Plan.stages[1].index = 0 is invalid: expected 1 (model order)"),
         ({"zero": 4}, "Plan.zero = 4 is invalid: expected one of [0, 1, 2, 3]"),
         ({"seq_len": 0}, "Plan.seq_len = 0 is invalid: expected an int >= 1"),
         ({"model": ""}, "Plan.model = '' is invalid: expected a nonempty str"),
-        ({"schema_version": 3}, "plan schema_version 3 is not supported"),
-        ({"schema_version": 1}, "a Plan in memory is version 2; Plan.load and Plan.from_json upgrade"),
+        ({"schema_version": 4}, "plan schema_version 4 is not supported"),
+        ({"schema_version": 1}, "a Plan in memory is version 3; Plan.load and Plan.from_json upgrade"),
         ({"mesh": schema.Mesh(axis_names=("pp", "dp", "tp"), shape=(2, 4, 1),
                                  device_ids=tuple(range(8)))},
          "Plan.mesh axis 'dp' = 4 is invalid: expected dp(2)"),
@@ -293,10 +293,10 @@ GOOD = make_plan().to_json().encode()
         (b"\xff\xfe\x00garbage", "corrupt plan file"),
         (b"[1, 2]", "corrupt plan file"),
         (_edited(lambda d: d.update(schema_version=99)),
-         "plan schema_version 99 is not supported; this autopar reads versions 1 to 2 (a newer autopar "
+         "plan schema_version 99 is not supported; this autopar reads versions 1 to 3 (a newer autopar "
          "wrote the file: upgrade autopar to read it) — re-plan with `autopar plan`"),
         (_edited(lambda d: d.update(schema_version=0)),
-         "plan schema_version 0 is not supported; this autopar reads versions 1 to 2 — re-plan"),
+         "plan schema_version 0 is not supported; this autopar reads versions 1 to 3 — re-plan"),
         (_edited(lambda d: d.update(schema_version=1)),  # version 1 had no per-stage predictions
          "plan.predicted has field(s) ['dtype', 'memory', 'options', 'stages'], which schema version 1 "
          "does not have"),
@@ -310,7 +310,13 @@ GOOD = make_plan().to_json().encode()
         (_edited(lambda d: d.pop("schedule")), "plan is missing field(s) ['schedule']"),
         (_edited(lambda d: d.update(colour="red")), "plan has unknown field(s) ['colour']"),
         (_edited(lambda d: d["parallelism"].update(cp=2)),
-         "plan.parallelism has unknown field(s) ['cp']"),
+         "plan: tp(2) × pp(2) × dp(2) × cp(2) = 16 ≠ world size 8"),
+        (_edited(lambda d: d["parallelism"].update(sequence_parallel=True, tp=1)),
+         "Parallelism.sequence_parallel = True needs tp > 1"),
+        (_edited(lambda d: d.update(schema_version=2)),  # version 2 had no cp / sequence parallelism
+         "plan.parallelism has field(s) ['cp', 'sequence_parallel'], which schema version 2 does not have"),
+        (_edited(lambda d: d["parallelism"].update(colour=2)),
+         "plan.parallelism has unknown field(s) ['colour']"),
         (_edited(lambda d: d["parallelism"].update(tp="2")),
          "plan.parallelism.tp should be an int, got str '2'"),
         (_edited(lambda d: d.update(zero=True)), "plan.zero should be an int, got bool True"),
@@ -362,12 +368,31 @@ def test_fingerprint_mismatch(tmp_path: Path) -> None:
         "fedcba9876543210 — the model changed; re-plan with `autopar plan`")
 
 
+def _version_2_data(plan: Plan) -> dict:
+    """``plan`` as autopar wrote it before schema version 3: no cp, no sequence parallelism, a
+    ``pp × dp × tp`` mesh."""
+    data = json.loads(plan.to_json())
+    for name in ("cp", "sequence_parallel"):
+        del data["parallelism"][name]
+    return {**data, "schema_version": 2}
+
+
 def _version_1_text(plan: Plan) -> str:
     """``plan`` as autopar wrote it before schema version 2: no per-stage predictions."""
-    data = json.loads(plan.to_json())
+    data = _version_2_data(plan)
     for name in ("stages", "memory", "dtype", "options"):
         del data["predicted"][name]
     return json.dumps({**data, "schema_version": 1})
+
+
+def test_version_2_files_load_as_plans_without_cp(tmp_path: Path) -> None:
+    plan = make_plan()
+    path = tmp_path / "v2.json"
+    path.write_text(json.dumps(_version_2_data(plan)))
+    old = Plan.load(path)
+    assert old == plan and old.parallelism.cp == 1 and not old.sequence_parallel
+    assert old.mesh.axis_names == ("pp", "dp", "tp")  # the mesh it ran on, kept as written
+    assert json.loads(old.to_json())["schema_version"] == 3
 
 
 def test_version_1_files_load_without_per_stage_predictions(tmp_path: Path) -> None:
@@ -375,13 +400,13 @@ def test_version_1_files_load_without_per_stage_predictions(tmp_path: Path) -> N
     path = tmp_path / "old.json"
     path.write_text(_version_1_text(plan))
     old = Plan.load(path)
-    assert old.schema_version == schema.SCHEMA_VERSION == 2
+    assert old.schema_version == schema.SCHEMA_VERSION == 3
     assert old.predicted.stages == () and old.predicted.memory == ()
     assert old.predicted.dtype is None and old.predicted.options is None
     assert old.predicted.step_time_s == plan.predicted.step_time_s
     assert old == dataclasses.replace(plan, predicted=dataclasses.replace(
         plan.predicted, stages=(), memory=(), dtype=None, options=None))
-    assert json.loads(old.to_json())["schema_version"] == 2  # saved again: the current version
+    assert json.loads(old.to_json())["schema_version"] == 3  # saved again: the current version
 
 
 def test_per_stage_predictions_round_trip() -> None:

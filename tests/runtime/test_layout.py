@@ -73,8 +73,9 @@ def test_mesh_axis_order_is_the_plans():
 
 def test_coordinates_follow_device_ids():
     plan = _plan(pp=2, dp=1, tp=2, device_ids=(3, 2, 1, 0))
-    assert coordinates(plan) == {3: {"pp": 0, "dp": 0, "tp": 0}, 2: {"pp": 0, "dp": 0, "tp": 1},
-                                 1: {"pp": 1, "dp": 0, "tp": 0}, 0: {"pp": 1, "dp": 0, "tp": 1}}
+    at = {device: dict(zip(("pp", "dp", "cp", "tp"), c, strict=True))
+          for device, c in ((3, (0, 0, 0, 0)), (2, (0, 0, 0, 1)), (1, (1, 0, 0, 0)), (0, (1, 0, 0, 1)))}
+    assert coordinates(plan) == at
     seen = _layouts(plan)
     assert [s["layout"].pp_rank for s in seen] == [1, 1, 0, 0]
     assert [s["local"] for s in seen] == [[1], [1], [0], [0]]
@@ -127,3 +128,17 @@ def test_world_size_mismatch_shows_the_arithmetic():
 def test_expert_groups_need_ep_to_divide_dp():
     with fake_process_group(0, 3), pytest.raises(ValueError, match=r"ep = 2 must divide dp = 3"):
         ExpertGroups.build(torch.arange(3).reshape(1, 3, 1), 0, 2)
+
+
+def test_expert_groups_stay_inside_a_context_parallel_slice():
+    """dp2 × cp2 × ep2 on ranks (dp, cp) = 2·dp + cp: tokens of one cp slice are exchanged among its
+    dp ranks ({0,2}, {1,3}); an expert slice's gradients are summed over its holders in both cp
+    slices ({0,1}, {2,3})."""
+    grid = torch.arange(4).reshape(1, 2, 2, 1)
+    seen = []
+    for rank in range(4):
+        with fake_process_group(rank, 4):
+            groups = ExpertGroups.build(grid, rank, 2)
+            seen.append((groups.ep_rank, *(dist.get_process_group_ranks(g)
+                                           for g in (groups.ep_group, groups.edp_group))))
+    assert seen == [(0, [0, 2], [0, 1]), (0, [1, 3], [0, 1]), (1, [0, 2], [2, 3]), (1, [1, 3], [2, 3])]
