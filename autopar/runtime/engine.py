@@ -307,7 +307,7 @@ def _prepare_stage(gm: torch.fx.GraphModule, plan: Plan, index: int, tp_mesh: An
     """Tensor parallelism, then recomputation, for one stage; and its parameter names
     (module name → original model name), tracked by identity through both."""
     before = {name: canonical[id(p)] for name, p in gm.named_parameters(remove_duplicate=False)}
-    shard_parameters(gm, plan.shardings, tp_mesh)
+    shard_parameters(gm, plan.shardings, tp_mesh, sequence_parallel=plan.sequence_parallel)
     by_id = {id(p): before[name] for name, p in gm.named_parameters(remove_duplicate=False)}
     module = apply_recompute(gm, plan.stages[index].recompute)
     if tp_mesh.size() > 1:
