@@ -119,11 +119,14 @@ class Compiled(nn.Module):
         self._executor: Executor | None = None if self.distributed else self._local_engine()
 
     def _local_engine(self) -> LocalEngine:
+        _check_one_device_fix(self.fix)
         return LocalEngine(
             module=self, graph_for=lambda args, kwargs: self.program_for(*args, **kwargs).graph_module,
             parameters=self.named_model_parameters, loss_fn=self.loss_fn, optimizer=self._request.optimizer,
             passes=self._pass_states, plan=self._local_plan,
             moe=lambda: {int(k): m for k, m in self.moe.items()},  # type: ignore[misc]
+            recompute=self.fix.recompute or "none", num_microbatches=self.fix.num_microbatches,
+            microbatch_size=self.fix.microbatch_size,
         )
 
     def _new_parameters(self, params: list[nn.Parameter]) -> None:
@@ -244,15 +247,23 @@ class Compiled(nn.Module):
         return self.executor.plan
 
     def _local_plan(self) -> Plan:
+        """The one-device Plan of the latest step's batch (or the latest capture's), with the pinned
+        recomputation and microbatches the one-device executor runs."""
         program = self._programs.latest
         captured = program.captured
         nodes = list(captured.graph_module.graph.nodes)
+        local = self._executor
+        assert isinstance(local, LocalEngine), "a multi-device run's plan is its engine's"
+        batch = local.last_batch_size or program.batch_size
+        count = local.microbatches(batch)
         plan = Plan.single_device(
             captured.model_name, graph_fingerprint=program.fingerprint, cluster=self.cluster,
-            global_batch_size=program.batch_size, seq_len=program.seq_len, num_layers=len(captured.layers),
+            global_batch_size=batch, seq_len=program.seq_len, num_layers=len(captured.layers),
         )
-        stage = dataclasses.replace(plan.stages[0], first_node=nodes[0].name, last_node=nodes[-1].name)
-        return predicted_plan(dataclasses.replace(plan, stages=(stage,)), program)
+        stage = dataclasses.replace(plan.stages[0], first_node=nodes[0].name, last_node=nodes[-1].name,
+                                    recompute=local.recompute)
+        schedule = dataclasses.replace(plan.schedule, microbatch_size=batch // count, num_microbatches=count)
+        return predicted_plan(dataclasses.replace(plan, stages=(stage,), schedule=schedule), program)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.distributed:
@@ -353,6 +364,19 @@ class Compiled(nn.Module):
         from autopar.report import report
 
         return report(self, inputs, targets)
+
+
+def _check_one_device_fix(fix: Fix) -> None:
+    """Pins a one-device run cannot honour are refused, never ignored (recomputation and
+    microbatches are run by the one-device executor; ZeRO over one replica changes nothing)."""
+    if fix.schedule not in (None, "gpipe"):
+        raise ValueError(f"fix['schedule'] = {fix.schedule!r} needs pp > 1; on one device the microbatches "
+                         "run one after another (gpipe): drop the pin or compile for more devices")
+    if fix.virtual_stages not in (None, 1):
+        raise ValueError(f"fix['virtual_stages'] = {fix.virtual_stages} needs pp > 1; drop the pin on "
+                         "one device")
+    if fix.sequence_parallel:
+        raise ValueError("fix['sequence_parallel'] = True needs tp > 1; drop the pin on one device")
 
 
 def _check_process_group(cluster: ClusterSpec, fix: Fix, plan: Plan | None) -> bool:

@@ -32,6 +32,19 @@ def logits_of(outputs: Any) -> torch.Tensor:
 
 def cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of logits ``[..., V]`` against class ids ``[...]``."""
+    logits = _matching_logits(outputs, targets)
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def summed_cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    """:func:`cross_entropy` summed instead of averaged over the counted tokens: a part of a batch
+    (a microbatch, a shard) divides it by the whole batch's count to add up to the batch's mean."""
+    logits = _matching_logits(outputs, targets)
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def _matching_logits(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     logits = logits_of(outputs)
     if logits.shape[:-1] != targets.shape:
         raise ValueError(
@@ -39,4 +52,4 @@ def cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
             f"{tuple(logits.shape)} without its last (class) dimension; pass loss_fn=... "
             "for other output layouts"
         )
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return logits

@@ -164,7 +164,7 @@ def test_option_errors():
         autopar.compile(model, "2x8xA100-80GB")
     with pytest.raises(ValueError, match="autopar run script.py --nproc 4"):
         autopar.compile(model, "local:4")
-    with pytest.raises(ValueError, match="dp×tp×pp = 4"):
+    with pytest.raises(ValueError, match="dp×tp×pp×cp = 4"):
         autopar.compile(model, fix={"tp": 2, "pp": 2})
     with pytest.raises(TypeError, match="needs an nn.Module"):
         autopar.compile(42)

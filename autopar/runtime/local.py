@@ -4,6 +4,11 @@ Data flow: ``autopar.compile`` on one device → :class:`LocalEngine` (an ``Exec
 distributed :class:`~autopar.runtime.engine.Engine`) → :meth:`LocalEngine.step`: the graph the
 compiled model lowered for these inputs (``graph_for``), ``loss_fn`` plus the MoE layers'
 auxiliary losses, backward, the optimizer step; passes with run-time state follow the step number.
+A pinned ``recompute`` mode wraps each layer of the graph for activation recomputation
+(``autopar.runtime.recompute``, as the distributed stages do), and ``num_microbatches`` /
+``microbatch_size`` run the batch as that many microbatches with their gradients accumulated
+before one optimizer step: the default token cross-entropy is summed per microbatch over the whole
+batch's counted tokens, so the step's loss and gradients equal one pass over the batch.
 The optimizer is the one object users see as ``compiled.optimizer``: built from the factory on
 first use over the trainable parameters, and told about parameters that a later capture creates
 (MoE experts) as a new parameter group.
@@ -19,11 +24,13 @@ from torch import fx, nn
 from torch.profiler import record_function
 
 from autopar.capture.batch import leading_dims
+from autopar.losses import IGNORE_INDEX, cross_entropy, summed_cross_entropy
 from autopar.passes.moe import moe_aux_loss
 from autopar.passes.moe.layer import MoELayer
 from autopar.plans import Plan
 from autopar.runtime.measure import StepReport, measure_labelled_step, measure_memory_bytes, stage_label
 from autopar.runtime.pass_state import PassStates
+from autopar.runtime.recompute import apply_recompute
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -40,9 +47,14 @@ class LocalEngine:
                  parameters: Callable[[], list[tuple[str, nn.Parameter]]],
                  loss_fn: LossFn, optimizer: OptimizerFactory, passes: PassStates,
                  plan: Callable[[], Plan], moe: Callable[[], dict[int, MoELayer]],
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, recompute: str = "none",
+                 num_microbatches: int | None = None, microbatch_size: int | None = None) -> None:
         self._module, self._graph_for, self._parameters, self._plan = module, graph_for, parameters, plan
         self._moe = moe
+        self.recompute = recompute
+        self.num_microbatches, self.microbatch_size = num_microbatches, microbatch_size
+        self._recomputed: dict[int, tuple[fx.GraphModule, nn.Module]] = {}
+        self.last_batch_size: int | None = None  # the latest step's batch (its plan's global batch)
         self.loss_fn, self._factory, self.passes = loss_fn, optimizer, passes
         self.device = device or torch.device("cpu")
         self._optimizer: torch.optim.Optimizer | None = None
@@ -73,23 +85,56 @@ class LocalEngine:
         if new:
             self._optimizer.add_param_group({"params": new})
 
+    def microbatches(self, batch_size: int) -> int:
+        """How many microbatches a batch of ``batch_size`` runs as (the pinned count or size)."""
+        if self.microbatch_size is not None:
+            if batch_size % self.microbatch_size:
+                raise ValueError(f"batch of {batch_size} sequences does not split into microbatches of "
+                                 f"{self.microbatch_size}; pin a microbatch_size that divides the batch")
+            return batch_size // self.microbatch_size
+        count = self.num_microbatches or 1
+        if batch_size % count:
+            raise ValueError(f"batch of {batch_size} sequences does not split into {count} microbatches; "
+                             "pin a num_microbatches that divides the batch")
+        return count
+
     def step(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *, step: int = 0) -> float:
         """One training step on this batch; returns the loss (``loss_fn`` + MoE auxiliary losses)."""
-        gm = self._graph_for(args, kwargs)
+        batch = leading_dims(args, kwargs)[0]
+        count = self.microbatches(batch)
+        self.last_batch_size = batch
         self.passes.begin_step(step)
         optimizer = self.optimizer
         optimizer.zero_grad(set_to_none=True)
-        with record_function(stage_label("forward", 0)):
-            loss = self.loss_fn(gm(*args, **kwargs), targets)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise TypeError(f"loss_fn must return a scalar tensor, got {loss!r:.80}")
-            if self._moe():
-                loss = loss + moe_aux_loss(gm)
-        with record_function(stage_label("backward", 0)):
-            loss.backward()
+        exact = self.loss_fn is cross_entropy and isinstance(targets, torch.Tensor)
+        counted = max(int((targets != IGNORE_INDEX).sum()), 1) if exact else 1
+        total, gm = 0.0, None
+        for part_args, part_kwargs, part_targets in _split(args, kwargs, targets, count):
+            gm, module = self._module_for(part_args, part_kwargs)
+            with record_function(stage_label("forward", 0)):
+                output = module(*part_args, **part_kwargs)
+                loss = summed_cross_entropy(output, part_targets) / counted if exact else \
+                    _checked_loss(self.loss_fn(output, part_targets)) / count
+                if self._moe():
+                    loss = loss + moe_aux_loss(gm) / count
+            with record_function(stage_label("backward", 0)):
+                loss.backward()
+            total += float(loss.detach())
         optimizer.step()
-        self.passes.end_step(gm, leading_dims(args, kwargs)[0])
-        return float(loss.detach())
+        assert gm is not None
+        self.passes.end_step(gm, batch)
+        return total
+
+    def _module_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[fx.GraphModule, nn.Module]:
+        """The graph for these inputs and what runs it (wrapped for recomputation once per graph)."""
+        gm = self._graph_for(args, kwargs)
+        if self.recompute == "none":
+            return gm, gm
+        cached = self._recomputed.get(id(gm))
+        if cached is None or cached[0] is not gm:
+            cached = (gm, apply_recompute(gm, self.recompute))
+            self._recomputed[id(gm)] = cached
+        return cached
 
     def measure_step(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *,
                      step: int = 0) -> StepReport:
@@ -113,4 +158,27 @@ class LocalEngine:
     def moe_layers(self) -> list[MoELayer]:
         """The MoE layers this device runs (every one)."""
         return [layer for _, layer in sorted(self._moe().items())]
+
+
+def _checked_loss(loss: Any) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(f"loss_fn must return a scalar tensor, got {loss!r:.80}")
+    return loss
+
+
+def _split(args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any,
+           count: int) -> list[tuple[tuple[Any, ...], dict[str, Any], Any]]:
+    """``count`` equal microbatches along the leading (batch) dimension of every tensor that has
+    the batch's size there; other values are passed to each microbatch unchanged."""
+    if count == 1:
+        return [(args, kwargs, targets)]
+    batch = leading_dims(args, kwargs)[0]
+
+    def part(value: Any, i: int) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return value.chunk(count)[i]
+        return value
+
+    return [(tuple(part(a, i) for a in args), {k: part(v, i) for k, v in kwargs.items()}, part(targets, i))
+            for i in range(count)]
 
