@@ -56,8 +56,17 @@ class LocalEngine:
         self._recomputed: dict[int, tuple[fx.GraphModule, nn.Module]] = {}
         self.last_batch_size: int | None = None  # the latest step's batch (its plan's global batch)
         self.loss_fn, self._factory, self.passes = loss_fn, optimizer, passes
-        self.device = device or torch.device("cpu")
+        self._device = device
         self._optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is: the given device, else its first parameter's (CPU without any), so
+        measurements synchronise and read the memory of the device the model was moved to."""
+        if self._device is not None:
+            return self._device
+        first = next((p for _, p in self._parameters()), None)
+        return first.device if first is not None else torch.device("cpu")
 
     @property
     def plan(self) -> Plan:
