@@ -28,6 +28,7 @@ API, ``cpu_step``, priced from this machine's calibration (``cpu_rates``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,9 +49,16 @@ from autopar.cost_models.compute import (
     head_times,
     transformer_layer_times,
 )
+from autopar.cost_models.fsdp import Unit, fsdp_step_times
 from autopar.cost_models.local.step import cpu_stage_costs, estimate_local, local_rates
 from autopar.cost_models.memory import MemoryBreakdown, memory_details
-from autopar.cost_models.moe import ALL_TO_ALLS_PER_LAYER, EXPERT_ZERO, all_to_all_bytes, expert_params
+from autopar.cost_models.moe import (
+    ALL_TO_ALLS_PER_LAYER,
+    EXPERT_ZERO,
+    all_to_all_bytes,
+    expert_params,
+    layer_params,
+)
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 from autopar.cost_models.schedule import pipeline_time
 from autopar.cost_models.simulate import Timeline, simulate
@@ -125,21 +133,11 @@ def stage_costs(plan: Plan, profile: ModelProfile, *, options: CostOptions | Non
     cluster = plan.cluster_spec()
     t, b = plan.parallelism.tp, plan.schedule.microbatch_size
     ep = plan.parallelism.ep
-    kernels = Kernels(device=cluster.device, dtype=profile.dtype, bytes_per_element=profile.bytes_per_element,
-                      microbatch_size=b, tp=t, ep=ep)
+    kernels = _kernels(plan, profile)
     boundary_bytes = b * profile.seq_len * profile.hidden_size * profile.bytes_per_element
     tp_group = Group.of(mesh_group(plan, "tp"), cluster=cluster)
     all_reduce_s = all_reduce_time_s(boundary_bytes, group=tp_group, cluster=cluster)
-    cache: dict[tuple[object, ...], LayerTimes] = {}
-
-    def layer_times(layer: LayerProfile, recompute: str) -> LayerTimes:
-        key = (layer.flops_fwd, layer.hidden_size, layer.num_heads, layer.ffn_size, layer.moe, recompute)
-        if key not in cache:
-            cache[key] = transformer_layer_times(
-                layer, kernels=kernels, recompute=recompute, fused_attention=profile.fused_attention,
-                causal=profile.causal, sequence_parallel=options.sequence_parallel)
-        return cache[key]
-
+    layer_times = _layer_timer(kernels, profile, options)
     costs = []
     for stage in plan.stages:
         layers = profile.layers[stage.layers[0]:stage.layers[1]]
@@ -174,6 +172,29 @@ def stage_costs(plan: Plan, profile: ModelProfile, *, options: CostOptions | Non
             send_forward_s=send_next, send_backward_s=send_previous, hardware_flops=flops,
             params_per_device=per_device, expert_params_per_device=experts / ep))
     return tuple(costs)
+
+
+def _kernels(plan: Plan, profile: ModelProfile) -> Kernels:
+    par = plan.parallelism
+    return Kernels(device=plan.cluster_spec().device, dtype=profile.dtype,
+                   bytes_per_element=profile.bytes_per_element, microbatch_size=plan.schedule.microbatch_size,
+                   tp=par.tp, ep=par.ep)
+
+
+def _layer_timer(kernels: Kernels, profile: ModelProfile, options: CostOptions
+                 ) -> Callable[[LayerProfile, str], LayerTimes]:
+    """``layer_times(layer, recompute)``: one layer's compute per microbatch, cached by shape."""
+    cache: dict[tuple[object, ...], LayerTimes] = {}
+
+    def layer_times(layer: LayerProfile, recompute: str) -> LayerTimes:
+        key = (layer.flops_fwd, layer.hidden_size, layer.num_heads, layer.ffn_size, layer.moe, recompute)
+        if key not in cache:
+            cache[key] = transformer_layer_times(
+                layer, kernels=kernels, recompute=recompute, fused_attention=profile.fused_attention,
+                causal=profile.causal, sequence_parallel=options.sequence_parallel)
+        return cache[key]
+
+    return layer_times
 
 
 def _all_to_all_s(plan: Plan, profile: ModelProfile, devices: tuple[int, ...],
@@ -221,11 +242,14 @@ def _dp_and_optimizer_s(plan: Plan, profile: ModelProfile, costs: tuple[StageCos
         mine = costs[rank::par.pp]
         params = sum(c.params_per_device for c in mine)
         experts = sum(c.expert_params_per_device for c in mine)
-        sync = dp_sync_time_s(params - experts, bytes_per_element=profile.bytes_per_element, zero=plan.zero,
-                              group=dp_group, cluster=cluster,
-                              num_microbatches=plan.schedule.num_microbatches)
-        window = sum(c.times().backward_s + c.times().backward_weight_s for c in mine)
-        exposed = exposed_dp_time_s(sync, overlap=options.dp_overlap, backward_window_s=window)
+        if plan.zero == 3:  # per-layer gathers and reduce-scatters behind each layer's compute (``fsdp``)
+            exposed = _fsdp_exposed_s(plan, profile, options, rank, mine, group=dp_group)
+        else:
+            sync = dp_sync_time_s(params - experts, bytes_per_element=profile.bytes_per_element,
+                                  zero=plan.zero, group=dp_group, cluster=cluster,
+                                  num_microbatches=plan.schedule.num_microbatches)
+            window = sum(c.times().backward_s + c.times().backward_weight_s for c in mine)
+            exposed = exposed_dp_time_s(sync, overlap=options.dp_overlap, backward_window_s=window)
         if experts:  # all-reduced over the dp/ep replicas after the last backward, whatever the ZeRO stage
             exposed += dp_sync_time_s(experts, bytes_per_element=profile.bytes_per_element, zero=EXPERT_ZERO,
                                       group=expert_group, cluster=cluster)
@@ -234,6 +258,40 @@ def _dp_and_optimizer_s(plan: Plan, profile: ModelProfile, costs: tuple[StageCos
         optimizer_s = max(optimizer_s, ((params - experts) / shard + experts)
                           * OPTIMIZER_BYTES_PER_PARAM / bandwidth)
     return dp_s + tied, optimizer_s
+
+
+def _fsdp_units(plan: Plan, profile: ModelProfile, options: CostOptions, rank: int,
+                mine: tuple[StageCost, ...]) -> tuple[Unit, list[Unit]]:
+    """The FSDP units of pipeline rank ``rank`` (its stages ``mine``): one per layer (dense
+    parameters ÷ t, experts excluded: ``moe``), and a root with the rest of the rank's dense
+    parameters and compute (embedding, head)."""
+    layer_times, par = _layer_timer(_kernels(plan, profile), profile, options), plan.parallelism
+    element = profile.bytes_per_element
+    layers = []
+    for stage in plan.stages[rank::par.pp]:
+        for layer in profile.layers[stage.layers[0]:stage.layers[1]]:
+            times = layer_times(layer, stage.recompute)
+            layers.append(Unit(param_bytes=layer_params(layer, tp=par.tp, ep=par.ep)[0] * element,
+                               forward_s=times.forward_s, backward_s=times.backward_s + times.recompute_s))
+    total = sum((c.compute for c in mine), LayerTimes())
+    dense = sum(c.params_per_device - c.expert_params_per_device for c in mine) * element
+    root = Unit(param_bytes=max(0.0, dense - sum(u.param_bytes for u in layers)),
+                forward_s=max(0.0, total.forward_s - sum(u.forward_s for u in layers)),
+                backward_s=max(0.0, total.backward_s + total.recompute_s - sum(u.backward_s for u in layers)))
+    return root, layers
+
+
+def _fsdp_exposed_s(plan: Plan, profile: ModelProfile, options: CostOptions, rank: int,
+                    mine: tuple[StageCost, ...], *, group: Group) -> float:
+    """FSDP collectives on pipeline rank ``rank``'s critical path over a step (``fsdp``): every
+    microbatch reduce-scatters without pipelining, only the last one under a pipelining schedule."""
+    root, layers = _fsdp_units(plan, profile, options, rank, mine)
+    if group.size <= 1:
+        return 0.0
+    times = fsdp_step_times(root, layers, group=group, cluster=plan.cluster_spec(),
+                            num_microbatches=plan.schedule.num_microbatches,
+                            reduce_every_microbatch=plan.parallelism.pp == 1)
+    return times.exposed_s
 
 
 def estimate(plan: Plan, profile: ModelProfile, *, options: CostOptions | None = None,

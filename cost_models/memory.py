@@ -26,6 +26,9 @@ Per device: model states + activations + logits + reserve.
   (``moe.EXPERT_ZERO``); ZeRO shards the dense states only. The MoE layer's router and
   Residual-MoE branch are dense but whole on every tp rank (``moe.layer_params``). An MoE layer
   keeps its MLP activations once per routed row (``moe.expert_activation_bytes``).
+* ZeRO-3 on GPUs (``fsdp``): beyond the sharded states, the unsharded weights of the root unit
+  (embedding, head) and of ``d + 1`` consecutive layers (the one computing and the prefetched one),
+  and the unsharded gradients of the root and of one layer awaiting its reduce-scatter.
 * Logits on the last stage: the fp32 probabilities the vocabulary-parallel cross-entropy keeps
   for backward, ``4 s b V / t`` bytes, for one microbatch (GPipe: all ``m``).
 * Reserve (ASSUMED, not fitted): :data:`WORKSPACE_BYTES` on GPUs for the CUDA context and
@@ -38,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from autopar.cost_models.fsdp import in_flight_bytes
 from autopar.cost_models.moe import EXPERT_ZERO, expert_activation_bytes, layer_params
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 from autopar.cost_models.states import (  # noqa: F401 - model_state_bytes stays importable from here
@@ -164,12 +168,27 @@ def _stage_set_memory(plan: Plan, profile: ModelProfile, stage_indices: tuple[in
     if experts:  # E/ep experts per device, their states replicated over dp/ep ranks: no ZeRO (``moe``)
         expert_parts = state_parts_bytes(experts, zero=EXPERT_ZERO, states=held)
         parts = tuple(a + e for a, e in zip(parts, expert_parts, strict=True))  # type: ignore[assignment]
+    if gpu and plan.zero == 3 and par.dp > 1:  # unsharded layers in flight (``fsdp``)
+        weights, grads = _fsdp_in_flight_bytes(plan, profile, stage_indices, params)
+        parts = (parts[0] + weights, parts[1] + grads, parts[2])  # type: ignore[assignment]
     states = sum(parts)
     activations = stored * in_flight + working
     reserve = FRAGMENTATION_FRACTION * (states + activations + logits) + (WORKSPACE_BYTES if gpu else 0)
     return MemoryBreakdown(model_states_bytes=states, activations_bytes=activations,
                            logits_bytes=logits, reserve_bytes=reserve, weights_bytes=parts[0],
                            gradients_bytes=parts[1], optimizer_bytes=parts[2])
+
+
+def _fsdp_in_flight_bytes(plan: Plan, profile: ModelProfile, stage_indices: tuple[int, ...],
+                          params: float) -> tuple[float, float]:
+    """(weights, gradients) that ZeRO-3 holds unsharded at its peak on a device holding
+    ``stage_indices`` (``params`` dense parameters per device before sharding): one FSDP unit per
+    layer and a root with the rest (``fsdp.in_flight_bytes``)."""
+    par, element = plan.parallelism, profile.bytes_per_element
+    layers = [layer_params(layer, tp=par.tp, ep=par.ep)[0] * element
+              for stage in (plan.stages[i] for i in stage_indices)
+              for layer in profile.layers[stage.layers[0]:stage.layers[1]]]
+    return in_flight_bytes(max(0.0, params * element - sum(layers)), layers)
 
 
 @dataclass(frozen=True)
