@@ -162,7 +162,8 @@ def dp_sync_time_s(num_params: float, *, bytes_per_element: int, zero: int, grou
 
     ZeRO 0: all-reduce the gradients. ZeRO 1/2: reduce-scatter the gradients, all-gather the
     updated weights. ZeRO 3 (FSDP): per microbatch, all-gather the weights for forward and
-    again for backward, and reduce-scatter the gradients.
+    again for backward, and reduce-scatter the gradients — the whole traffic on the link; how much
+    of it the layers' compute hides is ``fsdp.fsdp_step_times`` (what ``estimate`` prices).
     """
     size = num_params * bytes_per_element
     if zero == 0:

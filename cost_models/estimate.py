@@ -7,7 +7,8 @@ the compute and communication models → step time from the schedule model → `
 Step time = pipeline time (``schedule.pipeline_time``: per-stage forward, backward,
 recomputation, tensor-parallel collectives, MoE all-to-alls and P2P sends, steady part plus
 bubble) + exposed data-parallel sync (``comm.dp_sync_time_s`` minus the overlap factor, dense
-parameters over ``dp`` with the plan's ZeRO stage; plus the all-reduce of expert gradients over
+parameters over ``dp`` with the plan's ZeRO stage; ZeRO-3 per layer behind each layer's compute,
+``fsdp``; plus the all-reduce of expert gradients over
 ``dp/ep`` after the last backward, never overlapped, ``moe``) + optimizer step (memory-bound:
 :data:`OPTIMIZER_BYTES_PER_PARAM` read and written per parameter shard; experts unsharded). The
 breakdown splits it into compute, recompute, tp_comm, pp_comm, dp_comm, ep_comm (the MoE
