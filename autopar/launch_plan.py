@@ -7,7 +7,9 @@ batch (``autopar.plan_api.search_program``) and sends it to every rank as JSON b
 so all ranks run the same Plan even if the search hit its time limit → every rank lowers the
 plan's microbatch (the same Program on rank 0 when the microbatch is the whole batch: at most two
 captures per rank) → a plan without predictions is priced on it (``autopar.lower.predict``) → the
-Engine.
+Engine. With context parallelism (cp > 1) the Engine gets one more capture, of the microbatch at
+the local sequence length ``seq/cp`` (``runtime.sequence_shard.local_example``), so every shape in
+its stage graphs is the one a cp rank runs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from autopar.config import Fix
 from autopar.lower import Program, predicted_plan
 from autopar.plans import Plan, check_fingerprint
 from autopar.programs import Programs
+from autopar.runtime.sequence_shard import check_passes, local_example
 from autopar.runtime.split import check_stage_layers
 
 if TYPE_CHECKING:
@@ -63,8 +66,22 @@ def start_engine(programs: Programs, request: EngineRequest, args: tuple[Any, ..
     _check_against_model(plan, program)
     if plan.predicted.step_time_s is None:
         plan = predicted_plan(plan, program)
+    if plan.parallelism.cp > 1:
+        program = _local_sequence_program(programs, plan, program, micro_args, micro_kwargs, step=step)
     return Engine(program.captured, plan, loss_fn=request.loss_fn, optimizer=request.optimizer,
                   passes=programs.pass_states)
+
+
+def _local_sequence_program(programs: Programs, plan: Plan, program: Program, args: tuple[Any, ...],
+                            kwargs: dict[str, Any], *, step: int) -> Program:
+    """The microbatch captured at the sequence length one cp rank runs."""
+    cp = plan.parallelism.cp
+    check_passes([a.name for a in program.applied], cp=cp)
+    if program.seq_len is None:
+        raise ValueError(f"the plan has context parallelism (cp = {cp}) but the batch has no (batch, seq) "
+                         "tensor to split along the sequence; use cp = 1")
+    local_args, local_kwargs = local_example((args, kwargs), seq_len=program.seq_len, cp=cp)
+    return programs.get(local_args, local_kwargs, training=True, step=step)
 
 
 def _check_against_model(plan: Plan, program: Program) -> None:

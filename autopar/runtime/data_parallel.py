@@ -9,6 +9,11 @@ sharded over dp (ZeRO-3); with ``zero`` < 3 parameters stay gathered between
 forward and backward (``reshard_after_forward=False``, ZeRO-2-like). Both are
 torch.distributed's own FSDP2 machinery, which pipelining schedules drive (gradient
 reduction deferred to the last microbatch).
+
+With context parallelism the ranks of one dp × cp slice all hold the same parameters (each cp
+rank trains on its part of the sequence), so the mesh of this module is the flattened dp × cp
+mesh (:func:`gradient_mesh`): gradients are averaged, and ZeRO shards states, over ``dp · cp``
+ranks. The engine scales each rank's loss by ``dp · cp`` so that the average is the global sum.
 """
 
 from __future__ import annotations
@@ -19,6 +24,14 @@ from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
+
+
+def gradient_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The ranks that hold replicas of one parameter: the ``dp`` axis, flattened with ``cp`` when
+    cp > 1 (collective: every rank calls it)."""
+    if mesh["cp"].size() == 1:
+        return mesh["dp"]
+    return mesh["dp", "cp"]._flatten("dp_cp")
 
 
 def apply_data_parallel(module: nn.Module, *, zero: int, dp_mesh: DeviceMesh,

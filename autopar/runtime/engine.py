@@ -22,6 +22,7 @@ its nodes always fall in the stage of their layer: any stage split works.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -39,13 +40,15 @@ from autopar.capture.record import META_KEY
 from autopar.losses import IGNORE_INDEX, cross_entropy, logits_of
 from autopar.passes.moe.layer import MoELayer
 from autopar.plans import Plan
-from autopar.runtime.data_parallel import apply_data_parallel
+from autopar.runtime.cp_rewrite import rewrite_for_plan
+from autopar.runtime.data_parallel import apply_data_parallel, gradient_mesh
 from autopar.runtime.expert_parallel import ExpertGroups, apply_expert_parallel
 from autopar.runtime.layout import Layout
 from autopar.runtime.measure import StepReport, measure_engine_step, measure_memory_bytes
 from autopar.runtime.pass_state import PassStates
 from autopar.runtime.pipeline import make_schedule, make_stage
 from autopar.runtime.recompute import apply_recompute
+from autopar.runtime.sequence_shard import SequenceShard
 from autopar.runtime.split import check_stage_layers, shared_parameters, split_stages
 from autopar.runtime.tensor_parallel import TensorParallelStage, implicit_replication, shard_parameters
 
@@ -79,16 +82,19 @@ class Engine:
         self.device = device or default_device()
         self.layout = Layout.build(plan, self.device.type)
         self.constants = _constant_inputs(captured)
-        self._example_shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else ()
-                                for v in self._tensor_inputs(captured.example_args, captured.example_kwargs)]
+        self.sequence = SequenceShard.of(plan, self.layout.cp_rank)  # captured at seq/cp tokens if cp > 1
+        examples = self._tensor_inputs(captured.example_args, captured.example_kwargs)
+        self._example_shapes = [self.sequence.global_shape(tuple(v.shape)) if isinstance(v, torch.Tensor)
+                                else () for v in examples]
         _check_supported(plan)
         check_stage_layers(len(captured.layers), [s.layers for s in plan.stages])
         _check_moe(captured, plan)
-        graphs = split_stages(captured.graph_module, [s.layers for s in plan.stages], self.constants)
+        graphs = split_stages(rewrite_for_plan(captured, plan, self.layout), [s.layers for s in plan.stages],
+                              self.constants)
         tied_spec = shared_parameters(graphs)  # by identity, before wrapping replaces parameters
         self.num_stages = len(graphs)
         local = self.layout.local_stages()
-        dp_mesh = self.layout.mesh["dp"]
+        dp_mesh = gradient_mesh(self.layout.mesh)  # dp × cp: cp ranks hold replicas too
         canonical = {id(p): name for name, p in captured.graph_module.named_parameters()}
         self.exact = loss_fn is cross_entropy
         self.experts = _expert_groups(captured, plan, self.layout)
@@ -114,7 +120,7 @@ class Engine:
                   for m, i in zip(self.modules, local, strict=True)]
         unflatten = _output_unflattener(captured.graph_module)
         if self.exact:
-            self.loss: Any = _GlobalMeanCrossEntropy(unflatten, plan.parallelism.dp)
+            self.loss: Any = _GlobalMeanCrossEntropy(unflatten, plan.parallelism.dp * plan.parallelism.cp)
         else:
             self.loss = lambda output, target: _scalar_loss(loss_fn(unflatten(output), target))
         self.schedule = make_schedule(plan.schedule, stages, self.loss, scale_grads=not self.exact)
@@ -194,9 +200,9 @@ class Engine:
         if self.exact:
             self.loss.count = max(int((targets != IGNORE_INDEX).sum()), 1)
         elif not self._loss_checked:
-            self._check_user_loss(_shard(targets, dp, dp_rank))
-        flat = [_to(_shard(v, dp, dp_rank), self.device) for v in tensors]
-        target = _to(_shard(targets, dp, dp_rank), self.device) if self.has_last else None
+            self._check_user_loss(self._local(targets))
+        flat = [_to(self._local(v), self.device) for v in tensors]
+        target = _to(self._local(targets), self.device) if self.has_last else None
         losses: list[torch.Tensor] = []
         self._aux_losses.clear()
         self.optimizer.zero_grad(set_to_none=True)
@@ -211,6 +217,10 @@ class Engine:
         loss = self._global_loss(losses)
         self.last_step_s = time.perf_counter() - start
         return loss
+
+    def _local(self, value: Any) -> Any:
+        """This rank's part of a global-batch tensor: its dp rows, then its cp sequence chunks."""
+        return self.sequence.shard(_shard(value, self.plan.parallelism.dp, self.layout.dp_rank))
 
     def _check_user_loss(self, targets: Any) -> None:
         """Before the first step (a pipeline would wait forever for a last stage that failed), the
@@ -283,7 +293,7 @@ class Engine:
         value = value.reshape(1).to(self.device) + self._aux_loss_sum()
         dist.all_reduce(value)
         par = self.plan.parallelism
-        return float(value) / (par.dp * par.tp)
+        return float(value) / (par.dp * par.cp * par.tp)
 
 
     def _aux_loss_sum(self) -> torch.Tensor:
@@ -299,7 +309,8 @@ def _expert_groups(captured: Captured, plan: Plan, layout: Layout) -> ExpertGrou
     """Expert-parallel groups when the graph has MoE layers (collective: all ranks build them)."""
     if not any(isinstance(m, MoELayer) for m in captured.graph_module.modules()):
         return None
-    return ExpertGroups.build(layout.mesh.mesh, layout.rank, plan.parallelism.ep)
+    groups = ExpertGroups.build(layout.mesh.mesh, layout.rank, plan.parallelism.ep)
+    return dataclasses.replace(groups, dp=plan.parallelism.dp * plan.parallelism.cp)  # loss replicas
 
 
 def _prepare_stage(gm: torch.fx.GraphModule, plan: Plan, index: int, tp_mesh: Any,
@@ -375,18 +386,17 @@ def _tied_groups(tied_spec: list[tuple[tuple[int, str], ...]], layout: Layout, m
                  local: list[int]) -> list[tuple[dist.ProcessGroup, list[torch.Tensor]]]:
     """Process groups over the pp ranks that hold one tied parameter (collective: all ranks)."""
     result = []
-    world_coords = layout.mesh.mesh  # (pp, dp, tp) grid of ranks
+    world_coords = layout.mesh.mesh  # (pp, dp, cp, tp) grid of ranks
     for group in tied_spec:
         stage_ranks = sorted({layout.stage_ranks[stage] for stage, _ in group})
         if len(stage_ranks) < 2:
             continue
         mine = None
-        for dp in range(world_coords.shape[1]):
-            for tp in range(world_coords.shape[2]):
-                ranks = [int(world_coords[p, dp, tp]) for p in stage_ranks]
-                pg = dist.new_group(ranks)
-                if layout.rank in ranks:
-                    mine = pg
+        for column in world_coords.flatten(1).unbind(1):  # every (dp, cp, tp) position
+            ranks = [int(column[p]) for p in stage_ranks]
+            pg = dist.new_group(ranks)
+            if layout.rank in ranks:
+                mine = pg
         if mine is None:
             continue
         params = [_find_param(modules[local.index(stage)], name) for stage, name in group if stage in local]

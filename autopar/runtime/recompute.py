@@ -7,6 +7,12 @@ saves the outputs of matrix multiplications and recomputes the rest (attention's
 softmax/dropout and the s×s scores, norms, activations). ``"none"``: unchanged.
 The stage graph is regrouped into one submodule per layer with
 ``torch.fx.passes.split_module`` so that each layer is one checkpoint region.
+
+Context parallelism (``cp_rewrite.RingAttention``): under ``"full"`` the ring is recomputed with
+its layer (every cp rank replays it at the same point of the schedule, so the K/V exchanges pair
+up; the replay never stops early); under ``"selective"`` each ring attention is its own region,
+outside the checkpoint, so its output and log-sum-exp are saved and backward issues no forward
+exchanges again (the ring's block kernels are not ATen matmuls the policy could save).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch.utils.checkpoint import (
 
 import autopar.kernels  # noqa: F401 - registers torch.ops.autopar.flash_attention
 from autopar.capture.record import META_KEY
+from autopar.runtime.cp_rewrite import is_ring_attention, ring_attention_modules
 from autopar.runtime.expert_parallel import has_expert_parallel
 
 _SAVED_OPS = {
@@ -45,7 +52,7 @@ class Recomputed(nn.Module):
         super().__init__()
         self.inner = inner
         self.mode = mode
-        self.exchanges = has_expert_parallel(inner)
+        self.exchanges = has_expert_parallel(inner) or bool(ring_attention_modules(inner))
 
     def forward(self, *args: Any) -> Any:
         if not torch.is_grad_enabled():
@@ -54,7 +61,7 @@ class Recomputed(nn.Module):
         if self.mode == "selective":
             context = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
         kwargs: dict[str, Any] = {"context_fn": context} if context is not None else {}
-        if self.exchanges:  # replay the whole layer: its all-to-alls must run on every rank
+        if self.exchanges:  # replay the whole layer: its all-to-alls / ring P2P must run on every rank
             kwargs["early_stop"] = False
         return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
 
@@ -64,16 +71,19 @@ def apply_recompute(gm: fx.GraphModule, mode: str) -> nn.Module:
     if mode == "none":
         return gm
     assert mode in ("selective", "full"), mode
-    part_of = _partitions(gm)
+    saved = {n for n in gm.graph.nodes if is_ring_attention(gm, n)} if mode == "selective" else set()
+    part_of = _partitions(gm, saved)
     regrouped = split_module(gm, gm, lambda node: part_of[node], keep_original_order=True)
     for name, child in list(regrouped.named_children()):
-        if name.startswith("submod_") and _is_layer_part(child):
+        keep = bool(saved) and bool(ring_attention_modules(child))  # a saved ring attention region
+        if name.startswith("submod_") and _is_layer_part(child) and not keep:
             setattr(regrouped, name, Recomputed(child, mode))
     return regrouped
 
 
-def _partitions(gm: fx.GraphModule) -> dict[fx.Node, int]:
-    """Consecutive nodes of one layer share a partition; other runs get their own."""
+def _partitions(gm: fx.GraphModule, alone: set[fx.Node]) -> dict[fx.Node, int]:
+    """Consecutive nodes of one layer share a partition; other runs, and each node of ``alone``,
+    get their own."""
     part_of: dict[fx.Node, int] = {}
     part, previous = 0, object()
     for node in gm.graph.nodes:
@@ -81,6 +91,10 @@ def _partitions(gm: fx.GraphModule) -> dict[fx.Node, int]:
             continue
         record = node.meta.get(META_KEY)
         layer = None if record is None else record.layer
+        if node in alone:  # its own partition; the next node starts another
+            part, previous = part + 1, object()
+            part_of[node] = part
+            continue
         if node.op != "get_attr" and layer != previous:
             part += 1
             previous = layer
