@@ -8,6 +8,14 @@ parts outside the repeated layers (embedding before the first layer, LM head aft
 last), the vocabulary and the training dtype. FLOPs are *per sequence* (one sample of
 ``seq_len`` tokens); the models multiply by the microbatch size. Counts follow capture:
 a matmul (m×k)(k×n) is 2mkn FLOPs, attention is counted without the causal saving.
+
+A captured layer is summarized in the shape of the GPT layer the compute model prices (QKV
+``h → 3h``, projection, a 2-matmul MLP of width ``f``, Megatron-LM's ``24 b s h² + 4 b s² h`` at
+``f = 4h``): its ``ffn_size`` is the width that gives the layer's *counted* forward FLOPs
+(:func:`_gpt_equivalent_ffn`), so a gated MLP (SwiGLU: three matrices), grouped-query attention
+(narrower K and V) or any other arrangement of the same matmuls costs what the same FLOPs cost
+in a zoo GPT. Attention is causal when SDPA says so or when its mask compares query with key
+positions (:func:`_sdpa_is_causal`; Hugging Face builds such masks instead of ``is_causal``).
 """
 
 from __future__ import annotations
@@ -146,7 +154,7 @@ class ModelProfile:
         parts outside the layers from the node records. ``dtype`` defaults to the dtype of the
         model's parameters — what the runtime trains in (bf16 for a model without
         parameters). ``fused_attention`` defaults to whether the graph calls
-        ``scaled_dot_product_attention`` (``causal`` to its ``is_causal``); nodes between
+        ``scaled_dot_product_attention`` (``causal`` to :func:`_sdpa_is_causal`); nodes between
         stacks of layers count with the head. Layers the MoE pass transformed
         (``node.meta["autopar_moe"]``) get their FLOPs and parameters from the transformed graph
         and a ``moe`` record (:func:`_moe_layers`).
@@ -158,7 +166,7 @@ class ModelProfile:
         layer_nodes = [i for i, (_, record) in enumerate(nodes) if record.layer is not None]
         first = layer_nodes[0] if layer_nodes else len(nodes)
         outside = [(i < first, record) for i, (_, record) in enumerate(nodes) if record.layer is None]
-        shapes = [_layer_shapes(nodes, info.index) for info in captured.layers]
+        shapes = [_layer_shapes(nodes, info.index, info.flops_fwd / batch_size) for info in captured.layers]
         scale = DTYPE_BYTES[canonical_dtype(dtype)] / batch_size
         written = [sum(r.bytes_written / _ELEMENT_BYTES.get(r.dtypes[0], 4) for _, r in nodes
                        if r.layer == info.index and r.dtypes) * scale for info in captured.layers]
@@ -184,7 +192,7 @@ class ModelProfile:
             head_flops_bwd=sum(r.flops_bwd for r in head) / batch_size,
             tied_embeddings=vocab > 0 and head_params < vocab * hidden, dtype=dtype,
             fused_attention=bool(sdpa) if fused_attention is None else fused_attention,
-            causal=any(node.kwargs.get("is_causal", False) for node in sdpa) if sdpa else True,
+            causal=any(_sdpa_is_causal(node) for node in sdpa) if sdpa else True,
             embedding_param_tensors=_tensor_count(gm, [n for n, r in nodes[:first] if r.layer is None], seen),
             head_param_tensors=_tensor_count(gm, [n for n, r in nodes[first:] if r.layer is None], seen))
 
@@ -271,11 +279,12 @@ def _param_count(record: Any) -> int:
     return record.param_bytes // size
 
 
-def _layer_shapes(nodes: list[tuple[Any, Any]], index: int) -> dict[str, int | None]:
-    """hidden, seq from the layer's last (b, s, h) output; heads from a (b, a, s, h/a) tensor;
-    ffn from the widest parameter-owning matmul outside attention modules: a leaf module with
-    parameters (fx graphs), or an op reading a parameter through ``get_attr`` (exported graphs,
-    where the node that multiplies owns no parameter bytes itself)."""
+def _layer_shapes(nodes: list[tuple[Any, Any]], index: int, flops_fwd: float) -> dict[str, int | None]:
+    """hidden, seq from the layer's last (b, s, h) output; heads from a (b, a, s, h/a) tensor. A layer
+    is a transformer layer when it also holds a parameter-owning matmul outside attention modules (a
+    leaf module with parameters in fx graphs, or an op reading a parameter through ``get_attr`` in
+    exported graphs, where the node that multiplies owns no parameter bytes itself); its
+    ``ffn_size`` is then :func:`_gpt_equivalent_ffn` of its forward FLOPs (per sequence)."""
     mine = [(node, record) for node, record in nodes if record.layer == index]
     outputs = [record.shapes[0] for _, record in mine if record.shapes and len(record.shapes[0]) == 3]
     if not outputs:
@@ -284,12 +293,66 @@ def _layer_shapes(nodes: list[tuple[Any, Any]], index: int) -> dict[str, int | N
     heads = next((shape[1] for _, record in mine for shape in record.shapes
                   if len(shape) == 4 and shape[2] == seq and shape[1] * shape[3] == hidden), None)
     weights = {node for node, record in mine if node.op == "get_attr" and record.param_bytes > 0}
-    widths = [record.shapes[0][-1] for node, record in mine
-              if record.flops_fwd > 0 and record.shapes
-              and (record.param_bytes > 0 or any(arg in weights for arg in node.all_input_nodes))
-              and not any(word in record.module_path.lower() for word in _ATTENTION_WORDS)]
-    ffn = max(widths, default=None)
+    has_mlp = any(record.flops_fwd > 0 and record.shapes
+                  and (record.param_bytes > 0 or any(arg in weights for arg in node.all_input_nodes))
+                  and not any(word in record.module_path.lower() for word in _ATTENTION_WORDS)
+                  for node, record in mine)
+    ffn = _gpt_equivalent_ffn(flops_fwd, seq=seq, hidden=hidden) if has_mlp else None
     return {"hidden_size": hidden, "seq_len": seq, "num_heads": heads, "ffn_size": ffn}
+
+
+def _gpt_equivalent_ffn(flops_fwd: float, *, seq: int, hidden: int) -> int:
+    """The MLP width ``f`` of the GPT layer with ``flops_fwd`` forward FLOPs per sequence:
+    ``8 s h² + 4 s h f + 4 s² h = flops_fwd`` (Megatron-LM's count, Narayanan et al. SC'21, with
+    ``f`` for ``4h``). GPT-2's ``f`` is its own 4h; a Llama layer (attention ``2h² + 2h·kv``
+    with ``kv`` the K/V width, SwiGLU ``3hf``) gets ``f' = (2h² + 2h·kv + 3hf − 4h²) / 2h``:
+    Llama-3-8B (h 4096, kv 1024, f 14336) is priced as a GPT layer with f' = 18432."""
+    s, h = seq, hidden
+    return max(1, round((flops_fwd - 8 * s * h * h - 4 * s * s * h) / (4 * s * h)))
+
+
+_CAUSAL_MASK_OPS = frozenset({"tril", "triu"})
+_POSITION_COMPARISONS = frozenset({"le", "lt", "ge", "gt", "__le__", "__lt__", "__ge__", "__gt__"})
+_MASK_SEARCH_NODES = 512  # a mask is built by a few dozen ops (Hugging Face: ~40)
+
+
+def _sdpa_is_causal(node: Any) -> bool:
+    """Whether an SDPA call attends causally: ``is_causal``, or an ``attn_mask`` built from a
+    ``tril``/``triu`` or from comparing query positions ``(…, s, 1)`` with key positions
+    ``(…, 1, s)`` (Hugging Face's ``create_causal_mask``: ``kv_idx <= q_idx``). A padding mask
+    (BERT's ``mask >= 0``) or a relative-position bias (T5) compares with scalars: not causal."""
+    if node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False) is True:
+        return True
+    mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+    seen, todo = set(), [mask] if hasattr(mask, "all_input_nodes") else []
+    while todo and len(seen) < _MASK_SEARCH_NODES:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        name = _op_name(current)
+        if name in _CAUSAL_MASK_OPS or name in _POSITION_COMPARISONS and _compares_rows_with_columns(current):
+            return True
+        todo.extend(current.all_input_nodes)
+    return False
+
+
+def _op_name(node: Any) -> str:
+    """``"le"`` for ``aten.le.Tensor``, ``torch.le``, ``operator.le`` or ``x.le`` (no module's name)."""
+    target = node.target
+    if node.op == "call_method":
+        return str(target)
+    packet = getattr(target, "overloadpacket", None)  # an aten OpOverload
+    return getattr(packet or target, "__name__", "") if node.op == "call_function" else ""
+
+
+def _compares_rows_with_columns(node: Any) -> bool:
+    """A comparison whose (…, s_q, s_k) result broadcasts a column against a row."""
+    shapes = [arg.meta["autopar"].shapes[0] for arg in node.args[:2]
+              if hasattr(arg, "meta") and getattr(arg.meta.get("autopar"), "shapes", None)]
+    if len(shapes) != 2 or min(len(shape) for shape in shapes) < 2:
+        return False
+    return {(shape[-2] > 1, shape[-1] > 1) for shape in shapes} == {(True, False), (False, True)}
 
 
 def _sequence_and_hidden(captured: Any, shapes: list[dict[str, int | None]]) -> tuple[int, int]:

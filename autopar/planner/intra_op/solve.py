@@ -25,8 +25,9 @@ agreement with exhaustive search, a variable count independent of depth.
 Left out: the data-parallel (batch) axis and 2-D meshes (the inter-op planner owns dp and
 its gradient sync), sequence parallelism, activation memory in the memory row (parameters
 only), ZeRO. Approximations (``strategies``): a colwise QKV output is assumed head-aligned as
-in Megatron-LM; several colwise linears reading one input each pay their own backward
-all-reduce (Llama's q/k/v: three instead of one); ``microbatch_scale`` also scales the few
+in Megatron-LM; the one backward all-reduce of an input that several colwise linears read
+(Llama's q/k/v) is split evenly between them, an underestimate when only some of them are
+colwise; ``microbatch_scale`` also scales the few
 tensors without a batch dimension (position embeddings).
 """
 

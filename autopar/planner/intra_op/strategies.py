@@ -9,7 +9,10 @@ alpha-beta per topology level). The ILP (``sharding_ilp``; Alpa: Zheng et al., O
 use:
 
 * linear: ``replicate`` (R → R); ``colwise`` (R → split last dim, weight split by output
-  features; the input gradient is a partial sum, all-reduced in backward); ``rowwise``
+  features; the input gradient is a partial sum, all-reduced in backward: once for all the
+  linears that read one input, as DTensor adds their partial gradients before reducing — each of
+  ``k`` such siblings, Llama's q/k/v or its SwiGLU gate/up, pays ``1/k`` of it, exact when all are
+  colwise as in Megatron-LM and an underestimate when only some are); ``rowwise``
   (split last dim → partial sum all-reduced in forward → R; weight split by input features,
   bias replicated).
 * embedding: ``replicate``; ``vocab`` (table split by rows; output all-reduced → R).
@@ -160,6 +163,11 @@ def _linear_parts(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Ten
     return node.args[position], bias, node.target in _OUT_FIRST  # type: ignore[return-value]
 
 
+def _linear_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The activation a linear node multiplies (None for any other node)."""
+    return _linear_parts(gm, node)[0] if linear_weight(gm, node) is not None else None
+
+
 def _linear(gm: fx.GraphModule, node: fx.Node, ctx: CostContext) -> Options:
     x, bias, out_first = _linear_parts(gm, node)
     weight = linear_weight(gm, node)
@@ -169,8 +177,9 @@ def _linear(gm: fx.GraphModule, node: fx.Node, ctx: CostContext) -> Options:
     out_dim, in_dim = ("S0", "S1") if out_first else ("S1", "S0")
     rows = [("replicate", "R", (REPLICATED,), REPLICATED, ctx.matmul_s(m, k, n), 0.0, (False, False))]
     if t > 1 and n % t == 0:
+        shared_by = sum(1 for user in x.users if user is node or _linear_input(gm, user) is x)
         rows.append(("colwise", out_dim, (REPLICATED,), last_out, ctx.matmul_s(m, k, n / t),
-                     ctx.all_reduce_s(ctx.tensor_bytes(x)), (True, True)))
+                     ctx.all_reduce_s(ctx.tensor_bytes(x)) / shared_by, (True, True)))
     if t > 1 and k % t == 0:
         rows.append(("rowwise", in_dim, (last_in,), REPLICATED, ctx.matmul_s(m, k / t, n),
                      ctx.all_reduce_s(ctx.tensor_bytes(node)), (True, False)))
