@@ -42,11 +42,13 @@ from autopar.passes.moe.layer import MoELayer
 from autopar.plans import Plan
 from autopar.runtime.cp_rewrite import rewrite_for_plan
 from autopar.runtime.data_parallel import apply_data_parallel, gradient_mesh
+from autopar.runtime.evaluate import evaluate_engine
 from autopar.runtime.expert_parallel import ExpertGroups, apply_expert_parallel
 from autopar.runtime.layout import Layout
 from autopar.runtime.measure import StepReport, measure_engine_step, measure_memory_bytes
 from autopar.runtime.pass_state import PassStates
 from autopar.runtime.pipeline import make_schedule, make_stage
+from autopar.runtime.rank_batch import BatchLayout, RankBatch, given
 from autopar.runtime.recompute import apply_recompute
 from autopar.runtime.sequence_shard import SequenceShard
 from autopar.runtime.split import check_stage_layers, shared_parameters, split_stages
@@ -133,6 +135,10 @@ class Engine:
         self.tied = _tied_groups(tied_spec, self.layout, self.modules, local)
         self.last_step_s = 0.0
         self._user_loss, self._unflatten, self._loss_checked = loss_fn, unflatten, False
+        self.batches = BatchLayout(global_batch_size=plan.global_batch_size, dp=plan.parallelism.dp,
+                                   dp_rank=self.layout.dp_rank, example_shapes=self._example_shapes,
+                                   cut=self.sequence.shard, device=self.device, has_first=self.has_first,
+                                   has_last=self.has_last, dp_group=self.layout.group("dp"))
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """This rank's parameters under the original model's names (tied ones once per rank)."""
@@ -188,27 +194,24 @@ class Engine:
     def has_last(self) -> bool:
         return self.num_stages - 1 in self.stage_indices
 
-    def step(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *, step: int = 0) -> float:
+    def step(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *, step: int = 0,
+             local: bool = False) -> float:
         """One global batch: forward/backward through the schedule, optimizer step.
-        ``step`` is the training step's number (passes with schedules read it)."""
+        ``step`` is the training step's number (passes with schedules read it); ``local``: the
+        arguments are this rank's rows, not the global batch (``autopar.runtime.rank_batch``)."""
         start = time.perf_counter()
-        dp, dp_rank = self.plan.parallelism.dp, self.layout.dp_rank
         batch = self.plan.global_batch_size
-        tensors = self._tensor_inputs(args, kwargs)
-        self._check_shapes(tensors, targets)
-        self.passes.begin_step(step, first_sample=dp_rank * (batch // dp))
+        data = self.rank_batch(args, kwargs, targets, local=local)
+        self.passes.begin_step(step, first_sample=data.first_sample)
         if self.exact:
-            self.loss.count = max(int((targets != IGNORE_INDEX).sum()), 1)
+            self.loss.count = data.counted
         elif not self._loss_checked:
-            self._check_user_loss(self._local(targets))
-        flat = [_to(self._local(v), self.device) for v in tensors]
-        target = _to(self._local(targets), self.device) if self.has_last else None
+            self._check_user_loss(data.target)
         losses: list[torch.Tensor] = []
         self._aux_losses.clear()
         self.optimizer.zero_grad(set_to_none=True)
-        inputs = flat if self.has_first else []
         with implicit_replication():  # backward too: tensors made inside a TP graph join replicated
-            self.schedule.step(*inputs, target=target, losses=losses if self.has_last else None)
+            self.schedule.step(*data.inputs, target=data.target, losses=losses if self.has_last else None)
         self._sync_tied_gradients()
         if self.experts is not None:
             self.experts.reduce_gradients([p for params in self.expert_params for p in params])
@@ -218,9 +221,16 @@ class Engine:
         self.last_step_s = time.perf_counter() - start
         return loss
 
-    def _local(self, value: Any) -> Any:
-        """This rank's part of a global-batch tensor: its dp rows, then its cp sequence chunks."""
-        return self.sequence.shard(_shard(value, self.plan.parallelism.dp, self.layout.dp_rank))
+    def rank_batch(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *,
+                   local: bool) -> RankBatch:
+        """This rank's inputs and targets of a global batch (or of its own rows, ``local``), checked."""
+        tensors = self._tensor_inputs(args, kwargs) if given(args, kwargs) else None
+        return self.batches.split(tensors, targets, local=local, count_tokens=self.exact)
+
+    def evaluate(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *,
+                 local: bool = False) -> float:
+        """Loss of a batch, forward only (``autopar.runtime.evaluate``); changes no state."""
+        return evaluate_engine(self, self.rank_batch(args, kwargs, targets, local=local))
 
     def _check_user_loss(self, targets: Any) -> None:
         """Before the first step (a pipeline would wait forever for a last stage that failed), the
@@ -247,23 +257,6 @@ class Engine:
             raise TypeError(problem or "loss_fn must return a scalar tensor: the last pipeline stage's "
                             "loss_fn did not (see that rank's error)")
         self._loss_checked = True
-
-    def _check_shapes(self, tensors: list[Any], targets: Any) -> None:
-        """Every rank runs the shapes the engine was built for (its stages exchange tensors of those
-        shapes): a different batch or sequence length is refused here, before any collective, on
-        every rank alike (each gets the same global batch)."""
-        batch = self.plan.global_batch_size
-        for got, example in zip(tensors, self._example_shapes, strict=True):
-            if isinstance(got, torch.Tensor) and example:
-                wanted = (batch, *example[1:])
-                if tuple(got.shape) != wanted:
-                    raise ValueError(
-                        f"step() got an input of shape {tuple(got.shape)}, but this engine runs the plan's "
-                        f"global batch of shape {wanted} (the shapes it was planned and captured for); "
-                        "pad or cut batches to that shape, or compile the model again for the new one")
-        if isinstance(targets, torch.Tensor) and (targets.dim() == 0 or targets.shape[0] != batch):
-            raise ValueError(f"step() got targets of shape {tuple(targets.shape)}: expected the plan's "
-                             f"global batch of {batch} in the first dimension")
 
     def _tensor_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
         """The graph's inputs without the constants baked into the stages (checked equal)."""
@@ -363,15 +356,6 @@ def default_device() -> torch.device:
 
 def _to(value: Any, device: torch.device) -> Any:
     return value.to(device) if isinstance(value, torch.Tensor) else value
-
-
-def _shard(value: Any, dp: int, rank: int) -> Any:
-    if not isinstance(value, torch.Tensor) or dp == 1:
-        return value
-    if value.dim() == 0 or value.shape[0] % dp:
-        raise ValueError(f"a batch of {tuple(value.shape)} cannot be split over dp({dp}) ranks; "
-                         "the global batch must be a multiple of dp")
-    return value.chunk(dp)[rank]
 
 
 def _output_unflattener(gm: torch.fx.GraphModule) -> Callable[[Any], Any]:
