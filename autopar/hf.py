@@ -64,11 +64,28 @@ def model_from_config(path: str | os.PathLike[str], *, device: str = "meta") -> 
         return tf.AutoModel.from_config(config)
 
 
+CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length")
+"""Config fields that hold a transformers model's context length, the first one set wins."""
+FALLBACK_SEQ_LEN = 128
+
+
+def context_length(config: Any) -> int:
+    """The model's own context length (like a zoo model's ``seq_len``), or 128 when the config
+    names none."""
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return FALLBACK_SEQ_LEN
+
+
 def example_inputs(
-    model: nn.Module, batch_size: int, seq_len: int, *, device: str | torch.device = "cpu"
+    model: nn.Module, batch_size: int, seq_len: int | None, *, device: str | torch.device = "cpu"
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Positional and keyword example inputs for a transformers model."""
+    """Positional and keyword example inputs for a transformers model; ``seq_len`` None: the
+    model's context length (:func:`context_length`)."""
     config = model.config
+    seq_len = context_length(config) if seq_len is None else seq_len
     name = getattr(model, "main_input_name", "input_ids")
     if name == "pixel_values":
         size = getattr(config, "image_size", 224)

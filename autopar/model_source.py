@@ -65,7 +65,7 @@ def resolve(spec: str, *, batch_size: int, seq_len: int | None, device: str = "m
         raise ValueError(f"sequence length must be >= 1, got {seq_len}")
     if _is_hf_config(spec):
         model = hf.model_from_config(spec, device=device)
-        args, kwargs = hf.example_inputs(model, batch_size, seq_len or 128, device=device)
+        args, kwargs = hf.example_inputs(model, batch_size, seq_len, device=device)
         return Resolved(type(model).__name__, model, args, kwargs)
     if ":" in spec:
         model, inputs = _from_callable(spec)
@@ -103,7 +103,7 @@ def _known_batch(
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Zoo and Hugging Face models know their inputs; other models must say."""
     if hasattr(model, "config") and hasattr(model, "main_input_name"):
-        return hf.example_inputs(model, batch_size, seq_len or 128, device=device)
+        return hf.example_inputs(model, batch_size, seq_len, device=device)
     if isinstance(getattr(model, "config", None), models.ZOO_CONFIG_TYPES):
         inputs, _ = models.example_batch(model, batch_size, seq_len)
         return (inputs,), {}

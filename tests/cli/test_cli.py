@@ -160,3 +160,18 @@ def _readme_describes_the_demo(out: str) -> None:
     processes, pp, tp, schedule = described.groups()
     assert f"on {processes} local CPU processes" in out, out[:300]
     assert f"pp{pp} × dp1 × tp{tp}, {schedule.lower()}" in out, out[:400]
+
+
+def test_hf_config_without_seq_uses_the_models_context_length(tmp_path):
+    """Like a zoo model's own seq_len: an HF config's n_positions / max_position_embeddings."""
+    pytest.importorskip("transformers")
+    from autopar.model_source import resolve
+
+    for key, kind in (("n_positions", "gpt2"), ("max_position_embeddings", "llama")):
+        config = {"model_type": kind, "vocab_size": 256, key: 48, "hidden_size": 32, "n_embd": 32,
+                  "num_attention_heads": 4, "n_head": 4, "num_hidden_layers": 1, "n_layer": 1,
+                  "intermediate_size": 64}
+        path = tmp_path / f"{kind}.json"
+        path.write_text(json.dumps(config))
+        assert resolve(str(path), batch_size=2, seq_len=None).args[0].shape == (2, 48)
+        assert resolve(str(path), batch_size=2, seq_len=16).args[0].shape == (2, 16)
