@@ -15,6 +15,7 @@ adds their auxiliary losses.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -37,6 +38,8 @@ from autopar.passes.moe.layer import MoEStats
 from autopar.plans import Plan
 from autopar.programs import Programs
 from autopar.runtime.executor import Executor
+from autopar.runtime.gather import full_state_dict
+from autopar.runtime.grad_clip import GradClipper, check_max_norm
 from autopar.runtime.launch import init_from_env, launched_by_torchrun
 from autopar.runtime.local import LocalEngine
 from autopar.runtime.measure import StepReport
@@ -74,6 +77,18 @@ class Compiled(nn.Module):
     optimizer, the state dict (``moe.<layer>.…``) and ``train()``/``eval()``, and every later
     capture (eval mode, other shapes) runs these same layers. The replaced dense MLPs stay in
     ``compiled.module``, unchanged and unused.
+
+    ``max_grad_norm`` clips every step's gradients to that total 2-norm, computed over the whole
+    model across tensor, pipeline, data and context-parallel ranks (``autopar.runtime.grad_clip``:
+    the value ``torch.nn.utils.clip_grad_norm_`` gives on one process); :attr:`last_grad_norm` is
+    the latest norm before clipping.
+
+    Batches: :meth:`step` and :meth:`evaluate` take the GLOBAL batch on every rank (the engine
+    slices this rank's rows), or with ``local=True`` this rank's OWN rows (``global_batch_size /
+    dp``, whole sequences; ``autopar.data.TokenLoader`` reads just these), after
+    :meth:`prepare` with a batch of the global shape. Ranks of pipeline stages that take neither
+    inputs nor targets may pass ``None``. After distributed training :meth:`full_state_dict` and
+    :meth:`gather_module` give the whole model back as plain tensors.
     """
 
     def __init__(
@@ -89,6 +104,7 @@ class Compiled(nn.Module):
         leaf_modules: Iterable[LeafSpec] = (),
         passes: Sequence[GraphPass] | None = None,
         time_limit_s: float = 60.0,
+        max_grad_norm: float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -110,6 +126,9 @@ class Compiled(nn.Module):
         self.steps_run = 0  # steps this process ran (num_steps follows checkpoints and set_step)
         self._pass_states = PassStates()
         self._moe_stats: dict[int, MoEStats | None] = {}
+        self.max_grad_norm = None if max_grad_norm is None else check_max_norm(max_grad_norm)
+        self._clipper: GradClipper | None = None
+        self._in_step = False
         self._request = EngineRequest(cluster=self.cluster, fix=self.fix, plan=plan,
                                       time_limit_s=time_limit_s, loss_fn=self.loss_fn,
                                       optimizer=optimizer or default_optimizer)
@@ -268,8 +287,9 @@ class Compiled(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.distributed:
             raise ValueError(
-                "a model compiled for several devices runs through .step(inputs, targets); "
-                "call compiled.module(...) for a local forward pass"
+                "a model compiled for several devices runs through .step(inputs, targets) and "
+                ".evaluate(inputs, targets); for a local forward pass take the whole model with "
+                "compiled.gather_module() (every rank calls it) and call that"
             )
         return self.program_for(*args, **kwargs).graph_module(*args, **kwargs)
 
@@ -285,14 +305,82 @@ class Compiled(nn.Module):
                              "compiled.prepare(inputs) (or take a first step) before compiled.optimizer")
         return self._executor.optimizer
 
-    def step(self, inputs: Any, targets: Any) -> float:
+    def step(self, inputs: Any, targets: Any, *, local: bool = False) -> float:
         """One training step: forward, ``loss_fn(outputs, targets)``, backward, optimizer step.
 
         ``inputs`` is a tensor, a tuple of positional arguments, or a dict of keyword
         arguments. With MoE layers the loss is ``loss_fn(outputs, targets) + moe_aux_loss``
-        (their weighted balance and z losses). Returns the loss as a float.
+        (their weighted balance and z losses). Returns the loss of the whole global batch as a
+        float, the same on every rank.
+
+        ``local=False`` (default): every rank passes the same GLOBAL batch (the plan's
+        ``global_batch_size`` rows) and the engine takes this rank's rows. ``local=True``: every
+        rank passes only its OWN rows, ``global_batch_size / dp`` of them (data-parallel rank ``r``
+        holds rows ``[r·B/dp, (r+1)·B/dp)`` of the global batch; context-parallel ranks of one dp
+        group pass the same rows, whole sequences); call :meth:`prepare` with a global-shaped
+        batch before the first such step. A batch whose row count says the other kind is refused
+        with a ValueError. Ranks whose pipeline stages need no inputs (or targets) may pass None.
+        On one device both are the same.
         """
-        return self._train_step(inputs, targets, measured=False)
+        return self._train_step(inputs, targets, measured=False, local=local)
+
+    def evaluate(self, inputs: Any, targets: Any, *, local: bool = False) -> float:
+        """The loss of a batch computed by the parallel model, forward only: eval mode (passes too:
+        random-LTD keeps every token), no gradients, no optimizer step, no change to the step
+        counter or any state (``autopar.runtime.evaluate``). Batches as in :meth:`step`; equals one
+        process's ``loss_fn(model(inputs), targets)`` (MoE auxiliary losses not added). Collective:
+        every rank calls it."""
+        args, kwargs = _inputs(inputs)
+        mode = self.training
+        self.train(False)
+        try:
+            if self._executor is None:
+                self._check_local_prepared(local)
+                self.prepare(inputs)
+            if self.distributed:
+                return self.engine.evaluate(args, kwargs, targets, local=local)
+            local_engine = self._executor
+            assert isinstance(local_engine, LocalEngine)
+            return local_engine.evaluate(args, kwargs, targets)
+        finally:
+            self.train(mode)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every trained parameter of the whole model as a plain, full CPU tensor, under the names
+        of :meth:`named_model_parameters` (``autopar.runtime.gather``): DTensor shards gathered,
+        pipeline stages' parameters broadcast, the same dict on every rank. Collective: every rank
+        calls it (after a step or :meth:`prepare`)."""
+        executor = self.executor
+        if self.distributed and self.plan.parallelism.ep > 1:
+            raise ValueError(f"full_state_dict() with expert parallelism (ep = {self.plan.parallelism.ep}) "
+                             "is not supported yet: each rank holds other experts under the same names; "
+                             "save a checkpoint (autopar.save) and load it with ep = 1")
+        return full_state_dict(executor.parameter_copies(), device=executor.device)
+
+    def gather_module(self) -> nn.Module:
+        """A copy of the user's model holding the trained weights as plain ``nn.Parameter`` tensors on
+        the CPU (tied weights stay tied), to run, save or export like the original. Collective: every
+        rank calls it; every rank gets the same module. MoE layers a pass created are not part of the
+        original model: use :meth:`full_state_dict` for them."""
+        if len(self.moe):
+            raise ValueError("gather_module() returns the original model, which has no MoE layers; take "
+                             "compiled.full_state_dict() for the MoE layers' weights")
+        full = self.full_state_dict()
+        named = list(self.module.named_parameters())
+        missing = sorted(name for name, _ in named if name not in full)
+        if missing:
+            raise ValueError(f"gather_module(): parameters {missing[:5]} of the model were not trained by "
+                             "this run (the runtime knows them under other names); use "
+                             "compiled.full_state_dict()")
+        memo: dict[int, Any] = {id(p): nn.Parameter(full[name].clone(), requires_grad=p.requires_grad)
+                                for name, p in named}
+        module = copy.deepcopy(self.module, memo)
+        return module.cpu()
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """The total gradient norm of the latest step, before clipping (``max_grad_norm`` runs only)."""
+        return None if self._clipper is None else self._clipper.last_norm
 
     def measure_step(self, inputs: Any, targets: Any) -> StepReport:
         """:meth:`step` under the profiler (it trains the model like a step): this rank's
@@ -304,16 +392,47 @@ class Compiled(nn.Module):
         bytes by category (``autopar.runtime.measure.MEMORY_CATEGORIES``)."""
         return self._train_step(inputs, targets, measured="memory")
 
-    def _train_step(self, inputs: Any, targets: Any, *, measured: bool | str) -> Any:
+    def _train_step(self, inputs: Any, targets: Any, *, measured: bool | str, local: bool = False) -> Any:
         self.train()
-        args, kwargs = split_inputs(inputs)
+        args, kwargs = _inputs(inputs)
+        if self._executor is None:
+            self._check_local_prepared(local)
         executor = self._executor if self._executor is not None else self.prepare(inputs)
+        self._install_clipping(executor)
         run = {False: executor.step, True: executor.measure_step, "memory": executor.measure_memory}[measured]
-        result = run(args, kwargs, targets, step=self.num_steps)
+        options = {"local": True} if local and self.distributed else {}
+        self._in_step = True
+        try:
+            result = run(args, kwargs, targets, step=self.num_steps, **options)
+        finally:
+            self._in_step = False
         self._moe_stats = {m.layer: m.stats for m in executor.moe_layers()}
         self.num_steps += 1
         self.steps_run += 1
         return result
+
+    def _check_local_prepared(self, local: bool) -> None:
+        if local and self.distributed:
+            raise ValueError("step(..., local=True) or evaluate(..., local=True) before the engine exists: "
+                             "the planner needs the global batch's shape; call compiled.prepare(inputs) "
+                             "with a batch of the global shape first (e.g. torch.zeros(global_batch_size, "
+                             "seq_len, dtype=torch.long)), then pass each rank's own rows")
+
+    def _install_clipping(self, executor: Executor) -> None:
+        """With ``max_grad_norm``: clip in an optimizer pre-step hook that acts during :meth:`step`
+        only (a checkpoint load's zero-learning-rate step must not start collectives)."""
+        if self.max_grad_norm is None or self._clipper is not None:
+            return
+        if self.distributed and self.plan.parallelism.ep > 1:
+            raise ValueError(f"max_grad_norm with expert parallelism (ep = {self.plan.parallelism.ep}) is "
+                             "not supported yet: drop max_grad_norm or use ep = 1")
+        self._clipper = GradClipper(executor.parameter_copies, max_norm=self.max_grad_norm,
+                                    device=executor.device)
+        executor.optimizer.register_step_pre_hook(self._clip_before_step)
+
+    def _clip_before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._in_step and self._clipper is not None:
+            self._clipper.clip()
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """Under the runtime: the checkpoint state (parameters and optimizer state under the
@@ -364,6 +483,12 @@ class Compiled(nn.Module):
         from autopar.report import report
 
         return report(self, inputs, targets)
+
+
+def _inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` of a step's inputs; ``None`` (a pipeline rank without the first stage)
+    is an empty call."""
+    return ((), {}) if inputs is None else split_inputs(inputs)
 
 
 def _check_one_device_fix(fix: Fix) -> None:

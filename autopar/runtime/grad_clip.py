@@ -13,7 +13,8 @@ slice it is and whose ``Replicate`` dimensions hold equal copies. Each piece is 
 in int64 tensors, no pickling) and counts how many ranks (and copies on one rank: a tied weight
 whose stages share a rank) hold each key. A rank then adds ``Σ g² / holders`` per piece and one
 all-reduce gives the total. ``Partial`` gradients are reduced first. Expert-parallel experts (each
-rank a different subset under the same names) are refused: their pieces cannot be told apart.
+rank a different subset under the same names) cannot be told apart this way: ``Compiled`` refuses
+clipping with ep > 1.
 """
 
 from __future__ import annotations
@@ -29,16 +30,21 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 EPS = 1e-6
 
 
+def check_max_norm(max_norm: float) -> float:
+    """``max_norm`` as a float, or a ValueError naming it: a finite number > 0."""
+    if isinstance(max_norm, bool) or not isinstance(max_norm, int | float) or not max_norm > 0 \
+            or not math.isfinite(max_norm):
+        raise ValueError(f"max_grad_norm = {max_norm!r} is invalid: expected a finite number > 0, e.g. 1.0 "
+                         "(or None for no clipping)")
+    return float(max_norm)
+
+
 class GradClipper:
     """Clips the gradients of ``copies()`` (name → this rank's tensors) to a total norm of ``max_norm``."""
 
     def __init__(self, copies: Callable[[], dict[str, list[torch.Tensor]]], *, max_norm: float,
                  device: torch.device) -> None:
-        if isinstance(max_norm, bool) or not isinstance(max_norm, int | float) or not max_norm > 0 \
-                or not math.isfinite(max_norm):
-            raise ValueError(f"max_grad_norm = {max_norm!r} is invalid: expected a finite number > 0, e.g. "
-                             "1.0 (or None for no clipping)")
-        self.copies, self.max_norm, self.device = copies, float(max_norm), device
+        self.copies, self.max_norm, self.device = copies, check_max_norm(max_norm), device
         self._weights: dict[tuple[int, int], float] | None = None
         self.last_norm: float | None = None
 

@@ -134,6 +134,17 @@ class LocalEngine:
         self.passes.end_step(gm, batch)
         return total
 
+    def evaluate(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any) -> float:
+        """The loss of this batch, forward only (no gradients, no step): the graph of the current
+        mode's capture (``Compiled.evaluate`` switches to eval first), the token cross-entropy over the
+        batch's counted tokens or ``loss_fn``; MoE auxiliary losses are not added."""
+        with torch.no_grad():
+            output = self._graph_for(args, kwargs)(*args, **kwargs)
+            if self.loss_fn is cross_entropy and isinstance(targets, torch.Tensor):
+                counted = max(int((targets != IGNORE_INDEX).sum()), 1)
+                return float(summed_cross_entropy(output, targets)) / counted
+            return float(_checked_loss(self.loss_fn(output, targets)))
+
     def _module_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[fx.GraphModule, nn.Module]:
         """The graph for these inputs and what runs it (wrapped for recomputation once per graph)."""
         gm = self._graph_for(args, kwargs)
