@@ -52,6 +52,7 @@ from autopar.passes.fused_attention.patterns import (
     arg,
     describe,
     find_attention,
+    kind,
     real_users,
     shape,
 )
@@ -127,6 +128,7 @@ def context_parallel_graph(gm: fx.GraphModule, *, local_seq_len: int, cp: int, r
     values (the capture's example). Raises ValueError for what cannot run under cp."""
     out = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
     found = [*find_attention(out), *_fused_attention(out)]
+    _refuse_unmatched_softmax(out, {f.anchor for f in found})
     plans = [_plan_attention(out, f, local_seq_len) for f in sorted(found, key=_order(out))]
     if not plans:
         raise ValueError(f"context parallelism (cp = {cp}) found no attention in the model's graph to "
@@ -220,6 +222,21 @@ def _fused_attention(gm: fx.GraphModule) -> list[AttentionMatch]:
     return found
 
 
+def _refuse_unmatched_softmax(gm: fx.GraphModule, matched: set[fx.Node]) -> None:
+    """A softmax whose probabilities multiply values (through casts and dropout) that the matcher
+    did not take for attention would run on the local keys only: refused."""
+    for node in gm.graph.nodes:
+        if kind(gm, node) != "softmax" or node in matched:
+            continue
+        probabilities = node
+        while len(users := real_users(probabilities)) == 1 and kind(gm, users[0]) in ("cast", "dropout"):
+            probabilities = users[0]
+        if any(kind(gm, u) == "matmul" and u.args[0] is probabilities for u in real_users(probabilities)):
+            raise _refuse(node, "its pattern is not recognised (the scores pass through something other "
+                          "than scaling, additive terms and masks)", "write it as softmax(Q·Kᵀ·scale + "
+                          "causal mask)·V or call F.scaled_dot_product_attention, or use cp = 1")
+
+
 def _order(gm: fx.GraphModule) -> Any:
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     return lambda found: position[found.anchor]
@@ -299,36 +316,53 @@ def _classify(bias: torch.Tensor, local: int, anchor: fx.Node) -> bool:
 
 def _evaluate(gm: fx.GraphModule, wanted: list[fx.Node], example_inputs: Sequence[Any]) -> dict[fx.Node, Any]:
     """The values of ``wanted`` (mask nodes) on the example inputs, computed by the nodes they
-    depend on only; they may read a graph input's sizes but not its values."""
+    depend on only. Where they read a tensor's sizes alone, that tensor is not computed: zeros of
+    its recorded shape stand in. A graph input whose values they read is refused."""
     if not wanted:
         return {}
-    needed: set[fx.Node] = set()
-    stack = list(wanted)
-    while stack:
-        node = stack.pop()
-        if node not in needed:
-            needed.add(node)
-            stack += node.all_input_nodes
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node in wanted:
-        if node.op == "placeholder":
-            raise _refuse(node, f"its mask is the input {node.name}", "pass no attention mask (causal "
-                          "attention needs none), or use cp = 1")
+    needed, sized = _mask_ancestors(wanted)
     for node in needed:
-        for source in node.all_input_nodes:
-            if source.op == "placeholder" and not _reads_size(node):
-                raise _refuse(wanted[0], f"its mask depends on the values of input {source.name} "
-                              f"(through {describe(node)})", "pass no attention mask (causal attention "
-                              "needs none), or use cp = 1")
-    sub = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
+        if node.op == "placeholder":
+            raise _refuse(wanted[0], f"its mask depends on the values of input {node.name}",
+                          "pass no attention mask (causal attention needs none), or use cp = 1")
+    inputs = {n: v for n, v in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs,
+                                   strict=False)}
+    sub, env, feed = fx.Graph(), {}, []
     for node in gm.graph.nodes:
-        if node.op == "placeholder" or node in needed:
+        if node in sized:
+            env[node] = sub.placeholder(node.name)
+            feed.append(inputs[node] if node in inputs else _stand_in(node, wanted[0]))
+        elif node in needed:
             env[node] = sub.node_copy(node, lambda n: env[n])
     sub.output(tuple(env[n] for n in wanted))
     with torch.no_grad():
-        values = fx.GraphModule(gm, sub)(*example_inputs[:len(placeholders)])
+        values = fx.GraphModule(gm, sub)(*feed)
     return dict(zip(wanted, values, strict=True))
+
+
+def _mask_ancestors(wanted: list[fx.Node]) -> tuple[set[fx.Node], set[fx.Node]]:
+    """(nodes whose values the masks need, nodes whose sizes alone they read)."""
+    needed: set[fx.Node] = set()
+    sized: set[fx.Node] = set()
+    stack = list(wanted)
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        source = node.args[0] if _reads_size(node) else None
+        if isinstance(source, fx.Node):
+            sized.add(source)
+        stack += [n for n in node.all_input_nodes if n is not source]
+    return needed, sized - needed
+
+
+def _stand_in(node: fx.Node, anchor: fx.Node) -> torch.Tensor:
+    record = node.meta.get(META_KEY)
+    if record is None or len(record.shapes) != 1:
+        raise _refuse(anchor, f"its mask reads the size of {describe(node)}, whose shape was not recorded",
+                      "use cp = 1 for this model")
+    return torch.zeros(record.shapes[0], dtype=getattr(torch, record.dtypes[0]))
 
 
 def _reads_size(node: fx.Node) -> bool:
