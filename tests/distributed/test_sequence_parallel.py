@@ -55,6 +55,14 @@ def test_two_ranks_match_one_process():
     spawn(workers.two_rank_sequence_parallel, 2, timeout_s=90)
 
 
+def test_two_ranks_hugging_face():
+    """tp2 + sequence parallelism on Hugging Face Llama (RMSNorm, SwiGLU, rotary) and GPT-2 (Conv1D:
+    addmm on flattened tokens) built from configs: equal to one process, norms on sequence shards,
+    the forward's collectives counted."""
+    pytest.importorskip("transformers")
+    spawn(workers.two_rank_hf_sequence_parallel, 2, timeout_s=90)
+
+
 @pytest.mark.slow
 def test_four_ranks_with_pipeline():
     """tp2 + sequence parallelism with pp2 (1F1B) on the zoo GPT: equal to one process, every

@@ -97,13 +97,16 @@ def _case(name: str, seq: int = SEQ):
 
 class SequenceProbe(TorchDispatchMode):
     """While entered, counts the functional collectives (``_c10d_functional`` ops) that DTensor
-    issues, by name, and records the sequence length of each layer norm's local input on this rank.
+    issues, by name, and records the sequence length of each norm's local input on this rank.
     (torch's ``CommDebugMode`` counts the same collectives, but its module tracker fails on fx
     graphs that call one module twice, as the zoo GPT's shared dropout; and fx and torch.export
     graphs both reach ``native_layer_norm`` here, where one holds modules and the other does not.)"""
 
     COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_to_all_single",
                    "broadcast")
+
+    NORMS = (torch.ops.aten.native_layer_norm.default,  # LayerNorm
+             torch.ops.aten.rsqrt.default)  # RMSNorm written out: x · rsqrt(mean(x²) + ε)
 
     def __init__(self) -> None:
         super().__init__()
@@ -114,7 +117,7 @@ class SequenceProbe(TorchDispatchMode):
         name = func.__name__.split(".")[0]
         if func.namespace in ("_c10d_functional", "c10d_functional") and name in self.COLLECTIVES:
             self.counts[name] = self.counts.get(name, 0) + 1
-        if func is torch.ops.aten.native_layer_norm.default:
+        if func in self.NORMS:
             x = args[0]
             self.norm_lengths.append((x.to_local() if isinstance(x, DTensor) else x).shape[1])
         return func(*args, **(kwargs or {}))
@@ -193,6 +196,18 @@ def two_rank_sequence_parallel(rank: int, world: int) -> None:
     run_sp_case(world, "handwritten", {"tp": 2, "num_microbatches": 2}, expected_forward={
         "reduce_scatter_tensor": 2 * LAYERS + 1, "all_gather_into_tensor": 2 * LAYERS + 1})
     indivisible_sequence(world)
+
+
+def two_rank_hf_sequence_parallel(rank: int, world: int) -> None:
+    torch.set_num_threads(1)
+    # Llama (torch.export graph: RMSNorm written out, SwiGLU, rotary positions, untied unsharded head):
+    # q/k/v and gate/up gathered once each; the logits gathered on the way out.
+    run_sp_case(world, "hf-llama", {"tp": 2, "num_microbatches": 2}, expected_forward={
+        "reduce_scatter_tensor": 2 * 4 + 1, "all_gather_into_tensor": 2 * 4 + 1})
+    # GPT-2's Conv1D runs addmm on flattened tokens: the shards sit on the views that restore
+    # [batch, seq, hidden]; its tied head is column-parallel (input and logits gathered).
+    run_sp_case(world, "hf-gpt2", {"tp": 2, "num_microbatches": 2}, expected_forward={
+        "reduce_scatter_tensor": 2 * 4 + 1, "all_gather_into_tensor": 2 * 4 + 2})
 
 
 def four_rank_sequence_parallel(rank: int, world: int) -> None:
