@@ -23,7 +23,7 @@ from rich.table import Table
 
 from autopar import fmt
 from autopar.plans import Plan, device_stages
-from autopar.runtime.measure import MEMORY_CATEGORIES, StepReport, gather_reports
+from autopar.runtime.measure import MEMORY_CATEGORIES, PHASES, StepReport, gather_reports
 
 if TYPE_CHECKING:
     from autopar.compile import Compiled
@@ -109,11 +109,13 @@ def _with_moe(mine: StepReport, compiled: Any) -> StepReport:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StepNumbers:
-    """One side of the comparison: step seconds and bytes by category (:data:`MEMORY_CATEGORIES`);
-    None where that side has no number (a plan without predictions)."""
+    """One side of the comparison: step seconds, bytes by category (:data:`MEMORY_CATEGORIES`) and
+    seconds by phase (:data:`~autopar.runtime.measure.PHASES`); None / empty where that side has no
+    number (a plan without predictions)."""
 
     step_s: float | None
     memory_bytes: dict[str, int]
+    phases_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -136,7 +138,8 @@ class Report:
 
     def __rich__(self) -> Group:
         steps = [r.step for r in self.ranks]
-        tables: list[Table] = [format_report(steps, self.plan), format_memory_report(self)]
+        tables: list[Table] = [format_report(steps, self.plan), format_phase_report(self),
+                               format_memory_report(self)]
         moe = format_moe_report(steps, ranks=len(steps) > 1)
         return Group(*tables, *([moe] if moe is not None else []))
 
@@ -159,6 +162,52 @@ def predicted_memory_bytes(plan: Plan, rank: int) -> dict[str, int]:
             "temporaries": int(found.reserve_bytes)}
 
 
+def predicted_phases_s(plan: Plan, rank: int) -> dict[str, float]:
+    """The Plan's predicted seconds by phase (:data:`PHASES`; {} when it has no breakdown). The
+    cost model's ``compute`` is split into forward and backward in the proportion of the rank's
+    predicted per-microbatch stage times."""
+    breakdown = plan.predicted.breakdown_dict()
+    if not breakdown:
+        return {}
+    held = set(device_stages(plan)[rank]) if rank < plan.world_size else set()
+    stages = [s for s in plan.predicted.stages if s.index in held]
+    forward = sum(s.forward_s for s in stages)
+    total = forward + sum(s.backward_s + s.backward_weight_s for s in stages)
+    share = forward / total if total > 0 else 1 / 3
+    compute = breakdown.get("compute", 0.0)
+    phases = {"forward": share * compute, "backward": (1 - share) * compute}
+    return {name: phases.get(name, breakdown.get(name, 0.0)) for name in PHASES}
+
+
+def _error(predicted: float | None, measured: float | None) -> str:
+    return f"{(predicted - measured) / measured:+.1%}" if measured and predicted is not None else "–"
+
+
+def format_phase_report(report: Report) -> Table:
+    """Measured seconds by phase on every rank beside the prediction, and the error against the rank
+    that took longest (the cost model prices the pipeline rank that finishes last)."""
+    slowest = max(report.ranks, key=lambda r: r.measured.step_s or 0.0)
+    table = Table(title="step time by phase (s)", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1),
+                  caption=f"measured per rank (error against rank {slowest.rank}, the slowest) · recompute: "
+                          "recomputed layers' forwards inside backward · comm by kind from where each "
+                          "collective ran · bubble: the rest of the step (pipeline waits, idle time)")
+    table.add_column("phase", no_wrap=True)
+    for r in report.ranks:
+        table.add_column(f"rank {r.rank}", justify="right", no_wrap=True)
+    for column in ("predicted", "error"):
+        table.add_column(column, justify="right", no_wrap=True)
+
+    def value(numbers: StepNumbers, name: str) -> float | None:
+        return numbers.step_s if name == "step" else numbers.phases_s.get(name)
+
+    for name in (*PHASES, "step"):
+        measured = [value(r.measured, name) for r in report.ranks]
+        guess = value(slowest.predicted, name)
+        table.add_row(name, *("–" if v is None else f"{v:.3f}" for v in measured),
+                      "–" if guess is None else f"{guess:.3f}", _error(guess, value(slowest.measured, name)))
+    return table
+
+
 def format_memory_report(report: Report) -> Table:
     """Measured beside predicted bytes, per rank and category, with the relative error."""
     table = Table(title="memory by category", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1),
@@ -169,7 +218,7 @@ def format_memory_report(report: Report) -> Table:
     for r in report.ranks:
         for name in MEMORY_CATEGORIES:
             measured, predicted = r.measured.memory_bytes.get(name), r.predicted.memory_bytes.get(name)
-            error = f"{(predicted - measured) / measured:+.1%}" if measured and predicted is not None else "–"
+            error = _error(predicted, measured)
             table.add_row(str(r.rank) if name == MEMORY_CATEGORIES[0] else "", name,
                           "–" if measured is None else fmt.nbytes(measured),
                           "–" if predicted is None else fmt.nbytes(predicted), error)
@@ -195,9 +244,11 @@ def report(compiled: Compiled, inputs: Any, targets: Any) -> Report:
     mine = dataclasses.replace(_with_moe(timed, compiled), memory_bytes=tuple(sorted(memory.items())))
     plan = compiled.plan
     ranks = tuple(RankReport(rank=r.rank, step=r,
-                             measured=StepNumbers(step_s=r.step_s, memory_bytes=dict(r.memory_bytes)),
+                             measured=StepNumbers(step_s=r.step_s, memory_bytes=dict(r.memory_bytes),
+                                                  phases_s=dict(r.phases_s)),
                              predicted=StepNumbers(step_s=plan.predicted.step_time_s,
-                                                   memory_bytes=predicted_memory_bytes(plan, r.rank)))
+                                                   memory_bytes=predicted_memory_bytes(plan, r.rank),
+                                                   phases_s=predicted_phases_s(plan, r.rank)))
                   for r in gather_reports(mine))
     return Report(ranks=ranks, plan=plan)
 

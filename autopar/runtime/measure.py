@@ -53,9 +53,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from autopar.passes.moe.layer import MoEStats
+from autopar.runtime.recompute import Recomputed
 
 if TYPE_CHECKING:
     from autopar.runtime.engine import Engine
@@ -66,7 +68,13 @@ OPTIMIZER_PREFIX = "Optimizer.step#"
 COMM_EVENT = re.compile(r"^(gloo|nccl|ucc|mpi):")
 P2P_EVENT = re.compile(r"^(gloo|nccl|ucc|mpi):(send|recv)")
 STAGE_METHODS = {"forward_one_chunk": "forward", "backward_one_chunk": "backward",
-                 "backward_weight_one_chunk": "backward", "perform_reduce_grad": "backward"}
+                 "backward_weight_one_chunk": "backward", "perform_reduce_grad": "reduce"}
+LAYER_LABEL = LABEL + "layer"  # a recomputed layer's forward: inside a backward label it is recomputation
+ALL_TO_ALL = re.compile(r"all_?to_?all")
+SEND_EVENT = re.compile(r"^(gloo|nccl|ucc|mpi):send")
+PHASES = ("forward", "backward", "recompute", "tp_comm", "dp_comm", "pp_comm", "ep_comm", "bubble",
+          "optimizer")
+"""The step's phases, measured (:attr:`StepReport.phases_s`) and predicted (``autopar.report``)."""
 Interval = tuple[float, float]
 
 
@@ -88,6 +96,7 @@ class StepReport:
     memory_kind: Literal["rss", "cuda_allocated"]
     moe: tuple[tuple[int, MoEStats], ...] = ()  # (MoE layer, its load in the step) on this rank
     memory_bytes: tuple[tuple[str, int], ...] = ()  # (category, bytes) of a tracked step, MEMORY_CATEGORIES
+    phases_s: tuple[tuple[str, float], ...] = ()  # (phase, seconds) for PHASES, adding up to step_s
 
     @property
     def compute_s(self) -> float:
@@ -114,10 +123,11 @@ def _labelled(fn: Callable[..., Any], label: str, sync: bool) -> Callable[..., A
 
 @contextlib.contextmanager
 def labelled_compute(engine: Engine) -> Iterator[None]:
-    """Label each local stage's compute calls and the loss with ``record_function``.
+    """Label each local stage's compute calls, the loss and the forward of every recomputed layer
+    (``autopar.runtime.recompute.Recomputed``) with ``record_function``.
 
-    The wrappers are instance attributes of the PipelineStage objects and of the
-    schedule, removed on exit (the class methods show through again).
+    The wrappers are instance attributes of the PipelineStage objects, of the recomputed layers and
+    of the schedule, removed on exit (the class methods show through again).
     """
     sync = engine.device.type == "cuda"
     patched: list[tuple[Any, str]] = []
@@ -130,6 +140,10 @@ def labelled_compute(engine: Engine) -> Iterator[None]:
                 label = stage_label(kind, stage.stage_index)
                 setattr(stage, method, _labelled(getattr(stage, method), label, sync))
                 patched.append((stage, method))
+            for module in stage.submod.modules():
+                if isinstance(module, Recomputed):
+                    module.inner.forward = _labelled(module.inner.forward, LAYER_LABEL, sync)
+                    patched.append((module.inner, "forward"))
         if loss_fn is not None:
             schedule._loss_fn = _labelled(loss_fn, stage_label("forward", engine.num_stages - 1), sync)
         yield
@@ -189,11 +203,11 @@ def measure_engine_step(engine: Engine, args: tuple[Any, ...], kwargs: dict[str,
     with labelled_compute(engine):
         return measure_labelled_step(lambda: engine.step(args, kwargs, targets, step=step),
                                      device=engine.device, rank=dist.get_rank(),
-                                     stages=tuple(engine.stage_indices))
+                                     stages=tuple(engine.stage_indices), tp=engine.plan.parallelism.tp)
 
 
 def measure_labelled_step(run: Callable[[], float], *, device: torch.device, rank: int = 0,
-                          stages: tuple[int, ...] = (0,)) -> StepReport:
+                          stages: tuple[int, ...] = (0,), tp: int = 1) -> StepReport:
     """Profile ``run()`` (one training step returning its loss), whose compute carries the labels
     ``autopar::forward::<stage>`` / ``autopar::backward::<stage>``, and summarize it."""
     _warm_profiler()
@@ -204,7 +218,8 @@ def measure_labelled_step(run: Callable[[], float], *, device: torch.device, ran
             loss = run()
     events = [(e.name, (e.time_range.start / 1e6, e.time_range.end / 1e6)) for e in prof.events()]
     peak, kind = _peak_memory(device)
-    return _from_events(events, rank=rank, stages=stages, loss=loss, peak_memory_bytes=peak, memory_kind=kind)
+    return _from_events(events, rank=rank, stages=stages, loss=loss, peak_memory_bytes=peak, memory_kind=kind,
+                        tp=tp)
 
 
 def stage_label(kind: str, stage: int) -> str:
@@ -213,28 +228,79 @@ def stage_label(kind: str, stage: int) -> str:
 
 
 def _from_events(events: list[tuple[str, Interval]], *, rank: int, stages: tuple[int, ...], loss: float,
-                 peak_memory_bytes: int, memory_kind: Literal["rss", "cuda_allocated"]) -> StepReport:
-    """Turn the step's profiler events (name, (start s, end s)) into a StepReport."""
+                 peak_memory_bytes: int, memory_kind: Literal["rss", "cuda_allocated"], tp: int = 1
+                 ) -> StepReport:
+    """Turn the step's profiler events (name, (start s, end s)) into a StepReport (``tp``: the
+    plan's tensor-parallel degree, to tell its collectives from data parallelism's)."""
     window = next(span for name, span in events if name == STEP_LABEL)
 
     def spans(match: Callable[[str], bool]) -> list[Interval]:
         return _clip((span for name, span in events if match(name)), window)
 
-    comm = _union(spans(lambda n: bool(COMM_EVENT.match(n)) and not P2P_EVENT.match(n)))
+    collectives = [(name, span) for name, span in events
+                   if COMM_EVENT.match(name) and not P2P_EVENT.match(name)]
+    comm = _union(_clip((span for _, span in collectives), window))
     work = {(kind, stage): spans(lambda n, k=kind, s=stage: n == f"{LABEL}{k}::{s}")
-            for kind in ("forward", "backward") for stage in stages}
+            for kind in ("forward", "backward", "reduce") for stage in stages}
     optimizer = spans(lambda n: n.startswith(OPTIMIZER_PREFIX))
     busy = _union([span for group in work.values() for span in group] + optimizer + comm)
     step_s = window[1] - window[0]
-    return StepReport(
+    backward = tuple(work["backward", s] + work["reduce", s] for s in stages)
+    report = StepReport(
         rank=rank, stages=stages,
         forward_s=tuple(_outside(work["forward", s], comm) for s in stages),
-        backward_s=tuple(_outside(work["backward", s], comm) for s in stages),
+        backward_s=tuple(_outside(spans_, comm) for spans_ in backward),
         optimizer_s=_outside(optimizer, comm), comm_s=_length(comm),
         bubble_s=max(step_s - _length(busy), 0.0),
         p2p_wait_s=_outside(spans(lambda n: bool(P2P_EVENT.match(n))), busy),
         step_s=step_s, loss=loss, peak_memory_bytes=peak_memory_bytes, memory_kind=memory_kind,
     )
+    calls = {name: [span for (kind, _), group in work.items() if (kind == "reduce") == (name == "reduce")
+                    for span in group] for name in ("stage", "reduce")}
+    phases = _phases(report, collectives=collectives, sends=spans(lambda n: bool(SEND_EVENT.match(n))),
+                     stage_calls=calls["stage"], reduce=calls["reduce"],
+                     backward=[span for group in backward for span in group],
+                     layers=spans(lambda n: n == LAYER_LABEL), busy=busy, window=window, tp=tp)
+    return dataclasses.replace(report, phases_s=tuple(phases.items()))
+
+
+def _phases(report: StepReport, *, collectives: list[tuple[str, Interval]], sends: list[Interval],
+            stage_calls: list[Interval], reduce: list[Interval], backward: list[Interval],
+            layers: list[Interval], busy: list[Interval], window: Interval, tp: int) -> dict[str, float]:
+    """The step by :data:`PHASES`, adding up to its length.
+
+    recompute: recomputed layers' forwards inside a backward call (taken out of backward).
+    Collectives by kind: all-to-alls are expert parallelism's; inside ``perform_reduce_grad`` or
+    outside every stage call (gradient sync, tied weights, the loss) data parallelism's; inside a
+    stage's forward or backward tensor parallelism's when ``tp > 1``, else data parallelism's
+    (FSDP's gathers). pp_comm: pipeline sends outside the rest. bubble: what is left."""
+    comm = _union(_clip((span for _, span in collectives), window))
+    recompute = _outside(_intersect(_union(layers), _union(backward)), comm)
+    kinds: dict[str, list[Interval]] = {"tp_comm": [], "dp_comm": [], "ep_comm": []}
+    stage_calls, reduce = _union(stage_calls), _union(reduce)
+    for name, span in collectives:
+        middle = (span[0] + span[1]) / 2
+        if ALL_TO_ALL.search(name):
+            kind = "ep_comm"
+        elif tp > 1 and _covers(stage_calls, middle) and not _covers(reduce, middle):
+            kind = "tp_comm"
+        else:
+            kind = "dp_comm"
+        kinds[kind] += _clip([span], window)
+    phases = {"forward": sum(report.forward_s), "backward": max(sum(report.backward_s) - recompute, 0.0),
+              "recompute": recompute, **{k: _length(v) for k, v in kinds.items()},
+              "pp_comm": _outside(sends, busy), "optimizer": report.optimizer_s}
+    phases["bubble"] = max(report.step_s - sum(phases.values()), 0.0)
+    return {name: phases[name] for name in PHASES}
+
+
+def _intersect(a: list[Interval], b: list[Interval]) -> list[Interval]:
+    """Intersection of two unions of disjoint sorted intervals."""
+    return [(max(s1, s2), min(e1, e2)) for s1, e1 in a for s2, e2 in b if min(e1, e2) > max(s1, s2)]
+
+
+def _covers(intervals: list[Interval], moment: float) -> bool:
+    return any(start <= moment <= end for start, end in intervals)
 
 
 def gather_reports(mine: StepReport) -> list[StepReport]:
@@ -256,9 +322,13 @@ def measure_memory_bytes(run: Callable[[], Any], *, modules: Sequence[nn.Module]
     """Bytes by category (:data:`MEMORY_CATEGORIES`) of one training step ``run()`` on this rank,
     from ``torch.distributed._tools.mem_tracker.MemTracker`` (CPU and GPU tensors alike).
 
-    The model states (parameters, gradients, optimizer state) are read after the step, when all of
-    them exist; activations and temporaries at the step's peak. Buffers (masks, rotary tables) are
-    constants the cost model does not price and are left out. The tracker sees every
+    Activations and temporaries are the tracker's at the step's peak. The model states (parameters,
+    gradients, optimizer state) are the storages of those tensors after the step, when all of them
+    exist (a DTensor's local shard): the tracker's own PARAM/GRAD counts are wrong under FSDP2,
+    which swaps the modules' parameters during the step (measured: half the parameters of a
+    ``dp = 2`` replicated GPT, and under ``tp = 2`` 28 % more gradient bytes than the gradients
+    hold). Buffers (masks, rotary tables) are constants the cost model does not price and are
+    left out. The tracker sees every
     tensor the step allocates through its dispatch mode, so the step runs slower under it: time is
     measured in another step (:func:`measure_labelled_step`). Modules on a CUDA device are measured
     from the allocator's statistics instead (:func:`measure_cuda_memory_bytes`)."""
@@ -269,11 +339,22 @@ def measure_memory_bytes(run: Callable[[], Any], *, modules: Sequence[nn.Module]
     tracker.track_external(*modules, optimizer)
     with tracker:
         run()
-    after = _on_device(tracker.get_tracker_snapshot(), device)
     peak = _on_device(tracker.get_tracker_snapshot("peak"), device)
-    return {"parameters": after.get("PARAM", 0), "gradients": after.get("GRAD", 0),
-            "optimizer": after.get("OPT", 0), "activations": peak.get("ACT", 0),
-            "temporaries": peak.get("TEMP", 0)}
+    params = [p for m in modules for p in m.parameters()]
+    return {"parameters": _storage_bytes(params), "gradients": _storage_bytes(p.grad for p in params),
+            "optimizer": _storage_bytes(v for s in optimizer.state.values() for v in s.values()),
+            "activations": peak.get("ACT", 0), "temporaries": peak.get("TEMP", 0)}
+
+
+def _storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of ``tensors``' storages on this rank, each storage once (tied weights); a DTensor
+    counts its local shard (what this rank holds)."""
+    storages = {}
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor):
+            local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def _step_tracker() -> Any:

@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autopar.cost_models.compute import LayerTimes
+from autopar.cost_models.local.memory import saved_layer_bytes
 from autopar.cost_models.local.rates import CpuRates
-from autopar.cost_models.memory import activation_bytes_per_layer
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 from autopar.cost_models.stages import NO_COMM, CommTimes
 
@@ -114,10 +114,9 @@ def transformer_layer_part(layer: LayerProfile, *, rates: CpuRates, microbatch_s
              + _attention(rates, layer, b=microbatch_size, tp=t, fused=fused_attention, causal=causal)
              + _op(rates, "layer_norm", tokens * h, 2) + _op(rates, "add", tokens * h, 2)
              + _op(rates, "gelu", tokens * f / t) + _op(rates, "copy", tokens * h))
-    saved = activation_bytes_per_layer(
-        seq_len=layer.seq_len, microbatch_size=microbatch_size, hidden_size=h, num_heads=layer.num_heads,
-        tp=t, recompute=recompute, fused_attention=fused_attention and t == 1,
-        bytes_per_element=bytes_per_element)
+    saved = (tokens * h * bytes_per_element if recompute == "full" else saved_layer_bytes(
+        layer, microbatch_size=microbatch_size, tp=t, fused_attention=fused_attention,
+        bytes_per_element=bytes_per_element))
     times += LayerTimes(backward_input_s=saved * rates.activation_reread_s_per_byte)
     if t == 1:
         return CpuPart(times=_recompute(times, recompute))

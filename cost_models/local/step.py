@@ -29,8 +29,10 @@ gathered, their optimizer states unsharded), and their gradients all-reduced ove
 ranks holding them, tensor by tensor (``ExpertGroups.reduce_gradients``: no flat buffer, one
 in-place division).
 
-Breakdown: the components of the pipeline rank that finishes last, each stretched by the slowdown
-it saw from sharing the cores; ``bubble`` is its idle time (pipeline bubble and waiting).
+Memory is ``estimate``'s (``memory.memory_details``, which prices CPU activations with
+``local.memory``). Breakdown: the components of the pipeline rank that finishes last, each
+stretched by the slowdown it saw from sharing the cores; ``bubble`` is its idle time (pipeline
+bubble and waiting).
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ from autopar.cost_models.compute import LayerTimes
 from autopar.cost_models.local.compute import CpuPart, embedding_part, head_part, transformer_layer_part
 from autopar.cost_models.local.rates import CpuRates
 from autopar.cost_models.local.shared_cores import simulate_shared
-from autopar.cost_models.memory import peak_memory_bytes
 from autopar.cost_models.moe import ALL_TO_ALLS_PER_LAYER, all_to_all_bytes, expert_params, load_imbalance
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 from autopar.cost_models.stages import CommTimes, StageCost, comm_s, exchange_times, layer_flops, sends_s
@@ -234,5 +235,4 @@ def estimate_local(plan: Plan, profile: ModelProfile, rates: CpuRates) -> Predic
     return Predicted(
         step_time_s=step_s, tokens_per_s=plan.global_batch_size * profile.seq_len / step_s,
         tflops_per_device=hardware_flops / (plan.world_size * step_s) / 1e12,
-        mfu=min(1.0, model_flops / (peak * step_s)), peak_memory_bytes=peak_memory_bytes(plan, profile),
-        breakdown=breakdown)
+        mfu=min(1.0, model_flops / (peak * step_s)), breakdown=breakdown)

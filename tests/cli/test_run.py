@@ -14,7 +14,7 @@ from autopar.config import Fix
 from autopar.plans.pinned import plan_from_fix
 from autopar.plans.schema import Predicted
 from autopar.report import COLUMNS, format_report
-from autopar.runtime.measure import STEP_LABEL, StepReport, _from_events
+from autopar.runtime.measure import PHASES, STEP_LABEL, StepReport, _from_events
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
@@ -61,6 +61,9 @@ SCRIPT = textwrap.dedent("""
         "states": [[(r.measured.memory_bytes[k], r.predicted.memory_bytes[k])
                     for k in ("parameters", "gradients", "optimizer")] for r in rep.ranks],
         "predicted_memory": [sorted(r.predicted.memory_bytes) for r in rep.ranks],
+        "phases": [(r.measured.phases_s, r.predicted.phases_s) for r in rep.ranks],
+        "working": [[(r.measured.memory_bytes[k], r.predicted.memory_bytes[k])
+                     for k in ("activations", "temporaries")] for r in rep.ranks],
         "printed": str(rep),
     }))
 """)
@@ -98,6 +101,17 @@ def test_run_script_on_two_ranks(script, tmp_path, capfd):
         # model states: the cost model's bytes equal torch's MemTracker within 1 % on every rank
         for measured, predicted in (pair for ranks in result["states"] for pair in ranks):
             assert measured > 0 and abs(predicted - measured) <= 0.01 * measured, result["states"]
+        # activations and temporaries: the CPU memory model (cost_models/local/memory.py) counts what
+        # the ops save and the schedule keeps; 15 % leaves room for the small tensors it leaves out
+        for measured, predicted in (pair for ranks in result["working"] for pair in ranks):
+            assert measured > 0 and abs(predicted - measured) <= 0.15 * measured, result["working"]
+        # time by phase: every phase measured and predicted; the measured ones add up to the step
+        for (measured, predicted), step_s in zip(result["phases"], result["measured_s"], strict=True):
+            assert list(measured) == list(predicted) == list(PHASES)
+            assert sum(measured.values()) == pytest.approx(step_s, rel=1e-6)
+            assert measured["forward"] > 0 and measured["backward"] > 0 and measured["optimizer"] > 0
+            assert predicted["forward"] > 0 and predicted["backward"] > 0 and measured["recompute"] == 0
+        assert "step time by phase" in result["printed"]
     assert results[0]["again"] == results[1]["again"] < results[0]["loss"]
     assert results[0]["loss"] == results[1]["loss"] > 0
 
@@ -207,3 +221,32 @@ def test_report_arithmetic_from_events():
     assert r.comm_s == 2.5 and r.p2p_wait_s == 1.0 and r.step_s == 10.0
     assert r.bubble_s == pytest.approx(10.0 - 4.5 - 2.5)
     assert r.compute_s + r.comm_s + r.bubble_s == pytest.approx(r.step_s)
+
+
+def test_phases_from_events():
+    """Known answer: recomputed layers inside backward, collectives by kind, sends, the rest bubble."""
+    events = [
+        (STEP_LABEL, (0.0, 20.0)),
+        ("autopar::forward::0", (1.0, 4.0)),
+        ("autopar::layer", (1.5, 2.5)),             # a recomputed layer's first forward: forward time
+        ("gloo:all_reduce", (3.0, 3.5)),            # inside a stage call under tp 2: tensor parallel
+        ("gloo:all_to_all", (3.6, 3.8)),            # expert parallel wherever it runs
+        ("gloo:send", (4.0, 4.5)),                  # a pipeline send outside compute
+        ("autopar::backward::0", (5.0, 10.0)),
+        ("autopar::layer", (5.0, 7.0)),             # the layer again inside backward: recompute
+        ("autopar::reduce::0", (10.0, 12.0)),
+        ("gloo:reduce_scatter", (10.5, 11.5)),      # inside perform_reduce_grad: data parallel
+        ("gloo:all_reduce", (13.0, 14.0)),          # outside every stage call: data parallel
+        ("Optimizer.step#AdamW.step", (15.0, 17.0)),
+    ]
+    r = _from_events(events, rank=0, stages=(0,), loss=1.0, peak_memory_bytes=1, memory_kind="rss", tp=2)
+    phases = dict(r.phases_s)
+    assert list(phases) == list(PHASES)
+    assert phases["forward"] == pytest.approx(3.0 - 0.7) and phases["recompute"] == pytest.approx(2.0)
+    assert phases["backward"] == pytest.approx(5.0 + 1.0 - 2.0)  # the reduce call's compute is backward
+    assert (phases["tp_comm"], phases["ep_comm"]) == pytest.approx((0.5, 0.2))
+    assert phases["dp_comm"] == pytest.approx(2.0) and phases["pp_comm"] == pytest.approx(0.5)
+    assert phases["optimizer"] == pytest.approx(2.0) and sum(phases.values()) == pytest.approx(r.step_s)
+    under_dp = dict(_from_events(events, rank=0, stages=(0,), loss=1.0, peak_memory_bytes=1,
+                                 memory_kind="rss").phases_s)
+    assert under_dp["tp_comm"] == 0 and under_dp["dp_comm"] == pytest.approx(2.5)
