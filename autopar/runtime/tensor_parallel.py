@@ -182,7 +182,10 @@ def sequence_gathered(value: Any) -> Any:
 def _reduce_partial_gradient(param: torch.Tensor) -> None:
     """A replicated weight used on sequence shards (a norm's) accumulates one gradient term per
     shard, a partial sum: reduce it over tp here, so the optimizer, clipping and data parallelism
-    see a replicated gradient (Megatron's all-reduce of the layer-norm gradients)."""
+    see a replicated gradient (Megatron's all-reduce of the layer-norm gradients; here one per
+    parameter and microbatch, unbucketed). Left alone, DTensor would reduce it lazily in whichever op
+    first needs the sum. FSDP2 replaces the parameters, and with them this hook, but redistributes
+    each gradient to its parameter's placement itself."""
     grad = param.grad
     if isinstance(grad, DTensor) and any(p.is_partial() for p in grad.placements):
         param.grad = grad.redistribute(placements=[Replicate()] * len(grad.placements))
@@ -233,7 +236,7 @@ def _check_sequence(node: fx.Node, tp: int) -> None:
                          "the batch), or turn sequence_parallel off")
 
 
-def _hidden_entries(gm: fx.GraphModule, hidden: set[int], tp: int) -> list[fx.Node]:
+def _hidden_entries(gm: fx.GraphModule, hidden: set[int]) -> list[fx.Node]:
     """The stage's hidden-state inputs (floating [batch, seq, hidden], from the previous pipeline
     stage) and its token-embedding lookups ([batch, seq, hidden]): where replicated activations
     enter a sequence-parallel region."""
@@ -257,7 +260,7 @@ def sequence_parallel_pass(gm: fx.GraphModule, shardings: Iterable[Sharding], tp
     mine = [(by_name[s.node], s.strategy) for s in shardings if s.node in by_name]
     outputs = [_sequence_output(node) for node, strategy in mine if strategy in ("rowwise", "vocab")]
     hidden = {shape[-1] for node in outputs if (shape := _shape(node)) is not None}
-    entries = [n for n in _hidden_entries(gm, hidden, tp) if n not in outputs]
+    entries = [n for n in _hidden_entries(gm, hidden) if n not in outputs]
     for node in outputs + entries:
         _check_sequence(node, tp)
     last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1:]
