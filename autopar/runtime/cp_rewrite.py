@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import fx, nn
+from torch.distributed.tensor import DTensor, Shard
 
 from autopar.capture import Captured
 from autopar.capture.annotate import flat_inputs
@@ -88,6 +89,16 @@ class RingAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Any = None) -> torch.Tensor:
         self.num_calls += 1
+        if isinstance(q, DTensor):  # tensor parallelism: heads sharded over tp, each rank rings its own
+            layout = (q.device_mesh, q.placements)
+            if any(isinstance(p, Shard) and p.dim % q.dim() == q.dim() - 2 for p in q.placements):
+                raise ValueError(f"ring attention got queries sharded along the sequence over tp "
+                                 f"({q.placements}); gather the sequence before attention")
+            q, k, v = (t.to_local() if isinstance(t, DTensor) else t for t in (q, k, v))
+            return DTensor.from_local(self._ring(q, k, v, scale), *layout, run_check=False)
+        return self._ring(q, k, v, scale)
+
+    def _ring(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Any) -> torch.Tensor:
         flat = q.dim() == 3
         if flat:
             q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)

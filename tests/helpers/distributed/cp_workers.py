@@ -10,6 +10,7 @@ recomputation replays the forward, a selective one does not).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 
@@ -19,7 +20,9 @@ from torch import nn
 
 import autopar
 from autopar.losses import cross_entropy
+from autopar.passes import FusedAttention
 from autopar.runtime.cp_rewrite import RECORD_KEY, ring_attention_modules
+from tests.helpers.distributed.sequence_parallel_workers import SequenceProbe
 from tests.helpers.distributed.workers import (
     ATOL,
     RTOL,
@@ -112,17 +115,23 @@ class RingCounter:
         dist.batch_isend_irecv = self._original
 
 
-def compiled_for(world: int, name: str, fix: dict):
+def compiled_for(world: int, name: str, fix: dict, passes: tuple = ()):
     """The model compiled under the Plan the pins describe (no planner), its reference copy, the batch."""
     model, inputs, targets = build(name)
     reference = copy.deepcopy(model)
     plan = _hand_written_plan(model, inputs, world, fix)
-    return autopar.compile(model, f"local:{world}", plan=plan, optimizer=_sgd), reference, inputs, targets
+    if passes:  # the plan names the graph the passes make
+        size = plan.schedule.microbatch_size
+        micro = autopar.lower(model, inputs, passes=list(passes), microbatch_size=size)
+        plan = dataclasses.replace(plan, graph_fingerprint=micro.fingerprint)
+    compiled = autopar.compile(model, f"local:{world}", plan=plan, optimizer=_sgd,
+                               passes=list(passes) or None)
+    return compiled, reference, inputs, targets
 
 
-def run_cp_case(world: int, name: str, fix: dict) -> None:
+def run_cp_case(world: int, name: str, fix: dict, passes: tuple = ()) -> None:
     """Train 3 steps under ``fix`` and compare with one process; check the ring ran as planned."""
-    compiled, reference, inputs, targets = compiled_for(world, name, fix)
+    compiled, reference, inputs, targets = compiled_for(world, name, fix, passes)
     optimizer = _sgd(reference.parameters())
     cp = fix["cp"]
     for step in range(STEPS):
@@ -142,6 +151,22 @@ def run_cp_case(world: int, name: str, fix: dict) -> None:
     _compare_parameters(compiled.engine, reference, (name, fix))
     _check_transformation(compiled.engine, reference, fix, {})
     _check_ring(compiled, fix, lengths, calls, counter.calls, seq=inputs.shape[1] // cp)
+    fused = {m.fused for m in ring_attention_modules(_stages(compiled))}
+    assert fused == {bool(passes)}, fused  # the fused-attention pass's nodes were the ones replaced
+    if fix.get("sequence_parallel"):
+        _check_sequence_parallel(compiled, inputs, fix)
+
+
+def _check_sequence_parallel(compiled, inputs, fix: dict) -> None:
+    """With tp sequence parallelism inside each cp rank, norms see seq / (cp · tp) tokens and the
+    forward reduce-scatters instead of all-reducing."""
+    engine = compiled.engine
+    micro = engine.sequence.shard(inputs[: engine.plan.schedule.microbatch_size])
+    for module in engine.modules:
+        with SequenceProbe() as probe, torch.no_grad():
+            module(micro)
+        assert set(probe.norm_lengths) == {inputs.shape[1] // (fix["cp"] * fix["tp"])}, probe.norm_lengths
+        assert "all_reduce" not in probe.counts and probe.counts["reduce_scatter_tensor"] > 0, probe.counts
 
 
 def _stages(compiled) -> nn.Module:
@@ -184,6 +209,7 @@ def two_ranks(rank: int, world: int) -> None:
     run_cp_case(world, "hf-llama", {"cp": 2, "num_microbatches": 2})
     run_cp_case(world, "gpt", {"cp": 2, "num_microbatches": 2, "recompute": "full"})
     run_cp_case(world, "gpt", {"cp": 2, "num_microbatches": 2, "recompute": "selective"})
+    run_cp_case(world, "gpt", {"cp": 2, "num_microbatches": 2}, passes=(FusedAttention(),))
 
 
 def four_ranks(rank: int, world: int) -> None:
@@ -192,6 +218,7 @@ def four_ranks(rank: int, world: int) -> None:
     for schedule in ("1f1b", "zero_bubble"):
         run_cp_case(world, "gpt", {"cp": 2, "pp": 2, "schedule": schedule, "num_microbatches": 4})
     run_cp_case(world, "gpt", {"cp": 2, "dp": 2, "zero": 3, "num_microbatches": 2})
+    run_cp_case(world, "gpt", {"cp": 2, "tp": 2, "sequence_parallel": True, "num_microbatches": 2})
 
 
 def checkpoint_cp2_to_cp1(rank: int, world: int, folder: str) -> None:
