@@ -15,10 +15,12 @@ from autopar.config import Fix
 from autopar.lower import Program, lower
 from autopar.plan_api import estimate, plan
 from autopar.plans import Plan
+from autopar.train import TrainConfig, TrainResult, train
 from autopar.transform import transform
 from autopar.version import __version__
 
 __all__ = [
     "CaptureError", "Captured", "ClusterSpec", "Compiled", "Fix", "Plan", "Program", "__version__",
-    "capture", "compile", "estimate", "load", "lower", "models", "plan", "save", "transform",
+    "TrainConfig", "TrainResult",
+    "capture", "compile", "estimate", "load", "lower", "models", "plan", "save", "train", "transform",
 ]

@@ -24,6 +24,7 @@ from autopar.cli import (
     run_cmd,
     show_cmd,
     sweep_cmd,
+    train_cmd,
 )
 from autopar.version import __version__
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff_cmd.add_parser(subparsers)
     explain_cmd.add_parser(subparsers)
     sweep_cmd.add_parser(subparsers)
+    train_cmd.add_parser(subparsers)
     return parser
 
 
