@@ -65,6 +65,6 @@ def test_two_ranks_hugging_face():
 
 @pytest.mark.slow
 def test_four_ranks_with_pipeline():
-    """tp2 + sequence parallelism with pp2 (1F1B) on the zoo GPT: equal to one process, every
-    stage's norms on sequence shards."""
+    """tp2 + sequence parallelism with pp2 (1F1B), and with dp2 under ZeRO-3, on the zoo GPT: equal
+    to one process, every stage's norms on sequence shards."""
     spawn(workers.four_rank_sequence_parallel, 4, timeout_s=120)

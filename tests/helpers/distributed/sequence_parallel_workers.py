@@ -143,8 +143,8 @@ def run_sp_case(world: int, name: str, fix: dict, *, expected_forward: dict[str,
                                                                                   expected.item())
     engine = compiled.engine
     _compare_parameters(engine, reference, (name, fix))
-    replicated = [(n, p) for n, p in engine.named_parameters() if p.placements == (Replicate(),)]
-    assert replicated and all(p.grad.placements == (Replicate(),) for _, p in replicated), \
+    replicated = [(n, p) for n, p in engine.named_parameters() if p.placements[-1] == Replicate()]  # over tp
+    assert replicated and all(p.grad.placements[-1] == Replicate() for _, p in replicated), \
         [(n, p.grad.placements) for n, p in replicated]  # norm weights' partial sums were reduced over tp
     seq, tp = inputs.shape[1], fix["tp"]
     micro = inputs[: plan.schedule.microbatch_size]
@@ -215,4 +215,7 @@ def four_rank_sequence_parallel(rank: int, world: int) -> None:
     fix = {"tp": 2, "pp": 2, "schedule": "1f1b", "num_microbatches": 4}
     run_sp_case(world, "gpt", fix)
     _pipeline_norms_sharded(world, fix)
+    # FSDP2 (ZeRO-3) over dp × tp: it swaps the parameters (and the partial-gradient hook) for its
+    # own and redistributes the norms' partial gradients itself.
+    run_sp_case(world, "gpt", {"tp": 2, "dp": 2, "zero": 3, "num_microbatches": 2})
 
