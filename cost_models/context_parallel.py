@@ -31,14 +31,22 @@ one arriving), and in backward two fp32 dK/dV buffers and the fp32 dQ accumulato
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from autopar.cost_models.activations import activation_bytes_per_layer
 from autopar.cost_models.comm import Group, p2p_time_s
-from autopar.cost_models.memory import activation_bytes_per_layer
+from autopar.cost_models.compute import (
+    FUSED_ATTENTION_BACKWARD_FLOPS_RATIO,
+    device_efficiency,
+    roofline_time_s,
+)
+from autopar.cost_models.profile import LayerProfile, ModelProfile
 
 if TYPE_CHECKING:
     from autopar.cluster import ClusterSpec
+    from autopar.hardware import DeviceSpec
 
 LSE_BYTES_PER_ELEMENT = 4
 """The log-sum-exp is fp32 (runtime and Triton kernel alike)."""
@@ -185,3 +193,93 @@ def context_parallel_extra_bytes(shape: RingAttentionShape, *, num_layers_in_fli
         return 0.0
     layers = 1.0 if recompute == "full" else num_layers_in_flight
     return layers * shape.lse_bytes + ring_attention_workspace_bytes(shape)
+
+
+def check_sequence_split(seq_len: int, cp: int) -> None:
+    """The load-balanced layout needs ``2·cp`` equal chunks of the sequence (ValueError otherwise)."""
+    if seq_len % (2 * cp):
+        raise ValueError(f"cp = {cp} needs the sequence length to split into 2·cp = {2 * cp} equal chunks "
+                         f"(load-balanced causal sharding), but it is {seq_len}; pin a cp dividing "
+                         f"{seq_len // 2} or another sequence length")
+
+
+def sequence_shard_profile(profile: ModelProfile, cp: int) -> ModelProfile:
+    """What each of ``cp`` ranks computes and stores per microbatch: sequence ``s/cp``, per-sequence
+    FLOPs and written bytes ÷ cp (the ring splits every layer evenly, attention included: ``A/cp``
+    per rank, as in the module docstring), attention fused (ring blocks keep only the log-sum-exp).
+    Parameters are unchanged (cp ranks replicate them). ``profile`` itself when cp is 1."""
+    if cp == 1:
+        return profile
+    check_sequence_split(profile.seq_len, cp)
+    return dataclasses.replace(
+        profile, layers=tuple(sequence_shard_layer(layer, cp) for layer in profile.layers),
+        seq_len=profile.seq_len // cp,
+        embedding_flops_fwd=profile.embedding_flops_fwd / cp, head_flops_fwd=profile.head_flops_fwd / cp,
+        head_flops_bwd=profile.head_flops_bwd / cp, fused_attention=True)
+
+
+def sequence_shard_layer(layer: LayerProfile, cp: int) -> LayerProfile:
+    """``layer`` as one of ``cp`` ranks runs it (:func:`sequence_shard_profile`)."""
+    seq = None if layer.seq_len is None else layer.seq_len // cp
+    return dataclasses.replace(layer, flops_fwd=layer.flops_fwd / cp, flops_bwd=layer.flops_bwd / cp,
+                               activation_bytes=layer.activation_bytes / cp, seq_len=seq)
+
+
+def ring_shape(layer: LayerProfile, *, microbatch_size: int, tp: int, cp: int, bytes_per_element: int
+               ) -> RingAttentionShape:
+    """The :class:`RingAttentionShape` of a transformer ``layer`` (full sequence) on one device of
+    ``tp`` tensor-parallel ranks. The profile records no key/value head count, so K/V blocks are
+    priced with as many heads as queries (grouped-query attention would send ``kv_heads/heads`` of it)."""
+    assert layer.num_heads is not None and layer.hidden_size is not None and layer.seq_len is not None
+    heads = max(1, layer.num_heads // tp)
+    return RingAttentionShape(microbatch_size=microbatch_size, seq_len=layer.seq_len, num_heads=heads,
+                              kv_heads=heads, head_dim=layer.hidden_size // layer.num_heads, cp=cp,
+                              bytes_per_element=bytes_per_element)
+
+
+def ring_step_attention_times_s(shape: RingAttentionShape, *, device: DeviceSpec, dtype: str,
+                                causal: bool = True) -> tuple[float, float]:
+    """(forward, backward) seconds of one ring step's block attention on one device: ``s/cp``
+    queries against one K/V block of ``s/cp`` keys, half of it masked when causal (every step of
+    the load-balanced layout), run as a flash kernel (FlashAttention-2, Dao 2023): ``4·b·(s/cp)²·
+    heads·d`` FLOPs (× ½ causal) at the device's fused-attention efficiency, q/k/v/o read and
+    written; backward recomputes the scores (× :data:`compute.FUSED_ATTENTION_BACKWARD_FLOPS_RATIO`)
+    — how ``compute`` prices fused attention over a sequence of ``s/cp``, so a chunk's own step is
+    what the compute model already counts."""
+    b, s, width = shape.microbatch_size, shape.local_seq_len, shape.num_heads * shape.head_dim
+    flops = 4 * b * s * s * width * (0.5 if causal else 1.0)
+    tensor_bytes = b * s * width * shape.bytes_per_element
+    fraction = device_efficiency(device).fused_attention_peak_fraction
+
+    def run(flops_: float, bytes_: float) -> float:
+        return roofline_time_s(flops=flops_, num_bytes=bytes_, device=device, dtype=dtype,
+                               peak_fraction=fraction)
+
+    return run(flops, 4 * tensor_bytes), run(FUSED_ATTENTION_BACKWARD_FLOPS_RATIO * flops, 8 * tensor_bytes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RingLayerTimes:
+    """What ring attention adds to one layer of ``s/cp`` tokens per microbatch on one device: the
+    other ``cp − 1`` steps' block compute (``compute_*``) and the transfers no block hides
+    (``exposed_*``)."""
+
+    compute_forward_s: float
+    compute_backward_s: float
+    exposed_forward_s: float
+    exposed_backward_s: float
+
+
+def ring_layer_times(shape: RingAttentionShape, *, device: DeviceSpec, dtype: str, causal: bool, group: Group,
+                     cluster: ClusterSpec) -> RingLayerTimes:
+    """:class:`RingLayerTimes` from :func:`ring_attention_time_s` and
+    :func:`ring_attention_backward_time_s` with one step's compute from
+    :func:`ring_step_attention_times_s`: the whole-sequence one-device attention is ``cp²`` steps."""
+    cp = shape.cp
+    step_fwd, step_bwd = ring_step_attention_times_s(shape, device=device, dtype=dtype, causal=causal)
+    forward = ring_attention_time_s(shape, attention_forward_s=cp**2 * step_fwd, group=group, cluster=cluster)
+    backward = ring_attention_backward_time_s(shape, attention_backward_s=cp**2 * step_bwd, group=group,
+                                              cluster=cluster)
+    return RingLayerTimes(compute_forward_s=(cp - 1) * step_fwd, compute_backward_s=(cp - 1) * step_bwd,
+                          exposed_forward_s=max(0.0, forward - cp * step_fwd),
+                          exposed_backward_s=max(0.0, backward - cp * step_bwd))

@@ -5,14 +5,24 @@ the compute and communication models → step time from the schedule model → `
 (``plan.predicted``), read by the planner, the CLI views and the benchmarks.
 
 Step time = pipeline time (``schedule.pipeline_time``: per-stage forward, backward,
-recomputation, tensor-parallel collectives, MoE all-to-alls and P2P sends, steady part plus
-bubble) + exposed data-parallel sync (``comm.dp_sync_time_s`` minus the overlap factor, dense
-parameters over ``dp`` with the plan's ZeRO stage; ZeRO-3 per layer behind each layer's compute,
-``fsdp``; plus the all-reduce of expert gradients over
-``dp/ep`` after the last backward, never overlapped, ``moe``) + optimizer step (memory-bound:
-:data:`OPTIMIZER_BYTES_PER_PARAM` read and written per parameter shard; experts unsharded). The
-breakdown splits it into compute, recompute, tp_comm, pp_comm, dp_comm, ep_comm (the MoE
-layers' dispatch and combine all-to-alls, ``moe``), bubble and optimizer, summing to the step.
+recomputation, tensor-parallel collectives, ring-attention transfers, MoE all-to-alls and P2P
+sends, steady part plus bubble) + exposed data-parallel sync (``comm.dp_sync_time_s`` minus the
+overlap factor, dense parameters over the ``dp · cp`` ranks holding them with the plan's ZeRO
+stage; ZeRO-3 per layer behind each layer's compute, ``fsdp``; plus the all-reduce of expert
+gradients over ``dp/ep × cp`` after the last backward, never overlapped, ``moe``) + optimizer step
+(memory-bound: :data:`OPTIMIZER_BYTES_PER_PARAM` read and written per parameter shard; experts
+unsharded). The breakdown splits it into compute, recompute, tp_comm, cp_comm, pp_comm, dp_comm,
+ep_comm (the MoE layers' dispatch and combine all-to-alls, ``moe``), bubble and optimizer, summing
+to the step.
+
+Sequence parallelism (the Plan's ``sequence_parallel``; Korthikanti et al. 2022, §4.2.2): each
+layer's two tensor-parallel all-reduces per direction become a reduce-scatter and an all-gather of
+the same ``b·s·h`` buffer (``comm``: the same ring time), the LayerNorm/dropout/residual work and
+activations ÷ t (``compute``, ``memory``). Context parallelism (``cp``; Liu et al. 2023 ring
+attention, load-balanced as in Llama 3): every rank prices ``s/cp`` tokens of every layer
+(``context_parallel.sequence_shard_profile``) plus its ring's other ``cp − 1`` block steps as
+compute and the K/V (and dK/dV) transfers no block hides as ``cp_comm``, on the cp group's links
+(``context_parallel.ring_layer_times``).
 ``tflops_per_device`` counts the FLOPs executed (recomputation included, as Megatron-LM
 reports); ``mfu`` the model FLOPs (no recomputation) against the dtype's peak.
 
@@ -36,11 +46,13 @@ from typing import TYPE_CHECKING, Any
 from autopar.cost_models.comm import (
     DEFAULT_DP_OVERLAP,
     Group,
+    all_gather_time_s,
     all_reduce_time_s,
     all_to_all_time_s,
     dp_sync_time_s,
     exposed_dp_time_s,
     pipeline_p2p_time_s,
+    reduce_scatter_time_s,
 )
 from autopar.cost_models.compute import (
     Kernels,
@@ -49,6 +61,12 @@ from autopar.cost_models.compute import (
     embedding_times,
     head_times,
     transformer_layer_times,
+)
+from autopar.cost_models.context_parallel import (
+    RingLayerTimes,
+    ring_layer_times,
+    ring_shape,
+    sequence_shard_profile,
 )
 from autopar.cost_models.fsdp import Unit, fsdp_step_times
 from autopar.cost_models.local.step import cpu_stage_costs, estimate_local, local_rates
@@ -92,8 +110,12 @@ class CostOptions:
     ``dp_overlap``: fraction of the data-parallel sync hidden behind backward (``comm``).
     ``tp_overlap``: fraction of the backward pass's tensor-parallel all-reduces hidden behind
     the weight-gradient matmuls (Megatron-LM's asynchronous all-reduce; 0 in its 2021 code and
-    in ``torch.distributed.tensor.parallel``). ``sequence_parallel``: Korthikanti et al.'s
-    sequence parallelism (activations and elementwise work ÷ t). ``p2p_scatter_gather``:
+    in ``torch.distributed.tensor.parallel``). ``sequence_parallel``: whether the training code
+    has Korthikanti et al.'s sequence parallelism — None (autopar's runtime: the planner searches
+    it), False (e.g. Megatron-LM 2021, ``megatron.MEGATRON_2021``: the planner never chooses it),
+    True (the planner always uses it where tp > 1). It constrains the search only: ``estimate``
+    prices what the Plan says (``plan.sequence_parallel``, ``fix={"sequence_parallel": True}``).
+    ``p2p_scatter_gather``:
     pipeline sends split over the t tensor-parallel ranks, re-gathered over NVLink.
     ``local_profile``: the measured profile of this machine for ``local`` clusters (default: the
     one ``autopar calibrate`` saved, see ``cpu_step.local_rates``); other clusters ignore it.
@@ -101,7 +123,7 @@ class CostOptions:
 
     dp_overlap: float = DEFAULT_DP_OVERLAP
     tp_overlap: float = 0.0
-    sequence_parallel: bool = False
+    sequence_parallel: bool | None = None
     p2p_scatter_gather: bool = True
     local_profile: LocalProfile | None = None
 
@@ -110,6 +132,9 @@ class CostOptions:
             value = getattr(self, name)
             if type(value) not in (int, float) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"CostOptions.{name} = {value!r}: expected a fraction in [0, 1]")
+        if self.sequence_parallel not in (None, True, False):
+            raise ValueError(f"CostOptions.sequence_parallel = {self.sequence_parallel!r}: expected None "
+                             "(searched), True or False")
 
 
 def _check(plan: Plan, profile: ModelProfile) -> None:
@@ -125,54 +150,125 @@ def _check(plan: Plan, profile: ModelProfile) -> None:
 def stage_costs(plan: Plan, profile: ModelProfile, *, options: CostOptions | None = None
                 ) -> tuple[StageCost, ...]:
     """Per-microbatch costs of every stage of ``plan``, in stage order (local clusters:
-    ``cpu_step.cpu_stage_costs``)."""
+    ``cpu_step.cpu_stage_costs``). With ``cp > 1`` every rank prices ``s/cp`` tokens
+    (``context_parallel.sequence_shard_profile``) plus its ring's other steps and exposed transfers."""
     _check(plan, profile)
     options = options or CostOptions()
     rates = local_rates(plan, options.local_profile)
     if rates is not None:
         return cpu_stage_costs(plan, profile, rates)
     cluster = plan.cluster_spec()
-    t, b = plan.parallelism.tp, plan.schedule.microbatch_size
+    t, b, cp = plan.parallelism.tp, plan.schedule.microbatch_size, plan.parallelism.cp
     ep = plan.parallelism.ep
-    kernels = _kernels(plan, profile)
-    boundary_bytes = b * profile.seq_len * profile.hidden_size * profile.bytes_per_element
-    tp_group = Group.of(mesh_group(plan, "tp"), cluster=cluster)
-    all_reduce_s = all_reduce_time_s(boundary_bytes, group=tp_group, cluster=cluster)
-    layer_times = _layer_timer(kernels, profile, options)
+    local = sequence_shard_profile(profile, cp)
+    kernels = _kernels(plan, local)
+    boundary_bytes = b * local.seq_len * local.hidden_size * local.bytes_per_element
+    tp_times = _tp_collective_times(plan, boundary_bytes, cluster, overlap=options.tp_overlap)
+    layer_times = _layer_timer(kernels, local, plan)
+    ring = _ring_timer(plan, profile)
     costs = []
     for stage in plan.stages:
-        layers = profile.layers[stage.layers[0]:stage.layers[1]]
+        layers = local.layers[stage.layers[0]:stage.layers[1]]
         compute = sum((layer_times(layer, stage.recompute) for layer in layers), LayerTimes())
-        flops = b * sum(layer_flops(layer, stage.recompute, profile.fused_attention) for layer in layers)
+        flops = b * sum(layer_flops(layer, stage.recompute, local.fused_attention) for layer in layers)
         params = sum(layer.param_count for layer in layers)
         experts = sum(expert_params(layer) for layer in layers)  # ÷ ep, not ÷ t (``moe``)
         shared = sum(layer.moe.shared_params for layer in layers if layer.moe)  # router etc.: not ÷ t
         # two all-reduces per layer each way (TECHNIQUES §3), one in an MoE layer (its experts are not
         # tensor-parallel, ``moe``); the recomputed forward repeats them
         per_layer = [(1 if layer.moe else 2) * layer.is_transformer for layer in layers]
-        forward = backward = sum(per_layer) if t > 1 else 0
-        recompute = forward if stage.recompute == "full" else 0
+        tp_comm = tp_times.layers(sum(per_layer), stage.recompute)
         if stage.index == 0:
-            compute += embedding_times(profile, kernels=kernels)
-            forward += 1 if t > 1 else 0  # the vocabulary-parallel embedding's output
-            params += profile.embedding_params
-            flops += 3 * profile.embedding_flops_fwd * b
+            compute += embedding_times(local, kernels=kernels)
+            tp_comm += tp_times.embedding
+            params += local.embedding_params
+            flops += 3 * local.embedding_flops_fwd * b
         if stage.index == len(plan.stages) - 1:
-            compute += head_times(profile, kernels=kernels)
-            backward += 1 if t > 1 else 0  # the gradient of the LM head's input
-            params += profile.head_params + (profile.tied_head_params if stage.index > 0 else 0)
-            flops += (profile.head_flops_fwd + profile.head_flops_bwd) * b
+            compute += head_times(local, kernels=kernels)
+            tp_comm += tp_times.head
+            params += local.head_params + (local.tied_head_params if stage.index > 0 else 0)
+            flops += (local.head_flops_fwd + local.head_flops_bwd) * b
         send_next, send_previous = _sends(plan, stage.index, boundary_bytes, cluster, options)
-        all_to_all_s = _all_to_all_s(plan, profile, stage.devices, layers)
+        all_to_all_s = _all_to_all_s(plan, local, stage.devices, layers)
         per_device = (params - experts - shared) / t + shared + experts / ep if experts else params / t
-        tp_comm = CommTimes(forward_s=forward * all_reduce_s,
-                            backward_s=backward * all_reduce_s * (1 - options.tp_overlap),
-                            recompute_s=recompute * all_reduce_s)
+        cp_compute, cp_comm = ring(profile.layers[stage.layers[0]:stage.layers[1]], stage.recompute)
         costs.append(StageCost(
-            compute=compute, comm={"tp": tp_comm, "ep": exchange_times(all_to_all_s, stage.recompute)},
+            compute=compute + cp_compute,
+            comm={"tp": tp_comm, "ep": exchange_times(all_to_all_s, stage.recompute), "cp": cp_comm},
             send_forward_s=send_next, send_backward_s=send_previous, hardware_flops=flops,
             params_per_device=per_device, expert_params_per_device=experts / ep))
     return tuple(costs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _TpTimes:
+    """Tensor-parallel collectives of one microbatch on a boundary-sized (``b·s·h``) buffer: per
+    layer ``unit_s`` each way, plus the embedding's and the LM head's."""
+
+    unit_s: float
+    embedding: CommTimes
+    head: CommTimes
+    overlap: float
+
+    def layers(self, count: int, recompute: str) -> CommTimes:
+        """``count`` units forward and backward (the backward's ``overlap`` hidden), again when
+        fully recomputed."""
+        total = count * self.unit_s
+        return CommTimes(forward_s=total, backward_s=total * (1 - self.overlap),
+                         recompute_s=total if recompute == "full" else 0.0)
+
+
+def _tp_collective_times(plan: Plan, size_bytes: float, cluster: ClusterSpec, *, overlap: float = 0.0
+                         ) -> _TpTimes:
+    """Without sequence parallelism a unit is one all-reduce (Megatron-LM's ``g``/``f``); the
+    vocabulary-parallel embedding all-reduces its output, the LM head its input's gradient. With it
+    (Korthikanti et al. 2022, §4.2.2) a unit is a reduce-scatter after the row-parallel linear and
+    an all-gather before the column-parallel one, of the same buffer — as the runtime's
+    ``sequence_parallel_pass`` issues them; the embedding reduce-scatters its output, the LM head
+    all-gathers its input forward and reduce-scatters its gradient backward."""
+    group = Group.of(mesh_group(plan, "tp"), cluster=cluster)
+    if group.size == 1:
+        return _TpTimes(unit_s=0.0, embedding=CommTimes(), head=CommTimes(), overlap=overlap)
+    hidden = 1 - overlap  # of the backward's collectives
+    if not plan.sequence_parallel:
+        reduce_s = all_reduce_time_s(size_bytes, group=group, cluster=cluster)
+        return _TpTimes(unit_s=reduce_s, embedding=CommTimes(forward_s=reduce_s),
+                        head=CommTimes(backward_s=reduce_s * hidden), overlap=overlap)
+    scatter_s = reduce_scatter_time_s(size_bytes, group=group, cluster=cluster)
+    gather_s = all_gather_time_s(size_bytes, group=group, cluster=cluster)
+    return _TpTimes(unit_s=scatter_s + gather_s, embedding=CommTimes(forward_s=scatter_s),
+                    head=CommTimes(forward_s=gather_s, backward_s=scatter_s * hidden), overlap=overlap)
+
+
+def _ring_timer(plan: Plan, profile: ModelProfile
+                ) -> Callable[[tuple[LayerProfile, ...], str], tuple[LayerTimes, CommTimes]]:
+    """``ring(layers, recompute)``: what ring attention adds to these layers (full-sequence
+    profiles) per microbatch on one device (``context_parallel.ring_layer_times`` on the plan's cp
+    group): the other steps' block compute and the exposed transfers, again in a full recomputation
+    (the runtime replays the ring; selective recomputation keeps the ring's output). Zeros for cp 1."""
+    par, cluster = plan.parallelism, plan.cluster_spec()
+    group = Group.of(mesh_group(plan, "cp"), cluster=cluster)
+    cache: dict[tuple[object, ...], RingLayerTimes] = {}
+
+    def ring(layers: tuple[LayerProfile, ...], recompute: str) -> tuple[LayerTimes, CommTimes]:
+        if par.cp == 1:
+            return LayerTimes(), CommTimes()
+        compute, comm = LayerTimes(), CommTimes()
+        for layer in (layer for layer in layers if layer.is_transformer):
+            key = (layer.seq_len, layer.hidden_size, layer.num_heads)
+            if key not in cache:
+                shape = ring_shape(layer, microbatch_size=plan.schedule.microbatch_size, tp=par.tp, cp=par.cp,
+                                   bytes_per_element=profile.bytes_per_element)
+                cache[key] = ring_layer_times(shape, device=cluster.device, dtype=profile.dtype,
+                                              causal=profile.causal, group=group, cluster=cluster)
+            r, again = cache[key], recompute == "full"
+            compute += LayerTimes(forward_s=r.compute_forward_s, backward_input_s=r.compute_backward_s,
+                                  recompute_s=r.compute_forward_s if again else 0.0)
+            comm += CommTimes(forward_s=r.exposed_forward_s, backward_s=r.exposed_backward_s,
+                              recompute_s=r.exposed_forward_s if again else 0.0)
+        return compute, comm
+
+    return ring
 
 
 def _kernels(plan: Plan, profile: ModelProfile) -> Kernels:
@@ -182,9 +278,10 @@ def _kernels(plan: Plan, profile: ModelProfile) -> Kernels:
                    tp=par.tp, ep=par.ep)
 
 
-def _layer_timer(kernels: Kernels, profile: ModelProfile, options: CostOptions
+def _layer_timer(kernels: Kernels, profile: ModelProfile, plan: Plan
                  ) -> Callable[[LayerProfile, str], LayerTimes]:
-    """``layer_times(layer, recompute)``: one layer's compute per microbatch, cached by shape."""
+    """``layer_times(layer, recompute)``: one layer's compute per microbatch, cached by shape;
+    elementwise work ÷ t under the plan's sequence parallelism."""
     cache: dict[tuple[object, ...], LayerTimes] = {}
 
     def layer_times(layer: LayerProfile, recompute: str) -> LayerTimes:
@@ -192,7 +289,7 @@ def _layer_timer(kernels: Kernels, profile: ModelProfile, options: CostOptions
         if key not in cache:
             cache[key] = transformer_layer_times(
                 layer, kernels=kernels, recompute=recompute, fused_attention=profile.fused_attention,
-                causal=profile.causal, sequence_parallel=options.sequence_parallel)
+                causal=profile.causal, sequence_parallel=plan.sequence_parallel)
         return cache[key]
 
     return layer_times
@@ -227,9 +324,12 @@ def _sends(plan: Plan, index: int, size_bytes: float, cluster: ClusterSpec, opti
 
 def _dp_and_optimizer_s(plan: Plan, profile: ModelProfile, costs: tuple[StageCost, ...],
                         options: CostOptions) -> tuple[float, float]:
-    """(exposed data-parallel sync, optimizer step) of the slowest pipeline rank."""
+    """(exposed data-parallel sync, optimizer step) of the slowest pipeline rank. The ranks of one
+    dp × cp slice hold the same parameters: gradients are reduced, and ZeRO shards, over the
+    ``dp · cp`` of them (the runtime's flattened ``gradient_mesh``)."""
     cluster, par = plan.cluster_spec(), plan.parallelism
-    dp_group = Group.of(mesh_group(plan, "dp"), cluster=cluster)
+    replicas = mesh_group(plan, "dp", "cp")
+    dp_group = Group.of(replicas, cluster=cluster)
     bandwidth = (cluster.device.memory_bandwidth_bytes_per_s
                  * device_efficiency(cluster.device).memory_bandwidth_fraction)
     tied = 0.0
@@ -237,7 +337,7 @@ def _dp_and_optimizer_s(plan: Plan, profile: ModelProfile, costs: tuple[StageCos
         pair = Group.of((plan.stages[0].devices[0], plan.stages[-1].devices[0]), cluster=cluster)
         tied = all_reduce_time_s(profile.tied_head_params / par.tp * profile.bytes_per_element,
                                  group=pair, cluster=cluster) if pair.size > 1 else 0.0
-    expert_group = Group.of(mesh_group(plan, "dp")[::par.ep], cluster=cluster)
+    expert_group = Group.of(expert_groups(plan, plan.stages[0].devices)[1], cluster=cluster)
     dp_s = optimizer_s = 0.0
     for rank in range(par.pp):
         mine = costs[rank::par.pp]
@@ -251,11 +351,11 @@ def _dp_and_optimizer_s(plan: Plan, profile: ModelProfile, costs: tuple[StageCos
                                   num_microbatches=plan.schedule.num_microbatches)
             window = sum(c.times().backward_s + c.times().backward_weight_s for c in mine)
             exposed = exposed_dp_time_s(sync, overlap=options.dp_overlap, backward_window_s=window)
-        if experts:  # all-reduced over the dp/ep replicas after the last backward, whatever the ZeRO stage
+        if experts:  # all-reduced over the dp/ep × cp replicas after the last backward, any ZeRO stage
             exposed += dp_sync_time_s(experts, bytes_per_element=profile.bytes_per_element, zero=EXPERT_ZERO,
                                       group=expert_group, cluster=cluster)
         dp_s = max(dp_s, exposed)
-        shard = par.dp if plan.zero >= 1 else 1
+        shard = len(replicas) if plan.zero >= 1 else 1
         optimizer_s = max(optimizer_s, ((params - experts) / shard + experts)
                           * OPTIMIZER_BYTES_PER_PARAM / bandwidth)
     return dp_s + tied, optimizer_s
@@ -264,14 +364,16 @@ def _dp_and_optimizer_s(plan: Plan, profile: ModelProfile, costs: tuple[StageCos
 def _fsdp_units(plan: Plan, profile: ModelProfile, options: CostOptions, rank: int,
                 mine: tuple[StageCost, ...]) -> tuple[Unit, list[Unit]]:
     """The FSDP units of pipeline rank ``rank`` (its stages ``mine``): one per layer (dense
-    parameters ÷ t, experts excluded: ``moe``), and a root with the rest of the rank's dense
-    parameters and compute (embedding, head)."""
-    layer_times, par = _layer_timer(_kernels(plan, profile), profile, options), plan.parallelism
+    parameters ÷ t, experts excluded: ``moe``; compute of ``s/cp`` tokens and the ring's other steps),
+    and a root with the rest of the rank's dense parameters and compute (embedding, head)."""
+    par, local = plan.parallelism, sequence_shard_profile(profile, plan.parallelism.cp)
+    layer_times, ring = _layer_timer(_kernels(plan, local), local, plan), _ring_timer(plan, profile)
     element = profile.bytes_per_element
     layers = []
     for stage in plan.stages[rank::par.pp]:
-        for layer in profile.layers[stage.layers[0]:stage.layers[1]]:
-            times = layer_times(layer, stage.recompute)
+        for number in range(*stage.layers):
+            layer = local.layers[number]
+            times = layer_times(layer, stage.recompute) + ring((profile.layers[number],), stage.recompute)[0]
             layers.append(Unit(param_bytes=layer_params(layer, tp=par.tp, ep=par.ep)[0] * element,
                                forward_s=times.forward_s, backward_s=times.backward_s + times.recompute_s))
     total = sum((c.compute for c in mine), LayerTimes())
@@ -307,7 +409,9 @@ def estimate(plan: Plan, profile: ModelProfile, *, options: CostOptions | None =
         _check(plan, profile)
         costs = cpu_stage_costs(plan, profile, rates)
         details = _details(plan, memory_profile, costs, options, rates, dtype=profile.dtype)
-        return dataclasses.replace(estimate_local(plan, profile, rates), **details)
+        local = estimate_local(plan, profile, rates)
+        breakdown = {"cp_comm": 0.0} | local.breakdown_dict()  # the CPU model prices no ring (yet)
+        return dataclasses.replace(local, breakdown=breakdown, **details)
     costs = stage_costs(plan, profile, options=options)
     return _estimate_gpu(plan, profile, costs, options,
                          _details(plan, memory_profile, costs, options, None, dtype=profile.dtype))
@@ -326,12 +430,12 @@ def _estimate_gpu(plan: Plan, profile: ModelProfile, costs: tuple[StageCost, ...
     breakdown = {
         "compute": m * (c.forward_s + c.backward_s), "recompute": m * c.recompute_s,
         "tp_comm": m * comm_s(mine, "tp"), "pp_comm": m * sends_s(mine), "dp_comm": dp_s,
-        "ep_comm": m * comm_s(mine, "ep"), "bubble": pipe.bubble_s,
+        "ep_comm": m * comm_s(mine, "ep"), "cp_comm": m * comm_s(mine, "cp"), "bubble": pipe.bubble_s,
         "optimizer": optimizer_s,
     }
     step_s = pipe.total_s + dp_s + optimizer_s
     world, device = plan.world_size, plan.cluster_spec().device
-    hardware_flops = par.dp * m * sum(x.hardware_flops for x in costs)
+    hardware_flops = par.dp * par.cp * m * sum(x.hardware_flops for x in costs)
     model_flops = plan.global_batch_size * profile.model_flops_per_sequence
     return Predicted(
         step_time_s=step_s, tokens_per_s=plan.global_batch_size * profile.seq_len / step_s,
@@ -343,13 +447,12 @@ def _estimate_gpu(plan: Plan, profile: ModelProfile, costs: tuple[StageCost, ...
 def _details(plan: Plan, memory_profile: ModelProfile, costs: tuple[StageCost, ...], options: CostOptions,
              rates: CpuRates | None, *, dtype: str) -> dict[str, Any]:
     """The ``Predicted`` fields views draw: per-device peaks, per-stage numbers, memory by stage set,
-    dtype and options. Local clusters price memory without sequence parallelism (``cpu_step``)."""
+    dtype and options (``sequence_parallel``: the plan's)."""
     from autopar.plans import CostOptionsUsed
 
-    sequence_parallel = options.sequence_parallel and rates is None
-    memory = memory_details(plan, memory_profile, sequence_parallel=sequence_parallel)
+    memory = memory_details(plan, memory_profile)
     used = CostOptionsUsed(dp_overlap=options.dp_overlap, tp_overlap=options.tp_overlap,
-                           sequence_parallel=options.sequence_parallel,
+                           sequence_parallel=plan.sequence_parallel,
                            p2p_scatter_gather=options.p2p_scatter_gather,
                            local_rates=None if rates is None else rates.source)
     plain = {index: m.total_bytes for index, m in memory.without_recompute.items()}

@@ -10,11 +10,17 @@ Per device: model states + activations + logits + reserve.
 * Model states (``states``): on GPUs mixed-precision Adam, 16 bytes per parameter (2 bf16 weight,
   2 bf16 gradient, 12 fp32 master weight and two moments); on CPU processes the parameters' dtype
   throughout (fp32: 4 + 4 + 8); the parameters of the device's stages ÷ t. ZeRO shards over the
-  ``dp`` replicas: 1 the optimizer bytes, 2 also the gradient, 3 also the weight. The first stage
+  ``dp · cp`` replicas (context-parallel ranks hold the same parameters; the runtime reduces
+  gradients and shards ZeRO over the flattened dp × cp mesh): 1 the optimizer bytes, 2 also the
+  gradient, 3 also the weight. The first stage
   holds the embedding; the last the final norm and LM head, and under pipelining a copy of a
   weight tied to the embedding (as Megatron-LM does).
 * Activations of one layer and microbatch: Korthikanti et al. 2022 exactly (TECHNIQUES §2,
-  16-bit; scaled for other dtypes), times the microbatches in flight on that pipeline rank:
+  16-bit; scaled for other dtypes; ``activations``), with sequence parallelism when the Plan
+  says so (``sbh·34/t``: the norm/dropout/residual regions ÷ t too), under context parallelism
+  at ``s/cp`` tokens with fused attention plus the saved log-sum-exp per layer and, in the working
+  set, one layer's ring buffers (``context_parallel``), times the microbatches in flight on that
+  pipeline rank:
   GPipe ``m``; 1F1B and zero-bubble (ZB-H1) ``min(p − r, m)`` on rank ``r``; interleaved
   Megatron warm-up ``min(2(p − r − 1) + (v − 1)p + 1, m v)`` model chunks of ``1/v`` of the
   rank's layers (``p (1 + (p−1)/(p v))`` microbatches on the first rank). Fused attention
@@ -30,14 +36,10 @@ Per device: model states + activations + logits + reserve.
   (embedding, head) and of ``d + 1`` consecutive layers (the one computing and the prefetched one),
   and the unsharded gradients of the root and of one layer awaiting its reduce-scatter.
 * Logits on the last stage: the fp32 probabilities the vocabulary-parallel cross-entropy keeps
-  for backward, ``4 s b V / t`` bytes, for one microbatch (GPipe: all ``m``).
+  for backward, ``4 (s/cp) b V / t`` bytes, for one microbatch (GPipe: all ``m``).
 * Reserve (ASSUMED, not fitted): :data:`WORKSPACE_BYTES` on GPUs for the CUDA context and
   cuBLAS/NCCL workspaces, plus :data:`FRAGMENTATION_FRACTION` of everything else for the
   caching allocator's fragmentation.
-* CPU processes (local clusters): activations, logits and temporaries are what the CPU runtime
-  holds at its peak, counted op by op and per schedule (``local.memory``: the saved tensors of the
-  actual ops, the schedule's kept outputs and logits, recomputation, the backward's working set);
-  the reserve is those temporaries and the logits are part of the activations.
 """
 
 from __future__ import annotations
@@ -45,8 +47,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from autopar.cost_models.activations import activation_bytes_per_layer
+from autopar.cost_models.context_parallel import (
+    ring_attention_workspace_bytes,
+    ring_shape,
+    sequence_shard_layer,
+)
 from autopar.cost_models.fsdp import in_flight_bytes
-from autopar.cost_models.local.memory import cpu_activation_parts
 from autopar.cost_models.moe import EXPERT_ZERO, expert_activation_bytes, layer_params
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 from autopar.cost_models.states import (  # noqa: F401 - model_state_bytes stays importable from here
@@ -64,24 +71,6 @@ if TYPE_CHECKING:
 WORKSPACE_BYTES = 2**30
 FRAGMENTATION_FRACTION = 0.05
 LOGITS_BYTES_PER_ELEMENT = 4
-
-
-def activation_bytes_per_layer(*, seq_len: int, microbatch_size: int, hidden_size: int, num_heads: int,
-                               tp: int = 1, recompute: str = "none", sequence_parallel: bool = False,
-                               fused_attention: bool = False, bytes_per_element: int = 2) -> float:
-    """Korthikanti et al.'s activation bytes of one transformer layer for one microbatch.
-
-    none ``sbh(10 + 24/t + 5as/(ht))`` (t = 1: ``sbh(34 + 5as/h)``); with sequence parallelism
-    ``sbh(34/t + 5as/(ht))``; selective drops the ``5as/(ht)`` term; full keeps only the
-    layer input, ``2sbh`` (÷ t with sequence parallelism).
-    """
-    s, b, h, a, t = seq_len, microbatch_size, hidden_size, num_heads, tp
-    sbh, scale = s * b * h, bytes_per_element / 2
-    if recompute == "full":
-        return 2 * sbh / (t if sequence_parallel else 1) * scale
-    scores = 0.0 if recompute == "selective" or fused_attention else 5 * a * s / (h * t)
-    per_token = 34 / t if sequence_parallel else 10 + 24 / t
-    return sbh * (per_token + scores) * scale
 
 
 def in_flight_microbatches(schedule: str, *, pp: int, rank: int, num_microbatches: int,
@@ -117,15 +106,21 @@ class MemoryBreakdown:
 
 
 def _layer_bytes(layer: LayerProfile, profile: ModelProfile, *, microbatch_size: int, tp: int,
-                 recompute: str, sequence_parallel: bool, ep: int = 1) -> tuple[float, float]:
-    """(stored per in-flight microbatch, recomputation working set) of one layer."""
+                 recompute: str, sequence_parallel: bool, ep: int = 1, cp: int = 1) -> tuple[float, float]:
+    """(stored per in-flight microbatch, recomputation working set) of one layer (full-sequence
+    ``layer``; with ``cp > 1`` priced at ``s/cp`` with fused attention, the log-sum-exp stored and
+    the ring's buffers in the working set: ``context_parallel``)."""
+    full = layer
+    layer = sequence_shard_layer(layer, cp) if cp > 1 else layer
+    fused = profile.fused_attention or cp > 1
+
     def act(mode: str) -> float:
         if not layer.is_transformer:  # unknown shape: what its forward writes, nothing if recomputed
             return 0.0 if mode == "full" else layer.activation_bytes * microbatch_size / tp
         dense = activation_bytes_per_layer(
             seq_len=layer.seq_len, microbatch_size=microbatch_size, hidden_size=layer.hidden_size,
             num_heads=layer.num_heads, tp=tp, recompute=mode, sequence_parallel=sequence_parallel,
-            fused_attention=profile.fused_attention, bytes_per_element=profile.bytes_per_element)
+            fused_attention=fused, bytes_per_element=profile.bytes_per_element)
         if layer.moe is None or mode == "full":
             return dense
         return dense + expert_activation_bytes(layer, microbatch_size=microbatch_size, tp=tp, ep=ep,
@@ -133,11 +128,17 @@ def _layer_bytes(layer: LayerProfile, profile: ModelProfile, *, microbatch_size:
 
     stored = act(recompute)
     working = {"none": 0.0, "selective": act("none") - stored, "full": act("none")}[recompute]
+    if cp > 1 and layer.is_transformer:
+        shape = ring_shape(full, microbatch_size=microbatch_size, tp=tp, cp=cp,
+                           bytes_per_element=profile.bytes_per_element)
+        kept = 0.0 if recompute == "full" else shape.lse_bytes  # full: only the layer being recomputed
+        stored += kept
+        working += shape.lse_bytes - kept + ring_attention_workspace_bytes(shape)
     return stored, working
 
 
 def _stage_set_memory(plan: Plan, profile: ModelProfile, stage_indices: tuple[int, ...], *, gpu: bool,
-                      sequence_parallel: bool, cache: dict[tuple[int, str], tuple[float, float]],
+                      cache: dict[tuple[int, str], tuple[float, float]],
                       plain: int | None = None) -> MemoryBreakdown:
     """The memory of a device holding ``stage_indices``; stage ``plain`` priced without recomputation.
     ``cache`` holds :func:`_layer_bytes` by (layer index, recomputation) for this plan and profile."""
@@ -156,12 +157,12 @@ def _stage_set_memory(plan: Plan, profile: ModelProfile, stage_indices: tuple[in
         if stage.index == last:
             params += (profile.head_params + (profile.tied_head_params if last > 0 else 0)) / t
             count = sched.num_microbatches if sched.name == "gpipe" else 1
-            logits = count * LOGITS_BYTES_PER_ELEMENT * b * profile.seq_len * profile.vocab_size / t
+            logits = count * LOGITS_BYTES_PER_ELEMENT * b * profile.seq_len // par.cp * profile.vocab_size / t
         for number in range(*stage.layers):
             if (number, recompute) not in cache:
                 cache[number, recompute] = _layer_bytes(
                     profile.layers[number], profile, microbatch_size=b, tp=t, recompute=recompute,
-                    sequence_parallel=sequence_parallel, ep=par.ep)
+                    sequence_parallel=plan.sequence_parallel, ep=par.ep, cp=par.cp)
             kept, extra = cache[number, recompute]
             stored, working = stored + kept, max(working, extra)
     rank = stage_indices[0] % par.pp if stage_indices else 0
@@ -169,21 +170,17 @@ def _stage_set_memory(plan: Plan, profile: ModelProfile, stage_indices: tuple[in
                                        num_microbatches=sched.num_microbatches,
                                        virtual_stages=sched.virtual_stages)
     held = training_states(gpu=gpu, element_bytes=profile.bytes_per_element)
-    parts = state_parts_bytes(params, zero=plan.zero, dp=par.dp, states=held)
+    replicas = par.dp * par.cp  # ZeRO shards over the flattened dp × cp ranks (the runtime's gradient mesh)
+    parts = state_parts_bytes(params, zero=plan.zero, dp=replicas, states=held)
     if experts:  # E/ep experts per device, their states replicated over dp/ep ranks: no ZeRO (``moe``)
         expert_parts = state_parts_bytes(experts, zero=EXPERT_ZERO, states=held)
         parts = tuple(a + e for a, e in zip(parts, expert_parts, strict=True))  # type: ignore[assignment]
-    if gpu and plan.zero == 3 and par.dp > 1:  # unsharded layers in flight (``fsdp``)
+    if gpu and plan.zero == 3 and replicas > 1:  # unsharded layers in flight (``fsdp``)
         weights, grads = _fsdp_in_flight_bytes(plan, profile, stage_indices, params)
         parts = (parts[0] + weights, parts[1] + grads, parts[2])  # type: ignore[assignment]
     states = sum(parts)
-    if gpu:
-        activations = stored * in_flight + working
-        reserve = FRAGMENTATION_FRACTION * (states + activations + logits) + WORKSPACE_BYTES
-    else:  # CPU processes: what the runtime holds at its peak, logits included (``local.memory``)
-        activations, reserve = cpu_activation_parts(plan, profile, stage_indices, in_flight=in_flight,
-                                                    gradients_bytes=parts[1], plain=plain)
-        logits = 0.0
+    activations = stored * in_flight + working
+    reserve = FRAGMENTATION_FRACTION * (states + activations + logits) + (WORKSPACE_BYTES if gpu else 0)
     return MemoryBreakdown(model_states_bytes=states, activations_bytes=activations,
                            logits_bytes=logits, reserve_bytes=reserve, weights_bytes=parts[0],
                            gradients_bytes=parts[1], optimizer_bytes=parts[2])
@@ -217,8 +214,7 @@ class PlanMemory:
         return tuple(self.by_set[indices] for indices in self.held)
 
 
-def memory_details(plan: Plan, profile: ModelProfile, *, sequence_parallel: bool = False,
-                   without_recompute: bool = True) -> PlanMemory:
+def memory_details(plan: Plan, profile: ModelProfile, *, without_recompute: bool = True) -> PlanMemory:
     """:class:`PlanMemory` of ``plan`` (``without_recompute=False`` leaves that part empty)."""
     held: list[list[int]] = [[] for _ in range(plan.world_size)]
     for stage in plan.stages:
@@ -227,22 +223,19 @@ def memory_details(plan: Plan, profile: ModelProfile, *, sequence_parallel: bool
     sets = tuple(map(tuple, held))
     gpu = plan.cluster["device"]["name"] != "CPU"
     cache: dict[tuple[int, str], tuple[float, float]] = {}
-    by_set = {indices: _stage_set_memory(plan, profile, indices, gpu=gpu, sequence_parallel=sequence_parallel,
-                                         cache=cache) for indices in dict.fromkeys(sets)}
+    by_set = {indices: _stage_set_memory(plan, profile, indices, gpu=gpu, cache=cache)
+              for indices in dict.fromkeys(sets)}
     plain = {stage.index: _stage_set_memory(plan, profile, sets[stage.devices[0]], gpu=gpu, cache=cache,
-                                            sequence_parallel=sequence_parallel, plain=stage.index)
+                                            plain=stage.index)
              for stage in plan.stages if without_recompute and stage.recompute != "none"}
     return PlanMemory(held=sets, by_set=by_set, without_recompute=plain)
 
 
-def plan_memory(plan: Plan, profile: ModelProfile, *, sequence_parallel: bool = False
-                ) -> tuple[MemoryBreakdown, ...]:
+def plan_memory(plan: Plan, profile: ModelProfile) -> tuple[MemoryBreakdown, ...]:
     """The memory breakdown of every device, in device-id order (0 … world − 1)."""
-    return memory_details(plan, profile, sequence_parallel=sequence_parallel,
-                          without_recompute=False).per_device()
+    return memory_details(plan, profile, without_recompute=False).per_device()
 
 
-def peak_memory_bytes(plan: Plan, profile: ModelProfile, *, sequence_parallel: bool = False
-                      ) -> tuple[int, ...]:
+def peak_memory_bytes(plan: Plan, profile: ModelProfile) -> tuple[int, ...]:
     """Peak bytes of every device, in device-id order (0 … world − 1)."""
-    return tuple(m.total_bytes for m in plan_memory(plan, profile, sequence_parallel=sequence_parallel))
+    return tuple(m.total_bytes for m in plan_memory(plan, profile))

@@ -7,6 +7,7 @@ clusters: ``cpu_compute``) → :class:`StageCost` per stage and microbatch → t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -19,10 +20,11 @@ if TYPE_CHECKING:
     from autopar.plans import Plan
 
 
-COMM_KINDS = ("tp", "dp", "ep")
-"""The collectives priced inside a microbatch: tensor-parallel all-reduces/gathers, data-parallel
-traffic repeated every microbatch (ZeRO-3 weight gathers on CPU; the GPU model counts dp per step)
-and the MoE layers' all-to-alls (``moe``)."""
+COMM_KINDS = ("tp", "dp", "ep", "cp")
+"""The collectives priced inside a microbatch: tensor-parallel all-reduces/gathers (reduce-scatters
+and all-gathers under sequence parallelism), data-parallel traffic repeated every microbatch (ZeRO-3
+weight gathers on CPU; the GPU model counts dp per step), the MoE layers' all-to-alls (``moe``) and
+the ring attention's K/V transfers left exposed beside its block compute (``context_parallel``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,26 +96,33 @@ def exchange_times(all_to_all_s: float, recompute: str) -> CommTimes:
                      recompute_s=all_to_all_s if recompute == "full" else 0.0)
 
 
-def mesh_group(plan: Plan, axis: str) -> tuple[int, ...]:
-    """Device ids of the ``axis`` group that contains the mesh's first device."""
-    mesh, degree = plan.mesh, getattr(plan.parallelism, axis)
-    if axis in mesh.axis_names:
+def mesh_group(plan: Plan, *axes: str) -> tuple[int, ...]:
+    """Device ids of the group spanning ``axes`` (one or more mesh axes, e.g. ``"dp", "cp"``: the
+    ranks holding the same parameters) that contains the mesh's first device, listed row-major
+    (the first axis slowest). An axis a mesh lacks (a cp axis in meshes of schema version 2) has
+    the Parallelism's degree laid out as autopar's default: tp fastest, then dp."""
+    mesh, par = plan.mesh, plan.parallelism
+    flat = [0]
+    for axis in (axis for axis in axes if axis in mesh.axis_names):
         i = mesh.axis_names.index(axis)
-        stride = 1
-        for size in mesh.shape[i + 1:]:
-            stride *= size
-        return tuple(mesh.device_ids[j * stride] for j in range(mesh.shape[i]))
-    stride = plan.parallelism.tp if axis == "dp" else 1  # autopar's default layout: tp fastest
-    return tuple(j * stride for j in range(degree))
+        stride = math.prod(mesh.shape[i + 1:])
+        flat = [f + j * stride for f in flat for j in range(mesh.shape[i])]
+    ids = [mesh.device_ids[f] for f in flat]
+    for axis in (axis for axis in axes if axis not in mesh.axis_names):
+        stride = par.tp if axis == "dp" else 1
+        ids = [d + j * stride for d in ids for j in range(getattr(par, axis))]
+    return tuple(ids)
 
 
 def expert_groups(plan: Plan, devices: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(expert-parallel group, expert-data-parallel group) of the first of a stage's ``devices``
-    (listed tp fastest, then dp, as autopar lays them out): ``ep`` consecutive data-parallel ranks,
-    and the ``dp/ep`` ranks holding the same experts (the runtime's ``ExpertGroups``)."""
+    (listed tp fastest, then cp, then dp, as autopar lays them out): ``ep`` consecutive
+    data-parallel ranks of one cp slice, and the ``dp/ep × cp`` ranks holding the same experts (the
+    runtime's ``ExpertGroups``; cp ranks replicate the experts and reduce their gradients too)."""
     par = plan.parallelism
-    dp_ranks = devices[::par.tp]
-    return tuple(dp_ranks[:par.ep]), tuple(dp_ranks[::par.ep])
+    cp = par.cp
+    slices = [devices[c * par.tp::par.tp * cp] for c in range(cp)]  # each cp slice's dp ranks
+    return tuple(slices[0][:par.ep]), tuple(sorted(d for ranks in slices for d in ranks[::par.ep]))
 
 
 def layer_flops(layer: LayerProfile, recompute: str, fused_attention: bool) -> float:

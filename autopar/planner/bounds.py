@@ -16,7 +16,9 @@ Each term bounds the matching term of ``cost_models.estimate`` from below:
   forces it, see :func:`forced_recompute_s`). ``max W`` is also at least the costliest single
   layer, which matters when layers differ (MoE layers every other layer) and ``pp`` is large;
 * data-parallel sync: the exposed share ``(1 − overlap)`` of the sync of an even share of the
-  parameters (collective time grows with size, the slowest rank holds at least the average).
+  parameters over the ``dp · cp`` ranks holding them (collective time grows with size, the slowest
+  rank holds at least the average); 0 for ZeRO-3, whose per-layer gathers and reduce-scatters may
+  hide behind compute (``cost_models.fsdp``).
   With MoE layers the dense share syncs over ``dp`` and the expert share ``÷ ep`` is all-reduced
   over ``dp/ep`` after the backward (no ZeRO, no overlap: ``cost_models.moe``); the slowest rank
   pays at least the larger of the two (their sum without pipelining, where every rank holds the
@@ -71,22 +73,24 @@ def outside_lower_bound_s(
 ) -> float:
     """Data-parallel sync and optimizer seconds at least (module docstring)."""
     cluster, (params, experts) = ctx.cluster, _share(profile, config)
-    dp_s = 0.0
-    if config.dp > 1:
-        def sync_s(size: float, stride: int, ranks: int, zero: int) -> float:
-            group = Group.of([d * stride for d in range(ranks)], cluster=cluster)
+    replicas, dp_s = config.dp * config.cp, 0.0
+    if replicas > 1:
+        def sync_s(size: float, ranks: list[int], zero: int) -> float:
+            group = Group.of([r * config.tp for r in ranks], cluster=cluster)  # (dp, cp) index → device
             return dp_sync_time_s(size, bytes_per_element=profile.bytes_per_element, zero=zero,
                                   group=group, cluster=cluster, num_microbatches=config.num_microbatches)
 
-        dp_s = (1 - options.dp_overlap) * sync_s(params, config.tp, config.dp, config.zero)
+        if config.zero != 3:  # ZeRO-3 hides per layer behind compute (``cost_models.fsdp``): bound 0
+            dp_s = (1 - options.dp_overlap) * sync_s(params, list(range(replicas)), config.zero)
         if experts:  # not overlapped with the backward (``cost_models.moe``)
-            expert_sync = sync_s(experts, config.tp * config.ep, config.dp // config.ep, EXPERT_ZERO)
+            ranks = [d * config.cp + c for d in range(0, config.dp, config.ep) for c in range(config.cp)]
+            expert_sync = sync_s(experts, ranks, EXPERT_ZERO)
             dp_s = dp_s + expert_sync if config.pp == 1 else max(dp_s, expert_sync)
     bandwidth = (
         cluster.device.memory_bandwidth_bytes_per_s
         * device_efficiency(cluster.device).memory_bandwidth_fraction
     )
-    shard = config.dp if config.zero >= 1 else 1
+    shard = replicas if config.zero >= 1 else 1
     return dp_s + (params / shard + experts) * OPTIMIZER_BYTES_PER_PARAM / bandwidth
 
 
@@ -117,8 +121,8 @@ def forced_recompute_s(prober: Prober, config: Config, modes: tuple[str, ...]) -
         ]
     )
     held = _states(profile, ctx)
-    states = min(layer_state_bytes(layer, tp=config.tp, zero=config.zero, dp=config.dp, ep=config.ep,
-                                   states=held)
+    states = min(layer_state_bytes(layer, tp=config.tp, zero=config.zero, dp=config.dp * config.cp,
+                                   ep=config.ep, states=held)
                  for layer in profile.layers)
     extra = 0.0
     for r, mode in enumerate(modes):
@@ -152,7 +156,7 @@ def states_fit(profile: ModelProfile, ctx: PlanContext, config: Config) -> bool:
     """Whether an even share of the model states fits the device at all."""
     dense, experts = _share(profile, config)
     held = _states(profile, ctx)
-    states = memory_model.model_state_bytes(dense, zero=config.zero, dp=config.dp, states=held)
+    states = memory_model.model_state_bytes(dense, zero=config.zero, dp=config.dp * config.cp, states=held)
     if experts:
         states += memory_model.model_state_bytes(experts, zero=EXPERT_ZERO, states=held)
     gpu = ctx.cluster.device.name != "CPU"

@@ -35,6 +35,7 @@ _CAUSES = {
     "compute": "more compute",
     "recompute": "more recomputation",
     "tp_comm": "more tensor-parallel communication",
+    "cp_comm": "more exposed ring-attention transfers (context parallelism)",
     "pp_comm": "more pipeline sends",
     "dp_comm": "more exposed data-parallel gradient sync",
     "ep_comm": "more expert all-to-all",
@@ -58,6 +59,9 @@ class Infeasible:
     capacity_bytes: float
     message: str
     moe: bool = False
+    activations_bytes: float = 0.0
+    """Activations and logits of the worst stage's devices (what cp and sequence parallelism shrink)."""
+    seq_len: int = 0
 
     @property
     def excess_bytes(self) -> float:
@@ -76,7 +80,7 @@ def explain_empty(profile: ModelProfile, cluster: ClusterSpec, *, global_batch_s
     if fix.world_size() > world or world % fix.world_size():
         return f"the pinned degrees {fix.pinned()} do not divide the cluster's {world} devices"
     rules = {d: broken_rule(profile, cluster, d, global_batch_size=global_batch_size, fix=fix)
-             for d in all_degrees(cluster) if d[1] not in skip_tp}
+             for d in all_degrees(cluster, cp=fix.cp or 1) if d[1] not in skip_tp}
     broken = {d: rule for d, rule in rules.items() if rule is not None}
     if not broken:
         return "every configuration is excluded"
@@ -165,6 +169,9 @@ def _model_limits(profile: ModelProfile, cluster: ClusterSpec, rules: set[str | 
                      + f", within a node of {cluster.devices_per_node} devices")
     if "pins" in rules:
         words.append(f"the pins {fix.pinned()}")
+    if "sequence" in rules:
+        words.append(f"pinned sequence_parallel needs tp > 1 dividing the {profile.seq_len // (fix.cp or 1)} "
+                     "tokens of each context-parallel rank")
     return "; ".join(words) or "the rules"
 
 
@@ -202,15 +209,13 @@ def _gib(value: float) -> str:
 
 
 def memory_shortfall(
-    profile: ModelProfile, ctx: PlanContext, config: Config, model: StageModel, *,
-    sequence_parallel: bool = False,
+    profile: ModelProfile, ctx: PlanContext, config: Config, model: StageModel
 ) -> Infeasible:
-    """Break down the worst stage of the even split under the most frugal recomputation (memory
-    priced with the search's ``sequence_parallel`` option, as its plans are)."""
+    """Break down the worst stage of the even split under the most frugal recomputation."""
     stages = config.pp * config.virtual_stages
     frugal = model.modes[-1]
     plan = build_plan(ctx, config, even_split(profile.num_layers, stages), [frugal] * stages)
-    memory = memory_model.plan_memory(plan, profile, sequence_parallel=sequence_parallel)
+    memory = memory_model.plan_memory(plan, profile)
     worst = max(range(config.pp), key=lambda k: memory[rank_devices(config, k)[0]].total_bytes)
     part = memory[rank_devices(config, worst)[0]]
     weights, grads = part.weights_bytes, part.gradients_bytes
@@ -230,11 +235,39 @@ def memory_shortfall(
         capacity_bytes=capacity,
         message=message,
         moe=any(layer.moe is not None for layer in profile.layers),
+        activations_bytes=part.activations_bytes + part.logits_bytes,
+        seq_len=profile.seq_len,
     )
 
 
-def _remedies(item: Infeasible, fix: Fix) -> list[str]:
+def _sequence_remedies(item: Infeasible, fix: Fix) -> list[str]:
+    """When activations are what does not fit: the context-parallel degree that would make them fit
+    (activations ÷ cp, the states unchanged: ``cost_models.context_parallel``) and sequence
+    parallelism (the norm/dropout/residual regions ÷ t)."""
     config, remedies = item.config, []
+    rest = item.need_bytes - item.activations_bytes
+    if item.activations_bytes <= 0 or rest >= item.capacity_bytes:
+        return remedies  # the states alone do not fit: splitting the sequence cannot help
+    share = (f"activations do not fit: {_gib(item.activations_bytes)} GiB of them beside {_gib(rest)} GiB "
+             "of the rest")
+    cp = next((c for c in (2**k for k in range(1, 16)) if item.seq_len % (2 * c * config.cp) == 0
+               and rest + item.activations_bytes / c <= item.capacity_bytes), None)
+    if cp is not None:
+        pin = "unpin cp or pin " if fix.cp is not None else ""
+        remedies.append(f"{share}; try context parallelism, {pin}cp={cp * config.cp} (each microbatch's "
+                        f"activations ÷ {cp})")
+    if config.pp == 1 and config.schedule == "gpipe" and config.num_microbatches > 1 and fix.schedule is None:
+        remedies.append("schedule='1f1b' (one stage then keeps one microbatch's activations, not all "
+                        f"{config.num_microbatches})")
+    if config.tp > 1 and not config.sequence_parallel:
+        remedies.append("sequence_parallel=True (norm, dropout and residual activations ÷ tp)")
+    elif config.tp == 1 and fix.tp is None:
+        remedies.append("tensor parallelism with sequence_parallel=True (activations ÷ tp)")
+    return remedies
+
+
+def _remedies(item: Infeasible, fix: Fix) -> list[str]:
+    config, remedies = item.config, _sequence_remedies(item, fix)
     if fix.recompute not in (None, "full"):
         remedies.append("allow recomputation (drop the recompute pin or pin recompute='full')")
     if config.microbatch_size > 1 or fix.microbatch_size:

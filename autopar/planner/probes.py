@@ -102,7 +102,7 @@ class Prober:
 
     def _fixed_parts(self, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per position: fixed work, fixed weight-gradient work, fixed bytes under ``config.zero``."""
-        key = (config.dp, config.tp, config.pp, config.microbatch_size)
+        key = (config.dp, config.tp, config.pp, config.microbatch_size, config.cp, config.sequence_parallel)
         if key not in self._fixed_work:
             plan, _ = self._probe_plan(config, [(0, 0)] * config.pp, "none", 0)
             costs = stage_costs(plan, self._empty, options=self.options)
@@ -113,9 +113,7 @@ class Prober:
         mkey = key + (config.num_microbatches if config.schedule == "gpipe" else 0,)
         if mkey not in self._fixed_params:
             plan, one = self._probe_plan(config, [(0, 0)] * config.pp, "none", 0)
-            memory = memory_model.plan_memory(
-                plan, self._empty, sequence_parallel=self.options.sequence_parallel
-            )
+            memory = memory_model.plan_memory(plan, self._empty)
             parts = [memory[rank_devices(one, k)[0]] for k in range(config.pp)]
             per_param = memory_model.model_state_bytes(1.0, states=self.states)
             self._fixed_params[mkey] = (
@@ -123,12 +121,14 @@ class Prober:
                 np.array([m.logits_bytes for m in parts]),
             )
         params, logits = self._fixed_params[mkey]
-        per_param = memory_model.model_state_bytes(1.0, zero=config.zero, dp=config.dp, states=self.states)
+        per_param = memory_model.model_state_bytes(1.0, zero=config.zero, dp=config.dp * config.cp,
+                                                   states=self.states)
         return (*self._fixed_work[key], params * per_param + logits)
 
     def _layer(self, kind_index: int, config: Config, mode: str) -> tuple[float, float]:
         """(work, weight-gradient work) of one layer of kind ``kind_index`` per microbatch."""
-        key = (kind_index, config.tp, config.microbatch_size, mode, config.ep)
+        key = (kind_index, config.tp, config.microbatch_size, mode, config.ep, config.cp,
+               config.sequence_parallel)
         if key not in self._layer_work:
             profile = dataclasses.replace(self.profile, layers=(self.kinds[kind_index],))
             plan, one = self._probe_plan(config, [(0, 1)] + [(1, 1)] * (config.pp - 1), mode, 1)
@@ -148,8 +148,8 @@ class Prober:
         weight = np.array([self._per_layer(config, r, 1) for r in modes])
         stored = np.array([self.layer_bytes(config, r)[0] for r in modes])
         working = np.array([self.layer_bytes(config, r)[1] for r in modes])
-        states = np.array([layer_state_bytes(layer, tp=t, zero=config.zero, dp=config.dp, ep=config.ep,
-                                             states=self.states)
+        states = np.array([layer_state_bytes(layer, tp=t, zero=config.zero, dp=config.dp * config.cp,
+                                             ep=config.ep, states=self.states)
                            for layer in profile.layers])
         fixed_work, fixed_weight, fixed_bytes = self._fixed_parts(config)
         in_flight = np.array(
@@ -188,7 +188,7 @@ class Prober:
 
     def layer_bytes(self, config: Config, mode: str) -> tuple[np.ndarray, np.ndarray]:
         """Per layer: (activation bytes stored per in-flight microbatch, recomputation working set)."""
-        key = (config.tp, config.microbatch_size, mode, config.ep)
+        key = (config.tp, config.microbatch_size, mode, config.ep, config.cp, config.sequence_parallel)
         if key not in self._bytes:
             pairs = [
                 memory_model._layer_bytes(  # the memory model's own per-layer rule
@@ -197,7 +197,8 @@ class Prober:
                     microbatch_size=config.microbatch_size,
                     tp=config.tp,
                     recompute=mode,
-                    sequence_parallel=self.options.sequence_parallel,
+                    sequence_parallel=config.sequence_parallel,
+                    cp=config.cp,
                     ep=config.ep,
                 )
                 for kind in self._mem_kinds

@@ -45,7 +45,7 @@ from autopar.planner.explain import (
 )
 from autopar.planner.inter_op import solve_split
 from autopar.planner.probes import RECOMPUTE_MODES, Prober, StageModel
-from autopar.planner.space import Config, candidates, check_ep_pin
+from autopar.planner.space import Config, candidates, check_ep_pin, check_sequence_pins
 from autopar.plans import Alternative, Plan, Schedule
 
 NUM_ALTERNATIVES = 5
@@ -147,8 +147,7 @@ class _Search:
             self.infeasible.append(self._shortfall(config, model))
 
     def _shortfall(self, config: Config, model: StageModel) -> Infeasible:
-        return memory_shortfall(self.memory_profile, self.ctx, config, model,
-                                sequence_parallel=self.options.sequence_parallel)
+        return memory_shortfall(self.memory_profile, self.ctx, config, model)
 
     def _checked(self, config: Config, plan: Plan) -> Evaluated | None:
         # memory at the worst point of a pass's schedule: what autopar.estimate prices (lower.predict)
@@ -175,7 +174,11 @@ def search(
         raise ValueError(f"time_limit_s = {time_limit_s!r}: expected seconds > 0")
     start = time.perf_counter()
     check_ep_pin(profile, fix)
-    configs = list(candidates(profile, ctx.cluster, global_batch_size=ctx.global_batch_size, fix=fix))
+    check_sequence_pins(profile, fix)
+    space_fix = fix  # the training code's sequence parallelism (CostOptions) binds like a pin
+    if fix.sequence_parallel is None and options.sequence_parallel is not None:
+        space_fix = dataclasses.replace(fix, sequence_parallel=options.sequence_parallel)
+    configs = list(candidates(profile, ctx.cluster, global_batch_size=ctx.global_batch_size, fix=space_fix))
     if not configs:
         raise ValueError(
             "no configuration to search: "
@@ -209,8 +212,9 @@ def search(
             progress(evaluated, len(configs), None if best is None else best.step_time_s)
     if best is not None and not timed_out:
         contrasts, tried = _ep_contrasts(state, bounded, results, visited, best.config.ep)
-        evaluated += tried
-        for found in contrasts:
+        sp = _sp_contrast(state, best.config, space_fix)
+        evaluated += tried + len(sp)
+        for found in contrasts + sp:
             results.append(found)
             if (found.step_time_s, found.config) < (best.step_time_s, best.config):
                 best = found
@@ -260,6 +264,18 @@ def _ep_contrasts(state: _Search, bounded: list[tuple[float, Config]], results: 
             best[ep] = min(best.get(ep, float("inf")), result.step_time_s)
             found.append(result)
     return found, sum(tries.values())
+
+
+def _sp_contrast(state: _Search, chosen: Config, fix: Fix) -> list[Evaluated]:
+    """The chosen Config with sequence parallelism switched the other way, for the alternatives:
+    the space offers only sequence parallelism where tp > 1 (it moves the same bytes as the
+    all-reduces it replaces and divides the norm/dropout work and activations by t, so in the cost
+    model it is never slower nor larger), so without this the Plan could not say what it saves.
+    Nothing when pinned or tp is 1."""
+    if chosen.tp == 1 or fix.sequence_parallel is not None:
+        return []
+    found = state.evaluate(dataclasses.replace(chosen, sequence_parallel=not chosen.sequence_parallel))
+    return [] if found is None else [found]
 
 
 def _alternatives(

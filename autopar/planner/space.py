@@ -39,7 +39,13 @@ from dataclasses import dataclass
 
 from autopar.cluster import ClusterSpec
 from autopar.config import Fix
-from autopar.cost_models import ModelProfile
+from autopar.cost_models import Group, ModelProfile
+from autopar.cost_models.context_parallel import (
+    check_sequence_split,
+    ring_shape,
+    ring_step_attention_times_s,
+    ring_step_transfer_time_s,
+)
 from autopar.cost_models.moe import num_experts_gcd
 
 MAX_VIRTUAL_STAGES = 8
@@ -63,16 +69,18 @@ class Config:
     sequence_parallel: bool = False
 
     @property
-    def degrees(self) -> tuple[int, int, int, int]:
-        return self.dp, self.tp, self.pp, self.ep
+    def degrees(self) -> tuple[int, int, int, int, int]:
+        return self.dp, self.tp, self.pp, self.ep, self.cp
 
     def describe(self) -> str:
-        """``dp8 tp8 pp16 interleaved(v2) b1×m24 zero0`` (`` ep4`` after pp when ``ep > 1``): how
-        alternatives are named."""
+        """``dp8 tp8 pp16 interleaved(v2) b1×m24 zero0`` (`` ep4`` after pp when ``ep > 1``, `` cp4``
+        when ``cp > 1``, `` sp`` after tp with sequence parallelism): how alternatives are named."""
         sched = f"interleaved(v{self.virtual_stages})" if self.schedule == "interleaved" else self.schedule
         ep = f" ep{self.ep}" if self.ep > 1 else ""
+        cp = f" cp{self.cp}" if self.cp > 1 else ""
+        sp = " sp" if self.sequence_parallel else ""
         return (
-            f"dp{self.dp} tp{self.tp} pp{self.pp}{ep} {sched} b{self.microbatch_size}"
+            f"dp{self.dp} tp{self.tp}{sp} pp{self.pp}{ep}{cp} {sched} b{self.microbatch_size}"
             f"×m{self.num_microbatches} zero{self.zero}"
         )
 
@@ -157,11 +165,12 @@ def _microbatches(local_batch: int, fix: Fix) -> list[int]:
     return sizes
 
 
-RULES = ("tp", "layers", "pins", "batch", "microbatch", "schedule", "ep")
+RULES = ("tp", "layers", "pins", "sequence", "batch", "microbatch", "schedule", "ep")
 """The rules of the module docstring in the order :func:`broken_rule` checks them: a tp the model or a
-node does not allow, more stages than layers, a degree the pins exclude, a data-parallel degree that
-does not divide the global batch, microbatch pins the local batch cannot meet, no schedule the pins
-allow, no expert-parallel degree the pins allow."""
+node does not allow, more stages than layers, a degree the pins exclude, pinned sequence parallelism
+that the tp degree cannot split the sequence for, a data-parallel degree that does not divide the
+global batch, microbatch pins the local batch cannot meet, no schedule the pins allow, no
+expert-parallel degree the pins allow."""
 
 
 def broken_rule(profile: ModelProfile, cluster: ClusterSpec, degrees: tuple[int, int, int], *,
@@ -190,12 +199,15 @@ def _degree_rule(profile: ModelProfile, cluster: ClusterSpec, degrees: tuple[int
         return "layers"
     if any(pin not in (None, value) for pin, value in ((fix.tp, tp), (fix.pp, pp), (fix.dp, dp))):
         return "pins"
+    if fix.sequence_parallel and not _sp_choices(profile, tp, fix.cp or 1, fix):
+        return "sequence"
     return "batch" if global_batch_size % dp else None
 
 
-def all_degrees(cluster: ClusterSpec) -> list[tuple[int, int, int]]:
-    """Every (dp, tp, pp) whose product is the cluster's device count, tp then pp ascending."""
-    world = cluster.num_devices
+def all_degrees(cluster: ClusterSpec, *, cp: int = 1) -> list[tuple[int, int, int]]:
+    """Every (dp, tp, pp) whose product is the cluster's device count over ``cp``, tp then pp
+    ascending."""
+    world = cluster.num_devices // cp
     return [(world // (tp * pp), tp, pp) for tp in divisors(world) for pp in divisors(world // tp)]
 
 
@@ -203,16 +215,69 @@ def candidates(
     profile: ModelProfile, cluster: ClusterSpec, *, global_batch_size: int, fix: Fix
 ) -> Iterator[Config]:
     """Every configuration allowed by the rules above and the pins, in a fixed order."""
-    for dp, tp, pp in all_degrees(cluster):
-        if _degree_rule(profile, cluster, (dp, tp, pp), global_batch_size=global_batch_size, fix=fix):
-            continue
-        for b in _microbatches(global_batch_size // dp, fix):
-            m = global_batch_size // (dp * b)
-            for schedule, v in _schedules(pp, profile.num_layers, m, fix):
-                for zero in _zero_stages(dp, fix):
-                    for ep in _ep_choices(profile, dp, fix):
-                        yield Config(dp=dp, tp=tp, pp=pp, schedule=schedule, virtual_stages=v,
-                                     microbatch_size=b, num_microbatches=m, zero=zero, ep=ep)
+    for cp in cp_choices(profile, cluster, fix):
+        for dp, tp, pp in all_degrees(cluster, cp=cp):
+            if _degree_rule(profile, cluster, (dp, tp, pp), global_batch_size=global_batch_size, fix=fix):
+                continue
+            for b in _microbatches(global_batch_size // dp, fix):
+                m = global_batch_size // (dp * b)
+                for schedule, v in _schedules(pp, profile.num_layers, m, fix):
+                    for zero in _zero_stages(dp * cp, fix):
+                        for ep in _ep_choices(profile, dp, fix):
+                            for sp in _sp_choices(profile, tp, cp, fix):
+                                yield Config(dp=dp, tp=tp, pp=pp, schedule=schedule, virtual_stages=v,
+                                             microbatch_size=b, num_microbatches=m, zero=zero, ep=ep, cp=cp,
+                                             sequence_parallel=sp)
+
+
+def _sp_choices(profile: ModelProfile, tp: int, cp: int, fix: Fix) -> list[bool]:
+    """Sequence parallelism for ``tp`` (module docstring): on when tp > 1 and the ``s/cp`` tokens of
+    a rank split over tp (the runtime shards them evenly), unless pinned off."""
+    possible = tp > 1 and (profile.seq_len // cp) % tp == 0
+    if fix.sequence_parallel is not None:
+        return [fix.sequence_parallel] if possible or not fix.sequence_parallel else []
+    return [possible]
+
+
+def cp_choices(profile: ModelProfile, cluster: ClusterSpec, fix: Fix) -> list[int]:
+    """Context-parallel degrees to search (module docstring): the pin, else 1 and every cp > 1
+    dividing the device count whose ``2·cp`` chunks split the sequence and whose ring hides its K/V
+    transfers behind its block compute on the fastest link a cp group can use (intra-node when
+    ``cp`` fits a node): :func:`ring_pays` on the cost model's ring terms."""
+    if fix.cp is not None:
+        return [fix.cp]
+    layers = profile.layers
+    if not layers or not all(layer.is_transformer for layer in layers):
+        return [1]  # the runtime rings attention it recognises in transformer layers
+    world = cluster.num_devices // (fix.tp or 1) // (fix.pp or 1) // (fix.dp or 1)
+    return [1] + [cp for cp in divisors(world)[1:]
+                  if profile.seq_len % (2 * cp) == 0 and ring_pays(profile, cluster, cp)]
+
+
+def ring_pays(profile: ModelProfile, cluster: ClusterSpec, cp: int) -> bool:
+    """Whether one ring step's K/V block moves no slower than its block attention computes, on the
+    fastest link ``cp`` ranks can share (``cost_models.context_parallel``: step compute ``c`` at
+    ``s/cp`` tokens vs transfer ``T``; both scale alike with the microbatch and tp, so one shape
+    decides). Below that length every step waits on the link: cp would trade compute for exposed
+    transfers, never worth it while data or pipeline parallelism can use the devices instead."""
+    layer = next(layer for layer in profile.layers if layer.is_transformer)
+    shape = ring_shape(layer, microbatch_size=1, tp=1, cp=cp, bytes_per_element=profile.bytes_per_element)
+    step_s, _ = ring_step_attention_times_s(shape, device=cluster.device, dtype=profile.dtype,
+                                            causal=profile.causal)
+    nodes = 1 if cp <= cluster.devices_per_node else cp // cluster.devices_per_node
+    group = Group(size=cp, num_nodes=max(1, min(nodes, cp)))
+    return ring_step_transfer_time_s(shape.kv_block_bytes, group=group, cluster=cluster) <= step_s
+
+
+def check_sequence_pins(profile: ModelProfile, fix: Fix) -> None:
+    """A pinned ``cp > 1`` needs a transformer model whose sequence splits into ``2·cp`` chunks
+    (ValueError naming the fix otherwise)."""
+    if fix.cp is None or fix.cp == 1:
+        return
+    if not profile.layers or not all(layer.is_transformer for layer in profile.layers):
+        raise ValueError(f"fix['cp'] = {fix.cp}: context parallelism rings the attention of transformer "
+                         "layers, and this model has layers of another kind; drop the cp pin")
+    check_sequence_split(profile.seq_len, fix.cp)
 
 
 def _ep_choices(profile: ModelProfile, dp: int, fix: Fix) -> list[int]:

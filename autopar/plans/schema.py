@@ -24,7 +24,7 @@ MESH_AXES = ("pp", "dp", "cp", "tp")
 """The axes of a new plan's mesh, slowest first (tensor parallelism innermost, on the fastest links)."""
 ScheduleName = Literal["gpipe", "1f1b", "interleaved", "zero_bubble"]
 Recompute = Literal["none", "selective", "full"]
-BREAKDOWN_KEYS = ("compute", "recompute", "tp_comm", "pp_comm", "dp_comm", "ep_comm", "bubble",
+BREAKDOWN_KEYS = ("compute", "recompute", "tp_comm", "cp_comm", "pp_comm", "dp_comm", "ep_comm", "bubble",
                   "optimizer")
 
 
