@@ -3,9 +3,10 @@
 Data flow: flags and ``--config run.toml`` (flags override the file; every
 ``autopar.train.TrainConfig`` field is a flag, ``--global-batch-size 8``, ``--fix dp=2,pp=1``,
 ``--betas 0.9,0.95``) → ``TrainConfig`` → ``autopar.train.launch``: under torchrun each process
-trains its rank; otherwise ``--nproc N`` local gloo ranks are spawned (a rank's user mistake is one
-line, exit 2, like ``autopar run``) → a summary line (steps, loss, held-out loss before → after,
-tokens/s, checkpoint). Metrics are in ``OUT/metrics.jsonl`` and ``OUT/metrics.csv``.
+trains its rank; otherwise ``--nproc N`` > 1 local gloo ranks are spawned (a rank's user mistake is
+one line, exit 2, like ``autopar run``), and one process trains here → a summary line (steps, loss,
+held-out loss before → after, tokens/s, checkpoint). Metrics are in ``OUT/metrics.jsonl`` and
+``OUT/metrics.csv``.
 
 Examples::
 
@@ -30,6 +31,7 @@ from autopar.train.config import TrainConfig, field_types
 from autopar.train.launch import COLLECTIVE_TIMEOUT_S, preflight, read_result, spawned_rank, train_this_rank
 from autopar.train.launch import world_size as needed_processes
 from autopar.train.loop import TrainResult
+from autopar.train.loop import run as run_here
 
 HELP = {
     "model": "zoo name (gpt-tiny), HF config.json or module:factory",
@@ -84,9 +86,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
     else:
         preflight(config)
         world = needed_processes(config)
-        run_ranks(spawned_rank, world, config.to_json(), timeout_s=COLLECTIVE_TIMEOUT_S,
-                  full_traceback=getattr(args, "debug", False))
-        result = read_result(config)
+        if world == 1:
+            result = run_here(config)
+        else:
+            run_ranks(spawned_rank, world, config.to_json(), timeout_s=COLLECTIVE_TIMEOUT_S,
+                      full_traceback=getattr(args, "debug", False))
+            result = read_result(config)
     if not launched_by_torchrun() or _rank() == 0:
         console.print(summary(result), soft_wrap=True)
     return 0

@@ -59,6 +59,7 @@ class TrainResult:
     measured_step_s: float | None  # median over this run's steps
     predicted_step_s: float | None
     checkpoint: str | None
+    samples_read: int  # training rows this rank's loader read in this run (its data-parallel share)
     plan_json: str = field(repr=False)
 
     @property
@@ -221,7 +222,7 @@ class _Trainer:
             eval_loss_after=eval_after, tokens_per_s=tokens / sum(times) if times else None,
             mfu=measured_mfu(self.plan, median), measured_step_s=median,
             predicted_step_s=predicted.step_time_s, checkpoint=None if self.checkpoint is None else
-            str(self.checkpoint), plan_json=self.plan.to_json())
+            str(self.checkpoint), samples_read=self.loader.samples_read, plan_json=self.plan.to_json())
         if self.log.enabled:
             path = Path(self.config.out) / RESULT
             path.with_name(RESULT + ".tmp").write_text(result.to_json(), encoding="utf-8")
