@@ -170,7 +170,8 @@ class Engine:
                        step: int = 0) -> dict[str, int]:
         """:meth:`step` under the memory tracker (it trains): this rank's bytes by category."""
         return measure_memory_bytes(lambda: self.step(args, kwargs, targets, step=step), modules=self.modules,
-                                    optimizer=self.optimizer, device=self.device)
+                                    optimizer=self.optimizer, device=self.device,
+                                    input_gradients_apart=self.plan.schedule.name == "zero_bubble")
 
     def moe_layers(self) -> list[MoELayer]:
         """This rank's MoE layers as its stages run them (their ``stats`` are this rank's last

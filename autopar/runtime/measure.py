@@ -318,7 +318,8 @@ MEMORY_CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "tem
 
 
 def measure_memory_bytes(run: Callable[[], Any], *, modules: Sequence[nn.Module],
-                         optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, int]:
+                         optimizer: torch.optim.Optimizer, device: torch.device,
+                         input_gradients_apart: bool = False) -> dict[str, int]:
     """Bytes by category (:data:`MEMORY_CATEGORIES`) of one training step ``run()`` on this rank,
     from ``torch.distributed._tools.mem_tracker.MemTracker`` (CPU and GPU tensors alike).
 
@@ -331,11 +332,17 @@ def measure_memory_bytes(run: Callable[[], Any], *, modules: Sequence[nn.Module]
     left out. The tracker sees every
     tensor the step allocates through its dispatch mode, so the step runs slower under it: time is
     measured in another step (:func:`measure_labelled_step`). Modules on a CUDA device are measured
-    from the allocator's statistics instead (:func:`measure_cuda_memory_bytes`)."""
+    from the allocator's statistics instead (:func:`measure_cuda_memory_bytes`).
+
+    ``input_gradients_apart``: the step computes input gradients with ``torch.autograd.grad`` on a
+    stage's inputs (zero-bubble schedules), where the tracker's per-module backward hooks fail
+    ("A leaf node was passed to _will_engine_execute_node"); the tracker then follows modules in
+    forward only. Its categories do not need those hooks: an allocation is ``TEMP`` while the
+    autograd engine runs (``ModTracker.is_bw``)."""
     cuda = _cuda_device(modules, device)
     if cuda is not None:
         return measure_cuda_memory_bytes(run, modules=modules, optimizer=optimizer, device=cuda)
-    tracker = _step_tracker()
+    tracker = _step_tracker(forward_only=input_gradients_apart)
     tracker.track_external(*modules, optimizer)
     with tracker:
         run()
@@ -357,12 +364,27 @@ def _storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     return sum(storages.values())
 
 
-def _step_tracker() -> Any:
+def _step_tracker(*, forward_only: bool = False) -> Any:
     """A ``MemTracker`` for a whole pipelined step. torch's refuses a root module that runs twice in
     one tracked region (it takes that for a second iteration), but a pipeline stage runs once per
     microbatch: before each new forward of a root module, its per-module record is dropped (autopar
-    reads only the per-category totals, which this does not touch)."""
+    reads only the per-category totals, which this does not touch). ``forward_only``: its module
+    tracker registers no backward hooks (:func:`measure_memory_bytes`)."""
+    import weakref
+
     from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed._tools.mod_tracker import ModTracker
+
+    class ForwardOnlyModTracker(ModTracker):
+        def _fw_pre_hook(self, mod: nn.Module, input: Any) -> None:
+            self._get_append_fn(weakref.ref(mod), self._get_mod_name(mod), False)()
+            if self._user_pre_fw_hook is not None:
+                self._user_pre_fw_hook(mod, input)
+
+        def _fw_post_hook(self, mod: nn.Module, input: Any, output: Any) -> None:
+            if self._user_post_fw_hook is not None:
+                self._user_post_fw_hook(mod, input, output)
+            self._get_pop_fn(weakref.ref(mod), self._get_mod_name(mod), False)()
 
     class StepTracker(MemTracker):
         def _pre_fw_hook(self, module: nn.Module, inputs: Any) -> None:
@@ -372,7 +394,10 @@ def _step_tracker() -> Any:
                 del self.memory_tracking[module]
             super()._pre_fw_hook(module, inputs)
 
-    return StepTracker()
+    tracker = StepTracker()
+    if forward_only:
+        tracker._mod_tracker = ForwardOnlyModTracker()
+    return tracker
 
 
 def _on_device(snapshot: dict[Any, dict[Any, int]], device: torch.device) -> dict[str, int]:

@@ -20,6 +20,7 @@ all of them on every rank.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from autopar.cost_models.compute import LayerTimes
@@ -45,6 +46,10 @@ class DTensorCounts:
     all_gathers_backward: int = 2  # b·s·h each, attention-shaped
     dispatches_per_layer: int = 234
     dispatches_outside_layers: int = 58  # embedding, LM head, loss
+    whole_attention_weight_gradients: bool = True
+    """The QKV and attention-output weights' gradients are ``Replicate`` DTensors of the full shape
+    on every rank (measured: ``param.grad.placements`` after a step of the zoo GPT at t = 2, torch
+    2.13; their gradient storages 1.28× the sharded parameters')."""
 
 
 DTENSOR_TP = DTensorCounts()
@@ -66,6 +71,18 @@ class CpuPart:
 def _linear(rates: CpuRates, m: float, k: float, n: float) -> LayerTimes:
     third = rates.linear_s(m, k, n) / 3  # forward, input gradient, weight gradient: one matmul each
     return LayerTimes(forward_s=third, backward_input_s=third, backward_weight_s=third)
+
+
+def _attention_linears(rates: CpuRates, tokens: float, h: float, t: int) -> LayerTimes:
+    """The QKV and attention-output projections. Under the runtime's DTensor tensor parallelism their
+    weight gradients come out whole (``Replicate``) on every rank, because the QKV output is
+    all-gathered before attention (:data:`DTENSOR_TP`): each rank computes the full weight-gradient
+    matmuls, ``t`` times the sharded ones."""
+    times = _linear(rates, tokens, h, 3 * h / t) + _linear(rates, tokens, h / t, h)
+    if t == 1 or not DTENSOR_TP.whole_attention_weight_gradients:
+        return times
+    whole = (rates.linear_s(tokens, h, 3 * h) + rates.linear_s(tokens, h, h)) / 3
+    return dataclasses.replace(times, backward_weight_s=whole)
 
 
 def _op(rates: CpuRates, op: str, num_elements: float, count: float = 1.0) -> LayerTimes:
@@ -109,7 +126,7 @@ def transformer_layer_part(layer: LayerProfile, *, rates: CpuRates, microbatch_s
     h, f, t = layer.hidden_size, layer.ffn_size, tp
     assert h is not None and f is not None and layer.seq_len is not None
     tokens = microbatch_size * layer.seq_len
-    times = (_linear(rates, tokens, h, 3 * h / t) + _linear(rates, tokens, h / t, h)
+    times = (_attention_linears(rates, tokens, h, t)
              + _linear(rates, tokens, h, f / t) + _linear(rates, tokens, f / t, h)
              + _attention(rates, layer, b=microbatch_size, tp=t, fused=fused_attention, causal=causal)
              + _op(rates, "layer_norm", tokens * h, 2) + _op(rates, "add", tokens * h, 2)
