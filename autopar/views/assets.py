@@ -21,7 +21,8 @@ MEMORY_COLOURS = {
 }
 BREAKDOWN_COLOURS = {
     "compute": "#4e79a7", "recompute": "#f28e2b", "tp_comm": "#b07aa1", "pp_comm": "#ff9da7",
-    "dp_comm": "#9c755f", "ep_comm": "#edc948", "bubble": "#bab0ac", "optimizer": "#76b7b2",
+    "dp_comm": "#9c755f", "ep_comm": "#edc948", "cp_comm": "#59a14f", "bubble": "#bab0ac",
+    "optimizer": "#76b7b2",
 }
 
 

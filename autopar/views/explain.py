@@ -52,7 +52,9 @@ def degree_reasons(view: PlanView) -> list[str]:
     return [
         f"tp {par.tp}: no tensor parallelism" if par.tp == 1 else
         f"tp {par.tp}: each layer's matmuls split over {par.tp} devices {link}; costs tensor-parallel "
-        f"all-reduces{_share(parts.get('tp_comm'), step)}",
+        f"{'reduce-scatters and all-gathers' if par.sequence_parallel else 'all-reduces'}"
+        f"{_share(parts.get('tp_comm'), step)}",
+        *_sequence_reasons(plan, parts.get("cp_comm"), step),
         f"pp {par.pp}: {layers} layers in {stages}, {split}; costs the pipeline bubble"
         f"{_share(parts.get('bubble'), step)} and sends{_share(parts.get('pp_comm'), step)}",
         f"dp {par.dp}: the remaining factor of {plan.world_size:,} devices; each replica sees "
@@ -65,6 +67,29 @@ def degree_reasons(view: PlanView) -> list[str]:
            if plan.schedule.virtual_stages > 1 else "")
         + (f"; ZeRO stage {plan.zero} shards the optimizer state over dp" if plan.zero else ""),
     ]
+
+
+def _sequence_reasons(plan: Plan, ring_s: float | None, step_s: float | None) -> list[str]:
+    """The sequence-parallelism and cp lines: what each one splits and what it costs."""
+    par, seq = plan.parallelism, plan.seq_len
+    tokens = f"{seq:,}-token " if seq else ""
+    lines = []
+    if par.tp > 1:
+        lines.append(
+            "sequence parallelism on: the LayerNorm, dropout and residual regions are split along the "
+            f"sequence over the {par.tp} tp ranks (their activations ÷ {par.tp}); each all-reduce becomes a "
+            "reduce-scatter and an all-gather moving the same bytes (Korthikanti et al. 2022)"
+            if par.sequence_parallel else
+            "sequence parallelism off: the norm/dropout/residual activations are held whole on every tp "
+            "rank (pinned off, or the training code lacks it)")
+    if par.cp > 1:
+        lines.append(
+            f"cp {par.cp}: each {tokens}sequence split over {par.cp} ranks in {2 * par.cp} load-balanced "
+            f"causal chunks (activations and compute ÷ {par.cp}); ring attention passes K/V blocks "
+            f"between them, exposed transfers{_share(ring_s, step_s)}")
+    else:
+        lines.append(f"cp 1: every device holds whole {tokens}sequences (no context parallelism)")
+    return lines
 
 
 def _expert_reason(plan: Plan, all_to_all_s: float | None, step_s: float | None) -> list[str]:

@@ -25,7 +25,8 @@ NUM_ALTERNATIVES = 5
 _DELTA_PREFIX = re.compile(r"^[^:]*: [+−-][\d.]+ \S+ \([+−-][\d.]+ %\),? ")
 BAR_WIDTH = 10
 BREAKDOWN_LABELS = {
-    "compute": "compute", "recompute": "recompute", "tp_comm": "TP comm", "pp_comm": "PP comm",
+    "compute": "compute", "recompute": "recompute", "tp_comm": "TP comm", "cp_comm": "CP ring",
+    "pp_comm": "PP comm",
     "dp_comm": "DP comm", "ep_comm": "EP all-to-all", "bubble": "bubble", "optimizer": "optimizer",
 }
 
@@ -39,8 +40,11 @@ def bar(value: float, total: float, width: int = BAR_WIDTH) -> str:
 
 
 def describe_config(parallelism, schedule, zero: int | None = None) -> str:
-    """'dp16 tp8 pp8 · 1f1b b1×m96' (+ ' v2' when interleaved, ' zero1' when given)."""
-    text = (f"dp{parallelism.dp} tp{parallelism.tp} pp{parallelism.pp}"
+    """'dp16 tp8 pp8 · 1f1b b1×m96' (' sp' after tp with sequence parallelism, ' cp4' with context
+    parallelism, ' v2' when interleaved, ' zero1' when given)."""
+    text = (f"dp{parallelism.dp} tp{parallelism.tp}" + (" sp" if parallelism.sequence_parallel else "")
+            + f" pp{parallelism.pp}"
+            + (f" cp{parallelism.cp}" if parallelism.cp > 1 else "")
             + (f" ep{parallelism.ep}" if parallelism.ep > 1 else "")
             + f" · {schedule.name} b{schedule.microbatch_size}×m{schedule.num_microbatches}")
     text += f" v{schedule.virtual_stages}" if schedule.virtual_stages > 1 else ""

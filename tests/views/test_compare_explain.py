@@ -117,7 +117,7 @@ def test_json_summary_is_complete_and_plain():
     assert data["per_stage_numbers"] == "cost model" and len(data["stages"]) == 2 and data["dtype"] == "bf16"
     assert data["stages"][0]["tp_comm_s"] > 0 and data["stages"][0]["pp_comm_s"] > 0
     assert data["stages"][1]["recompute"] == "full" and data["stages"][1]["recompute_s"] > 0
-    assert data["parallelism"] == {"dp": 4, "ep": 1, "pp": 2, "tp": 2}
+    assert data["parallelism"] == {"cp": 1, "dp": 4, "ep": 1, "pp": 2, "sequence_parallel": False, "tp": 2}
     assert data["timeline_s"] > 0 and len(data["alternatives"]) == 2
     assert data["passes"][0]["name"] == "fused_attention"
     assert summary(build_view(hostile_plan()))["model"] == XSS  # JSON carries the raw string
