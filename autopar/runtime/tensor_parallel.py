@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
@@ -114,6 +115,25 @@ class TensorParallelStage(nn.Module):
 
 
 _ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
+_ATTENTION = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
+
+
+def math_attention(*args: Any, **kwargs: Any) -> Any:
+    """``scaled_dot_product_attention`` on the math backend, which decomposes into ops DTensor can
+    shard (it has no strategy for the CPU flash kernel). The stage graph calls this in place of SDPA
+    on CPU meshes, so that recomputation, which replays the graph in backward outside
+    :class:`TensorParallelStage`'s forward, chooses the same backend."""
+    with sdpa_kernel([SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+
+def _math_attention_on_cpu(gm: fx.GraphModule, device_type: str) -> None:
+    if device_type != "cpu":
+        return
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _ATTENTION:
+            node.target = math_attention
+    gm.recompile()
 
 
 def _drop_metadata_asserts(gm: fx.GraphModule) -> None:
@@ -299,6 +319,7 @@ def shard_parameters(gm: fx.GraphModule, shardings: Iterable[Sharding], tp_mesh:
     if tp_mesh.size() == 1:
         return
     _drop_metadata_asserts(gm)
+    _math_attention_on_cpu(gm, tp_mesh.device_type)
     shardings = tuple(shardings)
     by_name = {n.name: n for n in gm.graph.nodes}
     placements: dict[str, Placement] = {}

@@ -50,8 +50,8 @@ def test_rewrite_shards_between_row_and_column_linears(gpt):
 def test_two_ranks_match_one_process():
     """tp2 + sequence parallelism on the zoo GPT and a hand-written GPT (separate q/k/v, manual causal
     attention, untied head): losses of 3 steps and every gradient equal one process; norms see seq/2
-    tokens; the forward issues reduce-scatters and all-gathers, no all-reduce; a sequence that tp
-    does not divide is refused by name."""
+    tokens; the forward issues reduce-scatters and all-gathers, no all-reduce; with full and with
+    selective recomputation; a sequence that tp does not divide is refused by name."""
     spawn(workers.two_rank_sequence_parallel, 2, timeout_s=90)
 
 

@@ -195,6 +195,8 @@ def two_rank_sequence_parallel(rank: int, world: int) -> None:
     # The untied, unsharded head runs on sequence shards: the logits are gathered once, at the end.
     run_sp_case(world, "handwritten", {"tp": 2, "num_microbatches": 2}, expected_forward={
         "reduce_scatter_tensor": 2 * LAYERS + 1, "all_gather_into_tensor": 2 * LAYERS + 1})
+    for mode in ("full", "selective"):  # recomputation replays the collectives and math attention
+        run_sp_case(world, "gpt", {"tp": 2, "num_microbatches": 2, "recompute": mode})
     indivisible_sequence(world)
 
 
