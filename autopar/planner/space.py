@@ -10,9 +10,23 @@ never changed).
 
 Rules (each one a property of the runtime or of the model, not a heuristic):
 
-* ``dp × tp × pp`` is the device count; ``tp`` divides the attention heads and the hidden
+* ``dp × cp × tp × pp`` is the device count; ``tp`` divides the attention heads and the hidden
   size and, unless pinned, stays inside a node (Megatron-LM's rule; a pin may cross nodes);
   ``pp`` is at most the number of repeated layers.
+* Context parallelism (``cp``, ring attention over the mesh's cp axis, just outside tp: inside a
+  node while ``cp × tp`` fits one, across nodes beyond; the cost model prices either): only for
+  models made of transformer layers (the runtime rings the attention it finds in them), where the
+  sequence splits into ``2·cp`` load-balanced chunks, and — unless pinned — where the ring pays:
+  one step's K/V block moves no slower than its block attention computes on the fastest link a cp
+  group can use (:func:`ring_pays`, the cost model's own ring terms at ``s/cp`` tokens). Shorter
+  sequences leave every ring step waiting on the link, so cp would only trade compute for exposed
+  transfers; this is what keeps the space (and planning time) of 2k-token models unchanged.
+  ZeRO then shards over the ``dp · cp`` ranks holding the same parameters.
+* Sequence parallelism (Megatron, with ``tp > 1``, where the ``s/cp`` tokens of a rank divide by
+  tp): on unless pinned off (or ``CostOptions.sequence_parallel`` is False, e.g. Megatron-LM 2021):
+  it moves the bytes of the all-reduces it replaces and divides the norm/dropout/residual work and
+  activations by tp, so the cost model never finds it slower or larger; ``search`` evaluates the
+  chosen configuration's other setting as an alternative so the Plan can say what it saved.
 * The global batch divides by ``dp × microbatch_size``; ``num_microbatches`` follows.
 * Without pipelining the schedule is ``gpipe`` (all forwards, then all backwards: torch's
   GPipe on one stage), or ``1f1b`` when pinned (forward and backward per microbatch: plain
