@@ -1,10 +1,12 @@
 """A training script as torchrun runs it: no init_process_group, only ``autopar.train`` (issue 19).
 
-Usage: ``torchrun ... train_torchrun.py CORPUS OUT CACHE FIX STEPS``; every rank prints one line
-``rank R dp_rank D samples_read N steps A-B`` (FIX is ``autopar train``'s ``--fix`` text,
-e.g. ``dp=2,pp=2``)."""
+Usage: ``torchrun ... train_torchrun.py CORPUS OUT CACHE FIX STEPS``; every rank writes
+``OUT/rank<R>.json`` with the training rows its loader read, its steps and final loss (FIX is
+``autopar train``'s ``--fix`` text, e.g. ``dp=2,pp=2``)."""
 
+import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -20,8 +22,9 @@ def main() -> None:
                            eval_interval=2, eval_batches=1, checkpoint_interval=2, log_interval=1,
                            plan_time_limit_s=10.0)
     rank = torch.distributed.get_rank()
-    print(f"rank {rank} samples_read {result.samples_read} steps {result.first_step}-{result.last_step} "
-          f"loss {result.final_loss:.6f}", flush=True)
+    report = {"samples_read": result.samples_read, "steps": [result.first_step, result.last_step],
+              "loss": result.final_loss}
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
     torch.distributed.destroy_process_group()
 
 
