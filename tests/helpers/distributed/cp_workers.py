@@ -132,9 +132,8 @@ def compiled_for(world: int, name: str, fix: dict, passes: tuple = ()):
 def run_cp_case(world: int, name: str, fix: dict, passes: tuple = ()) -> None:
     """Train 3 steps under ``fix`` and compare with one process; check the ring ran as planned."""
     compiled, reference, inputs, targets = compiled_for(world, name, fix, passes)
-    optimizer = _sgd(reference.parameters())
-    cp = fix["cp"]
-    for step in range(STEPS):
+    cp, expected = fix["cp"], _trained_reference(reference, inputs, targets)
+    for step, want in enumerate(expected):
         if step == 0:  # the first step builds the engine (and, with pp, infers shapes)
             loss = compiled.step(inputs, targets)
             lengths = _record_lengths(compiled.engine.modules)
@@ -142,15 +141,13 @@ def run_cp_case(world: int, name: str, fix: dict, passes: tuple = ()) -> None:
         else:
             with RingCounter(compiled.engine.layout.group("cp")) as counter:
                 loss = compiled.step(inputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        expected = cross_entropy(reference(inputs), targets)
-        expected.backward()
-        optimizer.step()
-        assert abs(loss - expected.item()) <= RTOL * abs(expected.item()) + ATOL, (name, fix, step, loss,
-                                                                                  expected.item())
+        assert math.isclose(loss, want, rel_tol=RTOL, abs_tol=ATOL), (name, fix, step, loss, want)
     _compare_parameters(compiled.engine, reference, (name, fix))
     _check_transformation(compiled.engine, reference, fix, {})
     _check_ring(compiled, fix, lengths, calls, counter.calls, seq=inputs.shape[1] // cp)
+    with torch.no_grad():  # evaluation keeps its meaning: the loss of the whole sequence
+        want = cross_entropy(reference.eval()(inputs), targets).item()
+    assert math.isclose(compiled.evaluate(inputs, targets), want, rel_tol=RTOL, abs_tol=ATOL), want
     fused = {m.fused for m in ring_attention_modules(_stages(compiled))}
     assert fused == {bool(passes)}, fused  # the fused-attention pass's nodes were the ones replaced
     if fix.get("sequence_parallel"):
@@ -167,6 +164,18 @@ def _check_sequence_parallel(compiled, inputs, fix: dict) -> None:
             module(micro)
         assert set(probe.norm_lengths) == {inputs.shape[1] // (fix["cp"] * fix["tp"])}, probe.norm_lengths
         assert "all_reduce" not in probe.counts and probe.counts["reduce_scatter_tensor"] > 0, probe.counts
+
+
+def _trained_reference(reference: nn.Module, inputs, targets) -> list[float]:
+    """The losses of ``STEPS`` plain single-process steps (``reference`` is trained in place)."""
+    optimizer, losses = _sgd(reference.parameters()), []
+    for _ in range(STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        loss = cross_entropy(reference(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
 
 
 def _stages(compiled) -> nn.Module:
