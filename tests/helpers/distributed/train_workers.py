@@ -21,7 +21,7 @@ from autopar.losses import cross_entropy
 RTOL, ATOL = 1e-5, 1e-6  # fp32 on CPU: the parallel program sums the same terms in another order
 LR, MAX_NORM = 0.1, 0.05  # a norm small enough that every step clips
 BATCH, SEQ = 8, 8
-CASES = ({"dp": 2, "zero": 3}, {"pp": 2, "num_microbatches": 2}, {"tp": 2})
+CASES = ({"dp": 2, "zero": 3}, {"pp": 2, "num_microbatches": 2}, {"tp": 2}, {"cp": 2})
 
 
 def _close(got: float, expected: float, what: str) -> None:
