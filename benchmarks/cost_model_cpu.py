@@ -1,30 +1,41 @@
-"""Cost model vs measurement on this CPU: predicted and measured step time of runtime plans.
+"""Cost model vs measurement on this CPU: predicted and measured step time and memory of runtime plans.
 
 Run: ``.venv/bin/python -m benchmarks.cost_model_cpu`` (writes
-``benchmarks/results/cost_model_cpu.json`` and ``.md``). It first runs ``autopar calibrate``
-(``--profile PATH`` reuses a profile instead), then for every case on 2 and 4 local gloo ranks:
+``benchmarks/results/cost_model_cpu.json`` and ``.md``; ``--quick`` runs a subset on 2 ranks, one
+round, and writes ``cost_model_cpu_quick.*``). It first runs ``autopar calibrate`` (``--profile
+PATH`` reuses a profile instead), then for every case on 2 and 4 local gloo ranks and two GPT shapes:
 
-* **measured**: ``autopar.compile(gpt, "local:N", fix=...).step`` inside ``spawn``, one thread per
-  rank; the median over ``--steps`` steps after ``--warmup``, each step timed on its slowest rank;
-* **predicted**: ``cost_models.estimate(plan, ModelProfile.from_captured(...))`` for the very Plan
-  the runtime executed, with ``CostOptions(local_profile=profile)``: the local-cluster model
-  (``cost_models/local/step.py``) priced from the calibration's single-operation measurements.
-  Nothing is fitted to the step times measured here.
+* **measured**: ``autopar.compile(gpt, "local:N", fix=..., passes=...).step`` inside ``spawn``, one
+  thread per rank; the median over ``--steps`` steps after ``--warmup``, each step timed on its
+  slowest rank; then one ``compiled.report()`` (time by phase under the profiler, memory by
+  category under torch's MemTracker) on every rank;
+* **predicted**: ``autopar.lower.predict(plan, program, options=CostOptions(local_profile=profile))``
+  for the very Plan the runtime executed, on the program lowered with the case's passes: the
+  local-cluster model (``cost_models/local/step.py``, memory ``cost_models/local/memory.py``)
+  priced from the calibration's single-operation measurements. Nothing is fitted to the step
+  times or bytes measured here.
+
+Cases: data parallelism (ZeRO 0, 1, 3), tensor parallelism, pipelines with each schedule (GPipe,
+1F1B, interleaved, zero-bubble), full recomputation, MoE (``MoE`` pass, experts split over ``ep``
+ranks) and random-LTD (``RandomLTD`` pass), on 2 and 4 ranks, each on both shapes.
 
 Other users share this machine, so each case is timed in ``--rounds`` rounds, each after waiting
 for other processes to leave the cores quiet (``/proc`` CPU accounting); the best round is kept
 and the cores others used during it are recorded. ``--measured RESULTS.json`` re-predicts saved
-measurements (the results embed the executed Plans) without running them; ``--predict-only`` does
-so for the committed results and prints the table (``--write`` also rewrites the results).
+measurements (the results embed the executed Plans and the cases' passes) without running them;
+``--predict-only`` does so for the committed results and prints the table (``--write`` also
+rewrites the results).
 
-The model is a zoo GPT (8 layers, hidden 256, 8 heads, vocabulary 4096, sequence 128), global
-batch 16, AdamW. Reported per case: predicted s, measured s, error %; overall the median |error|
-and the Spearman rank correlation of predicted vs measured. Timings here, never in tests.
+Reported per case: predicted s, measured s, error %, and per memory category the largest error
+over the ranks; overall the median and max |time error|, the Spearman rank correlation of predicted
+vs measured, the share of plans predicted too fast, and the largest memory error per category.
+Timings here, never in tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import json
@@ -40,36 +51,58 @@ import torch.distributed as dist
 
 import autopar
 from autopar.calibration.ops import cpu_seconds, others_busy_cores
-from autopar.capture import capture
-from autopar.cost_models import CostOptions, ModelProfile, estimate
+from autopar.cost_models import CostOptions, estimate
 from autopar.cost_models.local.profile import LocalProfile, load_profile
 from autopar.plans import Plan, Predicted
 from autopar.runtime import spawn
+from autopar.runtime.measure import MEMORY_CATEGORIES
 from benchmarks.common import RESULTS, dp_and_pp_cases, slowest_rank_times_s, with_recompute
 from benchmarks.common import environment as common_environment
 
-MODEL = dict(num_layers=8, hidden_size=256, num_heads=8, vocab_size=4096, seq_len=128)
+SHAPES = {"A": dict(num_layers=8, hidden_size=256, num_heads=8, vocab_size=4096, seq_len=128),
+          "B": dict(num_layers=4, hidden_size=384, num_heads=6, vocab_size=8192, seq_len=64)}
 GLOBAL_BATCH = 16
 NUM_MICROBATCHES = 4
-TARGET_MEDIAN_ERROR_PCT = 15.0
+TARGETS = {"median_abs_error_pct": 8.0, "max_abs_error_pct": 20.0, "spearman": 0.95,
+           "max_one_sided_share": 0.75, "memory_pct": 10.0, "model_state_memory_pct": 1.0}
+MODEL_STATES = ("parameters", "gradients", "optimizer")
+PASSES = {"moe": {"num_experts": 4, "top_k": 2, "layers": "every_other", "seed": 0},
+          "random_ltd": {"min_tokens": 32, "num_steps": 10**6, "seed": 0}}
+"""The passes a case may name, with their options (random-LTD's schedule so long that the kept
+length stays at ``min_tokens`` through the timed steps)."""
+QUICK = ("dp", "dp zero1", "pp 1f1b", "pp zero_bubble", "tp", "moe ep", "random-ltd")
 
 
 def plan_cases(world: int) -> list[tuple[str, dict[str, Any]]]:
-    """(case name, fix) on ``world`` ranks: data, pipeline and tensor parallelism and their mixes."""
-    dp, zero3, gpipe, one_f1b, interleaved = dp_and_pp_cases(
-        world, schedules=("gpipe", "1f1b", "interleaved"), num_microbatches=NUM_MICROBATCHES)
-    cases = [dp, zero3, with_recompute(dp, "full"), gpipe, one_f1b, interleaved,
-             with_recompute(one_f1b, "full")]
+    """(case name, fix) on ``world`` ranks: data, pipeline and tensor parallelism and their mixes;
+    a fix's ``passes`` key names the graph passes of :data:`PASSES` the case runs."""
+    dp, zero3, gpipe, one_f1b, interleaved, zero_bubble = dp_and_pp_cases(
+        world, schedules=("gpipe", "1f1b", "interleaved", "zero_bubble"), num_microbatches=NUM_MICROBATCHES)
+    cases = [dp, ("dp zero1", {"dp": world, "zero": 1}), zero3, with_recompute(dp, "full"), gpipe, one_f1b,
+             interleaved, zero_bubble, with_recompute(one_f1b, "full"),
+             ("moe ep", {"dp": world, "ep": 2, "passes": ["moe"]}),
+             ("random-ltd", {"dp": world, "passes": ["random_ltd"]})]
     if world == 2:
         return [*cases, ("tp", {"tp": 2})]
     half, micro = world // 2, {"schedule": "1f1b", "num_microbatches": NUM_MICROBATCHES}
-    return [*cases, ("pp×dp 1f1b", {"pp": 2, "dp": half, **micro}), ("tp×dp", {"tp": 2, "dp": half}),
+    return [*cases, ("pp×dp 1f1b", {"pp": 2, "dp": half, **micro}), ("tp", {"tp": 2, "dp": half}),
             ("tp×pp 1f1b", {"tp": 2, "pp": half, **micro})]
 
 
-def _build() -> torch.nn.Module:
+def _build(shape: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return autopar.models.build("gpt", **MODEL)
+    return autopar.models.build("gpt", **SHAPES[shape])
+
+
+def _passes(fix: dict[str, Any]) -> list[Any]:
+    from autopar.passes import MoE, RandomLTD
+
+    kinds = {"moe": MoE, "random_ltd": RandomLTD}
+    return [kinds[name](**PASSES[name]) for name in fix.get("passes", ())]
+
+
+def _plain_fix(fix: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fix.items() if k != "passes"}
 
 
 def wait_until_quiet(pids: list[int], max_busy_cores: float, timeout_s: float) -> float:
@@ -83,11 +116,13 @@ def wait_until_quiet(pids: list[int], max_busy_cores: float, timeout_s: float) -
             return busy
 
 
-def _bench_case(world: int, name: str, fix: dict[str, Any], options: dict[str, Any], pids: list[int]
-                ) -> dict[str, Any]:
-    model = _build()
+def _bench_case(world: int, shape: str, name: str, fix: dict[str, Any], options: dict[str, Any],
+                pids: list[int]) -> dict[str, Any]:
+    from autopar.report import report
+
+    model = _build(shape)
     inputs, targets = autopar.models.example_batch(model, GLOBAL_BATCH, seed=1)
-    compiled = autopar.compile(model, f"local:{world}", fix=fix)
+    compiled = autopar.compile(model, f"local:{world}", fix=_plain_fix(fix), passes=_passes(fix))
     slowest_rank_times_s(lambda: compiled.step(inputs, targets), options["warmup"])
     quiet = torch.zeros(1, dtype=torch.float64)
     if dist.get_rank() == 0:  # the other ranks wait, idle, in the broadcast
@@ -96,52 +131,62 @@ def _bench_case(world: int, name: str, fix: dict[str, Any], options: dict[str, A
     since = cpu_seconds(pids) if dist.get_rank() == 0 else None
     times = slowest_rank_times_s(lambda: compiled.step(inputs, targets), options["steps"])
     during = others_busy_cores(since, pids) or 0.0
-    return {"world_size": world, "case": name, "fix": fix, "times_s": times,
+    rep = report(compiled, inputs, targets)
+    return {"world_size": world, "shape": shape, "case": name, "fix": fix, "times_s": times,
             "others_busy_cores_before": round(float(quiet[0]), 2),
-            "others_busy_cores_during": round(during, 2),
-            "plan": compiled.plan.to_json()}
+            "others_busy_cores_during": round(during, 2), "plan": compiled.plan.to_json(),
+            "memory_bytes": [r.measured.memory_bytes for r in rep.ranks],
+            "phases_s": [r.measured.phases_s for r in rep.ranks]}
 
 
 def bench_rank(rank: int, world: int, out: str, options: dict[str, Any]) -> None:
     """One rank: ``rounds`` passes over the cases of ``world`` ranks (alternating order), each
     timed once other users leave the cores quiet; per case the round with the lowest median is
-    kept. Rank 0 writes times and executed Plans as JSON."""
-    cases = [(name, fix) for name, fix in plan_cases(world) if options["only"] in name]
+    kept. Rank 0 writes times, memory, phases and executed Plans as JSON."""
+    cases = [(shape, name, fix) for shape in options["shapes"] for name, fix in plan_cases(world)
+             if options["only"] in name and (not options["quick"] or name in QUICK)]
     pids: list[int] = [0] * world
     dist.all_gather_object(pids, os.getpid())
-    kept: dict[str, dict[str, Any]] = {}
-    medians: dict[str, list[float]] = {name: [] for name, _ in cases}
+    kept: dict[tuple[str, str], dict[str, Any]] = {}
+    medians: dict[tuple[str, str], list[float]] = {(shape, name): [] for shape, name, _ in cases}
     for round_index in range(options["rounds"]):
-        for name, fix in cases if round_index % 2 == 0 else cases[::-1]:
-            row = _bench_case(world, name, fix, options, pids)
-            median = statistics.median(row["times_s"])
-            medians[name].append(round(median, 4))
-            if name not in kept or median < statistics.median(kept[name]["times_s"]):
-                kept[name] = row
+        for shape, name, fix in cases if round_index % 2 == 0 else cases[::-1]:
+            row = _bench_case(world, shape, name, fix, options, pids)
+            median, key = statistics.median(row["times_s"]), (shape, name)
+            medians[key].append(round(median, 4))
+            if key not in kept or median < statistics.median(kept[key]["times_s"]):
+                kept[key] = row
             if rank == 0:
-                print(f"  {world} ranks  round {round_index}  {name:22s} {median:.3f} s  other load "
-                      f"{row['others_busy_cores_before']:.2f} → {row['others_busy_cores_during']:.2f} cores",
-                      flush=True)
+                print(f"  {world} ranks  shape {shape}  round {round_index}  {name:22s} {median:.3f} s  "
+                      f"other load {row['others_busy_cores_before']:.2f} → "
+                      f"{row['others_busy_cores_during']:.2f} cores", flush=True)
             gc.collect()
             dist.barrier()
     if rank == 0:
-        rows = [kept[name] | {"round_medians_s": medians[name]} for name, _ in cases]
+        rows = [kept[shape, name] | {"round_medians_s": medians[shape, name]} for shape, name, _ in cases]
         Path(out).write_text(json.dumps(rows))
 
 
 @functools.cache
-def model_profile(microbatch_size: int) -> ModelProfile:
-    """The cost model's view of the benchmark GPT, captured at the plan's microbatch (its
-    parameters' dtype, fp32)."""
-    model = _build()
-    inputs, _ = autopar.models.example_batch(model, microbatch_size, seed=1)
-    return ModelProfile.from_captured(capture(model, (inputs,)), batch_size=microbatch_size)
+def _program(shape: str, passes: tuple[str, ...], world: int, microbatch_size: int) -> Any:
+    """The program the runtime ran, as the cost model sees it: the GPT of ``shape`` lowered with
+    the case's passes at the plan's microbatch (its parameters' dtype, fp32)."""
+    from autopar.lower import lower
+
+    model = _build(shape)
+    inputs, _ = autopar.models.example_batch(model, GLOBAL_BATCH, seed=1)
+    return lower(model, inputs, passes=_passes({"passes": list(passes)}), cluster=f"local:{world}",
+                 microbatch_size=microbatch_size)
 
 
-def predict(plan: Plan, profile: LocalProfile) -> Predicted:
-    """``estimate`` for ``plan`` on its local cluster, priced from ``profile``."""
-    return estimate(plan, model_profile(plan.schedule.microbatch_size),
-                    options=CostOptions(local_profile=profile))
+def predict(plan: Plan, raw: dict[str, Any], profile: LocalProfile) -> Predicted:
+    """``estimate`` for ``plan`` on its local cluster, priced from ``profile``, time and memory both
+    on the program's time profile: the step that was measured (``autopar.lower.predict`` prices
+    memory at full length, where random-LTD's schedule ends; the timed steps keep ``min_tokens``)."""
+    program = _program(raw.get("shape", "A"), tuple(raw["fix"].get("passes", ())), plan.world_size,
+                       plan.schedule.microbatch_size)
+    return estimate(plan, program.profile, options=CostOptions(local_profile=profile),
+                    memory_profile=program.profile)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -166,13 +211,34 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return cov / norm if norm else 0.0
 
 
+def _memory_errors_pct(plan: Plan, measured: list[dict[str, int]]) -> dict[str, float]:
+    """Per category, the error of the prediction on the rank where it is largest (signed, %)."""
+    from autopar.report import predicted_memory_bytes
+
+    errors: dict[str, float] = {}
+    for rank, bytes_ in enumerate(measured):
+        predicted = predicted_memory_bytes(plan, rank)
+        for category, value in bytes_.items():
+            if value > 0 and category in predicted:
+                error = round(100 * (predicted[category] / value - 1), 1)
+                if abs(error) >= abs(errors.get(category, 0.0)):
+                    errors[category] = error
+    return errors
+
+
 def result_row(raw: dict[str, Any], profile: LocalProfile) -> dict[str, Any]:
+    from autopar.report import predicted_phases_s
+
     plan = Plan.from_json(raw["plan"])
-    predicted = predict(plan, profile)
+    predicted = predict(plan, raw, profile)
+    priced = dataclasses.replace(plan, predicted=predicted)
     measured = statistics.median(raw["times_s"])
     par, sched = plan.parallelism, plan.schedule
+    phases = raw.get("phases_s") or [{}]
+    slowest = max(range(len(phases)), key=lambda r: sum(phases[r].values()))
     return {
-        "world_size": raw["world_size"], "case": raw["case"], "dp": par.dp, "tp": par.tp, "pp": par.pp,
+        "world_size": raw["world_size"], "shape": raw.get("shape", "A"), "case": raw["case"], "dp": par.dp,
+        "tp": par.tp, "pp": par.pp, "ep": par.ep, "passes": raw["fix"].get("passes", []),
         "schedule": sched.name, "num_microbatches": sched.num_microbatches,
         "microbatch_size": sched.microbatch_size, "zero": plan.zero,
         "recompute": plan.stages[0].recompute, "predicted_s": round(predicted.step_time_s, 4),
@@ -180,6 +246,10 @@ def result_row(raw: dict[str, Any], profile: LocalProfile) -> dict[str, Any]:
         "measured_max_s": round(max(raw["times_s"]), 4),
         "error_pct": round(100 * (predicted.step_time_s / measured - 1), 1),
         "predicted_breakdown_s": {k: round(v, 4) for k, v in dict(predicted.breakdown).items()},
+        "measured_phases_s": {k: round(v, 4) for k, v in phases[slowest].items()},
+        "predicted_phases_s": {k: round(v, 4) for k, v in predicted_phases_s(priced, slowest).items()},
+        "memory_bytes": raw.get("memory_bytes", []),
+        "memory_error_pct": _memory_errors_pct(priced, raw.get("memory_bytes", [])),
         "num_steps": len(raw["times_s"]), "round_medians_s": raw["round_medians_s"],
         "others_busy_cores_before": raw["others_busy_cores_before"],
         "others_busy_cores_during": raw["others_busy_cores_during"], "fix": raw["fix"],
@@ -188,65 +258,87 @@ def result_row(raw: dict[str, Any], profile: LocalProfile) -> dict[str, Any]:
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median and mean |error|, the rank correlation of predicted vs measured, and whether the
-    plan measured fastest is predicted fastest."""
+    """Median and max |time error|, the rank correlation of predicted vs measured, the share of
+    plans predicted too fast, whether the plan measured fastest is predicted fastest, and per memory
+    category the largest |error| over the plans, beside the issue's targets."""
     errors = [abs(r["error_pct"]) for r in rows]
     fastest = min(rows, key=lambda r: r["measured_s"])
     predicted_fastest = min(rows, key=lambda r: r["predicted_s"])
+    memory = {c: max((abs(r["memory_error_pct"][c]) for r in rows if c in r["memory_error_pct"]),
+                     default=None) for c in MEMORY_CATEGORIES}
     return {"num_cases": len(rows), "median_abs_error_pct": round(statistics.median(errors), 1),
             "mean_abs_error_pct": round(statistics.fmean(errors), 1),
             "max_abs_error_pct": round(max(errors), 1),
             "spearman_rank_correlation": round(spearman([r["predicted_s"] for r in rows],
                                                         [r["measured_s"] for r in rows]), 3),
-            "measured_fastest": f"{fastest['world_size']} ranks {fastest['case']}",
-            "predicted_fastest": f"{predicted_fastest['world_size']} ranks {predicted_fastest['case']}",
-            "target_median_abs_error_pct": TARGET_MEDIAN_ERROR_PCT}
+            "share_predicted_too_fast": round(sum(r["error_pct"] < 0 for r in rows) / len(rows), 2),
+            "max_abs_memory_error_pct": memory,
+            "measured_fastest": _label(fastest), "predicted_fastest": _label(predicted_fastest),
+            "targets": TARGETS}
+
+
+def _label(row: dict[str, Any]) -> str:
+    return f"{row['world_size']} ranks {row['case']} (shape {row['shape']})"
 
 
 def environment(profile: LocalProfile, profile_path: str) -> dict[str, Any]:
     return common_environment() | {
-            "threads_per_rank": 1, "model": MODEL, "global_batch": GLOBAL_BATCH, "profile_path": profile_path,
+            "threads_per_rank": 1, "shapes": SHAPES, "global_batch": GLOBAL_BATCH,
+            "profile_path": profile_path,
             "profile_created": profile.created, "profile_quick": profile.quick,
             "profile": profile.to_dict()}  # all of it: `--measured` re-predicts from this file alone
 
 
 def _markdown(rows: list[dict[str, Any]], env: dict[str, Any], stats: dict[str, Any]) -> str:
     predicted_at = env.get("predicted_at_commit", env["autopar_commit"])
+    memory = ", ".join(f"{c} {v:.1f} %" for c, v in stats["max_abs_memory_error_pct"].items()
+                       if v is not None)
     lines = [
-        f"# cost model vs measured step time on CPU ({env['cores']} cores, torch {env['torch']}, "
+        f"# cost model vs measured step time and memory on CPU ({env['cores']} cores, torch {env['torch']}, "
         f"measured at commit {env['autopar_commit']}, predicted at {predicted_at})", "",
-        f"Command: `.venv/bin/python -m benchmarks.cost_model_cpu`. GPT {env['model']}, global batch "
-        f"{env['global_batch']}, AdamW, gloo, one thread per rank. Measured = median over "
-        f"{env['num_steps']} steps (after {env['warmup_steps']} warm-up) of the slowest rank. Predicted = "
-        "`estimate(plan, ModelProfile.from_captured(...), options=CostOptions(local_profile=profile))` "
-        "for the executed Plan: the local-cluster model (`cost_models/local/step.py`) priced from the "
+        f"Command: `.venv/bin/python -m benchmarks.cost_model_cpu`. GPT shapes {env['shapes']}, global "
+        f"batch {env['global_batch']}, AdamW, gloo, one thread per rank. Measured = median over "
+        f"{env['num_steps']} steps (after {env['warmup_steps']} warm-up) of the slowest rank; memory by "
+        "category from `compiled.report()` (torch's MemTracker; model states from their storages). "
+        "Predicted = `autopar.lower.predict(plan, program, options=CostOptions(local_profile=profile))` "
+        "for the executed Plan on the program lowered with the case's passes: the local-cluster model "
+        "(`cost_models/local/step.py`, memory `cost_models/local/memory.py`) priced from the "
         f"single-operation measurements of `autopar calibrate` (profile of {env['profile_created']}, "
-        f"{env['profile_note']}); nothing is fitted to these step times.", "",
+        f"{env['profile_note']}); nothing is fitted to these step times or bytes.", "",
         f"Other users share this machine: each case is timed in {env['rounds']} rounds, each after "
         f"waiting (≤ {env['quiet_timeout_s']:g} s) for other processes to use < {env['quiet_cores']} cores; "
         "the round with the lowest median is kept. `others` = cores other processes used during it.", "",
-        f"**Median |error| {stats['median_abs_error_pct']} %** (target ≤ {TARGET_MEDIAN_ERROR_PCT:g} %), "
-        f"mean {stats['mean_abs_error_pct']} %, max {stats['max_abs_error_pct']} %, **Spearman rank "
-        f"correlation {stats['spearman_rank_correlation']}** over {stats['num_cases']} plans. Fastest "
-        f"measured: {stats['measured_fastest']}; fastest predicted: {stats['predicted_fastest']}.", "",
-        "| ranks | case | dp×tp×pp | schedule | microbatches × size | zero | recompute | predicted s "
-        "| measured s | error % | largest predicted parts (s) | others |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        f"**Time: median |error| {stats['median_abs_error_pct']} %** (target ≤ "
+        f"{TARGETS['median_abs_error_pct']:g} %), mean {stats['mean_abs_error_pct']} %, max "
+        f"{stats['max_abs_error_pct']} % (target ≤ {TARGETS['max_abs_error_pct']:g} %), **Spearman "
+        f"{stats['spearman_rank_correlation']}** (target ≥ {TARGETS['spearman']:g}), predicted too fast "
+        f"in {stats['share_predicted_too_fast']:.0%} of {stats['num_cases']} plans (target: neither side "
+        f"> {TARGETS['max_one_sided_share']:.0%}). Fastest measured: {stats['measured_fastest']}; "
+        f"fastest predicted: {stats['predicted_fastest']}.", "",
+        f"**Memory: largest |error| per category** {memory or 'not measured'} (targets ≤ "
+        f"{TARGETS['memory_pct']:g} %, model states ≤ {TARGETS['model_state_memory_pct']:g} %).", "",
+        "| ranks | shape | case | dp×tp×pp | schedule | mb × size | zero | recompute | predicted s "
+        "| measured s | error % | memory error % (param/grad/opt/act/temp) | largest predicted parts (s) "
+        "| others |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         parts = sorted(r["predicted_breakdown_s"].items(), key=lambda kv: -kv[1])[:3]
-        lines.append(f"| {r['world_size']} | {r['case']} | {r['dp']}×{r['tp']}×{r['pp']} | {r['schedule']} | "
-                     f"{r['num_microbatches']} × {r['microbatch_size']} | {r['zero']} | {r['recompute']} | "
-                     f"{r['predicted_s']:.3f} | {r['measured_s']:.3f} | {r['error_pct']:+.1f} | "
-                     f"{', '.join(f'{k} {v:.3f}' for k, v in parts)} | {r['others_busy_cores_during']:.2f} |")
+        mem = "/".join(f"{r['memory_error_pct'][c]:+.0f}" if c in r["memory_error_pct"] else "–"
+                       for c in MEMORY_CATEGORIES)
+        lines.append(f"| {r['world_size']} | {r['shape']} | {r['case']} | {r['dp']}×{r['tp']}×{r['pp']} | "
+                     f"{r['schedule']} | {r['num_microbatches']} × {r['microbatch_size']} | {r['zero']} | "
+                     f"{r['recompute']} | {r['predicted_s']:.3f} | {r['measured_s']:.3f} | "
+                     f"{r['error_pct']:+.1f} | {mem} | {', '.join(f'{k} {v:.3f}' for k, v in parts)} | "
+                     f"{r['others_busy_cores_during']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
-def write(rows: list[dict[str, Any]], env: dict[str, Any]) -> None:
+def write(rows: list[dict[str, Any]], env: dict[str, Any], name: str = "cost_model_cpu") -> None:
     RESULTS.mkdir(exist_ok=True)
     stats = summary(rows)
     payload = {"environment": env, "summary": stats, "rows": rows}
-    (RESULTS / "cost_model_cpu.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (RESULTS / "cost_model_cpu.md").write_text(_markdown(rows, env, stats))
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text(_markdown(rows, env, stats))
 
 
 def _profile(args: argparse.Namespace, previous: dict[str, Any] | None) -> tuple[LocalProfile, str]:
@@ -293,6 +385,10 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--profile", default="", help="use this calibration profile instead of calibrating")
     parser.add_argument("--quick-calibration", action="store_true")
     parser.add_argument("--only", default="", help="run only cases whose name contains this (no write)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"cases {', '.join(QUICK)} on shape A, 2 ranks, one round, 3 steps, a quick "
+                        "calibration; writes cost_model_cpu_quick.*")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--measured", default="",
                         help="re-predict the step times measured in this results JSON instead of measuring")
     parser.add_argument("--predict-only", action="store_true",
@@ -303,6 +399,9 @@ def _arguments() -> argparse.Namespace:
     args = parser.parse_args()
     if args.predict_only and not args.measured:
         args.measured = str(RESULTS / "cost_model_cpu.json")
+    if args.quick:
+        args.worlds, args.shapes, args.rounds, args.steps, args.warmup = [2], ["A"], 1, 3, 1
+        args.quick_calibration = True
     return args
 
 
@@ -311,7 +410,8 @@ def main() -> None:
     from benchmarks import cost_model_cpu  # spawned ranks import the body by its module name
 
     options = {"warmup": args.warmup, "steps": args.steps, "rounds": args.rounds, "only": args.only,
-               "quiet_cores": args.quiet_cores, "quiet_timeout_s": args.quiet_timeout}
+               "quiet_cores": args.quiet_cores, "quiet_timeout_s": args.quiet_timeout, "quick": args.quick,
+               "shapes": args.shapes}
     previous = json.loads(Path(args.measured).read_text()) if args.measured else None
     if previous is None:
         wait_until_quiet([], args.quiet_cores, 10 * args.quiet_timeout)
@@ -330,14 +430,15 @@ def main() -> None:
     for world in [] if previous is not None else args.worlds:
         with tempfile.TemporaryDirectory() as folder:
             out = os.path.join(folder, "rows.json")
-            spawn(cost_model_cpu.bench_rank, world, out, options, timeout_s=600)
+            spawn(cost_model_cpu.bench_rank, world, out, options, timeout_s=900)
             raw += json.loads(Path(out).read_text())
     rows = [result_row(r, profile) for r in raw]
     if args.only or (args.predict_only and not args.write):
         print(_markdown(rows, env, summary(rows)))
         return
-    write(rows, env)
-    print((RESULTS / "cost_model_cpu.md").read_text())
+    name = "cost_model_cpu_quick" if args.quick else "cost_model_cpu"
+    write(rows, env, name)
+    print((RESULTS / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":
