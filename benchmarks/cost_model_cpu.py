@@ -60,7 +60,7 @@ from benchmarks.common import RESULTS, dp_and_pp_cases, slowest_rank_times_s, wi
 from benchmarks.common import environment as common_environment
 
 SHAPES = {"A": dict(num_layers=8, hidden_size=256, num_heads=8, vocab_size=4096, seq_len=128),
-          "B": dict(num_layers=4, hidden_size=384, num_heads=6, vocab_size=8192, seq_len=64)}
+          "B": dict(num_layers=8, hidden_size=192, num_heads=6, vocab_size=8192, seq_len=256)}
 GLOBAL_BATCH = 16
 NUM_MICROBATCHES = 4
 TARGETS = {"median_abs_error_pct": 8.0, "max_abs_error_pct": 20.0, "spearman": 0.95,
