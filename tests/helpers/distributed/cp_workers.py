@@ -20,8 +20,9 @@ from torch import nn
 
 import autopar
 from autopar.losses import cross_entropy
-from autopar.passes import FusedAttention
+from autopar.passes import FusedAttention, MoE
 from autopar.runtime.cp_rewrite import RECORD_KEY, ring_attention_modules
+from tests.helpers.distributed import moe_workers
 from tests.helpers.distributed.sequence_parallel_workers import SequenceProbe
 from tests.helpers.distributed.workers import (
     ATOL,
@@ -209,9 +210,34 @@ def _check_ring(compiled, fix: dict, lengths: list[int], calls_before: dict, exc
     assert exchanges == forwards * (cp - 1) + backwards * (2 * cp - 1), (exchanges, forwards, backwards)
 
 
+# Dropless and without auxiliary losses, top-2 routing is per token, so routing each cp rank's
+# tokens separately equals routing the whole batch: one process is an exact reference.
+MOE = MoE(num_experts=4, top_k=2, layers=(1, 3), dropless=True, aux_loss_weight=0.0, z_loss_weight=0.0,
+          upcycle=False, seed=5)
+
+
+def run_cp_moe(world: int, fix: dict) -> None:
+    """cp with MoE layers: each rank's experts see its own seq/cp tokens; equal to one process."""
+    case = dataclasses.replace(moe_workers.GPT, config=MOE, drops=False)
+    model, inputs, targets = case.build()
+    reference = copy.deepcopy(model)
+    plan = moe_workers._plan(model, inputs, world, fix, case)
+    compiled = autopar.compile(model, f"local:{world}", plan=plan, optimizer=_sgd, passes=[MOE])
+    losses = [compiled.step(inputs, targets) for _ in range(STEPS)]
+    micro = plan.schedule.microbatch_size
+    expected, params = moe_workers.reference_run(reference, inputs, targets, micro, case)
+    for got, want in zip(losses, expected, strict=True):
+        assert math.isclose(got, want, rel_tol=RTOL, abs_tol=ATOL), (fix, losses, expected)
+    for name, param in compiled.engine.named_parameters():
+        torch.testing.assert_close(_full(param.detach()), params[name].detach(), rtol=RTOL, atol=ATOL)
+    layers = compiled.engine.moe_layers()
+    assert layers and {m.stats.tokens for m in layers} == {micro * inputs.shape[1] // fix["cp"]}, \
+        [m.stats for m in layers]
+
+
 def two_ranks(rank: int, world: int) -> None:
     """cp2 on the zoo GPT, the hand-written model, HF Llama; cp2 with full and selective
-    recomputation."""
+    recomputation, and with the fused-attention pass."""
     torch.set_num_threads(1)
     run_cp_case(world, "gpt", {"cp": 2, "num_microbatches": 2})
     run_cp_case(world, "hand", {"cp": 2, "num_microbatches": 2})
@@ -222,12 +248,14 @@ def two_ranks(rank: int, world: int) -> None:
 
 
 def four_ranks(rank: int, world: int) -> None:
-    """cp2 × pp2 (1F1B and zero-bubble), cp2 × dp2 with ZeRO-3."""
+    """cp2 × pp2 (1F1B and zero-bubble), cp2 × dp2 with ZeRO-3, cp2 × tp2 with sequence parallelism,
+    cp2 × dp2 with MoE layers over ep2."""
     torch.set_num_threads(1)
     for schedule in ("1f1b", "zero_bubble"):
         run_cp_case(world, "gpt", {"cp": 2, "pp": 2, "schedule": schedule, "num_microbatches": 4})
     run_cp_case(world, "gpt", {"cp": 2, "dp": 2, "zero": 3, "num_microbatches": 2})
     run_cp_case(world, "gpt", {"cp": 2, "tp": 2, "sequence_parallel": True, "num_microbatches": 2})
+    run_cp_moe(world, {"cp": 2, "dp": 2, "ep": 2, "num_microbatches": 2})
 
 
 def checkpoint_cp2_to_cp1(rank: int, world: int, folder: str) -> None:
