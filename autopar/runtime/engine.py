@@ -18,6 +18,12 @@ captured graph's pass modules; each step moves them to the step number and tells
 where this rank's data-parallel shard starts in the global batch, so random-LTD keeps the
 tokens that one device would keep. Random-LTD gathers and scatters inside each layer, so
 its nodes always fall in the stage of their layer: any stage split works.
+
+Context parallelism (cp > 1): the Captured is the microbatch at ``seq/cp`` tokens
+(``autopar.launch_plan``); ``cp_rewrite.rewrite_for_plan`` turns its attentions into ring
+attention and its positions global before the stage split; each rank's rows are then cut to
+its two sequence chunks (``sequence_shard``). cp ranks are loss replicas like dp ranks: the
+loss is scaled by dp·cp and gradients are averaged over the flattened dp × cp mesh.
 """
 
 from __future__ import annotations
