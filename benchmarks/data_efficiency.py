@@ -5,7 +5,8 @@ Run: ``.venv/bin/python -m benchmarks.data_efficiency`` (3 seeds, under an hour 
 and ``data_efficiency.{png,svg}``, ``data_efficiency_fim.{png,svg}``, rewritten after every run (atomic
 files); a finished (case, seed) is kept and skipped when the command is run again.
 
-Corpus: the running Python's standard library (``autopar.data.stdlib_corpus``, held out by module), a
+Corpus: the running Python's standard library (``autopar.data.stdlib_corpus`` less the generated code-page
+tables of ``encodings``: :func:`stdlib_code_corpus`; held out by module; every held-out window evaluated), a
 byte-level BPE of ``vocab_size`` trained on its train split, batches from ``autopar.data.TokenLoader``.
 Model: a small zoo GPT trained through ``autopar.compile(model, "local:1", passes=...)`` with AdamW, a
 linear warm-up and a cosine decay to 10 %, one thread. Claims and cases:
@@ -56,6 +57,7 @@ import os
 import platform
 import statistics
 import sys
+import sysconfig
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,11 +74,11 @@ from autopar.data import (
     DifficultyIndex,
     Pacing,
     TokenLoader,
-    stdlib_corpus,
     token_counts,
     train_tokenizer,
     vocabulary_rarity,
 )
+from autopar.data.corpus import DEFAULT_EXCLUDE_DIRS, STDLIB_TEST_DIRS
 from autopar.passes import MoE, RandomLTD
 from autopar.passes.random_ltd import random_ltd_runtime
 from autopar.passes.random_ltd.schedule import kept_tokens, layer_token_lr_scheduler
@@ -124,7 +126,7 @@ class Setup:
     warmup_fraction: float = 0.1
     min_lr_ratio: float = 0.1
     num_evals: int = 5
-    eval_windows: int = 96
+    eval_windows: int = 1000
     fim_windows: int = 16
     cl_fraction: float = 0.38
     seqlen_min: int = 8
@@ -599,6 +601,7 @@ def _account(
     assignments = (
         {layer: sum(st.tokens_per_expert) for layer, st in compiled.moe_stats().items()} if case.moe else {}
     )
+    assert not case.moe or sorted(assignments) == list(moe_layers(setup)), sorted(assignments)
     flops = step_flops(setup, batch_size=b, seq_len=s, kept=kept, assignments=assignments)
     counters.steps += 1
     counters.tokens += b * s
@@ -656,9 +659,10 @@ class Store:
 
     def add(self, record: dict[str, Any], seeds: list[int], cases: list[str]) -> None:
         self.runs[f"{record['case']}/{record['seed']}"] = record
-        self.write(seeds, cases)
+        self.write(seeds, cases, plots=False)
 
-    def write(self, seeds: list[int], cases: list[str]) -> None:
+    def write(self, seeds: list[int], cases: list[str], *, plots: bool = True) -> None:
+        """JSON, CSV and Markdown; the figures too with ``plots`` (slow on a loaded machine: once a seed)."""
         summary = summarize(self.runs, seeds)
         missing = [f"{c}/{s}" for s in seeds for c in cases if f"{c}/{s}" not in self.runs]
         loads = [x for r in self.runs.values() for x in r.get("load_average", [])]
@@ -676,7 +680,8 @@ class Store:
         _write_atomic(self.out / f"{NAME}.json", json.dumps(payload, indent=1, sort_keys=True) + "\n")
         _write_atomic(self.out / f"{NAME}.csv", _csv(self.runs))
         _write_atomic(self.out / f"{NAME}.md", markdown(payload))
-        plot(self.runs, self.out)
+        if plots:
+            plot(self.runs, self.out)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -714,6 +719,7 @@ def run_all(
                 f"{record['run_wall_s']:.0f} s",
                 flush=True,
             )
+        store.write(seeds, cases)  # the figures, once a seed
 
 
 def _weights_path(setup: Setup, seed: int, work_dir: Path) -> Path:
@@ -959,8 +965,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{setup['vocab_size']} tokens. Zoo GPT {setup['num_layers']} layers, hidden {setup['hidden_size']}, "
         f"{setup['num_heads']} heads, sequence {setup['seq_len']}, batch {setup['batch_size']}; AdamW lr "
         f"{setup['lr']}, warm-up {setup['warmup_fraction']:.0%} then cosine to {setup['min_lr_ratio']:.0%}; "
-        f"budget: the baseline's {setup['steps']} steps. Held-out: {setup['eval_windows']} windows "
-        f"({setup['eval_windows'] * setup['seq_len']:,} tokens), evaluation mode. Seeds: "
+        f"budget: the baseline's {setup['steps']} steps. Held-out: {payload['heldout_windows']} windows "
+        f"({payload['heldout_windows'] * setup['seq_len']:,} tokens), evaluation mode. Seeds: "
         f"{payload['seeds']}. See the docstring of `benchmarks/data_efficiency.py` for every case.",
         "",
         "| case | seeds | steps | tokens | FLOPs | train wall s (+ new-shape captures) | held-out loss "
@@ -1135,6 +1141,18 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
+def stdlib_code_corpus() -> Corpus:
+    """:func:`autopar.data.stdlib_corpus` without the ``encodings`` package: its code-page modules are
+    generated mapping tables (one line per byte value), half of the held-out split's bytes, and the
+    windows a vocabulary-rarity curriculum takes first; with them the held-out loss measured tables."""
+    return Corpus.from_folder(
+        sysconfig.get_paths()["stdlib"],
+        suffixes=(".py",),
+        heldout_fraction=0.02,
+        exclude_dirs=DEFAULT_EXCLUDE_DIRS + STDLIB_TEST_DIRS + ("encodings",),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (the test's)")
@@ -1164,7 +1182,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = QUICK if args.quick else Setup()
     if args.steps is not None:
         setup = dataclasses.replace(setup, steps=args.steps)
-    corpus = Corpus.from_folder(args.corpus, heldout_fraction=0.15) if args.corpus else stdlib_corpus()
+    corpus = Corpus.from_folder(args.corpus, heldout_fraction=0.15) if args.corpus else stdlib_code_corpus()
     args.out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seeds))
     header = {
@@ -1176,8 +1194,9 @@ def main(argv: list[str] | None = None) -> int:
         "environment": common_environment(mark_uncommitted=True)
         | {"cpu": _cpu(), "threads": torch.get_num_threads()},
     }
-    store = Store(args.out, setup, header)
     data = Data(setup, corpus, args.cache_dir)
+    header["heldout_windows"] = int(data.eval_sets()["l2r"].shape[0])
+    store = Store(args.out, setup, header)
     run_all(setup, data, store, seeds=seeds, cases=cases, work_dir=args.work_dir)
     store.write(seeds, cases)
     print((args.out / f"{NAME}.md").read_text())

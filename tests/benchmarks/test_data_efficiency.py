@@ -156,7 +156,7 @@ def test_each_case_follows_its_schedule_and_budget(result):
         b=SETUP.batch_size,
         s=SETUP.seq_len,
         kept=SETUP.seq_len,
-        assignments=[SETUP.moe_top_k * full] * 2,
+        assignments=[SETUP.moe_top_k * full] * len(de.moe_layers(SETUP)),
         moe_layers=list(de.moe_layers(SETUP)),
         ltd_layers=[],
     )
