@@ -54,14 +54,20 @@ def _holders(mine: dict[str, tuple[list[int], str]], *,
 
 
 def _all_gather_text(text: str, *, device: torch.device) -> list[str]:
-    """Every rank's ``text``, in rank order (UTF-8 bytes in padded tensors)."""
+    """Every rank's ``text``, in rank order (UTF-8 bytes in tensors)."""
     data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=device)
-    world = dist.get_world_size()
+    return [bytes(t.tolist()).decode() for t in all_gather_1d(data)]
+
+
+def all_gather_1d(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's 1-D ``tensor`` (lengths may differ), in rank order (collective: padded to the
+    longest, then cut back)."""
+    device, world = tensor.device, dist.get_world_size()
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=device))
+    dist.all_gather(sizes, torch.tensor([tensor.numel()], dtype=torch.int64, device=device))
     longest = max(int(s.item()) for s in sizes)
-    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
-    padded[:data.numel()] = data
-    gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+    padded = torch.zeros(longest, dtype=tensor.dtype, device=device)
+    padded[:tensor.numel()] = tensor
+    gathered = [torch.empty(longest, dtype=tensor.dtype, device=device) for _ in range(world)]
     dist.all_gather(gathered, padded)
-    return [bytes(g[:int(s.item())].tolist()).decode() for g, s in zip(gathered, sizes, strict=True)]
+    return [g[:int(s.item())] for g, s in zip(gathered, sizes, strict=True)]

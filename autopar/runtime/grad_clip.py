@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+from autopar.runtime.gather import all_gather_1d
+
 EPS = 1e-6
 
 
@@ -103,17 +105,7 @@ def _local(grad: torch.Tensor) -> torch.Tensor:
 def _weights(keys: list[tuple[int, int]], device: torch.device) -> dict[tuple[int, int], float]:
     """(key, copy index) → 1 / the number of copies of that key on all ranks together."""
     local = torch.tensor([key for key, _ in keys], dtype=torch.int64, device=device)
-    everyone = [local]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        world = dist.get_world_size()
-        sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([local.numel()], dtype=torch.int64, device=device))
-        longest = max(int(s.item()) for s in sizes)
-        padded = torch.zeros(longest, dtype=torch.int64, device=device)
-        padded[:local.numel()] = local
-        gathered = [torch.empty(longest, dtype=torch.int64, device=device) for _ in range(world)]
-        dist.all_gather(gathered, padded)
-        everyone = [g[:int(s.item())] for g, s in zip(gathered, sizes, strict=True)]
+    everyone = all_gather_1d(local) if dist.is_initialized() and dist.get_world_size() > 1 else [local]
     counts: dict[int, int] = {}
     for tensor in everyone:
         for value in tensor.tolist():
