@@ -151,6 +151,8 @@ def run_cp_case(world: int, name: str, fix: dict, passes: tuple = ()) -> None:
     assert math.isclose(compiled.evaluate(inputs, targets), want, rel_tol=RTOL, abs_tol=ATOL), want
     fused = {m.fused for m in ring_attention_modules(_stages(compiled))}
     assert fused == {bool(passes)}, fused  # the fused-attention pass's nodes were the ones replaced
+    causal = {m.causal for m in ring_attention_modules(_stages(compiled))}
+    assert causal == {name != "bert"}, causal  # BERT's bidirectional attention rings unmasked
     if fix.get("sequence_parallel"):
         _check_sequence_parallel(compiled, inputs, fix)
 
@@ -236,12 +238,13 @@ def run_cp_moe(world: int, fix: dict) -> None:
 
 
 def two_ranks(rank: int, world: int) -> None:
-    """cp2 on the zoo GPT, the hand-written model, HF Llama; cp2 with full and selective
-    recomputation, and with the fused-attention pass."""
+    """cp2 on the zoo GPT, the hand-written model, HF Llama, BERT (non-causal, masked LM); cp2 with
+    full and selective recomputation, and with the fused-attention pass."""
     torch.set_num_threads(1)
     run_cp_case(world, "gpt", {"cp": 2, "num_microbatches": 2})
     run_cp_case(world, "hand", {"cp": 2, "num_microbatches": 2})
     run_cp_case(world, "hf-llama", {"cp": 2, "num_microbatches": 2})
+    run_cp_case(world, "bert", {"cp": 2, "num_microbatches": 2})
     run_cp_case(world, "gpt", {"cp": 2, "num_microbatches": 2, "recompute": "full"})
     run_cp_case(world, "gpt", {"cp": 2, "num_microbatches": 2, "recompute": "selective"})
     run_cp_case(world, "gpt", {"cp": 2, "num_microbatches": 2}, passes=(FusedAttention(),))
