@@ -15,10 +15,12 @@ on that capture (this module) → a copy of the graph (sharing the model's param
   nodes that only built it: the mask is *evaluated* on the capture's example inputs (its nodes
   may read inputs only through their sizes), so a mask built any way from the sequence length —
   ``torch.tril(torch.ones(s, s))``, ``masked_fill(triu, -inf)``, Hugging Face's mask functions
-  over ``arange`` positions, a sliced buffer — is recognised by what it is;
+  over ``arange`` positions, a sliced buffer — is recognised by what it is (``cp_masks``);
 - every remaining ``arange`` of the local length (positions for embeddings or rotary tables)
   is followed by :class:`GlobalPositions`, which turns ``start + [0, seq/cp)`` into the global
-  positions of this rank's tokens (``context_parallel_position_ids``).
+  positions of this rank's tokens (``context_parallel_position_ids``). An ``arange`` of that length
+  that is not a position (one over a dimension that happens to equal ``seq/cp``) would be changed
+  too: such models run with a cp whose ``seq/cp`` differs from their other sizes.
 
 Everything else in a transformer layer is token-local, so it runs unchanged on the local tokens
 (sizes in ``view``/``reshape`` are the local length because the capture was made at it). What
@@ -51,7 +53,6 @@ from autopar.passes.fused_attention.patterns import (
     AttentionMatch,
     AttentionSkip,
     arg,
-    describe,
     find_attention,
     kind,
     real_users,
@@ -65,14 +66,12 @@ from autopar.runtime.context_parallel import (
     context_parallel_position_ids,
     ring_attention,
 )
+from autopar.runtime.cp_masks import evaluate_masks, mask_is_causal, refuse
 from autopar.runtime.layout import Layout
 
 RECORD_KEY = "autopar_context_parallel"
-MASKED_BELOW = -1e4  # an additive mask value this negative has softmax weight exp(-1e4) = 0 in fp32
 _ARANGE = (torch.arange, torch.ops.aten.arange.default, torch.ops.aten.arange.start,
            torch.ops.aten.arange.start_step)
-_SIZE_READS = ("size", "dim")  # methods that read a tensor's metadata, not its values
-_SIZE_ATTRS = ("shape", "device", "dtype", "ndim")
 _FUSED_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
 
 
@@ -191,19 +190,15 @@ class _Planned:
     fused: bool = False
 
 
-def _refuse(node: fx.Node, why: str, fix: str) -> ValueError:
-    return ValueError(f"context parallelism cannot run attention {describe(node)}: {why}; {fix}")
-
-
 def _plan_attention(gm: fx.GraphModule, found: AttentionMatch | AttentionSkip, local: int) -> _Planned:
     if isinstance(found, AttentionSkip):
-        raise _refuse(found.anchor, f"its pattern is not recognised ({found.reason})",
+        raise refuse(found.anchor, f"its pattern is not recognised ({found.reason})",
                       "write it as softmax(Q·Kᵀ·scale + causal mask)·V or call "
                       "F.scaled_dot_product_attention, or use cp = 1")
     match = found
     if match.form == "sdpa":
         if arg(match.anchor, 7, "enable_gqa", False) not in (True, False):
-            raise _refuse(match.anchor, "enable_gqa is computed", "pass a constant, or use cp = 1")
+            raise refuse(match.anchor, "enable_gqa is computed", "pass a constant, or use cp = 1")
         planned = _Planned(match, [("sdpa", match.attn_mask, match.is_causal)],
                            fused=match.anchor.target is flash_scaled_dot_product_attention)
     else:
@@ -213,10 +208,10 @@ def _plan_attention(gm: fx.GraphModule, found: AttentionMatch | AttentionSkip, l
     k = shape(match.key) if match.key is not None else _swapped(shape(match.key_t))
     lengths = {s[-2] for s in (q, k, v) if s is not None and len(s) >= 2}
     if None in (q, k, v) or lengths != {local}:
-        raise _refuse(match.anchor, f"query/key/value shapes {q}, {k}, {v} are not self-attention over the "
+        raise refuse(match.anchor, f"query/key/value shapes {q}, {k}, {v} are not self-attention over the "
                       f"local sequence of {local} tokens (cross-attention?)", "use cp = 1 for this model")
     if not isinstance(match.is_causal, bool):
-        raise _refuse(match.anchor, "is_causal is computed", "pass a constant, or use cp = 1")
+        raise refuse(match.anchor, "is_causal is computed", "pass a constant, or use cp = 1")
     return planned
 
 
@@ -243,7 +238,7 @@ def _refuse_unmatched_softmax(gm: fx.GraphModule, matched: set[fx.Node]) -> None
         while len(users := real_users(probabilities)) == 1 and kind(gm, users[0]) in ("cast", "dropout"):
             probabilities = users[0]
         if any(kind(gm, u) == "matmul" and u.args[0] is probabilities for u in real_users(probabilities)):
-            raise _refuse(node, "its pattern is not recognised (the scores pass through something other "
+            raise refuse(node, "its pattern is not recognised (the scores pass through something other "
                           "than scaling, additive terms and masks)", "write it as softmax(Q·Kᵀ·scale + "
                           "causal mask)·V or call F.scaled_dot_product_attention, or use cp = 1")
 
@@ -264,7 +259,7 @@ def _check_dropout(gm: fx.GraphModule, match: AttentionMatch) -> None:
     if isinstance(rate, str):  # an nn.Dropout module
         rate = float(gm.get_submodule(rate).p)
     if isinstance(rate, fx.Node) or (isinstance(rate, (int, float)) and rate > 0):
-        raise _refuse(match.anchor, f"it applies dropout (p = {rate}) to the attention probabilities, which "
+        raise refuse(match.anchor, f"it applies dropout (p = {rate}) to the attention probabilities, which "
                       "ring attention does not", "set the attention dropout to 0 or use cp = 1")
 
 
@@ -272,118 +267,9 @@ def _check_masks(gm: fx.GraphModule, plans: list[_Planned], example_inputs: Sequ
                  local: int) -> None:
     """Evaluate every mask on the example inputs and classify it (sets ``causal``)."""
     wanted = [n for p in plans for step in p.mask for n in step[1:] if isinstance(n, fx.Node)]
-    values = _evaluate(gm, wanted, example_inputs)
+    values = evaluate_masks(gm, wanted, example_inputs)
     for planned in plans:
-        planned.causal = _classify(_bias(planned.mask, values, local), local, planned.match.anchor)
-
-
-def _bias(steps: list[tuple[Any, ...]], values: dict[fx.Node, Any], local: int) -> torch.Tensor:
-    """What the score steps add to Q·Kᵀ·scale: the steps applied to zero scores (masks are
-    where/fill with a constant, terms are added; the scores' own scale does not matter at 0)."""
-    value = lambda x: values[x] if isinstance(x, fx.Node) else x  # noqa: E731
-    bias = torch.zeros(())
-    for step in steps:
-        if step[0] == "sdpa":
-            mask, causal = value(step[1]), step[2]
-            if mask is not None:
-                bias = torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask.float()
-            if causal:
-                bias = bias + torch.full((local, local), float("-inf")).triu(1)
-        elif step[0] == "scale":
-            factor = float(value(step[1]))
-            bias = bias / factor if step[2] else bias * factor
-        elif step[0] == "add":
-            bias = bias + torch.as_tensor(value(step[1])).float()
-        elif step[0] == "fill":
-            bias = torch.where(torch.as_tensor(value(step[1])), float(value(step[2])), bias)
-        else:  # keep: the scores where cond, the value elsewhere
-            bias = torch.where(torch.as_tensor(value(step[1])), bias, float(value(step[2])))
-    return bias
-
-
-def _classify(bias: torch.Tensor, local: int, anchor: fx.Node) -> bool:
-    """True for a causal mask, False for none; raises for anything else."""
-    if bias.numel() == 1:
-        if float(bias) <= MASKED_BELOW:
-            raise _refuse(anchor, "its mask hides every key", "check the model's mask, or use cp = 1")
-        return False
-    full = torch.broadcast_to(bias, (*bias.shape[:-2], local, local))
-    masked = full <= MASKED_BELOW
-    if bool((full[~masked] != 0).any()):
-        raise _refuse(anchor, "it adds a bias to the scores (ALiBi or relative positions?) that ring "
-                      "attention does not apply", "use cp = 1 for this model")
-    pattern = masked.reshape(-1, local, local)
-    if not bool((pattern == pattern[:1]).all()):
-        raise _refuse(anchor, "its mask differs between samples or heads (a padding mask?)",
-                      "pass no attention mask (causal attention needs none) or use cp = 1")
-    future = torch.ones(local, local, dtype=torch.bool).triu(1)
-    if torch.equal(pattern[0], future):
-        return True
-    if not bool(pattern[0].any()):
-        return False
-    raise _refuse(anchor, "its mask is neither causal nor empty (an arbitrary mask cannot be split "
-                  "into ring blocks)", "use a causal mask built from the sequence length, or cp = 1")
-
-
-def _evaluate(gm: fx.GraphModule, wanted: list[fx.Node], example_inputs: Sequence[Any]) -> dict[fx.Node, Any]:
-    """The values of ``wanted`` (mask nodes) on the example inputs, computed by the nodes they
-    depend on only. Where they read a tensor's sizes alone, that tensor is not computed: zeros of
-    its recorded shape stand in. A graph input whose values they read is refused."""
-    if not wanted:
-        return {}
-    needed, sized = _mask_ancestors(wanted)
-    for node in needed:
-        if node.op == "placeholder":
-            raise _refuse(wanted[0], f"its mask depends on the values of input {node.name}",
-                          "pass no attention mask (causal attention needs none), or use cp = 1")
-    inputs = {n: v for n, v in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs,
-                                   strict=False)}
-    sub, env, feed = fx.Graph(), {}, []
-    for node in gm.graph.nodes:
-        if node in sized:
-            env[node] = sub.placeholder(node.name)
-            feed.append(inputs[node] if node in inputs else _stand_in(node, wanted[0]))
-        elif node in needed:
-            env[node] = sub.node_copy(node, lambda n: env[n])
-    sub.output(tuple(env[n] for n in wanted))
-    with torch.no_grad():
-        values = fx.GraphModule(gm, sub)(*feed)
-    return dict(zip(wanted, values, strict=True))
-
-
-def _mask_ancestors(wanted: list[fx.Node]) -> tuple[set[fx.Node], set[fx.Node]]:
-    """(nodes whose values the masks need, nodes whose sizes alone they read)."""
-    needed: set[fx.Node] = set()
-    sized: set[fx.Node] = set()
-    stack = list(wanted)
-    while stack:
-        node = stack.pop()
-        if node in needed:
-            continue
-        needed.add(node)
-        source = node.args[0] if _reads_size(node) else None
-        if isinstance(source, fx.Node):
-            sized.add(source)
-        stack += [n for n in node.all_input_nodes if n is not source]
-    return needed, sized - needed
-
-
-def _stand_in(node: fx.Node, anchor: fx.Node) -> torch.Tensor:
-    record = node.meta.get(META_KEY)
-    if record is None or len(record.shapes) != 1:
-        raise _refuse(anchor, f"its mask reads the size of {describe(node)}, whose shape was not recorded",
-                      "use cp = 1 for this model")
-    return torch.zeros(record.shapes[0], dtype=getattr(torch, record.dtypes[0]))
-
-
-def _reads_size(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _SIZE_READS
-    if node.op == "call_function":
-        if node.target is getattr:
-            return node.args[1] in _SIZE_ATTRS
-        return node.target in (torch.ops.aten.sym_size.int, torch.ops.aten.size.default)
-    return False
+        planned.causal = mask_is_causal(planned.mask, values, local, planned.match.anchor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,7 +306,7 @@ def _product_scale(steps: list[tuple[Any, ...]]) -> Any:
             continue
         if isinstance(step[1], fx.Node):
             if step[2] or scale != 1.0:
-                raise _refuse(step[1], "its scores are scaled by a computed value in several steps",
+                raise refuse(step[1], "its scores are scaled by a computed value in several steps",
                               "scale by one constant, or use cp = 1")
             scale = step[1]
         else:
