@@ -10,7 +10,8 @@ on that capture (this module) → a copy of the graph (sharing the model's param
   :class:`RingAttention` module: ``autopar.runtime.context_parallel.ring_attention`` over the cp
   group (Liu et al. 2023, ring attention; load-balanced causal chunks as Llama 3 §3.3.2), with
   the Triton FlashAttention-2 block (Dao 2023) where ``autopar.kernels.attention.supports`` says
-  it runs and the attention was fused, the exact torch block otherwise;
+  it runs and the tensors are on a GPU or the attention was fused (on CPU that is the Triton
+  interpreter, asked for by fusing), the exact torch block otherwise;
 - the mask feeding each attention is checked to be causal (or absent) and then dropped, with the
   nodes that only built it: the mask is *evaluated* on the capture's example inputs (its nodes
   may read inputs only through their sizes), so a mask built any way from the sequence length —
@@ -47,6 +48,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from autopar.capture import Captured
 from autopar.capture.annotate import flat_inputs
+from autopar.capture.batch import leading_dims
 from autopar.capture.record import META_KEY
 from autopar.kernels.attention import flash_scaled_dot_product_attention, supports
 from autopar.passes.fused_attention.patterns import (
@@ -101,7 +103,8 @@ class RingAttention(nn.Module):
         flat = q.dim() == 3
         if flat:
             q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
-        block = FLASH_BLOCK_ATTENTION if self.fused and supports(q, k, v) else TORCH_BLOCK_ATTENTION
+        flash = (self.fused or q.is_cuda) and supports(q, k, v)  # CPU: the interpreter only if asked
+        block = FLASH_BLOCK_ATTENTION if flash else TORCH_BLOCK_ATTENTION
         out = ring_attention(q, k, v, group=self.group, causal=self.causal,
                              scale=self.scale if scale is None else float(scale), block=block)
         return out.squeeze(1) if flat else out
@@ -164,6 +167,11 @@ def rewrite_for_plan(captured: Captured, plan: Plan, layout: Layout) -> fx.Graph
     if cp == 1:
         return gm
     local = plan.seq_len // cp if plan.seq_len else 0
+    _, captured_len = leading_dims(captured.example_args, captured.example_kwargs)
+    if captured_len != local:
+        raise ValueError(f"context parallelism (cp = {cp}) runs stage graphs captured at seq/cp = {local} "
+                         f"tokens, but this capture has {captured_len}; build the Engine through "
+                         "autopar.launch_plan.start_engine (compiled.step), which captures at seq/cp")
     example = flat_inputs(gm, captured.example_args, captured.example_kwargs)
     return context_parallel_graph(gm, local_seq_len=local, cp=cp, rank=layout.cp_rank,
                                   group=layout.group("cp"), example_inputs=example)

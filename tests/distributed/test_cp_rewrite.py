@@ -12,10 +12,14 @@ from torch import nn
 
 import autopar
 from autopar.capture.annotate import flat_inputs
+from autopar.cluster import ClusterSpec
+from autopar.config import Fix
+from autopar.plans.pinned import plan_from_fix
 from autopar.runtime.cp_rewrite import (
     RECORD_KEY,
     GlobalPositions,
     context_parallel_graph,
+    rewrite_for_plan,
     ring_attention_modules,
 )
 from autopar.runtime.sequence_shard import SequenceShard, check_passes, local_example
@@ -129,3 +133,14 @@ def test_sequence_shard_cuts_only_sequence_tensors_after_the_rows():
     assert shard.shard(torch.zeros(2, 3)).shape == (2, 3) and shard.global_shape((4, 4, 5)) == (4, 8, 5)
     cut = local_example(((ids,), {"flag": torch.zeros(2)}), seq_len=8, cp=2)
     assert cut[0][0].shape == (2, 4) and cut[1]["flag"].shape == (2,)
+
+
+def test_an_engine_given_the_full_length_capture_is_told_how_to_build_it():
+    model = autopar.models.build("gpt", num_layers=2)
+    ids = torch.randint(0, 64, (2, 2 * LOCAL))
+    program = autopar.lower(model, ids)
+    plan = plan_from_fix("gpt", graph_fingerprint=program.fingerprint, num_layers=2,
+                         cluster=ClusterSpec.parse("local:2"), fix=Fix.from_dict({"cp": 2}),
+                         global_batch_size=2, seq_len=2 * LOCAL)
+    with pytest.raises(ValueError, match=r"seq/cp = 8 tokens, but this capture has 16.*start_engine"):
+        rewrite_for_plan(program.captured, plan, layout=None)
