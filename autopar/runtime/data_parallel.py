@@ -6,7 +6,11 @@ mis-rebuilds its buckets when a pipelining schedule runs several microbatch
 forwards before their backwards, torch 2.13).
 ``zero`` 1–3: FSDP2 ``fully_shard`` — parameters, gradients and optimizer states
 sharded over dp (ZeRO-3); with ``zero`` < 3 parameters stay gathered between
-forward and backward (``reshard_after_forward=False``, ZeRO-2-like). Both are
+forward and backward (``reshard_after_forward=False``, ZeRO-2-like). Each layer of the stage
+(a ``recompute.LayerUnit``: the engine regroups the stage by layer) is its own FSDP2 unit, then the
+stage root holds the rest (embedding, head, norms outside layers): each layer's all-gather is
+prefetched behind the previous layer's compute and its gradients reduce-scattered as its backward
+ends, and only the layers in flight are unsharded — what ``cost_models.fsdp`` prices. Both are
 torch.distributed's own FSDP2 machinery, which pipelining schedules drive (gradient
 reduction deferred to the last microbatch).
 
@@ -24,6 +28,8 @@ from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
+
+from autopar.runtime.recompute import LayerUnit
 
 
 def gradient_mesh(mesh: DeviceMesh) -> DeviceMesh:
@@ -43,4 +49,6 @@ def apply_data_parallel(module: nn.Module, *, zero: int, dp_mesh: DeviceMesh,
     ignored_params = set(ignored) or None
     if zero == 0:
         return replicate(module, mesh=dp_mesh, ignored_params=ignored_params)
+    for unit in [m for m in module.modules() if isinstance(m, LayerUnit)]:
+        fully_shard(unit, mesh=dp_mesh, reshard_after_forward=zero >= 3, ignored_params=ignored_params)
     return fully_shard(module, mesh=dp_mesh, reshard_after_forward=zero >= 3, ignored_params=ignored_params)

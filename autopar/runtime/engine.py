@@ -320,7 +320,8 @@ def _prepare_stage(gm: torch.fx.GraphModule, plan: Plan, index: int, tp_mesh: An
     before = {name: canonical[id(p)] for name, p in gm.named_parameters(remove_duplicate=False)}
     shard_parameters(gm, plan.shardings, tp_mesh, sequence_parallel=plan.sequence_parallel)
     by_id = {id(p): before[name] for name, p in gm.named_parameters(remove_duplicate=False)}
-    module = apply_recompute(gm, plan.stages[index].recompute)
+    par = plan.parallelism
+    module = apply_recompute(gm, plan.stages[index].recompute, regroup=plan.zero >= 1 and par.dp * par.cp > 1)
     if tp_mesh.size() > 1:
         module = TensorParallelStage(module, tp_mesh)
     return module, {name: by_id[id(p)] for name, p in module.named_parameters(remove_duplicate=False)}

@@ -45,12 +45,23 @@ def _save_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPol
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-class Recomputed(nn.Module):
+class LayerUnit(nn.Module):
+    """One layer of a regrouped stage as its own module: the unit that FSDP2 shards, gathers and
+    reshards (``runtime.data_parallel``), as the per-layer model ``cost_models.fsdp`` prices it."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any) -> Any:
+        return self.inner(*args)
+
+
+class Recomputed(LayerUnit):
     """Runs ``inner`` under activation checkpointing (full or selective)."""
 
     def __init__(self, inner: nn.Module, mode: str) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.mode = mode
         self.exchanges = has_expert_parallel(inner) or bool(ring_attention_modules(inner))
 
@@ -66,18 +77,19 @@ class Recomputed(nn.Module):
         return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
 
 
-def apply_recompute(gm: fx.GraphModule, mode: str) -> nn.Module:
-    """``gm`` with each layer wrapped for recomputation; ``gm`` itself for ``"none"``."""
-    if mode == "none":
+def apply_recompute(gm: fx.GraphModule, mode: str, *, regroup: bool = False) -> nn.Module:
+    """``gm`` with each layer wrapped for recomputation; ``gm`` itself for ``"none"`` unless
+    ``regroup`` (then each layer becomes a plain :class:`LayerUnit`, for per-layer sharding)."""
+    if mode == "none" and not regroup:
         return gm
-    assert mode in ("selective", "full"), mode
+    assert mode in ("none", "selective", "full"), mode
     saved = {n for n in gm.graph.nodes if is_ring_attention(gm, n)} if mode == "selective" else set()
     part_of = _partitions(gm, saved)
     regrouped = split_module(gm, gm, lambda node: part_of[node], keep_original_order=True)
     for name, child in list(regrouped.named_children()):
         keep = bool(saved) and bool(ring_attention_modules(child))  # a saved ring attention region
         if name.startswith("submod_") and _is_layer_part(child) and not keep:
-            setattr(regrouped, name, Recomputed(child, mode))
+            setattr(regrouped, name, Recomputed(child, mode) if mode != "none" else LayerUnit(child))
     return regrouped
 
 

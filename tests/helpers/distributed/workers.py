@@ -13,6 +13,7 @@ import re
 
 import torch
 import torch.distributed._functional_collectives as funcol
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
 import autopar
@@ -21,7 +22,7 @@ from autopar.config import Fix
 from autopar.losses import cross_entropy
 from autopar.plans.megatron import megatron_shardings
 from autopar.plans.pinned import plan_from_fix
-from autopar.runtime.recompute import Recomputed
+from autopar.runtime.recompute import LayerUnit, Recomputed
 
 # fp32 on CPU: the pipelined program sums the same terms in another order.
 RTOL, ATOL = 1e-5, 1e-6
@@ -203,6 +204,11 @@ def _check_transformation(engine, reference, fix: dict, expect: dict) -> None:
         if fix.get("zero", 0) >= 1:
             sharded = [p for _, p in mine if any(isinstance(x, Shard) for x in p.placements)]
             assert sharded and all(p.to_local().numel() < p.numel() for p in sharded if p.shape[0] > 1)
+            for index, module in zip(engine.stage_indices, engine.modules, strict=True):
+                units = [m for m in module.modules() if isinstance(m, FSDPModule)]  # one per layer + root
+                first, last = plan.stages[index].layers
+                assert len(units) >= last - first + 1 and all(
+                    isinstance(m, FSDPModule) for m in module.modules() if isinstance(m, LayerUnit)), index
     if fix.get("tp", 1) > 1:
         tp_sharded = [p for _, p in mine if isinstance(p, DTensor)
                       and any(isinstance(x, Shard) for x in p.placements[-1:])]
