@@ -15,9 +15,11 @@ PATH`` reuses a profile instead), then for every case on 2 and 4 local gloo rank
   priced from the calibration's single-operation measurements. Nothing is fitted to the step
   times or bytes measured here.
 
-Cases: data parallelism (ZeRO 0, 1, 3), tensor parallelism, pipelines with each schedule (GPipe,
-1F1B, interleaved, zero-bubble), full recomputation, MoE (``MoE`` pass, experts split over ``ep``
-ranks) and random-LTD (``RandomLTD`` pass), on 2 and 4 ranks, each on both shapes.
+Cases: data parallelism (ZeRO 0, 1, 3), tensor parallelism (with and without sequence
+parallelism), context parallelism (cp 2, with dp, with full recomputation, with tp + sequence
+parallelism), pipelines with each schedule (GPipe, 1F1B, interleaved, zero-bubble), full
+recomputation, MoE (``MoE`` pass, experts split over ``ep`` ranks) and random-LTD (``RandomLTD``
+pass), on 2 and 4 ranks, each on both shapes.
 
 Other users share this machine, so each case is timed in ``--rounds`` rounds, each after waiting
 for other processes to leave the cores quiet (``/proc`` CPU accounting); the best round is kept
@@ -70,7 +72,7 @@ PASSES = {"moe": {"num_experts": 4, "top_k": 2, "layers": "every_other", "seed":
           "random_ltd": {"min_tokens": 32, "num_steps": 10**6, "seed": 0}}
 """The passes a case may name, with their options (random-LTD's schedule so long that the kept
 length stays at ``min_tokens`` through the timed steps)."""
-QUICK = ("dp", "dp zero1", "pp 1f1b", "pp zero_bubble", "tp", "moe ep", "random-ltd")
+QUICK = ("dp", "dp zero1", "pp 1f1b", "pp zero_bubble", "tp", "moe ep", "random-ltd", "tp sp", "cp")
 
 
 def plan_cases(world: int) -> list[tuple[str, dict[str, Any]]]:
@@ -82,11 +84,15 @@ def plan_cases(world: int) -> list[tuple[str, dict[str, Any]]]:
              interleaved, zero_bubble, with_recompute(one_f1b, "full"),
              ("moe ep", {"dp": world, "ep": 2, "passes": ["moe"]}),
              ("random-ltd", {"dp": world, "passes": ["random_ltd"]})]
+    sp = {"tp": 2, "sequence_parallel": True}
     if world == 2:
-        return [*cases, ("tp", {"tp": 2})]
+        cp = ("cp", {"cp": 2})
+        return [*cases, ("tp", {"tp": 2}), ("tp sp", sp), cp, with_recompute(cp, "full")]
     half, micro = world // 2, {"schedule": "1f1b", "num_microbatches": NUM_MICROBATCHES}
+    cp = ("cp×dp", {"cp": 2, "dp": half})
     return [*cases, ("pp×dp 1f1b", {"pp": 2, "dp": half, **micro}), ("tp", {"tp": 2, "dp": half}),
-            ("tp×pp 1f1b", {"tp": 2, "pp": half, **micro})]
+            ("tp×pp 1f1b", {"tp": 2, "pp": half, **micro}), ("tp sp×dp", {**sp, "dp": half}), cp,
+            with_recompute(cp, "full"), ("cp×tp sp", {"cp": 2, **sp})]
 
 
 def _build(shape: str) -> torch.nn.Module:

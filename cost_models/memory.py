@@ -40,6 +40,10 @@ Per device: model states + activations + logits + reserve.
 * Reserve (ASSUMED, not fitted): :data:`WORKSPACE_BYTES` on GPUs for the CUDA context and
   cuBLAS/NCCL workspaces, plus :data:`FRAGMENTATION_FRACTION` of everything else for the
   caching allocator's fragmentation.
+* CPU processes (local clusters): activations, logits and temporaries are what the CPU runtime
+  holds at its peak, counted op by op and per schedule (``local.memory``: the saved tensors of the
+  actual ops, the schedule's kept outputs and logits, recomputation, the backward's working set);
+  the reserve is those temporaries and the logits are part of the activations.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ from autopar.cost_models.context_parallel import (
     sequence_shard_layer,
 )
 from autopar.cost_models.fsdp import in_flight_bytes
+from autopar.cost_models.local.memory import cpu_activation_parts
+from autopar.cost_models.local.states import cpu_state_parts
 from autopar.cost_models.moe import EXPERT_ZERO, expert_activation_bytes, layer_params
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 from autopar.cost_models.states import (  # noqa: F401 - model_state_bytes stays importable from here
@@ -175,12 +181,19 @@ def _stage_set_memory(plan: Plan, profile: ModelProfile, stage_indices: tuple[in
     if experts:  # E/ep experts per device, their states replicated over dp/ep ranks: no ZeRO (``moe``)
         expert_parts = state_parts_bytes(experts, zero=EXPERT_ZERO, states=held)
         parts = tuple(a + e for a, e in zip(parts, expert_parts, strict=True))  # type: ignore[assignment]
+    if not gpu:  # CPU processes: parameter by parameter, as the runtime holds them (``local.states``)
+        parts = cpu_state_parts(plan, profile, stage_indices)
     if gpu and plan.zero == 3 and replicas > 1:  # unsharded layers in flight (``fsdp``)
         weights, grads = _fsdp_in_flight_bytes(plan, profile, stage_indices, params)
         parts = (parts[0] + weights, parts[1] + grads, parts[2])  # type: ignore[assignment]
     states = sum(parts)
-    activations = stored * in_flight + working
-    reserve = FRAGMENTATION_FRACTION * (states + activations + logits) + (WORKSPACE_BYTES if gpu else 0)
+    if gpu:
+        activations = stored * in_flight + working
+        reserve = FRAGMENTATION_FRACTION * (states + activations + logits) + WORKSPACE_BYTES
+    else:  # CPU processes: what the runtime holds at its peak, logits included (``local.memory``)
+        activations, reserve = cpu_activation_parts(plan, profile, stage_indices, in_flight=in_flight,
+                                                    gradients_bytes=parts[1], plain=plain)
+        logits = 0.0
     return MemoryBreakdown(model_states_bytes=states, activations_bytes=activations,
                            logits_bytes=logits, reserve_bytes=reserve, weights_bytes=parts[0],
                            gradients_bytes=parts[1], optimizer_bytes=parts[2])

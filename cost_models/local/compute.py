@@ -24,7 +24,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from autopar.cost_models.compute import LayerTimes
-from autopar.cost_models.local.memory import saved_layer_bytes
+from autopar.cost_models.local.memory import RING_ACCUMULATOR_BYTES, saved_layer_bytes
 from autopar.cost_models.local.rates import CpuRates
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 from autopar.cost_models.stages import NO_COMM, CommTimes
@@ -53,6 +53,28 @@ class DTensorCounts:
 
 
 DTENSOR_TP = DTensorCounts()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SequenceParallelCounts:
+    """Collectives per transformer layer under the runtime's sequence parallelism
+    (``runtime/tensor_parallel.sequence_parallel_pass``), COUNTED like :class:`DTensorCounts`
+    (``torch.profiler`` gloo events of one step of the zoo GPT, h 128, 4 heads, s 64, t = 2, 4 layers
+    minus 2 layers; torch 2.13). On gloo a reduce-scatter runs as an all-reduce of the whole
+    ``b·s·h`` buffer (the events show ``gloo:all_reduce`` of the unscattered shape), so it is priced
+    as one. Each replicated parameter used on sequence shards (norm weights and biases) gets an
+    all-reduce of its ``h``-element partial gradient per microbatch."""
+
+    reduce_scatters_forward: int = 2  # the two row-parallel outputs
+    all_gathers_forward: int = 2  # the two column-parallel inputs (q/k/v share one)
+    reduce_scatters_backward: int = 2  # the gathers' backward
+    all_gathers_backward: int = 4  # the reduce-scatters' backward, and two attention-shaped ones
+
+
+DTENSOR_SP = SequenceParallelCounts()
+RING_MERGE_OPS = 3
+"""COUNTED in ``runtime/context_parallel.merge_partial_attention``: two rescaling products and a sum
+over the output rows per ring step after the first."""
 BACKWARD_DISPATCH_FRACTION = 2 / 3
 """ASSUMED: the share of a layer's dispatches in its backward (about two ops per forward op)."""
 
@@ -63,9 +85,10 @@ class CpuPart:
 
     times: LayerTimes = LayerTimes()
     tp: CommTimes = NO_COMM
+    cp: CommTimes = NO_COMM
 
     def __add__(self, other: CpuPart) -> CpuPart:
-        return CpuPart(times=self.times + other.times, tp=self.tp + other.tp)
+        return CpuPart(times=self.times + other.times, tp=self.tp + other.tp, cp=self.cp + other.cp)
 
 
 def _linear(rates: CpuRates, m: float, k: float, n: float) -> LayerTimes:
@@ -118,33 +141,81 @@ def _attention(rates: CpuRates, layer: LayerProfile, *, b: int, tp: int, fused: 
 
 def transformer_layer_part(layer: LayerProfile, *, rates: CpuRates, microbatch_size: int, tp: int,
                            bytes_per_element: int, recompute: str = "none", fused_attention: bool = True,
-                           causal: bool = True) -> CpuPart:
-    """One pre-LN transformer layer per microbatch on one process (module docstring)."""
+                           causal: bool = True, sequence_parallel: bool = False, cp: int = 1) -> CpuPart:
+    """One pre-LN transformer layer per microbatch on one process (module docstring); under context
+    parallelism ``layer`` is what one rank runs (``s/cp`` tokens) and attention is the ring's."""
     if not layer.is_transformer:
         return generic_layer_part(layer, rates=rates, microbatch_size=microbatch_size, tp=tp,
                                   recompute=recompute)
     h, f, t = layer.hidden_size, layer.ffn_size, tp
     assert h is not None and f is not None and layer.seq_len is not None
     tokens = microbatch_size * layer.seq_len
+    sp = sequence_parallel and t > 1
+    norm_tokens = tokens / t if sp else tokens  # norms and residual adds on sequence shards
+    attention = (_ring_block_attention(rates, layer, b=microbatch_size, cp=cp, causal=causal) if cp > 1 else
+                 _attention(rates, layer, b=microbatch_size, tp=t, fused=fused_attention, causal=causal))
     times = (_attention_linears(rates, tokens, h, t)
-             + _linear(rates, tokens, h, f / t) + _linear(rates, tokens, f / t, h)
-             + _attention(rates, layer, b=microbatch_size, tp=t, fused=fused_attention, causal=causal)
-             + _op(rates, "layer_norm", tokens * h, 2) + _op(rates, "add", tokens * h, 2)
+             + _linear(rates, tokens, h, f / t) + _linear(rates, tokens, f / t, h) + attention
+             + _op(rates, "layer_norm", norm_tokens * h, 2) + _op(rates, "add", norm_tokens * h, 2)
              + _op(rates, "gelu", tokens * f / t) + _op(rates, "copy", tokens * h))
     saved = (tokens * h * bytes_per_element if recompute == "full" else saved_layer_bytes(
-        layer, microbatch_size=microbatch_size, tp=t, fused_attention=fused_attention,
-        bytes_per_element=bytes_per_element))
+        layer, microbatch_size=microbatch_size, tp=t, fused_attention=fused_attention or cp > 1,
+        bytes_per_element=bytes_per_element, sequence_parallel=sp, ring=cp > 1))
     times += LayerTimes(backward_input_s=saved * rates.activation_reread_s_per_byte)
+    ring = _ring_transfers(rates, tokens * h / t, bytes_per_element=bytes_per_element, cp=cp,
+                           recompute=recompute)
     if t == 1:
-        return CpuPart(times=_recompute(times, recompute))
+        return CpuPart(times=_recompute(times, recompute), cp=ring)
     sbh_bytes = tokens * h * bytes_per_element
-    return _under_dtensor(times, rates=rates, sbh_bytes=sbh_bytes, tp=t, recompute=recompute)
+    norms = (layer_norm_params(layer), h * bytes_per_element)
+    part = _under_dtensor(times, rates=rates, sbh_bytes=sbh_bytes, tp=t, recompute=recompute,
+                          sequence_parallel=sp, norm_gradients=norms)
+    return dataclasses.replace(part, cp=ring)
 
 
-def _under_dtensor(times: LayerTimes, *, rates: CpuRates, sbh_bytes: float, tp: int, recompute: str
-                   ) -> CpuPart:
-    """A layer's compute plus what DTensor adds under tensor parallelism (:data:`DTENSOR_TP`): its
-    dispatches, its collectives, and the concatenations of the all-gathered (non-leading) dims."""
+def _ring_block_attention(rates: CpuRates, layer: LayerProfile, *, b: int, cp: int, causal: bool
+                          ) -> LayerTimes:
+    """Ring attention's blocks on one rank (``layer`` at ``s/cp``; ``runtime/context_parallel``):
+    torch math blocks (scores materialised, fp32), the own step over all ``s/cp`` local tokens,
+    each other step half of that when causal (one of the two chunks against the other's two, or
+    both against one), every step merged into the fp32 output with its log-sum-exp."""
+    s, heads, h = layer.seq_len, layer.num_heads, layer.hidden_size
+    assert s is not None and heads is not None and h is not None
+    steps = 1 + (cp - 1) * (0.5 if causal else 1.0)
+    fwd, bwd = rates.math_attention_s(b * heads * s * s * steps)
+    merge = _op(rates, "add", b * s * h, RING_MERGE_OPS * (cp - 1))
+    return LayerTimes(forward_s=fwd + merge.forward_s, backward_input_s=bwd)
+
+
+def _ring_transfers(rates: CpuRates, elements: float, *, bytes_per_element: int, cp: int, recompute: str
+                    ) -> CommTimes:
+    """The ring's P2P on gloo per layer and microbatch: forward ``cp − 1`` K/V blocks (``2·b·(s/cp)·h``
+    elements), backward the same plus the fp32 dK/dV accumulator at every one of the ``cp`` steps
+    (the last hop brings it home). Gloo moves them with this machine's cores, which the block
+    compute also needs, so none is hidden (``step`` docstring); a full recomputation replays the
+    forward's."""
+    if cp == 1:
+        return NO_COMM
+    kv = rates.collective_work_s("p2p", 2 * elements * bytes_per_element, 2)
+    grads = rates.collective_work_s("p2p", 2 * elements * RING_ACCUMULATOR_BYTES, 2)
+    forward = (cp - 1) * kv
+    return CommTimes(forward_s=forward, backward_s=forward + cp * grads,
+                     recompute_s=forward if recompute == "full" else 0.0)
+
+
+def layer_norm_params(layer: LayerProfile) -> int:
+    """Replicated parameter tensors of a transformer layer that see sequence shards under sequence
+    parallelism: each gets one all-reduce of its partial gradient per microbatch
+    (``runtime/tensor_parallel``; COUNTED: four ``h``-element all-reduces per GPT layer, its two
+    LayerNorms' weights and biases). A layer of another layout: its two norms' weights."""
+    return 4 if layer.param_tensors in (0, 12) else 2
+
+
+def _under_dtensor(times: LayerTimes, *, rates: CpuRates, sbh_bytes: float, tp: int, recompute: str,
+                   sequence_parallel: bool = False, norm_gradients: tuple[int, float] = (0, 0.0)) -> CpuPart:
+    """A layer's compute plus what DTensor adds under tensor parallelism (:data:`DTENSOR_TP`, with
+    sequence parallelism :data:`DTENSOR_SP`): its dispatches, its collectives, and the
+    concatenations of the all-gathered (non-leading) dims."""
     counts = DTENSOR_TP
     times += _dispatch(rates, counts.dispatches_per_layer) + LayerTimes(
         forward_s=rates.copy_s(2 * 3 * sbh_bytes), backward_input_s=rates.copy_s(2 * 2 * sbh_bytes))
@@ -152,10 +223,21 @@ def _under_dtensor(times: LayerTimes, *, rates: CpuRates, sbh_bytes: float, tp: 
     def all_reduces(n: int) -> float:
         return n * rates.collective_work_s("all_reduce", sbh_bytes, tp)
 
-    forward = all_reduces(counts.all_reduces_forward) + counts.all_gathers_forward * \
-        rates.collective_work_s("all_gather", 3 * sbh_bytes, tp)
-    backward = all_reduces(counts.all_reduces_backward) + counts.all_gathers_backward * \
-        rates.collective_work_s("all_gather", sbh_bytes, tp)
+    def all_gathers(n: int) -> float:
+        return n * rates.collective_work_s("all_gather", sbh_bytes, tp)
+
+    qkv_gather = counts.all_gathers_forward * rates.collective_work_s("all_gather", 3 * sbh_bytes, tp)
+    if sequence_parallel:
+        sp = DTENSOR_SP
+        forward = (all_reduces(sp.reduce_scatters_forward) + all_gathers(sp.all_gathers_forward)
+                   + qkv_gather)
+        count, size_bytes = norm_gradients  # one all-reduce per replicated parameter on shards
+        norms = count * rates.collective_work_s("all_reduce", size_bytes, tp)
+        backward = (all_reduces(sp.reduce_scatters_backward) + all_gathers(sp.all_gathers_backward)
+                    + norms)
+    else:
+        forward = all_reduces(counts.all_reduces_forward) + qkv_gather
+        backward = all_reduces(counts.all_reduces_backward) + all_gathers(counts.all_gathers_backward)
     times = _recompute(times, recompute)
     if recompute == "full":  # the recomputed forward repeats its collectives
         times = LayerTimes(forward_s=times.forward_s, backward_input_s=times.backward_input_s,
@@ -174,9 +256,11 @@ def generic_layer_part(layer: LayerProfile, *, rates: CpuRates, microbatch_size:
 
 
 def embedding_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: int, tp: int,
-                   vocab_parallel: bool) -> CpuPart:
+                   vocab_parallel: bool, sequence_parallel: bool = False) -> CpuPart:
     """Token + position lookup and their sum; backward zeroes and scatters the table gradient.
-    Vocabulary-parallel (``t > 1``): masked lookup on the table shard, all-reduced."""
+    Vocabulary-parallel (``t > 1``): masked lookup on the table shard, all-reduced (with sequence
+    parallelism reduce-scattered, which gloo runs as the same all-reduce, :class:`SequenceParallelCounts`;
+    backward all-gathers the gradient and all-reduces the position table's partial gradient)."""
     tokens = microbatch_size * profile.seq_len
     sbh = tokens * profile.hidden_size
     shards = tp if vocab_parallel else 1
@@ -189,12 +273,21 @@ def embedding_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: i
     times += _op(rates, "add", sbh, 2) + _dispatch(rates, DTENSOR_TP.dispatches_outside_layers / 2)
     sbh_bytes = sbh * profile.bytes_per_element
     reduce = rates.collective_work_s("all_reduce", sbh_bytes, tp) if vocab_parallel else 0.0
-    return CpuPart(times=times, tp=CommTimes(forward_s=reduce))
+    if not sequence_parallel:
+        return CpuPart(times=times, tp=CommTimes(forward_s=reduce))
+    positions = profile.seq_len * profile.hidden_size * profile.bytes_per_element
+    backward = (rates.collective_work_s("all_gather", sbh_bytes, tp)
+                + rates.collective_work_s("all_reduce", positions, tp))
+    return CpuPart(times=times, tp=CommTimes(forward_s=reduce, backward_s=backward))
 
 
-def head_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: int, tp: int) -> CpuPart:
+def head_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: int, tp: int,
+              sequence_parallel: bool = False) -> CpuPart:
     """Final LayerNorm, the LM head (colwise under TP: logits all-gathered), the cross-entropy
-    over all logits, and the copy that merges the microbatches' logits at the end of the step."""
+    over all logits, and the copy that merges the microbatches' logits at the end of the step.
+    With sequence parallelism the norm runs on a sequence shard, its output is all-gathered for the
+    head (backward: reduce-scattered, an all-reduce on gloo) and its two parameters' partial
+    gradients are all-reduced."""
     tokens, h, vocab = microbatch_size * profile.seq_len, profile.hidden_size, profile.vocab_size
     logits = tokens * vocab
     times = _op(rates, "layer_norm", tokens * h)
@@ -208,4 +301,10 @@ def head_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: int, t
     times += _dispatch(rates, DTENSOR_TP.dispatches_outside_layers / 2) + LayerTimes(
         forward_s=rates.copy_s(2 * logit_bytes), backward_input_s=rates.copy_s(2 * logit_bytes / tp))
     gather = rates.collective_work_s("all_gather", logit_bytes, tp)
-    return CpuPart(times=times, tp=CommTimes(forward_s=gather))
+    if not sequence_parallel:
+        return CpuPart(times=times, tp=CommTimes(forward_s=gather))
+    sbh_bytes = tokens * h * profile.bytes_per_element
+    norm = 2 * rates.collective_work_s("all_reduce", h * profile.bytes_per_element, tp)
+    return CpuPart(times=times, tp=CommTimes(
+        forward_s=gather + rates.collective_work_s("all_gather", sbh_bytes, tp),
+        backward_s=rates.collective_work_s("all_reduce", sbh_bytes, tp) + norm))

@@ -20,6 +20,15 @@ What the runtime does on CPU, priced from measured rates (``CpuRates``):
   (``runtime_step_s``). Nothing of the sync overlaps the backward (FSDP2 reduces after the last
   microbatch), so ``CostOptions.dp_overlap`` is not applied here.
 
+Context parallelism (``cp > 1``; ``runtime/context_parallel.ring_attention``): every rank runs
+``s/cp`` tokens of every layer, embedding and head (``context_parallel.sequence_shard_profile``);
+attention is the ring's torch math blocks (``compute._ring_block_attention``) and its K/V (and
+backward fp32 dK/dV) P2P on gloo is ``cp_comm``, not hidden behind the blocks: gloo moves the bytes
+with the same cores. Gradients are synchronised, ZeRO shards and AdamW runs over the ``dp·cp``
+ranks holding each parameter (``data_parallel.gradient_mesh``). Sequence parallelism (the Plan's
+``sequence_parallel``, tp > 1): the collectives the runtime issues, counted
+(``compute.SequenceParallelCounts``), norms and residual adds on ``1/t`` of the tokens.
+
 MoE layers (``moe``), approximately: the layer is priced as a dense layer whose MLP is
 ``imbalance·k`` times wider (the experts' rows on the busiest rank; the router and the smaller
 per-expert matmuls are left out); each all-to-all is priced as a gloo all-gather of the same
@@ -58,6 +67,7 @@ import os
 from typing import TYPE_CHECKING
 
 from autopar.cost_models.compute import LayerTimes
+from autopar.cost_models.context_parallel import sequence_shard_profile
 from autopar.cost_models.local.compute import CpuPart, embedding_part, head_part, transformer_layer_part
 from autopar.cost_models.local.rates import CpuRates
 from autopar.cost_models.local.shared_cores import simulate_shared
@@ -115,29 +125,31 @@ def _parts(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[Cpu
     """(CPU part, parameters per device, parameter tensors per device, expert parameters per device)
     of every stage."""
     t, b, last = plan.parallelism.tp, plan.schedule.microbatch_size, len(plan.stages) - 1
-    ep = plan.parallelism.ep
+    ep, cp, sp = plan.parallelism.ep, plan.parallelism.cp, plan.sequence_parallel
+    profile = sequence_shard_profile(profile, cp)  # each cp rank runs s/cp tokens of every layer
     cache: dict[tuple[object, ...], CpuPart] = {}
     result = []
     for stage in plan.stages:
         part, params, tensors, experts, shared = CpuPart(), 0.0, 0.0, 0.0, 0.0
         for layer in profile.layers[stage.layers[0]:stage.layers[1]]:
             key = (layer.flops_fwd, layer.hidden_size, layer.num_heads, layer.ffn_size, layer.seq_len,
-                   layer.moe)
+                   layer.moe, stage.recompute)
             if key not in cache:
                 cache[key] = transformer_layer_part(
                     _moe_as_dense(layer, b * profile.seq_len, ep), rates=rates, microbatch_size=b, tp=t,
                     bytes_per_element=profile.bytes_per_element, recompute=stage.recompute,
-                    fused_attention=profile.fused_attention, causal=profile.causal)
+                    fused_attention=profile.fused_attention, causal=profile.causal, sequence_parallel=sp,
+                    cp=cp)
             part, params = part + cache[key], params + layer.param_count
             experts += expert_params(layer)
             shared += layer.moe.shared_params if layer.moe else 0
             tensors += profile.param_tensors(layer)
         if stage.index == 0:
             part += embedding_part(profile, rates=rates, microbatch_size=b, tp=t,
-                                   vocab_parallel=plan.parallelism.pp == 1)
+                                   vocab_parallel=plan.parallelism.pp == 1, sequence_parallel=sp)
             params, tensors = params + profile.embedding_params, tensors + profile.embedding_param_tensors
         if stage.index == last:
-            part += head_part(profile, rates=rates, microbatch_size=b, tp=t)
+            part += head_part(profile, rates=rates, microbatch_size=b, tp=t, sequence_parallel=sp)
             tied = stage.index > 0 and profile.tied_embeddings
             params += profile.head_params + (profile.tied_head_params if tied else 0)
             tensors += profile.head_param_tensors + int(tied)
@@ -157,22 +169,23 @@ def _all_to_all_s(plan: Plan, profile: ModelProfile, rates: CpuRates, stage_laye
 def cpu_stage_costs(plan: Plan, profile: ModelProfile, rates: CpuRates) -> tuple[StageCost, ...]:
     """Per-microbatch costs of every stage of ``plan`` on one of its processes."""
     par, b = plan.parallelism, plan.schedule.microbatch_size
-    boundary = b * profile.seq_len * profile.hidden_size * profile.bytes_per_element
+    boundary = b * profile.seq_len // par.cp * profile.hidden_size * profile.bytes_per_element
     send = rates.collective_work_s("p2p", boundary, 2)
+    local = sequence_shard_profile(profile, par.cp)
     costs = []
     for stage, (part, params, _, experts) in zip(plan.stages, _parts(plan, profile, rates), strict=True):
-        gather = 0.0
-        if plan.zero == 3 and par.dp > 1:  # FSDP2 gathers the dense weights for forward and for backward
+        gather, replicas = 0.0, par.dp * par.cp
+        if plan.zero == 3 and replicas > 1:  # FSDP2 gathers the dense weights for forward and for backward
             size = (params - experts) * profile.bytes_per_element
-            gather = rates.collective_work_s("all_gather", size, par.dp) + rates.copy_s(2 * size)
-        flops = b * sum(layer_flops(layer, stage.recompute, profile.fused_attention)
-                        for layer in profile.layers[stage.layers[0]:stage.layers[1]])
-        flops += b * (3 * profile.embedding_flops_fwd if stage.index == 0 else 0.0)
+            gather = rates.collective_work_s("all_gather", size, replicas) + rates.copy_s(2 * size)
+        flops = b * sum(layer_flops(layer, stage.recompute, local.fused_attention)
+                        for layer in local.layers[stage.layers[0]:stage.layers[1]])
+        flops += b * (3 * local.embedding_flops_fwd if stage.index == 0 else 0.0)
         if stage.index == len(plan.stages) - 1:
-            flops += b * (profile.head_flops_fwd + profile.head_flops_bwd)
-        all_to_all = _all_to_all_s(plan, profile, rates, stage.layers)
+            flops += b * (local.head_flops_fwd + local.head_flops_bwd)
+        all_to_all = _all_to_all_s(plan, local, rates, stage.layers)
         comm = {"tp": part.tp, "dp": CommTimes(forward_s=gather, backward_s=gather),
-                "ep": exchange_times(all_to_all, stage.recompute)}
+                "ep": exchange_times(all_to_all, stage.recompute), "cp": part.cp}
         costs.append(StageCost(
             compute=part.times, comm=comm, send_forward_s=send if stage.index < len(plan.stages) - 1 else 0.0,
             send_backward_s=send if stage.index > 0 else 0.0, params_per_device=params, hardware_flops=flops,
@@ -197,7 +210,8 @@ def _dp_sync_s(rates: CpuRates, size_bytes: float, *, dp: int, zero: int) -> flo
 def _tails(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[float, float]]:
     """(data-parallel and tied-weight sync, optimizer + per-step machinery) of each pipeline rank."""
     par, parts = plan.parallelism, _parts(plan, profile, rates)
-    wrapped = par.dp > 1 or par.tp > 1
+    replicas = par.dp * par.cp  # the flattened dp × cp mesh holds each parameter (``gradient_mesh``)
+    wrapped = replicas > 1 or par.tp > 1
     tied_bytes = profile.tied_head_params / par.tp * profile.bytes_per_element
     tied = (rates.collective_work_s("all_reduce", tied_bytes, 2, memory_bound=True)
             if profile.tied_embeddings and par.pp > 1 else 0.0)
@@ -206,13 +220,13 @@ def _tails(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[flo
         mine = parts[rank::par.pp]
         params, tensors = sum(p for _, p, _, _ in mine), sum(n for _, _, n, _ in mine)
         experts = sum(e for _, _, _, e in mine)
-        sync = _dp_sync_s(rates, (params - experts) * profile.bytes_per_element, dp=par.dp, zero=plan.zero)
-        replicas = par.dp // par.ep  # of each expert
-        if experts and replicas > 1:  # all-reduced in place, whatever the ZeRO stage (module docstring)
+        sync = _dp_sync_s(rates, (params - experts) * profile.bytes_per_element, dp=replicas, zero=plan.zero)
+        holders = replicas // par.ep  # of each expert
+        if experts and holders > 1:  # all-reduced in place, whatever the ZeRO stage (module docstring)
             size = experts * profile.bytes_per_element
-            sync += (rates.collective_work_s("all_reduce", size, replicas, memory_bound=True)
+            sync += (rates.collective_work_s("all_reduce", size, holders, memory_bound=True)
                      + rates.copy_s(size))
-        shards = (params - experts) / (par.dp if plan.zero >= 1 else 1) + experts
+        shards = (params - experts) / (replicas if plan.zero >= 1 else 1) + experts
         optimizer = rates.optimizer_s(shards, tensors, dtensor=wrapped) + rates.runtime_step_s
         ends = rank in (0, (len(plan.stages) - 1) % par.pp)
         tails.append((sync + (tied if ends else 0.0), optimizer))
@@ -229,7 +243,7 @@ def estimate_local(plan: Plan, profile: ModelProfile, rates: CpuRates) -> Predic
     run = simulate_shared([c.times() for c in costs], schedule=sched.name, pp=par.pp,
                           num_microbatches=sched.num_microbatches, virtual_stages=sched.virtual_stages,
                           tails=[sync + optimizer for sync, optimizer in tails],
-                          weights=[par.dp * par.tp] * par.pp, rate=lambda busy: rates.share(busy)[0],
+                          weights=[par.dp * par.cp * par.tp] * par.pp, rate=lambda busy: rates.share(busy)[0],
                           tail_rate=lambda busy: rates.share(busy)[1])
     r, m = run.critical_rank, sched.num_microbatches
     mine = costs[r::par.pp]
@@ -239,12 +253,12 @@ def estimate_local(plan: Plan, profile: ModelProfile, rates: CpuRates) -> Predic
         "recompute": m * c.recompute_s,
         "tp_comm": m * comm_s(mine, "tp"), "pp_comm": m * sends_s(mine),
         "dp_comm": m * comm_s(mine, "dp") + tails[r][0], "optimizer": tails[r][1],
-        "ep_comm": m * comm_s(mine, "ep"),
+        "ep_comm": m * comm_s(mine, "ep"), "cp_comm": m * comm_s(mine, "cp"),
     }
     stretch = run.busy_s[r] / run.work_s[r] if run.work_s[r] > 0 else 1.0
     breakdown = {k: v * stretch for k, v in solo.items()} | {"bubble": max(0.0, run.total_s - run.busy_s[r])}
     step_s = sum(breakdown.values())
-    hardware_flops = par.dp * m * sum(x.hardware_flops for x in costs)
+    hardware_flops = par.dp * par.cp * m * sum(x.hardware_flops for x in costs)
     model_flops = plan.global_batch_size * profile.model_flops_per_sequence
     peak = plan.world_size * rates.linear_peak_flops_per_s
     return Predicted(

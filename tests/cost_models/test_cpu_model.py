@@ -246,3 +246,85 @@ def test_saved_layer_bytes_are_what_the_block_saves(shape) -> None:
     predicted = saved_layer_bytes(profile.layers[0], microbatch_size=batch, tp=1,
                                   fused_attention=profile.fused_attention, bytes_per_element=4)
     assert predicted == pytest.approx(sum(saved.values()), rel=0.01)
+
+
+def test_sequence_parallel_layer_collectives_as_counted() -> None:
+    """tp2 + SP: two reduce-scatters (gloo runs each as an all-reduce of the whole buffer) and two
+    all-gathers of b·s·h plus the QKV output's all-gather forward; backward two reduce-scatters, four
+    all-gathers and the four LayerNorm parameters' partial gradients (h elements each)."""
+    rates = _rates()
+    layer = ModelProfile.gpt(autopar.models.get_config("gpt", num_layers=2, hidden_size=256, num_heads=8,
+                                                       vocab_size=512, seq_len=128)).layers[0]
+    b, h, s = 2, 256, 128
+    sbh = b * s * h * 4
+
+    def one(size: float) -> float:
+        return 1e-4 + size / 1e9
+
+    sp = transformer_layer_part(layer, rates=rates, microbatch_size=b, tp=2, bytes_per_element=4,
+                                sequence_parallel=True)
+    assert sp.tp.forward_s == pytest.approx(4 * one(sbh) + one(3 * sbh))
+    assert sp.tp.backward_s == pytest.approx(6 * one(sbh) + 4 * one(h * 4))
+    plain = transformer_layer_part(layer, rates=rates, microbatch_size=b, tp=2, bytes_per_element=4)
+    norms = 2 * NS * (2 * b * s * h + 2 * b * s * h) / 2  # LayerNorms and residual adds on half the tokens
+    assert plain.times.forward_s + plain.times.backward_s - (sp.times.forward_s + sp.times.backward_s) \
+        == pytest.approx(norms)
+
+
+def test_ring_attention_blocks_and_transfers() -> None:
+    """cp2, causal: the own step over s/cp tokens and half a block from the other rank (1.5 blocks of
+    (s/cp)² scores at the math-attention rate), merged (3 elementwise passes); the K/V block
+    (2·b·(s/cp)·h) sent once forward, again backward with the fp32 dK/dV at each of the 2 steps."""
+    from autopar.cost_models.context_parallel import sequence_shard_layer
+
+    rates = _rates()
+    full = ModelProfile.gpt(autopar.models.get_config("gpt", num_layers=2, hidden_size=256, num_heads=8,
+                                                      vocab_size=512, seq_len=128)).layers[0]
+    layer, b, h, local = sequence_shard_layer(full, 2), 2, 256, 64
+    part = transformer_layer_part(layer, rates=rates, microbatch_size=b, tp=1, bytes_per_element=4, cp=2)
+    flat = transformer_layer_part(dataclasses.replace(layer, seq_len=local), rates=rates, microbatch_size=b,
+                                  tp=1, bytes_per_element=4, fused_attention=False)
+    scores = b * 8 * local * local
+    ring = 1.5 * scores * (2 * NS + 4 * NS) + 3 * b * local * h * NS
+    assert part.times.forward_s + part.times.backward_s - (flat.times.forward_s + flat.times.backward_s) \
+        == pytest.approx(ring - scores * 6 * NS)
+    kv = 1e-4 + 2 * b * local * h * 4 / 1e9
+    assert part.cp.forward_s == pytest.approx(kv) and part.cp.backward_s == pytest.approx(kv + 2 * kv)
+    full_part = transformer_layer_part(layer, rates=rates, microbatch_size=b, tp=1, bytes_per_element=4, cp=2,
+                                       recompute="full")
+    assert full_part.cp.recompute_s == pytest.approx(kv)
+
+
+@pytest.mark.parametrize("fix, parameters, gradients, activations", [
+    # MEASURED with report() on 2 gloo ranks (zoo GPT 4 × 128, 4 heads, V 1024, s 64, batch 8, fp32)
+    (Fix(tp=2), 1_888_256, 2_415_616, 19_440_200),
+    (Fix(tp=2, sequence_parallel=True), 1_888_256, 2_415_616, 18_242_120),
+    (Fix(cp=2), 3_730_432, 3_730_432, 11_311_368),
+    (Fix(dp=2, zero=1), 1_865_216, 1_865_216, 10_787_400),
+    (Fix(dp=2, zero=3), 1_865_216, 1_865_216, None),
+])
+def test_local_memory_matches_the_measured_twin(fix, parameters, gradients, activations) -> None:
+    from autopar.cost_models.memory import plan_memory
+
+    config = autopar.models.get_config("gpt", num_layers=4, hidden_size=128, num_heads=4, vocab_size=1024,
+                                       seq_len=64)
+    profile = ModelProfile.gpt(config, dtype="fp32")
+    plan = plan_from_fix("gpt", graph_fingerprint="x", num_layers=4, cluster=ClusterSpec.parse("local:2"),
+                         fix=fix, global_batch_size=8, seq_len=64, shardings=_megatron_shardings(fix))
+    memory = plan_memory(plan, profile)[0]
+    assert memory.weights_bytes == pytest.approx(parameters, rel=0.01)
+    assert memory.gradients_bytes == pytest.approx(gradients, rel=0.01)
+    assert memory.optimizer_bytes == pytest.approx(2 * parameters, rel=0.01)
+    if activations is not None:
+        assert memory.activations_bytes + memory.logits_bytes == pytest.approx(activations, rel=0.05)
+
+
+def _megatron_shardings(fix: Fix) -> tuple:
+    from autopar.plans import Sharding
+
+    if not fix.tp:
+        return ()
+    layers = [Sharding(node=f"blocks_{i}_{name}", strategy=strategy) for i in range(4)
+              for name, strategy in (("attn_qkv", "colwise"), ("attn_proj", "rowwise"), ("mlp_fc", "colwise"),
+                                     ("mlp_proj", "rowwise"))]
+    return (Sharding(node="wte", strategy="vocab"), *layers, Sharding(node="lm_head", strategy="colwise"))
