@@ -337,11 +337,7 @@ class Compiled(nn.Module):
             if self._executor is None:
                 self._check_local_prepared(local)
                 self.prepare(inputs)
-            if self.distributed:
-                return self.engine.evaluate(args, kwargs, targets, local=local)
-            local_engine = self._executor
-            assert isinstance(local_engine, LocalEngine)
-            return local_engine.evaluate(args, kwargs, targets)
+            return self.executor.evaluate(args, kwargs, targets, local=local)
         finally:
             self.train(mode)
 
@@ -400,9 +396,9 @@ class Compiled(nn.Module):
         executor = self._executor if self._executor is not None else self.prepare(inputs)
         self._install_clipping(executor)
         run = {False: executor.step, True: executor.measure_step, "memory": executor.measure_memory}[measured]
-        options = {"local": True} if local and self.distributed else {}
         self._in_step = True
         try:
+            options = {"local": local} if measured is False else {}  # measured steps take global batches
             result = run(args, kwargs, targets, step=self.num_steps, **options)
         finally:
             self._in_step = False

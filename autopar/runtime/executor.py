@@ -2,8 +2,9 @@
 
 Data flow: ``Compiled`` (the facade) → an :class:`Executor` — the one-device
 :class:`~autopar.runtime.local.LocalEngine` or the distributed
-:class:`~autopar.runtime.engine.Engine` — for steps, measured steps, the optimizer, the Plan and
-this rank's parameters by the original model's names. ``autopar.checkpoint`` and
+:class:`~autopar.runtime.engine.Engine` — for steps, evaluation, measured steps, the optimizer, the
+Plan and this rank's parameters by the original model's names. ``local=True`` batches are this
+rank's own rows (one device: the whole batch, as without it). ``autopar.checkpoint`` and
 ``autopar.report`` use only this protocol, never an executor's private fields.
 """
 
@@ -34,7 +35,10 @@ class Executor(Protocol):
     def optimizer(self) -> torch.optim.Optimizer: ...
 
     def step(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *,
-             step: int = 0) -> float: ...
+             step: int = 0, local: bool = False) -> float: ...
+
+    def evaluate(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *,
+                 local: bool = False) -> float: ...
 
     def measure_step(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *,
                      step: int = 0) -> StepReport: ...

@@ -107,8 +107,10 @@ class LocalEngine:
                              "pin a num_microbatches that divides the batch")
         return count
 
-    def step(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *, step: int = 0) -> float:
-        """One training step on this batch; returns the loss (``loss_fn`` + MoE auxiliary losses)."""
+    def step(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *, step: int = 0,
+             local: bool = False) -> float:
+        """One training step on this batch; returns the loss (``loss_fn`` + MoE auxiliary losses).
+        ``local`` changes nothing here: one device's own rows are the whole batch."""
         batch = leading_dims(args, kwargs)[0]
         count = self.microbatches(batch)
         self.last_batch_size = batch
@@ -134,7 +136,8 @@ class LocalEngine:
         self.passes.end_step(gm, batch)
         return total
 
-    def evaluate(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any) -> float:
+    def evaluate(self, args: tuple[Any, ...], kwargs: dict[str, Any], targets: Any, *,
+                 local: bool = False) -> float:
         """The loss of this batch, forward only (no gradients, no step): the graph of the current
         mode's capture (``Compiled.evaluate`` switches to eval first), the token cross-entropy over the
         batch's counted tokens or ``loss_fn``; MoE auxiliary losses are not added."""
