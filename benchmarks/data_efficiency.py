@@ -761,12 +761,17 @@ def _stats(values: list[float]) -> dict[str, Any]:
     }
 
 
+T_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # two-sided 95 %
+
+
 def _compare(diffs: list[float]) -> str:
-    """ "better", "worse" or "same" (mean ± 2 standard errors over seeds), "undecided" with one seed."""
+    """Paired t-test at 95 % (two-sided) over seeds: "better" (negative), "worse" or "same";
+    "undecided" with one seed."""
     if len(diffs) < 2:
         return "undecided"
     mean, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return "better" if mean + 2 * se < 0 else "worse" if mean - 2 * se > 0 else "same"
+    t = T_95.get(len(diffs) - 1, 2.0)
+    return "better" if mean + t * se < 0 else "worse" if mean - t * se > 0 else "same"
 
 
 def _reach(curve: list[dict[str, Any]], target: float, total_flops: float) -> float | None:
@@ -872,7 +877,7 @@ def verdicts(summary: dict[str, Any]) -> list[dict[str, str]]:
 
 def _diff_text(entry: dict[str, Any], metric: str = "heldout_loss") -> str:
     diff = entry[f"{metric}_diff"]
-    return f"{_pm(diff)} nats ({diff['n']} seeds, paired; {diff['verdict']} at 2 standard errors)"
+    return f"{_pm(diff)} nats ({diff['n']} seeds, paired; {diff['verdict']}, paired t-test at 95 %)"
 
 
 def _judge_data(entry: dict[str, Any]) -> tuple[str, str]:
@@ -888,12 +893,14 @@ def _judge_data(entry: dict[str, Any]) -> tuple[str, str]:
         f"wall time) differs by {_diff_text(entry)}; {reached}"
     )
     if diff["verdict"] == "better" and reach["n"] and reach["mean"] <= 0.55:
-        return "reproduced", f"{where}: about 2× less compute for the same quality"
+        return "reproduced", f"{where}: 2× or less of the compute for the same quality, in early training"
     if diff["verdict"] == "better":
         return "partly", f"{where}: better quality at equal compute, but far from 2× less data"
     if diff["verdict"] == "worse":
         return "not at this scale", f"{where}: worse than the baseline at equal compute"
-    return "not at this scale", f"{where}: within the spread over seeds, no saving measurable"
+    if diff["mean"] < 0:
+        return "not at this scale", f"{where}: a mean gain, but not significant against the spread over seeds"
+    return "not at this scale", f"{where}: no gain measurable"
 
 
 def _judge_moe(entry: dict[str, Any]) -> tuple[str, str]:
@@ -916,12 +923,14 @@ def _judge_fim(entry: dict[str, Any]) -> tuple[str, str]:
         f"left-to-right held-out loss FIM 0.5 minus FIM 0: {_diff_text(entry)}; infill (middle) loss: "
         f"{_diff_text(entry, 'fim_middle_loss') if middle['n'] else 'n/a'}"
     )
-    free = l2r["verdict"] in ("same", "better")
-    if middle.get("verdict") == "better" and free:
-        return "reproduced", f"{text}: infilling learned with no measurable left-to-right cost"
+    if l2r["verdict"] == "worse":
+        return "not at this scale", f"{text}: FIM training cost left-to-right loss here"
     if middle.get("verdict") == "better":
-        return "partly", f"{text}: infilling learned, at a left-to-right cost"
-    return "not at this scale", f"{text}: infilling not learned measurably at this scale"
+        return "reproduced", f"{text}: infilling learned with no measurable left-to-right cost"
+    return "partly", (
+        f"{text}: no measurable left-to-right cost, but no measurable infilling either, so the "
+        "trade-off the paper measures is not exercised at this scale"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -991,7 +1000,9 @@ def markdown(payload: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "FIM held-out losses (every held-out document transformed; 'middle': the infilled tokens only):",
+        "FIM held-out losses (every held-out document transformed; 'middle': the infilled tokens only, "
+        f"{payload.get('fim_middle_tokens', 0):,} tokens in the {payload.get('fim_middle_windows', 0)} "
+        "windows that hold a middle sentinel):",
         "",
         "| case | left-to-right | FIM, all tokens | FIM, middle tokens |",
         "|---|---|---|---|",
@@ -1043,9 +1054,14 @@ NOTES = [
     "schedule, which DeepSpeed's '2× less data' runs are.",
     "- FIM is applied per document before packing (the paper's document-level FIM); stdlib modules are far "
     "longer than a window, so most windows of a FIM document are plain code and few contain the sentinels.",
-    "- Verdict rule: a difference counts when the paired mean over seeds is more than 2 standard errors "
-    "from 0. 'Not at this scale' means this small model and budget do not show the claim; it does not "
-    "refute the papers' results at 1.3B parameters and hundreds of billions of tokens.",
+    "- Verdict rule: a difference counts when a paired t-test over seeds (two-sided, 95 %) says so; "
+    "'reproduced' for the DeepSpeed claims also needs the baseline's final loss reached with at most ~55 % "
+    "of its FLOPs. 'Not at this scale' means this small model and budget do not show the claim; it does "
+    "not refute the papers' results at 1.3B parameters and hundreds of billions of tokens.",
+    "- Regime: at this budget (about 0.2M tokens per run) a 1.3M-parameter model is early in training "
+    "(uniform guessing is ln V = 8.3 nats): the differences measured here are about how fast a run leaves "
+    "the early plateau, which is where curricula and token dropping act first; whether they persist to "
+    "convergence is not tested.",
 ]
 
 
@@ -1117,6 +1133,7 @@ def _finish(fig: Any, axes: Any, out: Path, name: str, title: str) -> None:
 
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle(title)
@@ -1195,7 +1212,13 @@ def main(argv: list[str] | None = None) -> int:
         | {"cpu": _cpu(), "threads": torch.get_num_threads()},
     }
     data = Data(setup, corpus, args.cache_dir)
-    header["heldout_windows"] = int(data.eval_sets()["l2r"].shape[0])
+    sets = data.eval_sets()
+    middle = sets["fim_middle"]
+    header |= {
+        "heldout_windows": int(sets["l2r"].shape[0]),
+        "fim_middle_windows": 0 if middle is None else int(middle.shape[0]),
+        "fim_middle_tokens": 0 if middle is None else int(data.middle_mask(middle).sum()),
+    }
     store = Store(args.out, setup, header)
     run_all(setup, data, store, seeds=seeds, cases=cases, work_dir=args.work_dir)
     store.write(seeds, cases)
