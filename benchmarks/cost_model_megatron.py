@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from autopar.cost_models import compute
-from autopar.cost_models.comm import DEFAULT_DP_OVERLAP
+from autopar.cost_models.megatron import MEGATRON_2021
 from benchmarks.published.megatron import KORTHIKANTI_22B_MS, PAPER, korthikanti_22b_layer_ms, validate
 
 RESULTS = Path(__file__).parent / "results"
@@ -105,7 +105,7 @@ def write(table: list[dict], spread: list[dict], env: dict) -> None:
     payload = {"environment": env, "source": PAPER, "summary": summary, "rows": table,
                "calibration_22b_layer_ms": {"model": {k: round(v, 2) for k, v in calibration.items()},
                                             "published": KORTHIKANTI_22B_MS},
-               "sensitivity": spread, "dp_overlap": DEFAULT_DP_OVERLAP}
+               "sensitivity": spread, "dp_overlap": MEGATRON_2021.dp_overlap}
     (RESULTS / "cost_model_megatron.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [f"# cost model vs Megatron-LM weak scaling ({PAPER})", "",
              f"commit {env['autopar_commit']}, torch {env['torch']}; DGX A100 80GB, s = 2048, V = 51,200, "

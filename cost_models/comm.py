@@ -14,11 +14,14 @@ the intra-node link; a group with one rank per node the inter-node link; a group
 all-reduce of ``S/L`` across nodes (every GPU on its own NIC, in parallel), all-gather
 inside the node.
 
-Data-parallel gradient sync may overlap the backward pass (bucketed all-reduce as gradients
-become ready). That is an explicit factor, ``dp_overlap`` ∈ [0, 1]: the fraction of the
-sync assumed hidden, capped by the backward time it can hide behind.
-:data:`DEFAULT_DP_OVERLAP` is 0 — no overlap is assumed until calibration measures it;
-Megatron-LM as of 2021 reduced gradients after the last backward, also 0.
+Data-parallel traffic overlaps compute as the training code issues it. ``dp_overlap`` ∈ [0, 1]
+(``estimate.CostOptions``) is the share of it issued per layer as the layers run — each layer's
+gradient reduced as its backward ends, ZeRO-1/2/3 parameters gathered as the forward reaches
+them, simulated on the shared link by ``fsdp.dp_step_times`` — the rest is the whole-model
+traffic of :func:`dp_sync_time_s` after the last backward, all of it on the critical path.
+:data:`DEFAULT_DP_OVERLAP` is 1: FSDP2 ``fully_shard`` and ``replicate`` applied per transformer
+block issue every collective per unit; Megatron-LM as of 2021 all-reduced the gradients after the
+last backward, 0 (``megatron.MEGATRON_2021``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from autopar.hardware import LinkLevel
 if TYPE_CHECKING:  # autopar.cluster imports the hardware catalog: no import cycle at run time
     from autopar.cluster import ClusterSpec
 
-DEFAULT_DP_OVERLAP = 0.0
+DEFAULT_DP_OVERLAP = 1.0
+"""Every data-parallel collective issued per layer (module docstring)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,12 +162,14 @@ def pipeline_p2p_time_s(*, activation_bytes: float, tp: int, cluster: ClusterSpe
 
 def dp_sync_time_s(num_params: float, *, bytes_per_element: int, zero: int, group: Group,
                    cluster: ClusterSpec, num_microbatches: int = 1) -> float:
-    """Data-parallel traffic per step for ``num_params`` parameters on each device.
+    """Data-parallel traffic per step for ``num_params`` parameters on each device, as one
+    collective per kind (the whole-model rule, nothing overlapped).
 
     ZeRO 0: all-reduce the gradients. ZeRO 1/2: reduce-scatter the gradients, all-gather the
     updated weights. ZeRO 3 (FSDP): per microbatch, all-gather the weights for forward and
-    again for backward, and reduce-scatter the gradients — the whole traffic on the link; how much
-    of it the layers' compute hides is ``fsdp.fsdp_step_times`` (what ``estimate`` prices).
+    again for backward, and reduce-scatter the gradients. How much of it the layers' compute
+    hides when issued per layer is ``fsdp.dp_step_times`` (what ``estimate`` prices at
+    ``dp_overlap`` 1).
     """
     size = num_params * bytes_per_element
     if zero == 0:
@@ -174,7 +180,9 @@ def dp_sync_time_s(num_params: float, *, bytes_per_element: int, zero: int, grou
 
 
 def exposed_dp_time_s(sync_s: float, *, overlap: float, backward_window_s: float) -> float:
-    """The part of the data-parallel sync left on the critical path (see the module docstring)."""
+    """The part of a whole-model data-parallel sync left on the critical path when ``overlap`` of it
+    hides behind a backward of ``backward_window_s`` (at most): ``S − min(overlap·S, window)``;
+    the per-layer model (``fsdp``) replaced it in ``estimate``."""
     if not 0.0 <= overlap <= 1.0:
         raise ValueError(f"dp_overlap = {overlap!r}: expected a fraction in [0, 1]")
     return sync_s - min(overlap * sync_s, backward_window_s)

@@ -228,12 +228,14 @@ def sequence_shard_layer(layer: LayerProfile, cp: int) -> LayerProfile:
 def ring_shape(layer: LayerProfile, *, microbatch_size: int, tp: int, cp: int, bytes_per_element: int
                ) -> RingAttentionShape:
     """The :class:`RingAttentionShape` of a transformer ``layer`` (full sequence) on one device of
-    ``tp`` tensor-parallel ranks. The profile records no key/value head count, so K/V blocks are
-    priced with as many heads as queries (grouped-query attention would send ``kv_heads/heads`` of it)."""
+    ``tp`` tensor-parallel ranks: K/V blocks carry the layer's key/value heads (``kv_heads``: 8 of 32
+    under Llama-3's grouped-query attention), ÷ t, at least one (replicated when t exceeds them)."""
     assert layer.num_heads is not None and layer.hidden_size is not None and layer.seq_len is not None
     heads = max(1, layer.num_heads // tp)
+    kv_heads = max(1, (layer.key_value_heads or layer.num_heads) // tp)
     return RingAttentionShape(microbatch_size=microbatch_size, seq_len=layer.seq_len, num_heads=heads,
-                              kv_heads=heads, head_dim=layer.hidden_size // layer.num_heads, cp=cp,
+                              kv_heads=kv_heads if heads % kv_heads == 0 else heads,
+                              head_dim=layer.hidden_size // layer.num_heads, cp=cp,
                               bytes_per_element=bytes_per_element)
 
 

@@ -6,9 +6,10 @@ the compute and communication models → step time from the schedule model → `
 
 Step time = pipeline time (``schedule.pipeline_time``: per-stage forward, backward,
 recomputation, tensor-parallel collectives, ring-attention transfers, MoE all-to-alls and P2P
-sends, steady part plus bubble) + exposed data-parallel sync (``comm.dp_sync_time_s`` minus the
-overlap factor, dense parameters over the ``dp · cp`` ranks holding them with the plan's ZeRO
-stage; ZeRO-3 per layer behind each layer's compute, ``fsdp``; plus the all-reduce of expert
+sends, steady part plus bubble) + exposed data-parallel sync (dense parameters over the ``dp · cp``
+ranks holding them with the plan's ZeRO stage, each layer's collectives behind the neighbouring
+layers' compute, ``fsdp.dp_step_times``; the share ``1 − dp_overlap`` as one whole-model sync after
+the backward, ``comm.dp_sync_time_s``; plus the all-reduce of expert
 gradients over ``dp/ep × cp`` after the last backward, never overlapped, ``moe``) + optimizer step
 (memory-bound: :data:`OPTIMIZER_BYTES_PER_PARAM` read and written per parameter shard; experts
 unsharded). The breakdown splits it into compute, recompute, tp_comm, cp_comm, pp_comm, dp_comm,
@@ -50,7 +51,6 @@ from autopar.cost_models.comm import (
     all_reduce_time_s,
     all_to_all_time_s,
     dp_sync_time_s,
-    exposed_dp_time_s,
     pipeline_p2p_time_s,
     reduce_scatter_time_s,
 )
@@ -68,7 +68,7 @@ from autopar.cost_models.context_parallel import (
     ring_shape,
     sequence_shard_profile,
 )
-from autopar.cost_models.fsdp import Unit, fsdp_step_times
+from autopar.cost_models.fsdp import Unit, dp_step_times
 from autopar.cost_models.local.step import cpu_stage_costs, estimate_local, local_rates
 from autopar.cost_models.memory import MemoryBreakdown, memory_details
 from autopar.cost_models.moe import (
@@ -107,7 +107,9 @@ zeroing, fp32 master and moments)."""
 class CostOptions:
     """How the training code overlaps and shards what the Plan does not say.
 
-    ``dp_overlap``: fraction of the data-parallel sync hidden behind backward (``comm``).
+    ``dp_overlap``: the share of the data-parallel traffic issued per layer as the layers run
+    (``fsdp``; 1, the default: FSDP2 ``fully_shard`` / ``replicate`` per transformer block), the rest
+    whole-model after the last backward (0: Megatron-LM 2021, ``megatron.MEGATRON_2021``; ``comm``).
     ``tp_overlap``: fraction of the backward pass's tensor-parallel all-reduces hidden behind
     the weight-gradient matmuls (Megatron-LM's asynchronous all-reduce; 0 in its 2021 code and
     in ``torch.distributed.tensor.parallel``). ``sequence_parallel``: whether the training code
@@ -255,7 +257,7 @@ def _ring_timer(plan: Plan, profile: ModelProfile
             return LayerTimes(), CommTimes()
         compute, comm = LayerTimes(), CommTimes()
         for layer in (layer for layer in layers if layer.is_transformer):
-            key = (layer.seq_len, layer.hidden_size, layer.num_heads)
+            key = (layer.seq_len, layer.hidden_size, layer.num_heads, layer.kv_heads)
             if key not in cache:
                 shape = ring_shape(layer, microbatch_size=plan.schedule.microbatch_size, tp=par.tp, cp=par.cp,
                                    bytes_per_element=profile.bytes_per_element)
@@ -343,14 +345,7 @@ def _dp_and_optimizer_s(plan: Plan, profile: ModelProfile, costs: tuple[StageCos
         mine = costs[rank::par.pp]
         params = sum(c.params_per_device for c in mine)
         experts = sum(c.expert_params_per_device for c in mine)
-        if plan.zero == 3:  # per-layer gathers and reduce-scatters behind each layer's compute (``fsdp``)
-            exposed = _fsdp_exposed_s(plan, profile, options, rank, mine, group=dp_group)
-        else:
-            sync = dp_sync_time_s(params - experts, bytes_per_element=profile.bytes_per_element,
-                                  zero=plan.zero, group=dp_group, cluster=cluster,
-                                  num_microbatches=plan.schedule.num_microbatches)
-            window = sum(c.times().backward_s + c.times().backward_weight_s for c in mine)
-            exposed = exposed_dp_time_s(sync, overlap=options.dp_overlap, backward_window_s=window)
+        exposed = _dense_dp_exposed_s(plan, profile, options, rank, mine, group=dp_group)
         if experts:  # all-reduced over the dp/ep × cp replicas after the last backward, any ZeRO stage
             exposed += dp_sync_time_s(experts, bytes_per_element=profile.bytes_per_element, zero=EXPERT_ZERO,
                                       group=expert_group, cluster=cluster)
@@ -361,9 +356,9 @@ def _dp_and_optimizer_s(plan: Plan, profile: ModelProfile, costs: tuple[StageCos
     return dp_s + tied, optimizer_s
 
 
-def _fsdp_units(plan: Plan, profile: ModelProfile, options: CostOptions, rank: int,
-                mine: tuple[StageCost, ...]) -> tuple[Unit, list[Unit]]:
-    """The FSDP units of pipeline rank ``rank`` (its stages ``mine``): one per layer (dense
+def _dp_units(plan: Plan, profile: ModelProfile, rank: int, mine: tuple[StageCost, ...]
+              ) -> tuple[Unit, list[Unit]]:
+    """The data-parallel units of pipeline rank ``rank`` (its stages ``mine``): one per layer (dense
     parameters ÷ t, experts excluded: ``moe``; compute of ``s/cp`` tokens and the ring's other steps),
     and a root with the rest of the rank's dense parameters and compute (embedding, head)."""
     par, local = plan.parallelism, sequence_shard_profile(profile, plan.parallelism.cp)
@@ -384,17 +379,28 @@ def _fsdp_units(plan: Plan, profile: ModelProfile, options: CostOptions, rank: i
     return root, layers
 
 
-def _fsdp_exposed_s(plan: Plan, profile: ModelProfile, options: CostOptions, rank: int,
-                    mine: tuple[StageCost, ...], *, group: Group) -> float:
-    """FSDP collectives on pipeline rank ``rank``'s critical path over a step (``fsdp``): every
-    microbatch reduce-scatters without pipelining, only the last one under a pipelining schedule."""
-    root, layers = _fsdp_units(plan, profile, options, rank, mine)
+def _dense_dp_exposed_s(plan: Plan, profile: ModelProfile, options: CostOptions, rank: int,
+                        mine: tuple[StageCost, ...], *, group: Group) -> float:
+    """Dense data-parallel traffic on pipeline rank ``rank``'s critical path over a step: the share
+    ``dp_overlap`` issued per layer (``fsdp.dp_step_times`` at the plan's ZeRO stage, ``pipelined``:
+    the runtime drives every plan's microbatches with a ``torch.distributed.pipelining`` schedule, pp 1
+    included, ``runtime.pipeline.make_schedule``, so only the last microbatch reduces), the rest the
+    whole-model sync after the last backward (``comm.dp_sync_time_s``, none of it hidden)."""
     if group.size <= 1:
         return 0.0
-    times = fsdp_step_times(root, layers, group=group, cluster=plan.cluster_spec(),
-                            num_microbatches=plan.schedule.num_microbatches,
-                            reduce_every_microbatch=plan.parallelism.pp == 1)
-    return times.exposed_s
+    overlap, exposed = options.dp_overlap, 0.0
+    if overlap < 1:
+        params = sum(c.params_per_device for c in mine) - sum(c.expert_params_per_device for c in mine)
+        sync = dp_sync_time_s(params, bytes_per_element=profile.bytes_per_element, zero=plan.zero,
+                              group=group, cluster=plan.cluster_spec(),
+                              num_microbatches=plan.schedule.num_microbatches)
+        exposed = (1 - overlap) * sync
+    if overlap > 0:
+        root, layers = _dp_units(plan, profile, rank, mine)
+        times = dp_step_times(root, layers, zero=plan.zero, group=group, cluster=plan.cluster_spec(),
+                              num_microbatches=plan.schedule.num_microbatches, pipelined=True)
+        exposed += overlap * times.exposed_s
+    return exposed
 
 
 def estimate(plan: Plan, profile: ModelProfile, *, options: CostOptions | None = None,
@@ -474,7 +480,8 @@ def _stage_prediction(index: int, cost: StageCost, memory_without_recompute_byte
         backward_weight_s=times.backward_weight_s, recompute_s=times.recompute_s,
         send_forward_s=times.send_forward_s, send_backward_s=times.send_backward_s,
         tp_comm_s=cost.comm_of("tp").total_s, ep_comm_s=cost.comm_of("ep").total_s,
-        dp_comm_s=cost.comm_of("dp").total_s, params_per_device=cost.params_per_device,
+        cp_comm_s=cost.comm_of("cp").total_s, dp_comm_s=cost.comm_of("dp").total_s,
+        params_per_device=cost.params_per_device,
         memory_without_recompute_bytes=memory_without_recompute_bytes)
 
 

@@ -21,6 +21,7 @@ positions (:func:`_sdpa_is_causal`; Hugging Face builds such masks instead of ``
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,10 @@ class LayerProfile:
     memory model only for such layers. ``param_tensors`` counts its parameter tensors (0:
     unknown), which the CPU optimizer model needs (torch's AdamW loops over tensors on CPU).
     ``moe``: the layer's MLP is a Mixture of Experts (``cost_models.moe``); then ``ffn_size`` is one
-    expert's width and ``param_count``, ``flops_*`` include every expert and the router."""
+    expert's width and ``param_count``, ``flops_*`` include every expert and the router.
+    ``kv_heads``: the key/value heads of its attention (fewer than ``num_heads`` under grouped-query
+    attention; None: as many as query heads), what ring attention sends (``context_parallel``);
+    FLOPs do not use it (``ffn_size`` already folds narrower K/V in)."""
 
     name: str
     flops_fwd: float
@@ -51,10 +55,16 @@ class LayerProfile:
     activation_bytes: float = 0.0
     param_tensors: int = 0
     moe: MoELayerProfile | None = None
+    kv_heads: int | None = None
 
     @property
     def is_transformer(self) -> bool:
         return None not in (self.hidden_size, self.num_heads, self.seq_len, self.ffn_size)
+
+    @property
+    def key_value_heads(self) -> int | None:
+        """``kv_heads``, or ``num_heads`` when the layer has as many K/V heads as query heads."""
+        return self.kv_heads if self.kv_heads is not None else self.num_heads
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,7 +145,7 @@ class ModelProfile:
         layers = tuple(
             LayerProfile(name=f"blocks.{i}", flops_fwd=fwd, flops_bwd=2 * fwd, param_count=layer_params,
                          hidden_size=h, num_heads=a, seq_len=s, ffn_size=f, activation_bytes=written,
-                         param_tensors=12)
+                         param_tensors=12, kv_heads=a)
             for i in range(config.num_layers))
         tied = bool(config.tie_embeddings)
         return cls(name=name, layers=layers, seq_len=s, hidden_size=h, vocab_size=vocab,
@@ -280,25 +290,48 @@ def _param_count(record: Any) -> int:
 
 
 def _layer_shapes(nodes: list[tuple[Any, Any]], index: int, flops_fwd: float) -> dict[str, int | None]:
-    """hidden, seq from the layer's last (b, s, h) output; heads from a (b, a, s, h/a) tensor. A layer
-    is a transformer layer when it also holds a parameter-owning matmul outside attention modules (a
-    leaf module with parameters in fx graphs, or an op reading a parameter through ``get_attr`` in
-    exported graphs, where the node that multiplies owns no parameter bytes itself); its
-    ``ffn_size`` is then :func:`_gpt_equivalent_ffn` of its forward FLOPs (per sequence)."""
+    """hidden, seq from the layer's last (b, s, h) output; heads from a (b, a, s, h/a) tensor; key/value
+    heads from the attention's projections (:func:`_kv_heads`). A layer is a transformer layer when
+    it also holds a parameter-owning matmul outside attention modules (a leaf module with parameters
+    in fx graphs, or an op reading a parameter through ``get_attr`` in exported graphs, where the node
+    that multiplies owns no parameter bytes itself); its ``ffn_size`` is then
+    :func:`_gpt_equivalent_ffn` of its forward FLOPs (per sequence)."""
     mine = [(node, record) for node, record in nodes if record.layer == index]
     outputs = [record.shapes[0] for _, record in mine if record.shapes and len(record.shapes[0]) == 3]
     if not outputs:
         return {}
-    _, seq, hidden = outputs[-1]
+    batch, seq, hidden = outputs[-1]
     heads = next((shape[1] for _, record in mine for shape in record.shapes
                   if len(shape) == 4 and shape[2] == seq and shape[1] * shape[3] == hidden), None)
     weights = {node for node, record in mine if node.op == "get_attr" and record.param_bytes > 0}
-    has_mlp = any(record.flops_fwd > 0 and record.shapes
-                  and (record.param_bytes > 0 or any(arg in weights for arg in node.all_input_nodes))
-                  and not any(word in record.module_path.lower() for word in _ATTENTION_WORDS)
-                  for node, record in mine)
+
+    def projects(node: Any, record: Any) -> bool:  # a matmul with a parameter
+        return bool(record.flops_fwd > 0 and record.shapes
+                    and (record.param_bytes > 0 or any(arg in weights for arg in node.all_input_nodes)))
+
+    def in_attention(record: Any) -> bool:
+        return any(word in record.module_path.lower() for word in _ATTENTION_WORDS)
+
+    has_mlp = any(projects(node, record) and not in_attention(record) for node, record in mine)
+    widths = [record.shapes[0][-1] for node, record in mine if projects(node, record) and in_attention(record)
+              and math.prod(record.shapes[0][:-1]) == batch * seq]
     ffn = _gpt_equivalent_ffn(flops_fwd, seq=seq, hidden=hidden) if has_mlp else None
-    return {"hidden_size": hidden, "seq_len": seq, "num_heads": heads, "ffn_size": ffn}
+    return {"hidden_size": hidden, "seq_len": seq, "num_heads": heads, "ffn_size": ffn,
+            "kv_heads": _kv_heads(widths, hidden=hidden, heads=heads)}
+
+
+def _kv_heads(widths: list[int], *, hidden: int, heads: int | None) -> int | None:
+    """Key/value heads from the output widths of an attention's projections (one row per token):
+    Q and the output projection are ``h`` wide, K and V ``kv·d`` each (``d = h / heads``), fused or
+    not, so ``kv = (Σ widths − 2h) / 2d`` (Llama-3-8B: 4096 + 1024 + 1024 + 4096 → 8 of 32 heads).
+    None (as many as query heads) when the widths do not read that way."""
+    if not heads or hidden % heads:
+        return None
+    kv_width, head_dim = sum(widths) - 2 * hidden, hidden // heads
+    if kv_width <= 0 or kv_width % (2 * head_dim):
+        return None
+    kv = kv_width // (2 * head_dim)
+    return kv if kv <= heads and heads % kv == 0 else None
 
 
 def _gpt_equivalent_ffn(flops_fwd: float, *, seq: int, hidden: int) -> int:

@@ -15,31 +15,43 @@ Each term bounds the matching term of ``cost_models.estimate`` from below:
   Σ U − max U``); fixed parts and imbalance only add (recomputation is added where memory
   forces it, see :func:`forced_recompute_s`). ``max W`` is also at least the costliest single
   layer, which matters when layers differ (MoE layers every other layer) and ``pp`` is large;
-* data-parallel sync: the exposed share ``(1 − overlap)`` of the sync of an even share of the
-  parameters over the ``dp · cp`` ranks holding them (collective time grows with size, the slowest
-  rank holds at least the average); 0 for ZeRO-3, whose per-layer gathers and reduce-scatters may
-  hide behind compute (``cost_models.fsdp``).
-  With MoE layers the dense share syncs over ``dp`` and the expert share ``÷ ep`` is all-reduced
-  over ``dp/ep`` after the backward (no ZeRO, no overlap: ``cost_models.moe``); the slowest rank
-  pays at least the larger of the two (their sum without pipelining, where every rank holds the
-  same share);
+* data-parallel sync: of the share ``dp_overlap`` issued per layer (``cost_models.fsdp``), what no
+  compute can hide on any rank — every rank holds at least one layer, whose reduction is issued
+  after the rank's last backward (the last microbatch's: the runtime's pipelining schedule reduces
+  once per step) and, ZeRO ≥ 1, whose gather precedes the first forward (ZeRO-3: and every
+  microbatch's forward and backward) — at the smallest layer's bytes; of the rest ``1 − overlap``,
+  the whole-model sync of an even share of the parameters over the ``dp · cp`` ranks holding them
+  (collective time grows with size, the slowest rank holds at least the average).
+  With MoE layers the expert share ``÷ ep`` is all-reduced over ``dp/ep`` after the backward (no
+  ZeRO, no overlap: ``cost_models.moe``); the slowest rank pays at least the per-layer part plus the
+  larger of the other two (their sum without pipelining, where every rank holds the same share);
 * optimizer: the memory-bound Adam step over that even share (experts ÷ ep, never ZeRO-sharded).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from autopar.cost_models import CostOptions, Group, ModelProfile, in_flight_microbatches
 from autopar.cost_models import memory as memory_model
-from autopar.cost_models.comm import dp_sync_time_s
+from autopar.cost_models.comm import (
+    all_gather_time_s,
+    all_reduce_time_s,
+    dp_sync_time_s,
+    reduce_scatter_time_s,
+)
 from autopar.cost_models.compute import device_efficiency
 from autopar.cost_models.estimate import OPTIMIZER_BYTES_PER_PARAM
-from autopar.cost_models.moe import EXPERT_ZERO, expert_params, layer_state_bytes
+from autopar.cost_models.moe import EXPERT_ZERO, expert_params, layer_params, layer_state_bytes
 from autopar.cost_models.states import StateBytes
 from autopar.planner.build_plan import PlanContext
 from autopar.planner.probes import Prober
 from autopar.planner.space import Config
+
+if TYPE_CHECKING:
+    from autopar.cluster import ClusterSpec
 
 
 def pipeline_lower_bound_s(layer_work_s: float, config: Config, weight_grad_s: float = 0.0,
@@ -75,23 +87,43 @@ def outside_lower_bound_s(
     cluster, (params, experts) = ctx.cluster, _share(profile, config)
     replicas, dp_s = config.dp * config.cp, 0.0
     if replicas > 1:
-        def sync_s(size: float, ranks: list[int], zero: int) -> float:
-            group = Group.of([r * config.tp for r in ranks], cluster=cluster)  # (dp, cp) index → device
-            return dp_sync_time_s(size, bytes_per_element=profile.bytes_per_element, zero=zero,
-                                  group=group, cluster=cluster, num_microbatches=config.num_microbatches)
+        def group_of(ranks: list[int]) -> Group:
+            return Group.of([r * config.tp for r in ranks], cluster=cluster)  # (dp, cp) index → device
 
-        if config.zero != 3:  # ZeRO-3 hides per layer behind compute (``cost_models.fsdp``): bound 0
-            dp_s = (1 - options.dp_overlap) * sync_s(params, list(range(replicas)), config.zero)
+        def sync_s(size: float, ranks: list[int], zero: int) -> float:
+            return dp_sync_time_s(size, bytes_per_element=profile.bytes_per_element, zero=zero,
+                                  group=group_of(ranks), cluster=cluster,
+                                  num_microbatches=config.num_microbatches)
+
+        overlap, group = options.dp_overlap, group_of(list(range(replicas)))
+        per_layer = overlap * _unhidden_layer_s(profile, config, group, cluster) if overlap > 0 else 0.0
+        dp_s = (1 - overlap) * sync_s(params, list(range(replicas)), config.zero)
         if experts:  # not overlapped with the backward (``cost_models.moe``)
             ranks = [d * config.cp + c for d in range(0, config.dp, config.ep) for c in range(config.cp)]
             expert_sync = sync_s(experts, ranks, EXPERT_ZERO)
             dp_s = dp_s + expert_sync if config.pp == 1 else max(dp_s, expert_sync)
+        dp_s += per_layer
     bandwidth = (
         cluster.device.memory_bandwidth_bytes_per_s
         * device_efficiency(cluster.device).memory_bandwidth_fraction
     )
     shard = replicas if config.zero >= 1 else 1
     return dp_s + (params / shard + experts) * OPTIMIZER_BYTES_PER_PARAM / bandwidth
+
+
+def _unhidden_layer_s(profile: ModelProfile, config: Config, group: Group, cluster: ClusterSpec) -> float:
+    """Per-layer data-parallel seconds no compute hides on any rank (module docstring), at the
+    smallest layer's dense bytes per device: ZeRO-0 its all-reduce; ZeRO-1/2 its reduce-scatter and
+    one gather; ZeRO-3 its reduce-scatter and two gathers per microbatch."""
+    if not profile.layers:
+        return 0.0
+    size = min(layer_params(layer, tp=config.tp, ep=config.ep)[0] for layer in profile.layers)
+    size *= profile.bytes_per_element
+    if config.zero == 0:
+        return all_reduce_time_s(size, group=group, cluster=cluster)
+    gathers = 2 * config.num_microbatches if config.zero == 3 else 1
+    return (reduce_scatter_time_s(size, group=group, cluster=cluster)
+            + gathers * all_gather_time_s(size, group=group, cluster=cluster))
 
 
 def forced_recompute_s(prober: Prober, config: Config, modes: tuple[str, ...]) -> float:

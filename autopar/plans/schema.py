@@ -276,14 +276,16 @@ class StagePrediction(StageTimes):
     ``backward_weight_s`` (weight gradient, run apart only by zero-bubble schedules),
     ``recompute_s`` and the P2P sends ``send_forward_s``/``send_backward_s`` are what the schedule
     runs (``cost_models.StageTimes``), communication included; of them, ``tp_comm_s`` are
-    tensor-parallel collectives, ``ep_comm_s`` MoE all-to-alls and ``dp_comm_s`` data-parallel
-    traffic repeated every microbatch (ZeRO-3 weight gathers on CPU). ``params_per_device``: the
+    tensor-parallel collectives, ``ep_comm_s`` MoE all-to-alls, ``cp_comm_s`` ring-attention K/V
+    transfers no block hides and ``dp_comm_s`` data-parallel traffic repeated every microbatch
+    (ZeRO-3 weight gathers on CPU). ``params_per_device``: the
     stage's parameters on each of its devices. ``memory_without_recompute_bytes``: the peak bytes of
     the stage's devices were it not recomputing (None when it recomputes nothing)."""
 
     index: int
     tp_comm_s: float = 0.0
     ep_comm_s: float = 0.0
+    cp_comm_s: float = 0.0
     dp_comm_s: float = 0.0
     params_per_device: float
     memory_without_recompute_bytes: int | None = None
@@ -291,7 +293,7 @@ class StagePrediction(StageTimes):
     def __post_init__(self) -> None:
         _int(self, "index", 0)
         _numbers(self, "forward_s", "backward_s", "backward_weight_s", "recompute_s", "send_forward_s",
-                 "send_backward_s", "tp_comm_s", "ep_comm_s", "dp_comm_s", "params_per_device")
+                 "send_backward_s", "tp_comm_s", "ep_comm_s", "cp_comm_s", "dp_comm_s", "params_per_device")
         if self.memory_without_recompute_bytes is not None:
             _int(self, "memory_without_recompute_bytes", 0)
 

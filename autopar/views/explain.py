@@ -133,7 +133,8 @@ def balance_reason(view: PlanView) -> str | None:
 
 def communication_text(stage: StageRow) -> str:
     """'tensor-parallel 1.2 ms, sends 0.3 ms' per microbatch of a stage ('' when nothing is stored)."""
-    names = {"tp": "tensor-parallel", "ep": "all-to-all", "dp": "data-parallel", "p2p": "sends"}
+    names = {"tp": "tensor-parallel", "ep": "all-to-all", "cp": "ring attention", "dp": "data-parallel",
+             "p2p": "sends"}
     return ", ".join(f"{names[kind]} {fmt.seconds(value)}" for kind, value in communication_s(stage) or ())
 
 

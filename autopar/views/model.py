@@ -182,11 +182,12 @@ def _memory_rows(plan: Plan) -> tuple[tuple[MemoryRow, ...], str]:
 
 
 def communication_s(stage: StageRow) -> tuple[tuple[str, float], ...] | None:
-    """A stage's communication per microbatch by kind — ``tp``, ``ep`` (MoE all-to-all), ``dp``
-    and ``p2p`` (sends) — nonzero kinds only; None when the plan stores no per-stage numbers."""
+    """A stage's communication per microbatch by kind — ``tp``, ``ep`` (MoE all-to-all), ``cp``
+    (ring attention), ``dp`` and ``p2p`` (sends) — nonzero kinds only; None when the plan stores no
+    per-stage numbers."""
     p = stage.prediction
     if p is None:
         return None
-    parts = (("tp", p.tp_comm_s), ("ep", p.ep_comm_s), ("dp", p.dp_comm_s),
+    parts = (("tp", p.tp_comm_s), ("ep", p.ep_comm_s), ("cp", p.cp_comm_s), ("dp", p.dp_comm_s),
              ("p2p", p.send_forward_s + p.send_backward_s))
     return tuple((kind, value) for kind, value in parts if value)

@@ -57,7 +57,7 @@ def summary(view: PlanView) -> dict[str, Any]:
 def _communication(stage: StageRow) -> dict[str, float | None]:
     p = stage.prediction
     return {"tp_comm_s": p.tp_comm_s if p else None, "ep_comm_s": p.ep_comm_s if p else None,
-            "dp_comm_s": p.dp_comm_s if p else None,
+            "cp_comm_s": p.cp_comm_s if p else None, "dp_comm_s": p.dp_comm_s if p else None,
             "pp_comm_s": p.send_forward_s + p.send_backward_s if p else None}
 
 

@@ -91,7 +91,8 @@ def _stage_cells(view: PlanView, stages: list[StageRow]) -> list[str]:
     times = [s.times for s in stages if s.times]
     params = [s.params_per_device for s in stages if s.params_per_device is not None]
     stored = [s.prediction for s in stages if s.prediction is not None]
-    comm = sum(p.tp_comm_s + p.ep_comm_s + p.dp_comm_s + p.send_forward_s + p.send_backward_s for p in stored)
+    comm = sum(p.tp_comm_s + p.ep_comm_s + p.cp_comm_s + p.dp_comm_s + p.send_forward_s + p.send_backward_s
+               for p in stored)
     first = stages[0]
     if len(stages) > 1:
         span = f"{sum(s.num_layers for s in stages)} ({len(stages)}×{first.num_layers})"

@@ -7,7 +7,7 @@ import pytest
 
 from autopar.cluster import ClusterSpec
 from autopar.cost_models.comm import Group, all_gather_time_s, reduce_scatter_time_s
-from autopar.cost_models.fsdp import Unit, fsdp_step_times, in_flight_bytes, microbatch_time_s
+from autopar.cost_models.fsdp import Traffic, Unit, dp_step_times, in_flight_bytes, microbatch_time_s
 from benchmarks.cost_model_fsdp import TOLERANCE
 from benchmarks.published.fsdp import ROWS, validate
 
@@ -16,10 +16,12 @@ GROUP = Group(size=128, num_nodes=16)
 LAYER_BYTES = 436e6  # one Llama-3-8B layer in bf16
 
 
-def _step(compute_s: float, *, layers: int = 8, group: Group = GROUP, microbatches: int = 1, **kw: object):
+def _step(compute_s: float, *, layers: int = 8, group: Group = GROUP, microbatches: int = 1, zero: int = 3,
+          **kw: object):
     units = [Unit(param_bytes=LAYER_BYTES, forward_s=compute_s, backward_s=2 * compute_s)] * layers
     root = Unit(param_bytes=LAYER_BYTES)
-    return fsdp_step_times(root, units, group=group, cluster=CLUSTER, num_microbatches=microbatches, **kw)
+    return dp_step_times(root, units, zero=zero, group=group, cluster=CLUSTER, num_microbatches=microbatches,
+                         **kw)
 
 
 def test_large_compute_hides_all_but_the_first_gathers_and_last_reduce_scatters() -> None:
@@ -29,12 +31,12 @@ def test_large_compute_hides_all_but_the_first_gathers_and_last_reduce_scatters(
     # root gather, first layer gather, the last layer's re-gather at backward start; its and the root's
     # reduce-scatter after the last backward
     assert times.exposed_s == pytest.approx(3 * gather + 2 * scatter)
-    assert times.gather_s == pytest.approx(17 * gather) and times.scatter_s == pytest.approx(9 * scatter)
+    assert times.gather_s == pytest.approx(17 * gather) and times.reduce_s == pytest.approx(9 * scatter)
 
 
 def test_a_tiny_per_gpu_batch_exposes_almost_all_the_traffic() -> None:
     times = _step(1e-6)
-    assert times.exposed_s > 0.99 * (times.gather_s + times.scatter_s)
+    assert times.exposed_s > 0.99 * (times.gather_s + times.reduce_s)
     big, small = _step(0.01), _step(0.001)
     assert big.exposed_s / big.total_s < small.exposed_s / small.total_s
 
@@ -50,14 +52,16 @@ def test_the_latency_term_grows_with_the_group() -> None:
 def test_gradient_accumulation_gathers_every_microbatch_and_defers_reduction_under_pipelining() -> None:
     one, four = _step(1e-6), _step(1e-6, microbatches=4)
     assert four.gather_s == pytest.approx(4 * one.gather_s)
-    assert four.scatter_s == pytest.approx(4 * one.scatter_s)
-    deferred = _step(1e-6, microbatches=4, reduce_every_microbatch=False)
-    assert deferred.scatter_s == pytest.approx(one.scatter_s) and deferred.total_s < four.total_s
+    assert four.reduce_s == pytest.approx(4 * one.reduce_s)
+    deferred = _step(1e-6, microbatches=4, pipelined=True)
+    assert deferred.reduce_s == pytest.approx(one.reduce_s) and deferred.total_s < four.total_s
+    assert deferred.gather_s == pytest.approx(four.gather_s)  # ZeRO-3 regathers every microbatch
 
 
 def test_deeper_prefetch_never_hurts_and_one_rank_has_nothing_to_hide() -> None:
     units = [Unit(param_bytes=LAYER_BYTES, forward_s=1e-3, backward_s=2e-3)] * 4
-    timing = dict(gather_s=[2e-3] * 4, scatter_s=[1e-3] * 4, root_gather_s=0.0, root_scatter_s=0.0)
+    timing = dict(gather_s=[2e-3] * 4, reduce_s=[1e-3] * 4, root_gather_s=0.0, root_reduce_s=0.0,
+                  traffic=Traffic(gather_forward=True, gather_backward=True, reduce=True))
     depth1 = microbatch_time_s(Unit(param_bytes=0.0), units, **timing)
     depth2 = microbatch_time_s(Unit(param_bytes=0.0), units, prefetch_depth=2, **timing)
     assert depth2.total_s <= depth1.total_s

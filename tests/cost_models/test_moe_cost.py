@@ -159,10 +159,13 @@ def test_gradient_sync_splits_dense_over_dp_and_experts_over_dp_over_ep():
         return dp_sync_time_s(params, bytes_per_element=2, zero=zero, group=Group(size=ranks),
                               cluster=cluster, num_microbatches=microbatches)
 
-    for ep in (1, 2, 8):
-        predicted = estimate(_plan("1x8xA100-80GB", 16, dp=8, ep=ep), profile)
+    for ep in (1, 2, 8):  # the whole-model rule (dp_overlap 0); per layer the dense part partly hides
+        plan = _plan("1x8xA100-80GB", 16, dp=8, ep=ep)
+        predicted = estimate(plan, profile, options=CostOptions(dp_overlap=0.0))
         expected = sync(dense, 8) + sync(experts / ep, 8 // ep)
         assert predicted.breakdown_dict()["dp_comm"] == pytest.approx(expected)
+        per_layer = estimate(plan, profile).breakdown_dict()["dp_comm"] - sync(experts / ep, 8 // ep)
+        assert 0 < per_layer < sync(dense, 8)
     # ZeRO-3 gathers the dense weights every microbatch, layer by layer behind compute (``fsdp``): some
     # but not all of that traffic is exposed; the experts are all-reduced once, as at ZeRO 0
     plan = _plan("1x8xA100-80GB", 32, dp=8, ep=2, zero=3, microbatch_size=2)
@@ -172,15 +175,20 @@ def test_gradient_sync_splits_dense_over_dp_and_experts_over_dp_over_ep():
 
 
 def test_expert_gradient_all_reduce_is_not_overlapped_with_backward():
-    """The runtime reduces expert gradients after the last backward: dp_overlap hides dense sync only."""
+    """The runtime reduces expert gradients after the last backward: dp_overlap hides dense sync only
+    (all but the reductions that follow the last layer's backward)."""
     profile = _moe()
     cluster = ClusterSpec.parse("1x8xA100-80GB")
     experts = sum(layer.moe.expert_params_total for layer in profile.layers if layer.moe)
     plan = _plan("1x8xA100-80GB", 16, dp=8, ep=2)
     hidden = estimate(plan, profile, options=CostOptions(dp_overlap=1.0)).breakdown_dict()["dp_comm"]
+    whole = estimate(plan, profile, options=CostOptions(dp_overlap=0.0)).breakdown_dict()["dp_comm"]
     expert_sync = dp_sync_time_s(experts / 2, bytes_per_element=2, zero=0, group=Group(size=4),
                                  cluster=cluster)
-    assert hidden == pytest.approx(expert_sync)  # the dense sync fits behind the backward
+    dense_sync = dp_sync_time_s(profile.param_count - experts, bytes_per_element=2, zero=0,
+                                group=Group(size=8), cluster=cluster)
+    assert whole == pytest.approx(expert_sync + dense_sync)
+    assert expert_sync < hidden < expert_sync + dense_sync
 
 
 def test_ep1_without_moe_predicts_what_it_did_before_expert_parallelism():
@@ -191,7 +199,9 @@ def test_ep1_without_moe_predicts_what_it_did_before_expert_parallelism():
     assert predicted.breakdown_dict()["ep_comm"] == 0.0 and predicted.peak_memory_bytes[0] == 30206371840
     plan = dataclasses.replace(megatron_plan("megatron-3.6b", num_gpus=64, tp=2, pp=1, global_batch_size=512,
                                              schedule="1f1b", recompute="selective"), zero=1)
-    assert estimate(plan, megatron_profile("megatron-3.6b")).step_time_s == 3.0787912798670787
+    whole_model = CostOptions(dp_overlap=0.0)  # the data-parallel rule of that time
+    predicted = estimate(plan, megatron_profile("megatron-3.6b"), options=whole_model)
+    assert predicted.step_time_s == 3.0787912798670787
     assert moe_profile(_dense(), num_experts=8, top_k=2, layers=()) == _dense()
 
 

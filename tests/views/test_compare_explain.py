@@ -39,7 +39,7 @@ def test_diff_shows_what_the_plans_store_per_stage():
     rows = {r.what: r for r in compare(a, b) if r.changed}
     assert rows["priced in"].a == "bf16" and rows["priced in"].b == "—"
     assert rows["slowest stage / microbatch"].b == "—" and "cost options" in rows
-    assert "dp_overlap 0, tp_overlap 0" in rows["cost options"].a
+    assert "dp_overlap 1, tp_overlap 0" in rows["cost options"].a  # the defaults
 
 
 def test_diff_of_equal_plans():
