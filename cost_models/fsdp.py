@@ -14,8 +14,8 @@ al., SC'20, §5; DDP's bucketed all-reduce in Li et al., "PyTorch Distributed", 
 with one bucket per layer):
 
 * A unit is one transformer layer (``fully_shard``/``replicate`` applied to each block, then to the
-  model; autopar's runtime, ``runtime/data_parallel.py``, still applies them once per pipeline
-  stage module, which issues one gather and one reduction per stage); a root unit holds the rest
+  model; autopar's runtime, ``runtime/data_parallel.py``, shards each layer of a stage as its own
+  unit for ZeRO ≥ 1 and replicates the stage as one module for ZeRO-0); a root unit holds the rest
   (embedding, final norm, LM head).
   The root is gathered once at the start of forward and kept unsharded until the end of backward
   (FSDP2's documented root heuristic), its gradient reduced last.
@@ -40,9 +40,10 @@ with one bucket per layer):
   ``torch.distributed.pipelining`` schedule (``pipelined``; autopar's runtime drives every plan with
   one, pp 1 included) turns gradient sync and resharding after backward off for the microbatches'
   backwards, so one reduction per step, ZeRO-1/2 gather in the first forward only, and ZeRO-3 still
-  gathers in every forward and backward. The reduction is priced in the last microbatch's backward,
-  as FSDP2's post-backward hooks issue it (torch 2.13's pipelining issues it in
-  ``perform_reduce_grad``, after that backward: not hidden).
+  gathers in every forward and backward. The reduction is issued after the last microbatch's
+  backward, as torch 2.13's pipelining does it (``PipelineStage.perform_reduce_grad`` runs every
+  unit's post-backward once all backwards are done: ``reduce_after_backward``), so none of it hides
+  behind compute; only a training loop without pipelining reduces each layer as its backward ends.
 
 Per microbatch this moves ``2(n−1)/n·S`` (ZeRO-0: all-reduce; ZeRO-1/2: reduce-scatter plus
 all-gather, the same volume) or ``3(n−1)/n·S`` (ZeRO-3: two gathers and a reduce-scatter) over
@@ -85,6 +86,7 @@ class Traffic:
     gather_forward: bool = False
     gather_backward: bool = False
     reduce: bool = False
+    reduce_after_backward: bool = False  # all reductions issued once the backward is over
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,7 +151,10 @@ def microbatch_time_s(root: Unit, layers: list[Unit], *, gather_s: list[float], 
             ready[issued] = link.run(clock, gather_s[issued])
             issued -= 1
         clock = max(clock, ready[i]) + layers[i].backward_s
-        if traffic.reduce:
+        if traffic.reduce and not traffic.reduce_after_backward:
+            link.run(clock, reduce_s[i])
+    if traffic.reduce and traffic.reduce_after_backward:
+        for i in reversed(range(n)):
             link.run(clock, reduce_s[i])
     if traffic.reduce:
         link.run(clock, root_reduce_s)
@@ -168,10 +173,11 @@ def step_traffic(*, zero: int, num_microbatches: int, pipelined: bool) -> list[t
     if not pipelined:
         return [(Traffic(gather_forward=gather, gather_backward=again, reduce=True), m)]
     if m == 1:
-        return [(Traffic(gather_forward=gather, gather_backward=again, reduce=True), 1)]
+        return [(Traffic(gather_forward=gather, gather_backward=again, reduce=True,
+                         reduce_after_backward=True), 1)]
     first = Traffic(gather_forward=gather, gather_backward=again)
     middle = Traffic(gather_forward=again, gather_backward=again)  # ZeRO-1/2 stay gathered
-    last = Traffic(gather_forward=again, gather_backward=again, reduce=True)
+    last = Traffic(gather_forward=again, gather_backward=again, reduce=True, reduce_after_backward=True)
     if first == middle:  # ZeRO-0 and ZeRO-3
         return [(first, m - 1), (last, 1)]
     return [(first, 1), (middle, m - 2), (last, 1)]

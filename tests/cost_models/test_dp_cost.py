@@ -1,6 +1,7 @@
 """Data-parallel traffic per layer at every ZeRO stage (``cost_models.fsdp.dp_step_times``, priced by
-``estimate``): the same machinery as ZeRO-3, so a stage that moves more never exposes less, and
-``dp_overlap = 0`` (Megatron-LM 2021) keeps the whole-model rule."""
+``estimate``): the same machinery as ZeRO-3, so a stage that moves more never exposes less,
+``dp_overlap = 0`` (Megatron-LM 2021) keeps the whole-model rule, and under autopar's pipelining
+runtime the reductions follow the last backward (``perform_reduce_grad``)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def test_more_traffic_never_exposes_less(compute_s: float, microbatches: int, pi
 
 def test_pipelining_reduces_once_and_zero2_gathers_once() -> None:
     traffic = dict((t, n) for t, n in step_traffic(zero=2, num_microbatches=4, pipelined=True))
-    assert traffic == {Traffic(gather_forward=True): 1, Traffic(): 2, Traffic(reduce=True): 1}
+    assert traffic == {Traffic(gather_forward=True): 1, Traffic(): 2,
+                       Traffic(reduce=True, reduce_after_backward=True): 1}
     zero3 = step_traffic(zero=3, num_microbatches=4, pipelined=True)
     assert sum(n for t, n in zero3 if t.gather_forward and t.gather_backward) == 4
     assert sum(n for t, n in zero3 if t.reduce) == 1
@@ -79,8 +81,11 @@ def test_zero3_never_exposes_less_than_zero2_on_the_same_plan(name, gpus, tp, pp
     for options in (CostOptions(), CostOptions(dp_overlap=0.5), MEGATRON_2021):
         dp = [dp_s(zero, options) for zero in range(4)]
         assert dp[1] == dp[2] and dp[3] >= dp[2] > 0, (options.dp_overlap, dp)
-    for zero in (0, 2):  # the layers' compute hides some of it
-        assert dp_s(zero, CostOptions()) < dp_s(zero, MEGATRON_2021)
+    # the runtime's pipelining reduces after the last backward: the reductions hide behind nothing
+    # (ZeRO-0: the per-layer all-reduces cost at least the whole-model one), ZeRO ≥ 1's forward
+    # gathers hide behind the layers before them
+    assert dp_s(0, CostOptions()) >= dp_s(0, MEGATRON_2021) * (1 - 1e-12)
+    assert dp_s(2, CostOptions()) < dp_s(2, MEGATRON_2021)
 
 
 def test_half_overlap_is_between_none_and_all() -> None:
@@ -90,3 +95,14 @@ def test_half_overlap_is_between_none_and_all() -> None:
     dp = [dict(estimate(plan, profile, options=CostOptions(dp_overlap=f)).breakdown)["dp_comm"]
           for f in (0.0, 0.5, 1.0)]
     assert dp[1] == pytest.approx((dp[0] + dp[2]) / 2)
+
+
+def test_pipelined_reductions_follow_the_last_backward() -> None:
+    """A training loop without pipelining hides each layer's all-reduce behind the backward of the
+    layers before it; torch's pipelining (autopar's runtime, pp 1 included) reduces after the last
+    backward, so every reduction is exposed."""
+    all_reduce = all_reduce_time_s(LAYER_BYTES, group=GROUP, cluster=CLUSTER)
+    per_layer = _exposed(0, 1.0, num_microbatches=1, pipelined=False)
+    after = _exposed(0, 1.0, num_microbatches=1, pipelined=True)
+    assert per_layer == pytest.approx(2 * all_reduce)  # the first layer's and the root's
+    assert after == pytest.approx(7 * all_reduce)  # six layers and the root, none hidden
