@@ -84,14 +84,15 @@ def plan_cases(world: int) -> list[tuple[str, dict[str, Any]]]:
              interleaved, zero_bubble, with_recompute(one_f1b, "full"),
              ("moe ep", {"dp": world, "ep": 2, "passes": ["moe"]}),
              ("random-ltd", {"dp": world, "passes": ["random_ltd"]})]
-    sp = {"tp": 2, "sequence_parallel": True}
+    # pinned either way: with tp fixed alone the planner chooses sequence parallelism itself
+    tp, sp = {"tp": 2, "sequence_parallel": False}, {"tp": 2, "sequence_parallel": True}
     if world == 2:
         cp = ("cp", {"cp": 2})
-        return [*cases, ("tp", {"tp": 2}), ("tp sp", sp), cp, with_recompute(cp, "full")]
+        return [*cases, ("tp", tp), ("tp sp", sp), cp, with_recompute(cp, "full")]
     half, micro = world // 2, {"schedule": "1f1b", "num_microbatches": NUM_MICROBATCHES}
     cp = ("cp×dp", {"cp": 2, "dp": half})
-    return [*cases, ("pp×dp 1f1b", {"pp": 2, "dp": half, **micro}), ("tp", {"tp": 2, "dp": half}),
-            ("tp×pp 1f1b", {"tp": 2, "pp": half, **micro}), ("tp sp×dp", {**sp, "dp": half}), cp,
+    return [*cases, ("pp×dp 1f1b", {"pp": 2, "dp": half, **micro}), ("tp", {**tp, "dp": half}),
+            ("tp×pp 1f1b", {**tp, "pp": half, **micro}), ("tp sp×dp", {**sp, "dp": half}), cp,
             with_recompute(cp, "full"), ("cp×tp sp", {"cp": 2, **sp})]
 
 
