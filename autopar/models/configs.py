@@ -99,6 +99,8 @@ REGISTRY: dict[str, Entry] = {
     "gpt": Entry("gpt", {}, "a GPT whose shape comes from the overrides (default: tiny)"),
     "bert": Entry("bert", {}, "a BERT whose shape comes from the overrides (default: tiny)"),
     "gpt-tiny": _gpt(2, 64, 4, 128, 32, "tiny GPT for tests and the demo"),
+    "gpt-demo": _gpt(4, 128, 4, 4096, 128, "small code GPT that `autopar demo` trains on the standard "
+                                           "library (a few minutes on 4 CPU processes)"),
     "bert-tiny": Entry("bert", dict(num_layers=2, hidden_size=64, num_heads=4, vocab_size=128,
                                     seq_len=32), "tiny BERT for tests"),
     "gpt2": _gpt(12, 768, 12, 50257, 1024, "GPT-2 small, 124M (Radford et al. 2019)"),

@@ -11,6 +11,13 @@ The learning rate warms up linearly for ``warmup_steps`` and then follows a cosi
 to ``lr × min_lr_ratio`` at ``steps`` (constant after the warm-up when only ``time_budget_s`` bounds
 the run). ``steps`` is the TOTAL step count: a second run with the same ``out`` and a larger
 ``steps`` resumes from the latest checkpoint and continues to it.
+
+``passes`` are graph passes for ``autopar.compile(..., passes=...)``: ``autopar.passes`` objects or
+their plain form ``{"name": "random_ltd", "min_tokens": 8, "num_steps": 100}`` (a TOML array of
+tables ``[[passes]]``, or JSON text from the command line), kept in the plain form so the config
+travels as JSON to spawned ranks. ``report`` measures the compiled model after the last step
+(``compiled.report`` on the last global batch: time by phase and memory by category, measured
+beside predicted) and prints its tables on rank 0.
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ import os
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from autopar.config import Fix
+from autopar.passes import GraphPass, check_passes
+from autopar.runtime.pass_state import PASS_TYPES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,8 +71,11 @@ class TrainConfig:
     fim_rate: float = 0.0
     cache_dir: str | None = None  # tokenizer and token files; default ~/.cache/autopar/data
     plan_time_limit_s: float = 60.0
+    passes: tuple[dict[str, Any], ...] = ()  # graph passes, plain form (see the module docstring)
+    report: bool = False  # after the last step, the measured report's tables on rank 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "passes", pass_items(self.passes))
         for name in ("model", "corpus", "out"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
@@ -95,6 +107,11 @@ class TrainConfig:
         if not isinstance(self.fix, Mapping):
             raise ValueError(f"fix = {self.fix!r} is invalid: expected a table of pins such as {{dp = 2}}")
         Fix.from_dict(self.compile_fix)  # pins named and typed as autopar.compile wants
+
+    @property
+    def graph_passes(self) -> list[GraphPass]:
+        """``passes`` as ``autopar.passes`` objects, for ``autopar.compile``."""
+        return _graph_passes(self.passes)
 
     @property
     def cluster_spec(self) -> str:
@@ -143,6 +160,50 @@ class TrainConfig:
         return cls.from_mapping(json.loads(text))
 
 
+def pass_items(value: Any) -> tuple[dict[str, Any], ...]:
+    """Graph passes in their plain form ``({"name": ..., <config fields>}, ...)`` from pass objects,
+    plain forms or JSON text of a list of them; one ValueError naming what is wrong."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else []
+        except ValueError:
+            raise ValueError(f"passes = {value!r:.80} is not JSON: expected a list such as "
+                             '[{"name": "random_ltd", "min_tokens": 8, "num_steps": 100}]') from None
+    if isinstance(value, Mapping) or not isinstance(value, Sequence):
+        raise ValueError(f"passes = {value!r:.80} is invalid: expected a list of autopar.passes objects or "
+                         '{"name": ..., ...} tables')
+    items = []
+    for item in value:
+        if isinstance(item, GraphPass) and dataclasses.is_dataclass(item):
+            item = {"name": item.name, **{f.name: getattr(item, f.name) for f in dataclasses.fields(item)}}
+        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
+            raise ValueError(f"passes: {item!r:.80} is neither an autopar.passes object nor a table with a "
+                             f"\"name\" (one of {sorted(PASS_TYPES)})")
+        items.append(dict(item))
+    _graph_passes(items)
+    return tuple(items)
+
+
+def _graph_passes(items: Sequence[Mapping[str, Any]]) -> list[GraphPass]:
+    passes = []
+    for item in items:
+        cls = PASS_TYPES.get(item["name"])
+        if cls is None:
+            raise ValueError(f"passes: unknown pass {item['name']!r}; known passes are {sorted(PASS_TYPES)}")
+        config = {k: tuple(v) if isinstance(v, list) else v for k, v in item.items() if k != "name"}
+        unknown = sorted(set(config) - {f.name for f in dataclasses.fields(cls)})
+        try:
+            if unknown:
+                raise ValueError(f"unknown option(s) {unknown}")
+            passes.append(cls(**config))
+        except (TypeError, ValueError, OverflowError) as err:
+            raise ValueError(f"passes: invalid {item['name']} pass: {err}") from None
+    try:
+        return check_passes(passes)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"passes: {err}") from None
+
+
 def field_types() -> dict[str, type]:
     """Field name → the plain type a command-line flag parses (``int``, ``float``, ``str``, ``bool``);
     ``fix`` and ``betas`` are parsed by the CLI itself."""
@@ -159,6 +220,8 @@ def _plain(hint: Any) -> type:
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     wanted = field_types()[name]
+    if name == "passes" and isinstance(value, str | list | tuple):
+        return value  # JSON text or a list of tables: checked by pass_items
     if value is None or isinstance(value, wanted) and not (wanted is int and isinstance(value, bool)):
         return value
     if wanted is float and isinstance(value, int) and not isinstance(value, bool):

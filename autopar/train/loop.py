@@ -3,7 +3,7 @@
 Data flow: :class:`~autopar.train.config.TrainConfig` → the corpus folder (``autopar.data.Corpus``,
 split into train and held-out by file; ``corpus = "stdlib"`` is the Python standard library) → a
 byte-level BPE tokenizer trained on it (cached) → the model (``autopar.train.model``, seeded) →
-``autopar.compile(model, cluster, fix=..., max_grad_norm=...)`` → ``compiled.prepare`` on a
+``autopar.compile(model, cluster, fix=..., max_grad_norm=..., passes=...)`` → ``compiled.prepare`` on a
 global-shaped batch (the planner chooses what ``fix`` leaves open; the engine starts) → this rank's
 place in the plan (dp and cp rank; pipeline ranks without the first or last stage read nothing) →
 ``autopar.data.TokenLoader`` reading only this rank's rows → AdamW with warm-up + cosine
@@ -12,7 +12,9 @@ in ``out`` if there is one (model, optimizer, LR schedule, loader position, step
 (``compiled.step(rows, local=True)``; bf16 autocast on GPUs only) → every ``eval_interval`` steps
 the held-out loss by the parallel model (``compiled.evaluate``), every step a metrics row
 (``autopar.train.metrics``), every ``checkpoint_interval`` steps a checkpoint
-(``autopar.train.checkpoints``) → :class:`TrainResult` (rank 0 also writes it to
+(``autopar.train.checkpoints``) → with ``report``, ``compiled.report`` on the last global batch
+(every rank builds it from the loader's window ids: measured steps take global batches; a
+collective; restores the model) printed on rank 0 → :class:`TrainResult` (rank 0 also writes it to
 ``OUT/result.json``).
 """
 
@@ -104,7 +106,7 @@ def run(config: TrainConfig, *, world_size: int = 1) -> TrainResult:
         built.model.cuda()
     compiled = compile(built.model, config.cluster or f"local:{world_size}", fix=config.compile_fix,
                        optimizer=_adamw(config), max_grad_norm=config.max_grad_norm,
-                       time_limit_s=config.plan_time_limit_s)
+                       time_limit_s=config.plan_time_limit_s, passes=config.graph_passes)
     example = torch.zeros(config.global_batch_size, config.seq_len, dtype=torch.long,
                           device=next(built.model.parameters()).device)
     device = compiled.prepare(example).device
@@ -156,7 +158,21 @@ class _Trainer:
                     self.save(step)
         finally:
             log.close()
+        if config.report:
+            self.measured_report()
         return self.result(first_step, eval_after)
+
+    def measured_report(self) -> None:
+        """``compiled.report`` on the last training batch (a collective; the model is restored after
+        it), its tables printed on rank 0. Every rank builds the GLOBAL batch from the loader's window
+        ids: measured steps take global batches."""
+        loader = self.loader
+        tokens = loader.windows.rows(loader.global_rows(max(loader.step - 1, 0)))
+        inputs, targets = self._on(tokens[:, :-1]), self._on(tokens[:, 1:])
+        with self.autocast:
+            measured = self.compiled.report(inputs, targets)
+        if self.log.enabled:
+            self.log.console.print(measured)
 
     def finished(self, step: int) -> bool:
         """Whether the run is over: ``steps`` reached or the time budget spent (agreed by all ranks)."""

@@ -9,8 +9,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from autopar.cli.main import main
+from autopar.data import Corpus, TokenLoader, train_tokenizer
+from tests.data.generated import write_corpus
 
 
 def run(capsys, *argv):
@@ -131,35 +134,64 @@ def test_no_command_prints_help(capsys):
     assert "usage" in capsys.readouterr().out
 
 
-def test_demo_trains_and_loss_falls(capfd):
-    """4 local processes (pp2 × tp2): the loss falls, equals the single-process reference, and the
-    measured report has a row per rank. The ranks print to the terminal, hence capfd."""
-    code, out, err = run(capfd, "demo", "--steps", "5")
-    assert code == 0, err
-    steps = [line.split() for line in out.splitlines() if line.startswith("step")]
-    losses = [float(words[3]) for words in steps]
-    references = [float(words[5]) for words in steps]
-    assert len(losses) == 5 and losses[-1] < losses[0]
-    assert losses == pytest.approx(references, rel=1e-5)
-    assert "single-process reference" in out and "(equal" in out and "DIFFERENT" not in out
-    assert "pp2 × dp1 × tp2" in out and "predicted" in out
-    rows = [line for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"], ["3"])]
-    timing = [row for row in rows if "parameters" not in row]
-    memory = [row for row in rows if "parameters" in row]  # each rank's first memory-by-category row
-    assert len(timing) == 4 and len(memory) == 4, out
-    assert "memory by category" in out
+def test_demo_trains_and_loss_falls(capfd, tmp_path, monkeypatch):
+    """Issue 19 item 3 on a small generated corpus: 4 local processes with the plan the planner
+    chooses (shown), the curve, held-out loss before and after (falling), tokens/s, the measured
+    report beside the predictions (time by phase, memory by category, a row per rank) and the
+    parity line. The ranks print to the terminal, hence capfd."""
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus, num_files=300)
+    monkeypatch.setenv("AUTOPAR_DATA_CACHE", str(tmp_path / "cache"))
+    code, out, err = run(capfd, "demo", "--steps", "4", "--batch", "8", "--corpus", str(corpus),
+                         "--out", str(tmp_path / "out"))
+    assert code == 0, err + out
+    before, after = map(float, re.search(r"held-out loss falls: ([\d.]+) before training → ([\d.]+) after 4 "
+                                         r"steps", out).groups())
+    assert after < before
+    assert "the plan the planner chose: dp" in out and "pipeline stages" in out
+    assert "tokens/s" in out and "step time: measured" in out and "predicted" in out
+    assert re.search(r"first 4 steps equal one process \(plain PyTorch.*max \|Δloss\| \S+ \(equal", out), out
+    assert "DIFFERENT" not in out
+    assert "step time by phase" in out and "memory by category" in out
+    memory = [line.split() for line in out.splitlines() if line.split()[1:2] == ["parameters"]]
+    assert [words[0] for words in memory] == ["0", "1", "2", "3"], out  # each rank's first memory row
+    assert (tmp_path / "out" / "metrics.jsonl").exists()
     _readme_describes_the_demo(out)
 
 
+def test_demo_refuses_an_earlier_run(capfd, tmp_path):
+    (tmp_path / "checkpoints" / "step_00000004").mkdir(parents=True)
+    code, out, err = run(capfd, "demo", "--out", str(tmp_path))
+    assert code == 2 and "already holds a training run" in err and err.count("\n") == 1, err
+
+
+def test_demo_reference_reads_the_ranks_rows(tmp_path):
+    """The parity reference reads the global batch with one loader (dp 1): the union of the
+    data-parallel ranks' rows, in rank order, for every step."""
+    write_corpus(tmp_path / "corpus", num_files=40)
+    corpus = Corpus.from_folder(tmp_path / "corpus", heldout_fraction=0.15)
+    tokenizer = train_tokenizer(corpus, vocab_size=512, cache_dir=tmp_path / "cache")
+    geometry = {"global_batch_size": 8, "seq_len": 16, "seed": 3, "cache_dir": tmp_path / "cache"}
+    whole = TokenLoader(corpus, tokenizer, **geometry)
+    for dp in (2, 4):
+        ranks = [TokenLoader(corpus, tokenizer, dp_degree=dp, dp_rank=r, **geometry) for r in range(dp)]
+        for step in range(3):
+            whole.step = step
+            expected = next(whole).tokens
+            assert torch.equal(torch.cat([next(loader).tokens for loader in ranks]), expected)
+
+
 def _readme_describes_the_demo(out: str) -> None:
-    """Issue 16 item 13: the README's description of the demo is what the demo runs."""
+    """Issue 16 item 13, issue 19 item 3: the README's Quick start says what the demo does."""
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    line = next(line for line in readme.splitlines() if line.startswith("autopar demo "))
-    described = re.search(r"on (\d+) processes \(pp(\d+) × tp(\d+), (\w+)\)", line)
-    assert described, line
-    processes, pp, tp, schedule = described.groups()
-    assert f"on {processes} local CPU processes" in out, out[:300]
-    assert f"pp{pp} × dp1 × tp{tp}, {schedule.lower()}" in out, out[:400]
+    quick = readme[readme.index("## Quick start"):readme.index("## Python API")]
+    line = next(line for line in quick.splitlines() if line.startswith("make demo"))
+    processes = re.search(r"on (\d+) local processes", line)
+    assert processes and "standard library" in line and "held-out loss" in quick, quick
+    assert f"on {processes.group(1)} local CPU processes" in out, out[:400]
+    command = next(line for line in readme.splitlines() if line.startswith("autopar demo "))
+    assert "planner" in command and "held-out" in command, command
+    assert "the plan the planner chose" in out and "held-out loss" in out
 
 
 def test_hf_config_without_seq_uses_the_models_context_length(tmp_path):
