@@ -3,13 +3,24 @@
 Data flow: :func:`calibrate` → :func:`measure_single_process` (``ops``: one operation at a time,
 one thread, as each runtime rank runs) and ``group.measure_group`` (a gloo group of N spawned
 processes) → the fits of ``fits`` → ``cost_models`` ``LocalProfile`` (with the ``CpuRates`` the
-local-cluster model reads) → ``save_profile`` (atomic JSON) → the cost model, which loads it for
-``local`` clusters.
+local-cluster model reads; their ``source`` names the profile: host, time, content id, path) →
+``save_profile`` (atomic JSON) → the cost model, which loads it for ``local`` clusters.
+
+The whole calibration runs within ``CalibrationConfig.seconds`` of wall clock (80 s, quick 30 s;
+with the interpreter's start and the group's, under 2 minutes on any 2-core x86 CPU): the single-process part
+takes ``single_fraction`` of it, the group the rest, its processes' start included; inside each
+part every measurement gets a slot of what is left (``progress.run_tasks``) and prints one line on
+stderr. A low-precision dtype this CPU emulates (``measure.emulated_dtypes``: no
+avx512_bf16/amx_bf16, no avx512_fp16/amx_fp16) is measured briefly — one warm 256³ matmul — and
+said so; any matmul shape whose one call would not fit its slot at the dtype's measured rate is
+skipped, and said so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import platform
 import socket
@@ -33,10 +44,12 @@ from autopar.calibration.fits import (
 )
 from autopar.calibration.group import measure_group
 from autopar.calibration.ops import (
-    _TORCH_DTYPES,
     MIB,
+    PROBE_DIM,
+    TORCH_DTYPES,
     attention_flops,
     cpu_seconds,
+    matmul_call_s,
     measure_attention_time_s,
     measure_elementwise_time_s,
     measure_linear_time_s,
@@ -45,18 +58,24 @@ from autopar.calibration.ops import (
     measure_op_overhead_s,
     measure_op_time_s,
     measure_optimizer_time_s,
+    measure_probe_flops_per_s,
     measure_training_op_overhead_s,
     measure_transformer_layer_time_s,
     one_thread,
     others_busy_cores,
 )
+from autopar.calibration.progress import Progress, Skip, Task, run_tasks
 from autopar.cost_models.compute import FUSED_ATTENTION_BACKWARD_FLOPS_RATIO
-from autopar.cost_models.local.profile import LocalProfile, ProcessShare, save_profile
+from autopar.cost_models.local.measure import cpu_flags, emulated_dtypes
+from autopar.cost_models.local.profile import LocalProfile, ProcessShare, default_profile_path, save_profile
 from autopar.cost_models.local.rates import ELEMENTWISE_OPS
 
 Shape = tuple[int, int, int]
 KIB = 2**10
 OTHER_LOAD_WARNING_CORES = 0.25
+LOW_PRECISION = ("bf16", "fp16")
+DEFAULT_SECONDS = 80.0
+QUICK_SECONDS = 30.0
 
 
 def transformer_shapes(tokens: Sequence[int], hidden: Sequence[int]) -> tuple[Shape, ...]:
@@ -66,15 +85,21 @@ def transformer_shapes(tokens: Sequence[int], hidden: Sequence[int]) -> tuple[Sh
 
 @dataclass(frozen=True, kw_only=True)
 class CalibrationConfig:
-    """What :func:`calibrate` measures. :meth:`preset` gives the full and the ``--quick`` sets.
+    """What :func:`calibrate` measures, and within how many ``seconds`` (wall clock, all of it:
+    ``single_fraction`` for the single-process part, the rest for the group, its start included).
+    :meth:`preset` gives the full and the ``--quick`` sets.
     Shapes: matmul and linear ``(m, k, n)``; attention ``(batch, heads, seq, head_dim)``; transformer
     layers ``(batch, seq, hidden, heads)``, each alone and in a stack of ``layer_stack``;
     ``op_elements`` / ``cross_entropy_elements`` the sizes of the elementwise training ops;
     ``share_layer_shape`` the ``(batch, seq, hidden, heads)`` blocks the compute share runs;
-    ``measure_runtime``: time the runtime's own machinery on a tiny model."""
+    ``measure_runtime``: time the runtime's own machinery on a tiny model; ``emulated``: dtypes to
+    treat as emulated whatever the CPU says (the brief path, for testing it anywhere);
+    ``progress``: print one line per measurement on stderr."""
 
     nproc: int = 4
-    matmul_shapes: tuple[Shape, ...] = transformer_shapes((256, 1024, 4096), (128, 256, 512, 1024))
+    seconds: float = DEFAULT_SECONDS
+    single_fraction: float = 0.45
+    matmul_shapes: tuple[Shape, ...] = transformer_shapes((256, 2048), (128, 256, 512, 1024))
     low_precision_shapes: tuple[Shape, ...] = transformer_shapes((1024,), (256, 1024))
     linear_shapes: tuple[Shape, ...] = transformer_shapes((512, 2048), (128, 256, 512))
     copy_bytes: int = 256 * MIB
@@ -89,26 +114,34 @@ class CalibrationConfig:
         (4, 128, 128, 4), (4, 256, 128, 4), (4, 128, 512, 16), (2, 256, 512, 16))
     layer_stack: int = 8
     optimizer_params: int = 8 * 2**20
-    share_seconds: float = 0.6
     share_layer_shape: tuple[int, int, int, int] = (4, 128, 192, 6)
     measure_runtime: bool = True
     collective_bytes: tuple[int, ...] = (4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, 1 * MIB, 4 * MIB, 16 * MIB)
-    repeats: int = 7
+    emulated: tuple[str, ...] = ()
+    progress: bool = True
     timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if type(self.nproc) is not int or self.nproc < 2:
             raise ValueError(f"nproc = {self.nproc!r} is invalid: calibration needs an int >= 2 "
                              "(a gloo group to measure collectives on)")
-        if type(self.repeats) is not int or self.repeats < 1:
-            raise ValueError(f"repeats = {self.repeats!r} is invalid: expected an int >= 1")
+        if type(self.seconds) not in (int, float) or not 0 < self.seconds <= 3600:
+            raise ValueError(f"seconds = {self.seconds!r} is invalid: expected a time budget in (0, 3600]")
+        if not 0 < self.single_fraction < 1:
+            raise ValueError(f"single_fraction = {self.single_fraction!r} is invalid: expected (0, 1)")
+        unknown = sorted(set(self.emulated) - set(LOW_PRECISION))
+        if unknown:
+            raise ValueError(f"emulated = {unknown} is invalid: expected some of {list(LOW_PRECISION)}")
 
     @classmethod
-    def preset(cls, *, quick: bool, nproc: int = 4) -> CalibrationConfig:
-        """The full measurement set (about a minute and a half on 2 idle cores), or ``quick``."""
+    def preset(cls, *, quick: bool, nproc: int = 4, seconds: float | None = None,
+               emulated: Sequence[str] = ()) -> CalibrationConfig:
+        """The full measurement set (80 s), or ``quick`` (30 s); ``seconds`` overrides the budget."""
+        extra: dict[str, Any] = {"nproc": nproc, "emulated": tuple(emulated)}
         if not quick:
-            return cls(nproc=nproc)
-        return cls(nproc=nproc, matmul_shapes=transformer_shapes((256, 1024), (128, 512)),
+            return cls(seconds=DEFAULT_SECONDS if seconds is None else seconds, **extra)
+        return cls(seconds=QUICK_SECONDS if seconds is None else seconds,
+                   matmul_shapes=transformer_shapes((256, 1024), (128, 512)),
                    low_precision_shapes=transformer_shapes((1024,), (256,))[:2],
                    linear_shapes=transformer_shapes((512,), (128, 512)), copy_bytes=128 * MIB,
                    cold_pool_bytes=128 * MIB, op_elements=(2**18, 2**21),
@@ -117,80 +150,231 @@ class CalibrationConfig:
                    math_attention_shapes=((4, 8, 128, 32),), optimizer_params=2**21,
                    share_layer_shape=(2, 64, 128, 4), layer_stack=4,
                    layer_shapes=((4, 128, 128, 4), (2, 128, 512, 16)),
-                   share_seconds=0.1, collective_bytes=(4 * KIB, 256 * KIB, 4 * MIB), repeats=3)
+                   collective_bytes=(4 * KIB, 256 * KIB, 4 * MIB), **extra)
 
 
-def _matmul_points(shapes: Sequence[Shape], dtype: str, config: CalibrationConfig) -> list[dict[str, Any]]:
-    pool = torch.ones(config.cold_pool_bytes // _TORCH_DTYPES[dtype].itemsize, dtype=_TORCH_DTYPES[dtype])
-    points = []
-    for m, k, n in shapes:
-        time_s = measure_matmul_time_s(m, k, n, dtype=dtype, repeats=config.repeats, pool=pool)
-        points.append({"m": m, "k": k, "n": n, "time_s": time_s, "flops_per_s": 2 * m * k * n / time_s})
-    return points
+def _shape(m: int, k: int, n: int) -> str:
+    return f"{m}×{k}×{n}"
 
 
-def _attention_points(config: CalibrationConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    flash, unfused = [], []
-    for b, a, s, d in config.attention_shapes:
-        fwd, both = measure_attention_time_s(b, a, s, d, repeats=config.repeats)
-        flops = attention_flops(b, a, s, d)
-        flash.append({"batch": b, "heads": a, "seq": s, "head_dim": d, "causal": True, "forward_s": fwd,
-                      "forward_backward_s": both, "forward_flops_per_s": flops / fwd,
-                      "train_flops_per_s": (1 + FUSED_ATTENTION_BACKWARD_FLOPS_RATIO) * flops / both})
-    for b, a, s, d in config.math_attention_shapes:
-        fwd, both = measure_attention_time_s(b, a, s, d, backend="math", repeats=config.repeats)
-        unfused.append({"batch": b, "heads": a, "seq": s, "head_dim": d, "scores": b * a * s * s,
-                        "forward_s": fwd, "train_s": both})
-    return flash, unfused
+def _gflops(value: float) -> str:
+    return f"{value / 1e9:,.1f} GFLOP/s"
 
 
-def _op_points(config: CalibrationConfig) -> list[dict[str, Any]]:
-    points = []
+def _matmul_tasks(config: CalibrationConfig, emulated: dict[str, str], points: dict[str, list[dict[str, Any]]]
+                  ) -> list[Task]:
+    """Per dtype: the probe, then each shape (cold operands) unless the dtype is emulated (the probe
+    alone: "measured briefly") or the probe's rate says one call would not fit the slot."""
+    tasks: list[Task] = []
+    for dtype in ("fp32", *LOW_PRECISION):
+        shapes = config.matmul_shapes if dtype == "fp32" else config.low_precision_shapes
+        points[dtype] = []
+        probe: dict[str, float] = {}
+        itemsize = TORCH_DTYPES[dtype].itemsize
+        pool_elements = config.cold_pool_bytes // itemsize
+        pool: list[torch.Tensor] = []
+
+        def run_probe(slot: float, dtype: str = dtype, probe: dict[str, float] = probe) -> float:
+            probe["flops_per_s"] = rate = measure_probe_flops_per_s(dtype, seconds=slot)
+            if dtype in emulated:
+                points[dtype].append({"m": PROBE_DIM, "k": PROBE_DIM, "n": PROBE_DIM, "warm": True,
+                                      "time_s": 2 * PROBE_DIM**3 / rate, "flops_per_s": rate})
+            return rate
+
+        def show_probe(rate: float, dtype: str = dtype, count: int = len(shapes)) -> str:
+            if dtype in emulated:
+                return (f"{_gflops(rate)}; {emulated[dtype]}: measured briefly (this one warm "
+                        f"{PROBE_DIM}³ matmul), its {count} shapes skipped")
+            return _gflops(rate)
+
+        tasks.append(Task(f"matmul {dtype} probe {PROBE_DIM}³ (warm)", run_probe,
+                          weight=0.3, show=show_probe))
+        if dtype in emulated:
+            continue
+        for m, k, n in sorted(shapes, key=lambda s: s[0] * s[1] * s[2]):
+            def run(slot: float, m: int = m, k: int = k, n: int = n, dtype: str = dtype,
+                    probe: dict[str, float] = probe, pool: list[torch.Tensor] = pool,
+                    pool_elements: int = pool_elements, itemsize: int = itemsize) -> float:
+                call_s = matmul_call_s(m, k, n, flops_per_s=probe["flops_per_s"], pool_elements=pool_elements,
+                                       itemsize=itemsize)
+                if call_s > max(slot, 0.05):
+                    raise Skip(f"one call would take ~{call_s:.1f} s at the probe's "
+                               f"{_gflops(probe['flops_per_s'])}, over its {slot:.2f} s slot")
+                if not pool:  # cold operands: a pool larger than the caches, made once per dtype
+                    pool.append(torch.ones(pool_elements, dtype=TORCH_DTYPES[dtype]))
+                time_s = measure_matmul_time_s(m, k, n, dtype=dtype, seconds=slot, pool=pool[0])
+                points[dtype].append({"m": m, "k": k, "n": n, "time_s": time_s,
+                                      "flops_per_s": 2 * m * k * n / time_s})
+                return 2 * m * k * n / time_s
+
+            tasks.append(Task(f"matmul {dtype} {_shape(m, k, n)}", run, show=_gflops))
+
+        def release(_: float, pool: list[torch.Tensor] = pool, dtype: str = dtype,
+                    probe: dict[str, float] = probe) -> str:
+            pool.clear()
+            if not points[dtype]:  # every shape skipped: the probe is the measurement
+                rate = probe["flops_per_s"]
+                points[dtype].append({"m": PROBE_DIM, "k": PROBE_DIM, "n": PROBE_DIM, "warm": True,
+                                      "time_s": 2 * PROBE_DIM**3 / rate, "flops_per_s": rate})
+                return "every shape skipped: the probe stands for them"
+            return f"{len(points[dtype])} shapes measured"
+
+        tasks.append(Task(f"matmul {dtype} done", release, weight=0.0))
+    return tasks
+
+
+def _triton_attention_skip(_: float) -> Any:
+    """On CPU the Triton kernel is not measured: say why (``autopar.kernels``' own reason)."""
+    from autopar.kernels import triton_available, unsupported_reason
+
+    q = torch.zeros(1, 1, 16, 16)
+    reason = unsupported_reason(q, q, q) if triton_available() else "Triton is not installed"
+    raise Skip(f"{reason or 'CPU tensors'}; on CPU Triton runs only in its interpreter "
+               "(TRITON_INTERPRET=1), a Python emulation of the GPU kernel, not a kernel the runtime "
+               "would run: the planner prices CPU attention as SDPA (measured above)")
+
+
+def single_process_tasks(config: CalibrationConfig, raw: dict[str, Any]) -> list[Task]:
+    """The single-process measurements as tasks filling ``raw`` (the points ``build_profile`` fits)."""
+    emulated = emulated_dtypes() | {d: f"treated as emulated (--emulate {d})" for d in config.emulated}
+    raw.update(matmul={}, linear=[], ops=[], attention=[], math_attention=[], transformer_layer=[],
+               emulated=emulated)
+    tasks = _matmul_tasks(config, emulated, raw["matmul"])
+
+    for m, k, n in config.linear_shapes:
+        def linear(slot: float, m: int = m, k: int = k, n: int = n) -> float:
+            time_s = measure_linear_time_s(m, k, n, seconds=slot)
+            raw["linear"].append({"m": m, "k": k, "n": n, "time_s": time_s})
+            return 6 * m * k * n / time_s
+        tasks.append(Task(f"nn.Linear fwd+bwd {_shape(m, k, n)}", linear, show=_gflops))
+
+    def copy(slot: float) -> float:
+        raw["copy"] = {"bytes": config.copy_bytes, "time_s": measure_memory_time_s(config.copy_bytes,
+                                                                                   seconds=slot)}
+        return config.copy_bytes / raw["copy"]["time_s"]
+
+    def elementwise(slot: float) -> float:
+        n = config.elementwise_elements
+        time_s = measure_elementwise_time_s(n, seconds=slot)
+        raw["elementwise"] = {"elements": n, "passes": 7, "time_s": time_s}
+        return 7 * 4 * n / raw["elementwise"]["time_s"]
+
+    def bandwidth(value: float) -> str:
+        return f"{value / 1e9:,.1f} GB/s"
+
+    tasks += [Task(f"copy {config.copy_bytes // MIB} MiB", copy, show=bandwidth),
+              Task(f"elementwise fp32 add, scale, GELU ({config.elementwise_elements} elements)", elementwise,
+                   show=bandwidth)]
     for op in ELEMENTWISE_OPS:
         for n in config.cross_entropy_elements if op == "cross_entropy" else config.op_elements:
-            fwd, both, elements = measure_op_time_s(op, n, repeats=config.repeats)
-            points.append({"op": op, "elements": elements, "forward_s": fwd, "train_s": both})
-    return points
+            def training_op(slot: float, op: str = op, n: int = n) -> float:
+                fwd, both, elements = measure_op_time_s(op, n, seconds=slot)
+                raw["ops"].append({"op": op, "elements": elements, "forward_s": fwd, "train_s": both})
+                return both / elements
+            tasks.append(Task(f"{op} fwd+bwd, {n} elements", training_op,
+                              show=lambda v: f"{v * 1e9:.2f} ns/element"))
+
+    def overhead(slot: float) -> float:
+        raw["op_overhead_s"] = measure_op_overhead_s(seconds=slot)
+        return raw["op_overhead_s"]
+
+    def training_overhead(slot: float) -> float:
+        raw["training_op_overhead_s"] = measure_training_op_overhead_s(seconds=slot)
+        return raw["training_op_overhead_s"]
+
+    def micro(value: float) -> str:
+        return f"{value * 1e6:.2f} µs"
+
+    tasks += [Task("per-op dispatch (1-element add)", overhead, weight=0.5, show=micro),
+              Task("per-op autograd fwd+bwd (1-element multiply)", training_overhead, weight=0.5, show=micro)]
+    for b, a, s, d in config.attention_shapes:
+        def flash(slot: float, b: int = b, a: int = a, s: int = s, d: int = d) -> float:
+            fwd, both = measure_attention_time_s(b, a, s, d, seconds=slot)
+            flops = attention_flops(b, a, s, d)
+            raw["attention"].append({
+                "batch": b, "heads": a, "seq": s, "head_dim": d, "causal": True, "forward_s": fwd,
+                "forward_backward_s": both, "forward_flops_per_s": flops / fwd,
+                "train_flops_per_s": (1 + FUSED_ATTENTION_BACKWARD_FLOPS_RATIO) * flops / both})
+            return raw["attention"][-1]["train_flops_per_s"]
+        tasks.append(Task(f"attention SDPA flash fwd+bwd fp32 (b {b}, heads {a}, seq {s}, d {d})", flash,
+                          show=_gflops))
+    tasks.append(Task("attention Triton kernel", _triton_attention_skip, weight=0.0))
+    for b, a, s, d in config.math_attention_shapes:
+        def unfused(slot: float, b: int = b, a: int = a, s: int = s, d: int = d) -> float:
+            fwd, both = measure_attention_time_s(b, a, s, d, backend="math", seconds=slot)
+            raw["math_attention"].append({"batch": b, "heads": a, "seq": s, "head_dim": d,
+                                          "scores": b * a * s * s, "forward_s": fwd, "train_s": both})
+            return both / (b * a * s * s)
+        tasks.append(Task(f"attention SDPA math fwd+bwd fp32 (b {b}, heads {a}, seq {s}, d {d})", unfused,
+                          show=lambda v: f"{v * 1e9:.2f} ns/score"))
+    for b, s, h, a in config.layer_shapes:
+        point: dict[str, Any] = {"batch": b, "seq": s, "hidden": h, "heads": a}
+
+        def alone(slot: float, point: dict[str, Any] = point) -> float:
+            point["time_s"] = measure_transformer_layer_time_s(
+                point["batch"], point["seq"], point["hidden"], point["heads"], seconds=slot)
+            raw["transformer_layer"].append(point)
+            return point["time_s"]
+
+        def stacked(slot: float, point: dict[str, Any] = point) -> float:
+            point["num_layers_stacked"] = config.layer_stack
+            point["stacked_time_s"] = measure_transformer_layer_time_s(
+                point["batch"], point["seq"], point["hidden"], point["heads"], num_layers=config.layer_stack,
+                seconds=slot)
+            return point["stacked_time_s"]
+
+        name = f"GPT block fwd+bwd (b {b}, seq {s}, hidden {h}, heads {a})"
+        tasks += [Task(name, alone, show=lambda v: f"{v * 1e3:.2f} ms"),
+                  Task(f"{name}, in a stack of {config.layer_stack}", stacked, weight=2.0,
+                       show=lambda v: f"{v * 1e3:.2f} ms per layer")]
+
+    large, small = 256 * 1024, 4096
+
+    def adamw_large(slot: float) -> float:
+        time_s = measure_optimizer_time_s(config.optimizer_params, tensor_numel=large, seconds=slot)
+        raw["optimizer"] = {"kind": "AdamW", "num_params": config.optimizer_params, "time_s": time_s,
+                            "large_tensors": {"tensor_numel": large, "time_s": time_s,
+                                              "num_tensors": max(1, config.optimizer_params // large)}}
+        return time_s / config.optimizer_params
+
+    def adamw_small(slot: float) -> float:
+        time_s = measure_optimizer_time_s(256 * small, tensor_numel=small, seconds=slot)
+        raw["optimizer"]["small_tensors"] = {"tensor_numel": small, "num_tensors": 256, "time_s": time_s}
+        return time_s / 256
+
+    tasks += [Task(f"AdamW, {config.optimizer_params} parameters in tensors of {large}", adamw_large,
+                   show=lambda v: f"{v * 1e9:.2f} ns/parameter"),
+              Task(f"AdamW, 256 tensors of {small}", adamw_small, show=lambda v: f"{v * 1e6:.1f} µs/tensor")]
+    return tasks
 
 
-def measure_single_process(config: CalibrationConfig) -> dict[str, Any]:
-    """Everything one process measures alone, one thread (raw points, no fits)."""
+def measure_single_process(config: CalibrationConfig, *, seconds: float | None = None,
+                           progress: Progress | None = None) -> dict[str, Any]:
+    """Everything one process measures alone, one thread, within ``seconds`` (default: the
+    config's single-process share): raw points (no fits) and each measurement's timing."""
     since = cpu_seconds((os.getpid(),))
+    progress = progress or Progress(enabled=config.progress)
+    raw: dict[str, Any] = {"clock": "thread CPU time"}
+    budget = config.seconds * config.single_fraction if seconds is None else seconds
+    began = time.perf_counter()
     with one_thread():
-        matmul = {"fp32": _matmul_points(config.matmul_shapes, "fp32", config)}
-        for dtype in ("bf16", "fp16"):
-            matmul[dtype] = _matmul_points(config.low_precision_shapes, dtype, config)
-        flash, unfused = _attention_points(config)
-        large, small = 256 * 1024, 4096
-        optimizer = {"kind": "AdamW", "num_params": config.optimizer_params, "time_s":
-                     measure_optimizer_time_s(config.optimizer_params, repeats=config.repeats)}
-        optimizer |= {
-            "large_tensors": {"tensor_numel": large, "num_tensors": max(1, config.optimizer_params // large),
-                              "time_s": optimizer["time_s"]},
-            "small_tensors": {"tensor_numel": small, "num_tensors": 256, "time_s": measure_optimizer_time_s(
-                256 * small, tensor_numel=small, repeats=config.repeats)}}
-        return {
-            "clock": "thread CPU time", "matmul": matmul,
-            "linear": [{"m": m, "k": k, "n": n,
-                        "time_s": measure_linear_time_s(m, k, n, repeats=config.repeats)}
-                       for m, k, n in config.linear_shapes],
-            "copy": {"bytes": config.copy_bytes,
-                     "time_s": measure_memory_time_s(config.copy_bytes, repeats=config.repeats)},
-            "elementwise": {"elements": config.elementwise_elements, "passes": 7, "time_s":
-                            measure_elementwise_time_s(config.elementwise_elements, repeats=config.repeats)},
-            "ops": _op_points(config),
-            "op_overhead_s": measure_op_overhead_s(repeats=config.repeats),
-            "training_op_overhead_s": measure_training_op_overhead_s(repeats=config.repeats),
-            "attention": flash, "math_attention": unfused,
-            "transformer_layer": [{"batch": b, "seq": s, "hidden": h, "heads": a, "time_s":
-                                   measure_transformer_layer_time_s(b, s, h, a, repeats=config.repeats),
-                                   "num_layers_stacked": config.layer_stack, "stacked_time_s":
-                                   measure_transformer_layer_time_s(b, s, h, a, num_layers=config.layer_stack,
-                                                                    repeats=config.repeats)}
-                                  for b, s, h, a in config.layer_shapes],
-            "optimizer": optimizer,
-            "others_busy_cores": others_busy_cores(since, (os.getpid(),)),
-        }
+        _first_use()
+        budget -= time.perf_counter() - began
+        _, timings = run_tasks(single_process_tasks(config, raw), seconds=budget, progress=progress)
+    raw["timings"] = timings
+    raw["others_busy_cores"] = others_busy_cores(since, (os.getpid(),))
+    return raw
+
+
+def _first_use() -> None:
+    """Run each kind of operation once, untimed: their first calls import and set up (AdamW's first
+    step alone takes a second), which no measurement's slot should pay for."""
+    x = torch.randn(8, 8, requires_grad=True)
+    torch.nn.functional.scaled_dot_product_attention(x[None, None], x[None, None], x[None, None],
+                                                     is_causal=True).sum().backward()
+    parameter = torch.nn.Parameter(torch.randn(8))
+    parameter.grad = torch.randn(8)
+    torch.optim.AdamW([parameter]).step()
 
 
 def _share_rows(rows: list[dict[str, Any]]) -> tuple[ProcessShare, ...]:
@@ -202,14 +386,22 @@ def _share_rows(rows: list[dict[str, Any]]) -> tuple[ProcessShare, ...]:
                  for row in rows)
 
 
-def build_profile(single: dict[str, Any], group: dict[str, Any], *, quick: bool, elapsed_s: float
-                  ) -> LocalProfile:
-    """The fits of ``calibrate_fits`` over raw measurements."""
+def profile_id(single: dict[str, Any], group: dict[str, Any]) -> str:
+    """A short content hash of the raw measurements: which profile priced a plan."""
+    text = json.dumps({"single": single, "group": group}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def build_profile(single: dict[str, Any], group: dict[str, Any], *, quick: bool, elapsed_s: float,
+                  path: str | os.PathLike[str] | None = None) -> LocalProfile:
+    """The fits of ``fits`` over raw measurements; the rates' ``source`` names the profile (host,
+    time, content id, the file it is saved to)."""
     def shaped(points: list[dict[str, Any]]) -> list[tuple[Shape, float]]:
         return [((p["m"], p["k"], p["n"]), p["flops_per_s"]) for p in points]
 
     matmul, points = single["matmul"], group["collectives"]
-    curve_peak, tile = fit_matmul_curve(shaped(matmul["fp32"]))
+    cold = [p for p in matmul["fp32"] if not p.get("warm")] or matmul["fp32"]
+    curve_peak, tile = fit_matmul_curve(shaped(cold))
     sizes = sorted({p["num_ranks"] for p in points})
     links = tuple(fit_alpha_beta([p for p in points if p["num_ranks"] == n]) for n in sizes)
     by_kind = {f"{n} ranks {kind}": dataclasses.asdict(fit_alpha_beta(mine))
@@ -218,15 +410,17 @@ def build_profile(single: dict[str, Any], group: dict[str, Any], *, quick: bool,
     others = {"single_process": single["others_busy_cores"],
               "shares": group["others_busy_cores_during_shares"]}
     hostname, created = socket.gethostname(), datetime.now(UTC).isoformat(timespec="seconds")
+    where = f", {path}" if path is not None else ""
     rates = cpu_rates(single, group, num_cores=os.cpu_count() or 1,
-                      source=f"`autopar calibrate` on {hostname} at {created}")
+                      source=f"`autopar calibrate`{' --quick' if quick else ''} on {hostname} at {created}, "
+                             f"id {profile_id(single, group)}{where}")
     fits = {"matmul_curve_fp32": {"peak_flops_per_s": curve_peak, "tile_dim": tile}, "links_by_kind": by_kind,
             "layer_check": layer_check(rates, single["transformer_layer"])}
     return LocalProfile(
         hostname=hostname, created=created, num_cores=os.cpu_count() or 1, torch_version=torch.__version__,
         quick=quick, calibration_time_s=round(elapsed_s, 2),
-        peak_flops_per_s={d: fit_matmul_peak(shaped(ps)) for d, ps in matmul.items()},
-        best_matmul_flops_per_s={d: max(p["flops_per_s"] for p in ps) for d, ps in matmul.items()},
+        peak_flops_per_s={d: fit_matmul_peak(shaped(ps)) for d, ps in matmul.items() if ps},
+        best_matmul_flops_per_s={d: max(p["flops_per_s"] for p in ps) for d, ps in matmul.items() if ps},
         matmul_tile_dim=max(tile, 1e-3), matmul_curve_peak_flops_per_s=curve_peak,
         memory_bandwidth_bytes_per_s=single["copy"]["bytes"] / single["copy"]["time_s"],
         elementwise_bandwidth_bytes_per_s=7 * 4 * single["elementwise"]["elements"]
@@ -237,6 +431,8 @@ def build_profile(single: dict[str, Any], group: dict[str, Any], *, quick: bool,
         shares=_share_rows(group["shares"]), links=links, cpu=rates,
         measurements={**single, "shares": group["shares"], "collectives": points, "dtensor": group["dtensor"],
                       "runtime": group["runtime"], "fits": fits,
+                      "timings": {"single_process": single.get("timings", []),
+                                  "group": group.get("timings", [])},
                       "environment": _environment() | {"others_busy_cores": others}})
 
 
@@ -252,21 +448,30 @@ def other_load_warning(profile: LocalProfile, *, max_cores: float = OTHER_LOAD_W
 
 
 def _environment() -> dict[str, Any]:
+    flags = cpu_flags()
     return {"python": platform.python_version(), "machine": platform.machine(),
             "processor": platform.processor(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_flags_low_precision": sorted(f for f in flags if "bf16" in f or "fp16" in f),
             "load_average": [round(x, 2) for x in os.getloadavg()], "threads_per_process": 1}
 
 
 def calibrate(*, out: str | os.PathLike[str] | None = None, nproc: int = 4, quick: bool = False,
+              seconds: float | None = None, emulated: Sequence[str] = (),
               config: CalibrationConfig | None = None) -> tuple[LocalProfile, Path]:
-    """Measure this machine, fit, and save the profile (default path: ``local_profile``).
-    ``config`` overrides the preset that ``quick`` and ``nproc`` choose."""
+    """Measure this machine within the config's ``seconds``, fit, and save the profile (default
+    path: ``local_profile``). ``config`` overrides the preset that ``quick``, ``nproc``,
+    ``seconds`` and ``emulated`` choose."""
     if out is not None and Path(out).is_dir():
         raise ValueError(f"--out {str(out)!r} is a directory; give a file path such as "
                          f"{Path(out) / 'profile.json'}")
-    config = config or CalibrationConfig.preset(quick=quick, nproc=nproc)
+    config = config or CalibrationConfig.preset(quick=quick, nproc=nproc, seconds=seconds, emulated=emulated)
+    target = Path(out) if out is not None else default_profile_path()
     start = time.perf_counter()
-    single = measure_single_process(config)
-    group = measure_group(config)
-    profile = build_profile(single, group, quick=quick, elapsed_s=time.perf_counter() - start)
-    return profile, save_profile(profile, out)
+    deadline = time.time() + config.seconds
+    progress = Progress(start=start, enabled=config.progress)
+    progress.line(f"measuring this CPU within {config.seconds:.0f} s: one process, then a gloo group of "
+                  f"{config.nproc} (one line per measurement)")
+    single = measure_single_process(config, progress=progress)
+    group = measure_group(config, deadline=deadline, progress=progress)
+    profile = build_profile(single, group, quick=quick, elapsed_s=time.perf_counter() - start, path=target)
+    return profile, save_profile(profile, target)

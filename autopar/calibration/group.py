@@ -1,25 +1,31 @@
 """Group calibration measurements: N spawned gloo processes, one thread each.
 
 Data flow: ``calibrate.calibrate`` → :func:`measure_group` spawns ``config.nproc`` processes
-(``autopar.runtime.launch.spawn``) running :func:`group_worker` → raw points → ``calibrate_fits``.
+(``autopar.runtime.launch.spawn``) running :func:`group_worker` → raw points → ``fits``.
+Everything runs before the calibration's deadline (an absolute wall-clock time shared by the
+ranks, so the processes' start counts): each measurement gets a slot of what is left
+(``progress.run_tasks``, rank 0's slot for all ranks) and rank 0 prints one line per measurement.
 Measured here, in order:
 
 * shares: each process's matmul, copy and transformer-layer rate with 1…N processes busy at
   once (wall clock; the layer's also per CPU second);
 * collectives: the measured twins of ``comm``'s ``all_reduce_time_s`` / ``all_gather_time_s`` /
   ``reduce_scatter_time_s`` / ``p2p_time_s`` and of ``CpuRates.collective_time_s``, on groups of
-  2 and N ranks (wall clock: the fastest repeat of the slowest rank);
+  2 and N ranks (wall clock: the fastest repeat of the slowest rank, repeated until the slot is
+  spent — the ranks stop together, on rank 0's clock);
 * DTensor: the dispatch overhead of one op on a replicated DTensor (forward + backward, minus the
   same op on a plain tensor) and of one AdamW tensor step on DTensor parameters — what the
   runtime's tensor- and data-parallel wrappers add per op (thread CPU time);
 * runtime: one step of a tiny zoo GPT (no compute to speak of) through ``autopar.compile`` on all
   N ranks, pipelined with ``m`` and ``3m`` microbatches: the per-step and per-microbatch cost of
-  the runtime's own machinery (CPU time of the busiest rank).
+  the runtime's own machinery (CPU time of the busiest rank); skipped, and said so, when its slot
+  is too short to compile the model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -30,23 +36,34 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from autopar.calibration.ops import MIB, cpu_seconds, fastest_s, others_busy_cores
+from autopar.calibration.ops import MIB, cpu_seconds, others_busy_cores
+from autopar.calibration.progress import Progress, Skip, Task, run_tasks
+from autopar.cost_models.local.measure import measure_dtensor_overhead_s
 
 if TYPE_CHECKING:
     from autopar.calibration.calibrate import CalibrationConfig
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter")
+RUNTIME_MIN_SLOT_S = 1.0
+"""A runtime measurement compiles a tiny model first (about half a second on one core): with a
+shorter slot it is skipped."""
+FINISH_S = 1.5
+"""Seconds kept, before the deadline, for gathering the results and fitting them."""
+MIN_GROUP_FRACTION = 0.5
+"""However long its processes took to start, the group measures for at least this fraction of its
+share of the budget (the calibration then ends that much past its deadline: bounded, and the
+measurements keep their slots on a machine slow to start processes)."""
 
 
 def _busy_rates(rank: int, active: int, seconds: float, work: Callable[[], float]) -> list[list[float]]:
     """Rates of ``work`` (units per call) on this rank in three windows of ``seconds / 3``, each
     opened by a barrier, while ranks ``< active`` all run it (0 on idle ranks): per wall-clock
-    second and per second of the thread's CPU time."""
+    second and per second of the thread's CPU time. A busy rank calls ``work`` at least once."""
     rates = []
     for _ in range(3):
         dist.barrier()
         done, start, cpu = 0.0, time.perf_counter(), time.thread_time()
-        while rank < active and time.perf_counter() - start < seconds / 3:
+        while rank < active and (done == 0 or time.perf_counter() - start < seconds / 3):
             done += work()
         wall, used = time.perf_counter() - start, time.thread_time() - cpu
         busy = rank < active
@@ -77,10 +94,7 @@ def _layer_work(batch: int, seq: int, hidden: int, heads: int) -> Callable[[], f
     return layer
 
 
-def _shares(rank: int, world: int, config: CalibrationConfig) -> list[dict[str, Any]]:
-    """Per-process matmul, copy and layer rates with 1…world processes busy at once: of the three
-    windows, the one with the best mean over the busy ranks (other users' load only slows a window
-    down); the layer's also per CPU second (cache and memory contention without time slicing)."""
+def _share_works(config: CalibrationConfig) -> tuple[tuple[str, Callable[[], float]], ...]:
     a, b, out = torch.randn(512, 512), torch.randn(512, 512), torch.empty(512, 512)
     src = torch.ones(8 * MIB)
     dst = torch.empty_like(src)
@@ -93,30 +107,36 @@ def _shares(rank: int, world: int, config: CalibrationConfig) -> list[dict[str, 
         dst.copy_(src)
         return 2 * src.numel() * 4
 
-    works = (("matmul_flops_per_s", matmul), ("copy_bytes_per_s", copy),
-             ("layers_per_s", _layer_work(*config.share_layer_shape)))
-    rows = []
-    for active in range(1, world + 1):
-        row: dict[str, Any] = {"num_processes": active}
-        for key, work in works:
-            mine = torch.tensor(_busy_rates(rank, active, config.share_seconds, work), dtype=torch.float64)
-            every = [torch.zeros(3, 2, dtype=torch.float64) for _ in range(world)]
-            dist.all_gather(every, mine)
-            windows = torch.stack(every[:active])  # (active ranks, 3 windows, wall | cpu)
-            row[key] = windows[:, int(windows[:, :, 0].mean(dim=0).argmax()), 0].tolist()
-            if key == "layers_per_s":
-                row["layers_per_cpu_s"] = windows[:, int(windows[:, :, 1].mean(dim=0).argmax()), 1].tolist()
-        rows.append(row)
-    return rows
+    return (("matmul_flops_per_s", matmul), ("copy_bytes_per_s", copy),
+            ("layers_per_s", _layer_work(*config.share_layer_shape)))
+
+
+def _share_row(rank: int, world: int, active: int, seconds: float,
+               works: tuple[tuple[str, Callable[[], float]], ...]) -> dict[str, Any]:
+    """Per-process matmul, copy and layer rates with ``active`` processes busy at once, in
+    ``seconds``: of three windows per work, the one with the best mean over the busy ranks (other
+    users' load only slows a window down); the layer's also per CPU second (cache and memory
+    contention without time slicing)."""
+    row: dict[str, Any] = {"num_processes": active}
+    for key, work in works:
+        mine = torch.tensor(_busy_rates(rank, active, seconds / len(works), work), dtype=torch.float64)
+        every = [torch.zeros(3, 2, dtype=torch.float64) for _ in range(world)]
+        dist.all_gather(every, mine)
+        windows = torch.stack(every[:active])  # (active ranks, 3 windows, wall | cpu)
+        row[key] = windows[:, int(windows[:, :, 0].mean(dim=0).argmax()), 0].tolist()
+        if key == "layers_per_s":
+            row["layers_per_cpu_s"] = windows[:, int(windows[:, :, 1].mean(dim=0).argmax()), 1].tolist()
+    return row
 
 
 def _repeat_inner(size_bytes: int) -> int:
     return max(1, min(20, int(4 * MIB / size_bytes)))
 
 
-def measure_collective_time_s(kind: str, size_bytes: int, *, group: Any, repeats: int) -> float:
+def measure_collective_time_s(kind: str, size_bytes: int, *, group: Any, seconds: float) -> float:
     """Measured twin of ``comm``'s ``{kind}_time_s`` for a full buffer of ``size_bytes`` on the
-    calling ranks of ``group`` (every member must call it): the fastest repeat of the slowest rank."""
+    calling ranks of ``group`` (every member must call it): the fastest repeat of the slowest rank,
+    repeated for ``seconds``."""
     n = dist.get_world_size(group)
     full = torch.ones(max(n, size_bytes // 4 // n * n))
     part = torch.ones(full.numel() // n)
@@ -127,10 +147,10 @@ def measure_collective_time_s(kind: str, size_bytes: int, *, group: Any, repeats
            "reduce_scatter": lambda: scatter(part, full, group=group)}
     if kind not in ops:
         raise ValueError(f"unknown collective kind {kind!r}; expected one of {list(ops)}")
-    return _slowest_rank_s(ops[kind], group=group, repeats=repeats, inner=_repeat_inner(size_bytes))
+    return _slowest_rank_s(ops[kind], group=group, seconds=seconds, inner=_repeat_inner(size_bytes))
 
 
-def measure_p2p_time_s(size_bytes: int, *, peer: int, group: Any, repeats: int) -> float:
+def measure_p2p_time_s(size_bytes: int, *, peer: int, group: Any, seconds: float) -> float:
     """Measured twin of ``comm.p2p_time_s``: half a send/recv round trip between this rank and
     ``peer`` (the lower rank sends first; both must call it)."""
     buffer = torch.ones(max(1, size_bytes // 4))
@@ -140,115 +160,181 @@ def measure_p2p_time_s(size_bytes: int, *, peer: int, group: Any, repeats: int) 
         for sending in ((True, False) if first else (False, True)):
             (dist.send if sending else dist.recv)(buffer, peer)
 
-    return _slowest_rank_s(round_trip, group=group, repeats=repeats, inner=_repeat_inner(size_bytes)) / 2
+    return _slowest_rank_s(round_trip, group=group, seconds=seconds, inner=_repeat_inner(size_bytes)) / 2
 
 
-def _slowest_rank_s(fn: Callable[[], Any], *, group: Any, repeats: int, inner: int) -> float:
+def _slowest_rank_s(fn: Callable[[], Any], *, group: Any, seconds: float, inner: int) -> float:
+    """One warm-up call, then repeats of ``inner`` calls, each opened by a barrier, until
+    ``seconds`` have passed on the slowest clock (every rank stops after the same repeat): the
+    fastest repeat of the slowest rank."""
     fn()
-    times = torch.zeros(repeats, dtype=torch.float64)
-    for i in range(repeats):
+    start, best = time.perf_counter(), math.inf
+    while True:
         dist.barrier(group=group)
-        start = time.perf_counter()
+        began = time.perf_counter()
         for _ in range(inner):
             fn()
-        times[i] = (time.perf_counter() - start) / inner
-    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
-    return float(times.min())
+        now = time.perf_counter()
+        both = torch.tensor([(now - began) / inner, now - start], dtype=torch.float64)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        best = min(best, float(both[0]))
+        if float(both[1]) >= seconds:
+            return best
 
 
-def _collectives(rank: int, world: int, config: CalibrationConfig) -> list[dict[str, Any]]:
-    points, repeats = [], config.repeats
-    for size in sorted({2, world}):
-        group = dist.new_group(list(range(size)))  # collective over the whole world
+def _collective_task(rank: int, size: int, kind: str, group: Any, sizes: tuple[int, ...],
+                     points: list[dict[str, Any]]) -> Task:
+    def run(slot: float) -> str:
+        mine = []
         if rank < size:
-            for kind in KINDS:
-                for size_bytes in config.collective_bytes:
-                    time_s = measure_collective_time_s(kind, size_bytes, group=group, repeats=repeats)
-                    points.append({"kind": kind, "num_ranks": size, "size_bytes": size_bytes,
-                                   "time_s": time_s})
-            if size == 2:
-                for size_bytes in config.collective_bytes:
-                    time_s = measure_p2p_time_s(size_bytes, peer=1 - rank, group=group, repeats=repeats)
-                    points.append({"kind": "p2p", "num_ranks": 2, "size_bytes": size_bytes, "time_s": time_s})
+            each = slot / len(sizes)
+            for size_bytes in sizes:
+                if kind == "p2p":
+                    time_s = measure_p2p_time_s(size_bytes, peer=1 - rank, group=group, seconds=each)
+                else:
+                    time_s = measure_collective_time_s(kind, size_bytes, group=group, seconds=each)
+                mine.append({"kind": kind, "num_ranks": size, "size_bytes": size_bytes, "time_s": time_s})
         dist.barrier()
-    return points
+        points.extend(mine)
+        return ", ".join(f"{_size(p['size_bytes'])} {_duration(p['time_s'])}" for p in mine)
+
+    return Task(f"gloo {kind} on {size} ranks", run, weight=len(sizes) / 4)
 
 
-def measure_dtensor_overhead_s(world: int, *, repeats: int, num_ops: int = 50, num_tensors: int = 64
-                               ) -> dict[str, float]:
-    """Per-op DTensor dispatch (forward + backward of a tiny multiply, replicated minus plain) and
-    the extra AdamW time per DTensor parameter; thread CPU time, no communication involved."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate
-
-    mesh = init_device_mesh("cpu", (world,))
-
-    def chain(x: torch.Tensor) -> Callable[[], None]:
-        def run() -> None:
-            y = x
-            for _ in range(num_ops):
-                y = y * 1.0
-            y.sum().backward()
-        return run
-
-    plain = torch.ones(4, requires_grad=True)
-    shared = DTensor.from_local(torch.ones(4), mesh, [Replicate()]).requires_grad_(True)
-    per_op = (fastest_s(chain(shared), repeats=repeats) - fastest_s(chain(plain), repeats=repeats)) / num_ops
-
-    def adamw(make: Callable[[torch.Tensor], torch.Tensor]) -> float:
-        params = [torch.nn.Parameter(make(torch.randn(256))) for _ in range(num_tensors)]
-        for p in params:
-            p.grad = make(torch.randn(256))
-        return fastest_s(torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01).step, repeats=repeats)
-
-    extra = adamw(lambda t: DTensor.from_local(t, mesh, [Replicate()])) - adamw(lambda t: t)
-    return {"dispatch_s": max(per_op, 0.0), "optimizer_s_per_tensor": max(extra / num_tensors, 0.0)}
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes // MIB} MiB" if num_bytes >= MIB else f"{num_bytes // 1024} KiB"
 
 
-def measure_runtime_overhead_s(rank: int, world: int, *, microbatches: int, repeats: int) -> float:
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} µs"
+
+
+def measure_runtime_overhead_s(rank: int, world: int, *, microbatches: int, seconds: float) -> float:
     """CPU seconds of one step, on the busiest rank, of a tiny zoo GPT (4 layers, hidden 16)
-    pipelined over all ``world`` ranks with ``microbatches`` microbatches (1F1B)."""
+    pipelined over all ``world`` ranks with ``microbatches`` microbatches (1F1B). The plan is
+    priced with placeholder rates (its prediction plays no part; no quick measurement here)."""
     from autopar import models
     from autopar.compile import compile as autopar_compile
+    from autopar.cost_models.local.rates import CpuRates, quick_rates_as
 
     torch.manual_seed(0)
     model = models.build("gpt", num_layers=max(4, world), hidden_size=16, num_heads=2,
-                                 vocab_size=32, seq_len=8)
+                         vocab_size=32, seq_len=8)
     inputs, targets = models.example_batch(model, microbatches, seed=1)
     fix = {"pp": world, "num_microbatches": microbatches, "schedule": "1f1b"}
-    compiled = autopar_compile(model, f"local:{world}", fix=fix)
-    compiled.step(inputs, targets)
-    times = torch.tensor(fastest_s(lambda: compiled.step(inputs, targets), repeats=repeats,
-                                   clock=time.process_time), dtype=torch.float64)
+    began = time.perf_counter()
+    with quick_rates_as(CpuRates.placeholders(os.cpu_count() or 1)):
+        compiled = autopar_compile(model, f"local:{world}", fix=fix)
+        compiled.step(inputs, targets)
+    left = torch.tensor(seconds - (time.perf_counter() - began), dtype=torch.float64)
+    dist.all_reduce(left, op=dist.ReduceOp.MIN)  # every rank times the same number of steps
+    best, start = math.inf, time.perf_counter()
+    while True:
+        cpu = time.process_time()
+        compiled.step(inputs, targets)
+        best = min(best, time.process_time() - cpu)
+        done = torch.tensor(float(time.perf_counter() - start >= max(float(left), 0.0)), dtype=torch.float64)
+        dist.all_reduce(done, op=dist.ReduceOp.MAX)
+        if done:
+            break
+    times = torch.tensor(best, dtype=torch.float64)
     dist.all_reduce(times, op=dist.ReduceOp.MAX)
     return float(times)
 
 
-def group_worker(rank: int, world: int, config: CalibrationConfig, out_path: str) -> None:
-    """One spawned rank: process shares, then collectives, DTensor and the runtime; rank 0 writes
-    the points, and the cores that other processes kept busy meanwhile, as JSON."""
+def _agree(slot: float) -> float:
+    """Rank 0's slot, on every rank."""
+    value = torch.tensor(slot if dist.get_rank() == 0 else 0.0, dtype=torch.float64)
+    dist.broadcast(value, src=0)
+    return float(value)
+
+
+def group_tasks(rank: int, world: int, config: CalibrationConfig, raw: dict[str, Any]) -> list[Task]:
+    """The group's measurements as tasks filling ``raw`` (every rank runs the same tasks)."""
+    works = _share_works(config)
+    raw.update(shares=[], collectives=[], dtensor={},
+               runtime={"num_ranks": world, "step_s_by_microbatches": {}})
+    tasks = []
+    for active in range(1, world + 1):
+        def share(slot: float, active: int = active) -> str:
+            row = _share_row(rank, world, active, slot, works)
+            raw["shares"].append(row)
+            return (f"matmul {sum(row['matmul_flops_per_s']) / active / 1e9:.1f} GFLOP/s, copy "
+                    f"{sum(row['copy_bytes_per_s']) / active / 1e9:.1f} GB/s, "
+                    f"{sum(row['layers_per_cpu_s']) / active:.1f} layers per CPU second, per process")
+        tasks.append(Task(f"core sharing: {active} of {world} processes busy", share, weight=1.0))
+    for m in (world, 3 * world) if config.measure_runtime else ():
+        def runtime(slot: float, m: int = m) -> str:
+            if slot < RUNTIME_MIN_SLOT_S:
+                raise Skip(f"its {slot:.2f} s slot is too short to compile the model "
+                           f"(needs ~{RUNTIME_MIN_SLOT_S} s)")
+            try:
+                step_s = measure_runtime_overhead_s(rank, world, microbatches=m, seconds=slot)
+            except Exception as error:  # noqa: BLE001 - every rank fails alike (one deterministic plan)
+                message = " ".join(str(error).split())[:200]
+                raise Skip(f"the runtime failed ({type(error).__name__}: {message}); its overheads "
+                           "stay 0") from error
+            raw["runtime"]["step_s_by_microbatches"][str(m)] = step_s
+            return f"{step_s * 1e3:.2f} ms CPU per step"
+        tasks.append(Task(f"runtime: tiny GPT, pp {world}, {m} microbatches", runtime, weight=2.0))
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    measure_dtensor_overhead_s(seconds=0.0, mesh=mesh)  # first use (sharding rules, caches), untimed
+
+    def dtensor(slot: float) -> str:
+        raw["dtensor"] = measure_dtensor_overhead_s(seconds=slot, mesh=mesh)
+        return (f"{raw['dtensor']['dispatch_s'] * 1e6:.1f} µs per op, "
+                f"{raw['dtensor']['optimizer_s_per_tensor'] * 1e6:.1f} µs per AdamW tensor")
+
+    tasks.append(Task("DTensor dispatch overhead", dtensor, weight=1.0))
+    for size in sorted({2, world}):
+        group = dist.new_group(list(range(size)))  # collective over the whole world
+        for kind in (*KINDS, "p2p") if size == 2 else KINDS:
+            tasks.append(_collective_task(rank, size, kind, group, config.collective_bytes,
+                                          raw["collectives"]))
+    return tasks
+
+
+def group_worker(rank: int, world: int, config: CalibrationConfig, out_path: str, deadline: float,
+                 progress: Progress) -> None:
+    """One spawned rank: the group's tasks before ``deadline`` (``time.time()``; at least
+    :data:`MIN_GROUP_FRACTION` of the group's share); rank 0 prints their lines and writes the
+    points, and the cores that other processes kept busy meanwhile, as JSON."""
     torch.manual_seed(rank)
+    progress.enabled = progress.enabled and rank == 0
     pids: list[int] = [0] * world
     dist.all_gather_object(pids, os.getpid())
     since = cpu_seconds(pids)
-    shares = _shares(rank, world, config)
+    raw: dict[str, Any] = {}
+    tasks = group_tasks(rank, world, config, raw)
+    share = config.seconds * (1 - config.single_fraction)
+    seconds = _agree(max(deadline - time.time() - FINISH_S, MIN_GROUP_FRACTION * share))
+    progress.line(f"gloo group of {world} processes started; {max(seconds, 0):.1f} s left for its "
+                  "measurements")
+    _, timings = run_tasks(tasks, seconds=max(seconds, 0.0), progress=progress, agree=_agree)
     others = others_busy_cores(since, pids)
-    points = _collectives(rank, world, config)
-    dtensor = measure_dtensor_overhead_s(world, repeats=config.repeats)
-    steps = {m: measure_runtime_overhead_s(rank, world, microbatches=m, repeats=config.repeats)
-             for m in ((world, 3 * world) if config.measure_runtime else ())}
     if rank == 0:
         Path(out_path).write_text(json.dumps({
-            "shares": shares, "collectives": points, "dtensor": dtensor,
-            "runtime": {"num_ranks": world, "step_s_by_microbatches": steps},
-            "others_busy_cores_during_shares": others}))
+            **raw, "timings": timings, "others_busy_cores_during_shares": others}))
+    progress.line("measurements written")
 
 
-def measure_group(config: CalibrationConfig) -> dict[str, Any]:
-    """Spawn ``config.nproc`` gloo processes (autopar's launcher) and return their measurements."""
+def measure_group(config: CalibrationConfig, *, deadline: float | None = None,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """Spawn ``config.nproc`` gloo processes (autopar's launcher) and return their measurements,
+    taken before ``deadline`` (``time.time()``; default: ``config.seconds`` minus the
+    single-process share from now)."""
     from autopar.runtime.launch import spawn
 
+    if deadline is None:
+        deadline = time.time() + config.seconds * (1 - config.single_fraction)
+    progress = progress or Progress(enabled=config.progress)
+    progress.line(f"starting a gloo group of {config.nproc} processes")
     with tempfile.TemporaryDirectory(prefix="autopar-calibrate-") as folder:
         out = os.path.join(folder, "group.json")
-        spawn(group_worker, config.nproc, config, out, timeout_s=config.timeout_s)
+        spawn(group_worker, config.nproc, config, out, deadline, progress, timeout_s=config.timeout_s)
+        progress.line("gloo group finished")
         return json.loads(Path(out).read_text())
+

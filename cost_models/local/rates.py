@@ -3,8 +3,13 @@
 Data flow: ``autopar calibrate`` measures single operations (``calibrate_ops``) and a gloo group
 (``calibrate_group``) → ``calibrate_fits.cpu_rates`` builds :class:`CpuRates` → stored inside the
 ``LocalProfile`` JSON → ``cpu_compute`` (per-layer times) and ``cpu_step`` (the step on N
-processes sharing C cores) read it. Without a profile, :meth:`CpuRates.assumed` gives
-placeholder rates of the same shape (every number marked ASSUMED).
+processes sharing C cores) read it. Without a saved profile, :meth:`CpuRates.quick` (also reached
+as :meth:`CpuRates.assumed`) measures this machine in a few seconds (``measure.quick_measurements``:
+one process, the gloo ranks and the core sharing as threads) — once per process, cached on disk
+beside the profile (:func:`quick_rates_path`, ``$AUTOPAR_QUICK_RATES`` to name the file, e.g. one
+file for a whole test run) and labelled "quick" in ``source``, which a plan records
+(``Predicted.options.local_rates``). :meth:`CpuRates.placeholders` keeps round constants, for
+tests and for a machine where even the quick measurement fails.
 
 Every rate is per process, one thread, running alone; :meth:`CpuRates.share` says how a
 process's rate divides when ``k`` processes are busy at once: ``(compute, copy)`` fractions, the
@@ -27,14 +32,33 @@ interpolated (never extrapolated beyond a clamp), so nothing here is fitted to a
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+import hashlib
+import json
+import logging
 import math
-from collections.abc import Mapping, Sequence
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 ELEMENTWISE_OPS = ("layer_norm", "gelu", "add", "copy", "cross_entropy")
 COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
+log = logging.getLogger("autopar.cost_models")
+QUICK_FORMAT = "autopar-quick-rates"
+QUICK_VERSION = 1
+QUICK_ENV = "AUTOPAR_QUICK_RATES"
+QUICK_SECONDS = 3.0
+RUNTIME_MICROBATCH_OPS = 400.0
+"""ASSUMED, not measured by the quick path: the runtime's per-microbatch machinery costs this many
+autograd op overheads (``autopar calibrate`` measured 2.67 ms per microbatch beside 6.3 µs per op
+on a 2-core Xeon VM; the quick path cannot run the runtime, a layer above the cost models)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,10 +243,10 @@ class CpuRates:
         return cls(**{**data, "elementwise": tables})
 
     @classmethod
-    def assumed(cls, num_cores: int) -> CpuRates:
-        """ASSUMED rates for a machine never calibrated: every number a placeholder of the right
-        order for one AVX2 core (as ``hardware``'s CPU entry), none measured; gloo as
-        ``hardware.GLOO_LOOPBACK`` (2 GB/s, 50 µs). Run ``autopar calibrate`` to replace them."""
+    def placeholders(cls, num_cores: int) -> CpuRates:
+        """ASSUMED round numbers, none measured: of the right order for one AVX2 core (as
+        ``hardware``'s CPU entry); gloo as ``hardware.GLOO_LOOPBACK`` (2 GB/s, 50 µs). For tests,
+        and for a machine where :meth:`quick` fails; they cannot rank plans."""
         ns = 1e-9
         table = OpTable(points=((2.0**18, 1 * ns, 3 * ns),))
         collectives = tuple((kind, n, size, _ring_steps(kind, n) * 50e-6 + _ring_bytes(kind, n, size) / 2e9)
@@ -237,6 +261,193 @@ class CpuRates:
                    runtime_microbatch_s=1e-3, collectives=collectives,
                    shares=((1, 1.0, 1.0), (num_cores, 1.0, 1.0)),  # beyond C: C/k
                    source="ASSUMED placeholders, not measured: run `autopar calibrate`")
+
+    @classmethod
+    def quick(cls, num_cores: int | None = None, *, path: str | os.PathLike[str] | None = None) -> CpuRates:
+        """This machine's rates from the quick built-in measurement (module docstring): measured
+        once per process, else read from ``path`` (default :func:`quick_rates_path`) when it was
+        measured on this machine with this torch, else measured now (a few seconds; one process at
+        a time, the others wait for its file) and saved there. ``num_cores`` relabels the result."""
+        if _OVERRIDE:
+            return _OVERRIDE[-1]
+        key = _machine_key()
+        target = Path(path) if path is not None else quick_rates_path()
+        cache_key = (json.dumps(key, sort_keys=True), str(target) if path is not None else "")
+        rates = _QUICK.get(cache_key)
+        if rates is None:
+            try:
+                rates = _load_quick(target, key) or _measure_quick(target, key)
+            except Exception as error:  # noqa: BLE001 - a plan must still be priced
+                log.warning("the quick measurement of this CPU failed (%s: %s); pricing local plans from "
+                            "ASSUMED placeholders, which cannot rank plans: run `autopar calibrate`",
+                            type(error).__name__, error)
+                rates = cls.placeholders(key["num_cores"])
+            _QUICK[cache_key] = rates
+        wanted = key["num_cores"] if num_cores is None else num_cores
+        return rates if rates.num_cores == wanted else dataclasses.replace(rates, num_cores=wanted)
+
+    @classmethod
+    def assumed(cls, num_cores: int) -> CpuRates:
+        """The rates of a machine ``autopar calibrate`` has not profiled: :meth:`quick` (the name
+        the step model calls; no longer constants)."""
+        return cls.quick(num_cores)
+
+    @classmethod
+    def from_quick_measurements(cls, raw: Mapping[str, Any], *, source: str) -> CpuRates:
+        """Rates from ``measure.quick_measurements``'s raw points (no fits beyond the linear curve
+        and the AdamW two-term split)."""
+        from autopar.cost_models.compute import FUSED_ATTENTION_BACKWARD_FLOPS_RATIO
+
+        peak, tile = _fit_linear([((p["m"], p["k"], p["n"]), 6 * p["m"] * p["k"] * p["n"] / p["time_s"])
+                                  for p in raw["linear"]])
+        flash = []
+        for p in raw["attention"]:
+            flops = 2 * p["batch"] * p["heads"] * p["seq"] ** 2 * p["head_dim"]  # causal: half of 4·b·a·s²·d
+            flash.append((float(p["seq"]), float(p["head_dim"]), flops / p["forward_s"],
+                          (1 + FUSED_ATTENTION_BACKWARD_FLOPS_RATIO) * flops / p["forward_backward_s"]))
+        scores = raw["math_attention"]
+        tables = {op: OpTable(points=tuple((p["elements"], p["forward_s"] / p["elements"],
+                                            p["train_s"] / p["elements"])
+                                           for p in raw["ops"] if p["op"] == op))
+                  for op in ELEMENTWISE_OPS}
+        (big_numel, big), (small_numel, small) = sorted(
+            (p["tensor_numel"], p["time_s"] / p["num_tensors"]) for p in raw["optimizer"])[::-1]
+        per_param = max((big - small) / (big_numel - small_numel), 0.0)
+        overhead = raw["training_op_overhead_s"]
+        return cls(
+            num_cores=raw["num_cores"], linear_peak_flops_per_s=peak, linear_tile_dim=tile,
+            flash_attention=tuple(flash),
+            math_attention_s_per_score=(scores["forward_s"] / scores["scores"],
+                                        scores["train_s"] / scores["scores"]),
+            elementwise=tables, copy_bytes_per_s=raw["copy"]["bytes"] / raw["copy"]["time_s"],
+            activation_reread_s_per_byte=0.0, op_overhead_s=overhead, optimizer_s_per_param=per_param,
+            optimizer_s_per_tensor=max(small - per_param * small_numel, 0.0),
+            dtensor_dispatch_s=raw["dtensor"]["dispatch_s"],
+            dtensor_optimizer_s_per_tensor=raw["dtensor"]["optimizer_s_per_tensor"], runtime_step_s=0.0,
+            runtime_microbatch_s=RUNTIME_MICROBATCH_OPS * overhead,
+            collectives=tuple((p["kind"], p["num_ranks"], float(p["size_bytes"]), p["time_s"])
+                              for p in raw["collectives"]),
+            shares=tuple(tuple(row) for row in raw["shares"]), source=source)
+
+
+def _fit_linear(points: Sequence[tuple[tuple[float, float, float], float]]) -> tuple[float, float]:
+    """FITTED ``(P, T)`` of ``rate = P / (1 + T s)``, ``s = 1/m + 1/k + 1/n``: least squares of
+    ``1/rate = 1/P + (T/P) s`` (T ≥ 0; the best rate as P when the points say nothing more)."""
+    xs = [1 / m + 1 / k + 1 / n for (m, k, n), _ in points]
+    ys = [1 / rate for _, rate in points]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / spread if spread else 0.0
+    intercept = mean_y - slope * mean_x
+    if slope <= 0 or intercept <= 0:
+        return max(rate for _, rate in points), 0.0
+    return 1 / intercept, slope / intercept
+
+
+# --- the quick measurement's cache ------------------------------------------------------------------
+_QUICK: dict[tuple[str, str], CpuRates] = {}
+_OVERRIDE: list[CpuRates] = []
+
+
+@contextlib.contextmanager
+def quick_rates_as(rates: CpuRates) -> Iterator[None]:
+    """Within the body, :meth:`CpuRates.quick` returns ``rates`` and measures nothing: for work
+    whose predictions do not matter (the calibration timing the runtime on a tiny model)."""
+    _OVERRIDE.append(rates)
+    try:
+        yield
+    finally:
+        _OVERRIDE.pop()
+
+
+def quick_rates_path() -> Path:
+    """``$AUTOPAR_QUICK_RATES``, else ``quick-<hostname>.json`` beside the saved profile
+    (``$XDG_CACHE_HOME/autopar``, ``~/.cache`` when unset)."""
+    named = os.environ.get(QUICK_ENV)
+    if named:
+        return Path(named)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "autopar" / f"quick-{socket.gethostname()}.json"
+
+
+def _machine_key() -> dict[str, Any]:
+    """What a cached quick measurement must match: the machine and the torch that measured it."""
+    import torch
+
+    return {"hostname": socket.gethostname(), "num_cores": os.cpu_count() or 1, "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "version": QUICK_VERSION}
+
+
+def _load_quick(path: Path, key: Mapping[str, Any]) -> CpuRates | None:
+    """The rates cached at ``path`` if they were measured under ``key`` (else None, silently:
+    the caller measures again)."""
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != QUICK_FORMAT or data.get("key") != dict(key):
+            return None
+        return CpuRates.from_dict(data["rates"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _measure_quick(path: Path, key: Mapping[str, Any]) -> CpuRates:
+    """Measure now (under a lock beside ``path``: a process that finds another measuring waits for
+    its file), label the rates, and save them atomically (unless the folder is not writable)."""
+    from autopar.cost_models.local.measure import quick_measurements
+
+    with _locked(path):
+        found = _load_quick(path, key)
+        if found is not None:
+            return found
+        start = time.perf_counter()
+        raw = quick_measurements(seconds=QUICK_SECONDS, ops=ELEMENTWISE_OPS, kinds=COLLECTIVE_KINDS)
+        created = datetime.now(UTC).isoformat(timespec="seconds")
+        digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:12]
+        elapsed = time.perf_counter() - start
+        rates = CpuRates.from_quick_measurements(raw, source=(
+            f"quick built-in measurement ({elapsed:.1f} s; no saved `autopar calibrate` profile) on "
+            f"{key['hostname']} at {created}, id {digest}, {path}"))
+        data = {"format": QUICK_FORMAT, "key": dict(key), "created": created, "id": digest,
+                "measure_s": round(elapsed, 2), "raw": raw, "rates": rates.to_dict()}
+        try:
+            _write_atomically(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+            where = f"saved to {path}"
+        except OSError as error:
+            where = f"not saved ({error})"
+        log.warning("no saved calibration of this machine: local plans are priced from a quick measurement "
+                    "(%.1f s, %s); `autopar calibrate` measures it fully", elapsed, where)
+        return rates
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``<path>.lock`` (no lock where the folder cannot be made or locks do
+    not exist)."""
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(f"{path}.lock", "w")  # noqa: SIM115 - closed below
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def _ring_steps(kind: str, n: int) -> int:

@@ -2,7 +2,8 @@
 
 Data flow: ``estimate`` hands a Plan on a ``local:N`` cluster here. :func:`local_rates` finds the
 measured ``CpuRates`` (``CostOptions.local_profile``, else the profile ``autopar calibrate`` wrote
-to its default path, else :meth:`CpuRates.assumed`); :func:`cpu_stage_costs` prices every stage
+to its default path, else :meth:`CpuRates.quick`, a built-in measurement of a few seconds cached
+on disk); :func:`cpu_stage_costs` prices every stage
 per microbatch with ``cpu_compute``; :func:`estimate_local` adds what the runtime does around the
 pipeline and runs the step on the cores (``shared_cores``) → ``Predicted``.
 
@@ -108,7 +109,7 @@ def local_rates(plan: Plan, profile: LocalProfile | None = None) -> CpuRates | N
     if not plan.cluster.get("local", False):
         return None
     profile = profile if profile is not None else _default_profile()
-    return profile.cpu if profile is not None else CpuRates.assumed(os.cpu_count() or 1)
+    return profile.cpu if profile is not None else CpuRates.quick(os.cpu_count() or 1)
 
 
 def _moe_as_dense(layer: LayerProfile, tokens: int, ep: int) -> LayerProfile:

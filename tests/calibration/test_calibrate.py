@@ -1,9 +1,12 @@
 """Calibration: the profile file (round trip, atomic write, version and corrupt-file errors),
-applying it to local clusters, the fits on synthetic data, and a shrunken real calibration."""
+applying it to local clusters, the fits on synthetic data, and a shrunken real calibration
+(time-bounded, with its progress lines, the emulated-dtype path and the skipped Triton kernel).
+The time budget, the quick built-in measurement and the GPU path: tests/calibration/test_budget.py."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -47,7 +50,7 @@ def _profile(**changes: object) -> LocalProfile:
         best_matmul_flops_per_s={"fp32": 200e9, "bf16": 1.6e12, "fp16": 190e9},
         matmul_tile_dim=2.0, matmul_curve_peak_flops_per_s=200e9, memory_bandwidth_bytes_per_s=20e9,
         elementwise_bandwidth_bytes_per_s=15e9, op_overhead_s=1e-6, attention_flops_per_s=40e9,
-        optimizer_time_s_per_param=3e-9, cpu=CpuRates.assumed(2),
+        optimizer_time_s_per_param=3e-9, cpu=CpuRates.placeholders(2),
         shares=(ProcessShare(num_processes=1, matmul_fraction=1.0, copy_fraction=1.0),
                 ProcessShare(num_processes=2, matmul_fraction=0.9, copy_fraction=0.6),
                 ProcessShare(num_processes=4, matmul_fraction=0.45, copy_fraction=0.3)),
@@ -245,13 +248,19 @@ def test_other_load_warning() -> None:
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="nproc = 1 is invalid"):
         cal.CalibrationConfig(nproc=1)
-    with pytest.raises(ValueError, match="repeats = 0"):
-        cal.CalibrationConfig(repeats=0)
+    with pytest.raises(ValueError, match=r"seconds = 0 is invalid: expected a time budget"):
+        cal.CalibrationConfig(seconds=0)
+    with pytest.raises(ValueError, match=r"emulated = \['int8'\] is invalid"):
+        cal.CalibrationConfig(emulated=("int8",))
     with pytest.raises(ValueError, match="is a directory"):
         cal.calibrate(out=Path(__file__).parent, quick=True)
+    assert cal.CalibrationConfig.preset(quick=False).seconds == 80.0
+    assert cal.CalibrationConfig.preset(quick=True).seconds == 30.0
+    assert cal.CalibrationConfig.preset(quick=True, seconds=5, emulated=["bf16"]).emulated == ("bf16",)
 
 
-def test_quick_calibration_writes_a_loadable_profile(tmp_path: Path) -> None:
+def _tiny_config(**changes: object) -> cal.CalibrationConfig:
+    """The quick preset shrunk to shapes that take milliseconds, on 2 ranks."""
     config = dataclasses.replace(
         cal.CalibrationConfig.preset(quick=True, nproc=2),
         matmul_shapes=cal.transformer_shapes((64, 256), (64,)), low_precision_shapes=((64, 64, 64),),
@@ -259,8 +268,14 @@ def test_quick_calibration_writes_a_loadable_profile(tmp_path: Path) -> None:
         cold_pool_bytes=2 * MIB, elementwise_elements=4096, op_elements=(4096, 32768),
         cross_entropy_elements=(8192, 32768), attention_shapes=((1, 2, 32, 16),),
         math_attention_shapes=((1, 2, 32, 16),), layer_shapes=((1, 32, 64, 2),), layer_stack=2,
-        optimizer_params=2**18, share_seconds=0.03, share_layer_shape=(1, 16, 32, 2), measure_runtime=False,
-        collective_bytes=(1024, 65536), repeats=1)
+        optimizer_params=2**18, share_layer_shape=(1, 16, 32, 2), measure_runtime=False,
+        collective_bytes=(1024, 65536), seconds=4.0)
+    return dataclasses.replace(config, **changes)
+
+
+def test_quick_calibration_writes_a_loadable_profile(tmp_path: Path, capfd: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    config = _tiny_config(emulated=("bf16",))
     profile, path = cal.calibrate(out=tmp_path / "profile.json", config=config)
     assert path == tmp_path / "profile.json"
     assert load_profile(path) == profile
@@ -281,21 +296,62 @@ def test_quick_calibration_writes_a_loadable_profile(tmp_path: Path) -> None:
     cluster = apply_profile(ClusterSpec.parse("local:2"), profile)
     assert cluster.device.peak_flops_per_s_for("fp32") == pytest.approx(
         profile.peak_for("fp32") * profile.shares[1].matmul_fraction)
+    # the emulated dtype: one warm probe, its shapes skipped, and said so
+    bf16 = profile.measurements["matmul"]["bf16"]
+    assert len(bf16) == 1 and bf16[0]["warm"] and "bf16" in profile.measurements["emulated"]
+    # which profile priced a plan: host, time, content id, the file
+    assert cpu.source.startswith("`autopar calibrate` on ") and str(path) in cpu.source
+    assert f" id {cal.profile_id(profile.measurements, {})}" not in cpu.source and " id " in cpu.source
+    # one progress line per measurement, each timed; the Triton kernel skipped on CPU, with the reason
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("calibrate [")]
+    timings = profile.measurements["timings"]
+    assert len(timings["single_process"]) > 30 and len(timings["group"]) >= 6
+    assert len(lines) >= len(timings["single_process"]) + len(timings["group"])
+    assert any("matmul bf16 probe" in line and "measured briefly" in line for line in lines)
+    assert any("attention Triton kernel: skipped:" in line and "interpreter" in line for line in lines)
+    assert all(t["seconds"] < 2.0 for t in timings["single_process"])  # a 4 s budget, in slots
+    single_s = sum(t["seconds"] for t in timings["single_process"])
+    assert single_s < 2 * config.seconds * config.single_fraction + 1
 
 
-def test_cli_calibrate(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+def _fake_group(config: cal.CalibrationConfig, **_: object) -> dict:
+    """What a 2-rank group would return, without spawning it (the CLI test stays in seconds)."""
+    rows = [{"num_processes": n, "matmul_flops_per_s": [1e10] * n, "copy_bytes_per_s": [1e10] * n,
+             "layers_per_s": [10.0] * n, "layers_per_cpu_s": [10.0] * n} for n in (1, 2)]
+    points = [{"kind": kind, "num_ranks": 2, "size_bytes": size, "time_s": 1e-4 + size / 1e9}
+              for kind in ("all_reduce", "all_gather", "reduce_scatter", "p2p") for size in (1024, 65536)]
+    dtensor = {"dispatch_s": 3e-5, "optimizer_s_per_tensor": 1e-4}
+    return {"shares": rows, "collectives": points, "dtensor": dtensor,
+            "runtime": {"num_ranks": 2, "step_s_by_microbatches": {}}, "timings": [],
+            "others_busy_cores_during_shares": 0.0}
+
+
+def test_cli_calibrate(tmp_path: Path, capfd: pytest.CaptureFixture[str],
                        monkeypatch: pytest.MonkeyPatch) -> None:
-    assert main(["calibrate", "--nproc", "1", "--quick"]) == 2
-    assert capsys.readouterr().err.strip().count("\n") == 0  # one line, no traceback
+    assert main(["calibrate", "--nproc", "1", "--quick", "--device", "cpu"]) == 2
+    assert capfd.readouterr().err.strip().count("\n") == 0  # one line, no traceback
+    assert main(["calibrate", "--seconds", "0", "--device", "cpu"]) == 2
+    assert "--seconds 0 is invalid" in capfd.readouterr().err
     calls = {}
+    real = cal.calibrate
 
-    def fake(**kwargs: object) -> tuple[LocalProfile, Path]:
+    def shrunk(**kwargs: object) -> tuple[LocalProfile, Path]:
         calls.update(kwargs)
-        return _profile(), save_profile(_profile(), tmp_path / "p.json")
+        config = _tiny_config(seconds=kwargs["seconds"], emulated=kwargs["emulated"])
+        return real(out=kwargs["out"], quick=True, config=config)
 
-    monkeypatch.setattr(cal, "calibrate", fake)
-    assert main(["--no-color", "calibrate", "--quick", "--out", str(tmp_path / "p.json")]) == 0
-    out = capsys.readouterr().out
-    assert calls == {"out": str(tmp_path / "p.json"), "nproc": 4, "quick": True}
+    monkeypatch.setattr(cal, "calibrate", shrunk)
+    module = importlib.import_module("autopar.calibration.calibrate")
+    monkeypatch.setattr(module, "measure_group", _fake_group)
+    out_path = tmp_path / "p.json"
+    assert main(["--no-color", "calibrate", "--quick", "--device", "cpu", "--seconds", "2",
+                 "--emulate", "bf16", "--emulate", "fp16", "--out", str(out_path)]) == 0
+    out, err = capfd.readouterr()
+    assert calls == {"out": str(out_path), "nproc": 4, "quick": True, "seconds": 2.0,
+                     "emulated": ("bf16", "fp16")}
     assert "matmul fp32" in out and "gloo 2 ranks FITTED" in out and "profile written to" in out
     assert "DTensor" in out and "share with 2 busy processes" in out
+    assert "(emulated: one warm matmul)" in out and "plans priced by it" in out
+    assert "matmul fp16 probe 256³ (warm)" in err and "--emulate fp16" in err
+    assert load_profile(out_path) is not None

@@ -159,13 +159,14 @@ def test_gradient_sync_splits_dense_over_dp_and_experts_over_dp_over_ep():
         return dp_sync_time_s(params, bytes_per_element=2, zero=zero, group=Group(size=ranks),
                               cluster=cluster, num_microbatches=microbatches)
 
-    for ep in (1, 2, 8):  # the whole-model rule (dp_overlap 0); per layer the dense part partly hides
+    for ep in (1, 2, 8):  # the whole-model rule (dp_overlap 0); per layer (the runtime's pipelining
+        # reduces after the last backward) nothing hides and each layer's all-reduce pays its latency
         plan = _plan("1x8xA100-80GB", 16, dp=8, ep=ep)
         predicted = estimate(plan, profile, options=CostOptions(dp_overlap=0.0))
         expected = sync(dense, 8) + sync(experts / ep, 8 // ep)
         assert predicted.breakdown_dict()["dp_comm"] == pytest.approx(expected)
         per_layer = estimate(plan, profile).breakdown_dict()["dp_comm"] - sync(experts / ep, 8 // ep)
-        assert 0 < per_layer < sync(dense, 8)
+        assert per_layer >= sync(dense, 8) * (1 - 1e-9)
     # ZeRO-3 gathers the dense weights every microbatch, layer by layer behind compute (``fsdp``): some
     # but not all of that traffic is exposed; the experts are all-reduced once, as at ZeRO 0
     plan = _plan("1x8xA100-80GB", 32, dp=8, ep=2, zero=3, microbatch_size=2)
@@ -175,8 +176,8 @@ def test_gradient_sync_splits_dense_over_dp_and_experts_over_dp_over_ep():
 
 
 def test_expert_gradient_all_reduce_is_not_overlapped_with_backward():
-    """The runtime reduces expert gradients after the last backward: dp_overlap hides dense sync only
-    (all but the reductions that follow the last layer's backward)."""
+    """The runtime reduces expert gradients after the last backward, and under its pipelining the dense
+    gradients too (``fsdp``: ``perform_reduce_grad``): per layer or whole, none of it hides."""
     profile = _moe()
     cluster = ClusterSpec.parse("1x8xA100-80GB")
     experts = sum(layer.moe.expert_params_total for layer in profile.layers if layer.moe)
@@ -188,7 +189,7 @@ def test_expert_gradient_all_reduce_is_not_overlapped_with_backward():
     dense_sync = dp_sync_time_s(profile.param_count - experts, bytes_per_element=2, zero=0,
                                 group=Group(size=8), cluster=cluster)
     assert whole == pytest.approx(expert_sync + dense_sync)
-    assert expert_sync < hidden < expert_sync + dense_sync
+    assert hidden >= (expert_sync + dense_sync) * (1 - 1e-9)
 
 
 def test_ep1_without_moe_predicts_what_it_did_before_expert_parallelism():
@@ -273,7 +274,7 @@ def test_local_cpu_model_keeps_experts_out_of_zero():
     dense_profile = ModelProfile.gpt(get_config("gpt", **shape), dtype="fp32")
     profile = moe_profile(dense_profile, num_experts=4, top_k=2)
     experts = sum(layer.moe.expert_params_total for layer in profile.layers if layer.moe)
-    rates = CpuRates.assumed(4)
+    rates = CpuRates.placeholders(4)
     plan = plan_from_fix("gpt-moe-test", graph_fingerprint="analytic", num_layers=2,
                          cluster=ClusterSpec.parse("local:4"), fix=Fix(dp=4, ep=2, zero=3),
                          global_batch_size=4, seq_len=32)

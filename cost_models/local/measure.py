@@ -1,0 +1,458 @@
+"""Time-bounded measurements of single operations on this CPU, one thread, as a runtime rank runs.
+
+Data flow: :func:`quick_measurements` (a few seconds, one process) → ``rates.CpuRates.quick`` — the
+rates that price a local plan when ``autopar calibrate`` has saved no profile; the same
+primitives serve ``autopar calibrate`` (``autopar.calibration.ops``, which adds the cold-operand
+matmuls, transformer blocks and a spawned gloo group). Each ``measure_*`` is the measured twin
+of a cost-model function: ``CpuRates.linear_s`` (``nn.Linear`` forward + backward),
+``flash_attention_s`` / ``math_attention_s`` (causal SDPA), ``elementwise_s`` (a training op
+forward, and forward + backward), ``copy_s``, ``optimizer_s`` (AdamW), the DTensor dispatch
+overheads and ``collective_time_s`` (gloo).
+
+Every measurement is bounded by TIME, never by a repeat count: :func:`timed_s` runs one warm-up
+call, then calls again until its ``seconds`` (wall clock) are spent — at least one timed call —
+and keeps the fastest, timed on the thread's CPU clock (``time.thread_time``): a rank's work on
+its own core, which other users of a shared machine do not inflate by taking the core away. A
+single call longer than its whole slot is kept as the measurement.
+
+In-process stand-ins for what the full calibration measures across processes (quick path only):
+the gloo collectives of ``n`` ranks run on ``n`` threads of this process, each with its own
+``ProcessGroupGloo`` over an in-memory store (gloo runs outside the GIL); how processes share the
+cores is measured with ``n`` threads (torch kernels release the GIL); DTensor dispatch on a
+one-rank mesh of this process (no communication involved).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+MIB = 2**20
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NATIVE_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
+"""/proc/cpuinfo flags under which oneDNN runs a dtype's matmuls natively; without them torch
+converts (AVX-512) or falls back to a scalar reference loop (AVX2 only: 100–1000× slower)."""
+EMULATED_ENV = "AUTOPAR_EMULATED_DTYPES"
+"""Comma-separated dtypes to treat as emulated whatever the CPU says (``bf16,fp16``; testing the
+bounded path on a CPU that has them)."""
+
+
+# --- timing ---------------------------------------------------------------------------------------
+def timed_s(fn: Callable[[], Any], *, seconds: float, inner: int = 1,
+            clock: Callable[[], float] = time.thread_time) -> float:
+    """Seconds per call of ``fn`` on ``clock``: one warm-up call, then batches of ``inner`` calls
+    until ``seconds`` of wall clock have passed since the start (at least one batch), the fastest
+    batch per call. A warm-up that alone took the whole slot is the measurement."""
+    start = time.perf_counter()
+    before = clock()
+    fn()
+    warm = clock() - before
+    if time.perf_counter() - start >= seconds:
+        return warm
+    best = math.inf
+    while True:
+        before = clock()
+        for _ in range(inner):
+            fn()
+        best = min(best, (clock() - before) / inner)
+        if time.perf_counter() - start >= seconds:
+            return best
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the body with one intra-op thread, as each runtime rank does."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# --- what this CPU runs natively ------------------------------------------------------------------
+def cpu_flags() -> frozenset[str]:
+    """The ``flags`` of /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def emulated_dtypes() -> dict[str, str]:
+    """``{dtype: why}`` for the low-precision dtypes this CPU emulates: no native matmul flag
+    (:data:`NATIVE_FLAGS`), or named in ``$AUTOPAR_EMULATED_DTYPES``."""
+    forced = {d.strip() for d in os.environ.get(EMULATED_ENV, "").split(",") if d.strip()}
+    flags, capability = cpu_flags(), torch.backends.cpu.get_cpu_capability()
+    found = {}
+    for dtype, needed in NATIVE_FLAGS.items():
+        if dtype in forced:
+            found[dtype] = f"treated as emulated (${EMULATED_ENV})"
+        elif flags and not flags & set(needed):
+            found[dtype] = (f"this CPU ({capability}) has none of {'/'.join(needed)}: torch emulates "
+                            f"{dtype} matmuls")
+    return found
+
+
+# --- single operations ----------------------------------------------------------------------------
+def measure_train_time_s(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor,
+                         params: Sequence[torch.Tensor] = (), seconds: float) -> tuple[float, float]:
+    """(forward, forward + backward) seconds of ``fn(*inputs)`` as training runs it: autograd
+    records the forward, the backward takes a fixed output gradient, gradients start empty; half
+    of ``seconds`` each."""
+    grad = torch.randn_like(fn(*inputs))
+
+    def train() -> None:
+        for tensor in (*inputs, *params):
+            tensor.grad = None
+        fn(*inputs).backward(grad)
+
+    return timed_s(lambda: fn(*inputs), seconds=seconds / 2), timed_s(train, seconds=seconds / 2)
+
+
+def measure_linear_time_s(m: int, k: int, n: int, *, seconds: float) -> float:
+    """Measured twin of ``CpuRates.linear_s``: ``nn.Linear(k, n)`` (with bias) on ``m`` rows,
+    forward and backward."""
+    linear = torch.nn.Linear(k, n)
+    x = torch.randn(m, k, requires_grad=True)
+    grad = torch.randn(m, n)
+
+    def train() -> None:
+        for tensor in (x, *linear.parameters()):
+            tensor.grad = None
+        linear(x).backward(grad)
+
+    return timed_s(train, seconds=seconds)
+
+
+def measure_memory_time_s(num_bytes: int, *, seconds: float) -> float:
+    """Measured twin of ``CpuRates.copy_s``: a copy that reads and writes ``num_bytes`` in all."""
+    src = torch.ones(max(1, num_bytes // 8))
+    dst = torch.empty_like(src)
+    return timed_s(lambda: dst.copy_(src), seconds=seconds)
+
+
+def measure_training_op_overhead_s(*, seconds: float, num_ops: int = 100) -> float:
+    """Per op, forward and backward through autograd, of a chain of tiny (1-element) multiplies."""
+    x = torch.ones(1, requires_grad=True)
+
+    def chain() -> None:
+        y = x
+        for _ in range(num_ops):
+            y = y * 1.0
+        y.backward()
+
+    return timed_s(chain, seconds=seconds) / num_ops
+
+
+def op_inputs(op: str, num_elements: int) -> tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...],
+                                                   tuple[torch.Tensor, ...]]:
+    """The training op ``op`` of ``CpuRates.elementwise`` on about ``num_elements`` output elements."""
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, requires_grad=True)
+
+    def rows(width: int) -> int:
+        return max(1, num_elements // width)
+
+    if op == "layer_norm":
+        norm = torch.nn.LayerNorm(256)
+        return norm, (leaf(rows(256), 256),), tuple(norm.parameters())
+    if op == "gelu":
+        return F.gelu, (leaf(rows(1024), 1024),), ()
+    if op == "add":
+        return torch.add, (leaf(num_elements), leaf(num_elements)), ()
+    if op == "copy":  # the attention output's head merge: (b, a, s, d) → (b, s, a·d)
+        b = rows(8 * 128 * 32)
+        return (lambda x: x.transpose(1, 2).reshape(b, 128, 256)), (leaf(b, 8, 128, 32),), ()
+    if op == "cross_entropy":  # fp32 logits over an 8192-word vocabulary, summed
+        target = torch.randint(0, 8192, (rows(8192),))
+        return (lambda z: F.cross_entropy(z, target, reduction="sum")), (leaf(rows(8192), 8192),), ()
+    raise ValueError(f"unknown training op {op!r}")
+
+
+def measure_op_time_s(op: str, num_elements: int, *, seconds: float) -> tuple[float, float, int]:
+    """Measured twin of ``CpuRates.elementwise_s``: (forward s, forward + backward s, elements) of
+    ``op`` on about ``num_elements`` elements (the exact count its shapes allow)."""
+    fn, inputs, params = op_inputs(op, num_elements)
+    fwd, train = measure_train_time_s(fn, *inputs, params=params, seconds=seconds)
+    return fwd, train, inputs[0].numel()
+
+
+def attention_flops(batch: int, heads: int, seq: int, head_dim: int, *, causal: bool = True) -> float:
+    """Forward FLOPs of fused attention as ``compute`` counts them (causal: half)."""
+    return 4 * batch * seq * seq * heads * head_dim * (0.5 if causal else 1.0)
+
+
+def measure_attention_time_s(batch: int, heads: int, seq: int, head_dim: int, *, backend: str = "flash",
+                             seconds: float) -> tuple[float, float]:
+    """Measured twin of ``CpuRates.flash_attention_s`` / ``math_attention_s``: causal SDPA in fp32
+    on the ``flash`` (default CPU) or ``math`` backend; (forward, forward + backward) seconds."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, requires_grad=True) for _ in range(3))
+    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}[backend]
+
+    def attention(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)
+
+    with sdpa_kernel([chosen]):
+        return measure_train_time_s(attention, q, k, v, seconds=seconds)
+
+
+def measure_optimizer_time_s(num_params: int, *, tensor_numel: int = 256 * 1024, seconds: float,
+                             wrap: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Measured twin of ``CpuRates.optimizer_s``: the runtime's default AdamW over ``num_params``
+    fp32 parameters in tensors of ``tensor_numel`` (each passed through ``wrap``, e.g. into a
+    DTensor)."""
+    wrap = wrap or (lambda t: t)
+    count = max(1, num_params // tensor_numel)
+    params = [torch.nn.Parameter(wrap(torch.randn(tensor_numel))) for _ in range(count)]
+    for p in params:
+        p.grad = wrap(torch.randn(tensor_numel))
+    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
+    return timed_s(optimizer.step, seconds=seconds)
+
+
+# --- DTensor, in this process ---------------------------------------------------------------------
+@contextlib.contextmanager
+def _one_rank_mesh() -> Iterator[Any]:
+    """A device mesh of this process alone (no communication): over the process group this process
+    is in, else over a one-rank gloo group made for the measurement and destroyed after it."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    made = not dist.is_initialized()
+    if made:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield DeviceMesh("cpu", torch.tensor([dist.get_rank()]), _init_backend=False)
+    finally:
+        if made:
+            dist.destroy_process_group()
+
+
+def measure_dtensor_overhead_s(*, seconds: float, num_ops: int = 50, num_tensors: int = 64,
+                               mesh: Any = None) -> dict[str, float]:
+    """Per-op DTensor dispatch (forward + backward of a tiny multiply, replicated minus plain) and
+    the extra AdamW time per DTensor parameter; thread CPU time, no communication involved. Without
+    ``mesh``, on a one-rank mesh of this process."""
+    if mesh is None:
+        with _one_rank_mesh() as own:
+            return measure_dtensor_overhead_s(seconds=seconds, num_ops=num_ops, num_tensors=num_tensors,
+                                              mesh=own)
+    from torch.distributed.tensor import DTensor, Replicate
+
+    def chain(x: torch.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            y = x
+            for _ in range(num_ops):
+                y = y * 1.0
+            y.sum().backward()
+        return run
+
+    def replicated(t: torch.Tensor) -> torch.Tensor:
+        return DTensor.from_local(t, mesh, [Replicate()])
+
+    part = seconds / 4
+    plain = torch.ones(4, requires_grad=True)
+    shared = replicated(torch.ones(4)).requires_grad_(True)
+    per_op = (timed_s(chain(shared), seconds=part) - timed_s(chain(plain), seconds=part)) / num_ops
+    small = 256
+    extra = (measure_optimizer_time_s(num_tensors * small, tensor_numel=small, seconds=part, wrap=replicated)
+             - measure_optimizer_time_s(num_tensors * small, tensor_numel=small, seconds=part))
+    return {"dispatch_s": max(per_op, 0.0), "optimizer_s_per_tensor": max(extra / num_tensors, 0.0)}
+
+
+# --- several ranks, as threads of this process ----------------------------------------------------
+def _on_threads(num: int, work: Callable[[int], Any]) -> list[Any]:
+    """``work(i)`` on ``num`` threads at once; their results in order (the first error re-raised)."""
+    results: list[Any] = [None] * num
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = work(i)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(num)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def measure_gloo_in_threads(num_ranks: int, sizes: Sequence[int], *, seconds: float,
+                            kinds: Sequence[str], timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    """Stand-in for ``autopar calibrate``'s gloo group: each collective of ``kinds`` (p2p only for
+    2 ranks) on each full-buffer size, among ``num_ranks`` gloo ranks on threads of this process;
+    ``seconds`` shared by the points. Per point, the fastest repeat of the slowest rank (wall
+    clock; p2p: half a round trip)."""
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    groups = _on_threads(num_ranks, lambda r: dist.ProcessGroupGloo(
+        dist.PrefixStore("autopar-quick", store), r, num_ranks, datetime.timedelta(seconds=timeout_s)))
+    points = [(kind, size) for kind in kinds if kind != "p2p" or num_ranks == 2 for size in sizes]
+    slot = seconds / max(1, len(points))
+    barrier, shared = threading.Barrier(num_ranks), {}
+
+    def rank(r: int) -> list[float]:
+        times = []
+        for kind, size in points:
+            call = _collective_call(groups[r], kind, size, rank=r, num_ranks=num_ranks)
+            times.append(_slowest_rank_s(call, r, barrier, slot, shared) / (2 if kind == "p2p" else 1))
+        return times
+
+    measured = _on_threads(num_ranks, rank)[0]
+    return [{"kind": kind, "num_ranks": num_ranks, "size_bytes": size, "time_s": t}
+            for (kind, size), t in zip(points, measured, strict=True)]
+
+
+def _collective_call(group: Any, kind: str, size_bytes: int, *, rank: int, num_ranks: int
+                     ) -> Callable[[], None]:
+    """One ``kind`` on a full buffer of ``size_bytes`` by ``rank`` of ``group`` (p2p: a round trip
+    between ranks 0 and 1, the lower one sending first)."""
+    full = torch.ones(max(num_ranks, size_bytes // 4 // num_ranks * num_ranks))
+    part = torch.ones(full.numel() // num_ranks)
+    if kind == "all_reduce":
+        return lambda: group.allreduce([full]).wait()
+    if kind == "all_gather":
+        return lambda: group._allgather_base(full, part).wait()
+    if kind == "reduce_scatter":
+        return lambda: group._reduce_scatter_base(part, full).wait()
+    if kind != "p2p":
+        raise ValueError(f"unknown collective kind {kind!r}; expected all_reduce, all_gather, "
+                         "reduce_scatter or p2p")
+
+    def round_trip() -> None:
+        for sending in ((True, False) if rank == 0 else (False, True)):
+            (group.send if sending else group.recv)([full], 1 - rank, 0).wait()
+
+    return round_trip
+
+
+def _slowest_rank_s(call: Callable[[], None], rank: int, barrier: threading.Barrier, seconds: float,
+                    shared: dict[str, Any]) -> float:
+    """The fastest repeat of the slowest rank; rank 0 decides, after each repeat, whether the
+    ``seconds`` are spent (every rank runs the same number of repeats)."""
+    call()
+    start, best = time.perf_counter(), math.inf
+    while True:
+        barrier.wait()
+        begin = time.perf_counter()
+        call()
+        shared[f"t{rank}"] = time.perf_counter() - begin
+        barrier.wait()
+        if rank == 0:
+            shared["done"] = time.perf_counter() - start >= seconds
+        slowest = max(shared[f"t{r}"] for r in range(barrier.parties))
+        barrier.wait()
+        best = min(best, slowest)
+        if shared["done"]:
+            return best
+
+
+def measure_shares_in_threads(counts: Sequence[int], *, seconds: float) -> list[tuple[int, float, float]]:
+    """``(n, compute, copy)``: each of ``n`` threads' matmul and large-copy rate while all ``n`` run
+    at once, relative to one alone (torch kernels release the GIL: the threads share the cores,
+    caches and memory as ``n`` processes do); ``seconds`` shared by the counts."""
+    a, b = torch.randn(256, 512), torch.randn(512, 512)
+    window = seconds / max(1, 2 * len(counts))
+
+    def rate(work: Callable[[int], Callable[[], None]], n: int) -> float:
+        def run(i: int) -> float:
+            fn, done, start = work(i), 0, time.perf_counter()
+            while time.perf_counter() - start < window:
+                fn()
+                done += 1
+            return done / (time.perf_counter() - start)
+        return sum(_on_threads(n, run)) / n
+
+    def matmul(_: int) -> Callable[[], None]:
+        out = torch.empty(256, 512)
+        return lambda: torch.mm(a, b, out=out)
+
+    def copy(_: int) -> Callable[[], None]:
+        src = torch.ones(2 * MIB)
+        dst = torch.empty_like(src)
+        return lambda: dst.copy_(src)
+
+    alone = None
+    rows = []
+    for n in sorted(set(counts) | {1}):
+        mine = rate(matmul, n), rate(copy, n)
+        alone = alone or mine
+        rows.append((n, min(1.0, mine[0] / alone[0]), min(1.0, mine[1] / alone[1])))
+    return rows
+
+
+# --- the quick built-in measurement ---------------------------------------------------------------
+QUICK_LINEAR_SHAPES = ((128, 256, 256), (256, 512, 512), (512, 1024, 1024))
+QUICK_ATTENTION_SHAPES = ((4, 8, 128, 32), (2, 8, 256, 64))
+QUICK_OP_ELEMENTS = (2**16, 2**20)
+QUICK_CROSS_ENTROPY_ELEMENTS = (2**18, 2**21)
+QUICK_COLLECTIVE_BYTES = (4096, 256 * 1024, 4 * MIB)
+QUICK_COLLECTIVE_RANKS = (2, 4)
+QUICK_OPTIMIZER = ((256 * 1024, 4), (4096, 64))  # (tensor numel, tensors)
+
+
+def quick_measurements(*, ops: Sequence[str], kinds: Sequence[str], seconds: float = 3.0,
+                       progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Everything the quick rates need, measured in about ``seconds`` (one process, one thread;
+    several ranks as threads, module docstring): the training ``ops`` and collective ``kinds``
+    the rates tabulate (``rates.ELEMENTWISE_OPS``, ``COLLECTIVE_KINDS``); raw points, no fits."""
+    say = progress or (lambda _: None)
+    s = seconds / 3.0  # the slots below add up to about 3 s
+    start = time.perf_counter()
+    with one_thread():
+        linear = [{"m": m, "k": k, "n": n, "time_s": measure_linear_time_s(m, k, n, seconds=0.06 * s)}
+                  for m, k, n in QUICK_LINEAR_SHAPES]
+        attention = []
+        for b, a, seq, d in QUICK_ATTENTION_SHAPES:
+            fwd, both = measure_attention_time_s(b, a, seq, d, seconds=0.08 * s)
+            attention.append({"batch": b, "heads": a, "seq": seq, "head_dim": d, "forward_s": fwd,
+                              "forward_backward_s": both})
+        b, a, seq, d = QUICK_ATTENTION_SHAPES[0]
+        fwd, both = measure_attention_time_s(b, a, seq, d, backend="math", seconds=0.06 * s)
+        math_attention = {"scores": b * a * seq * seq, "forward_s": fwd, "train_s": both}
+        say("nn.Linear, attention")
+        op_points = []
+        for op in ops:
+            for n in QUICK_CROSS_ENTROPY_ELEMENTS if op == "cross_entropy" else QUICK_OP_ELEMENTS:
+                fwd, both, elements = measure_op_time_s(op, n, seconds=0.03 * s)
+                op_points.append({"op": op, "elements": elements, "forward_s": fwd, "train_s": both})
+        copy_bytes = 64 * MIB
+        copy_s = measure_memory_time_s(copy_bytes, seconds=0.05 * s)
+        overhead_s = measure_training_op_overhead_s(seconds=0.05 * s)
+        optimizer = [{"tensor_numel": numel, "num_tensors": count,
+                      "time_s": measure_optimizer_time_s(numel * count, tensor_numel=numel, seconds=0.05 * s)}
+                     for numel, count in QUICK_OPTIMIZER]
+        say("elementwise ops, copy, autograd overhead, AdamW")
+        dtensor = measure_dtensor_overhead_s(seconds=0.2 * s)
+        collectives = [p for n in QUICK_COLLECTIVE_RANKS for p in measure_gloo_in_threads(
+            n, QUICK_COLLECTIVE_BYTES, seconds=0.55 * s, kinds=kinds)]
+        say("DTensor dispatch, gloo collectives")
+        cores = os.cpu_count() or 1
+        shares = measure_shares_in_threads(sorted({min(cores, 2), min(cores, 4)}), seconds=0.3 * s)
+        say("core sharing")
+    return {"linear": linear, "attention": attention, "math_attention": math_attention, "ops": op_points,
+            "copy": {"bytes": copy_bytes, "time_s": copy_s}, "training_op_overhead_s": overhead_s,
+            "optimizer": optimizer, "dtensor": dtensor, "collectives": collectives, "shares": shares,
+            "num_cores": cores, "seconds": round(time.perf_counter() - start, 2)}
