@@ -155,11 +155,10 @@ def sparkline(values: Sequence[float], width: int = 60) -> str:
 
 
 def _curve(result: TrainResult, rows: list[dict[str, Any]]) -> Group:
-    """The training loss as a sparkline (one character per few steps) and a table at the held-out
-    evaluations."""
+    """The training loss as a sparkline (each character the mean of a few steps) and a table at the
+    held-out evaluations."""
     losses = list(result.losses)
-    line = (f"\n[bold]loss curve[/] (training loss, {len(losses)} steps): {losses[0]:.2f} "
-            f"{sparkline(losses, width=48)} {losses[-1]:.2f}")
+    line = f"\n[bold]training loss[/] {losses[0]:.2f} {sparkline(losses, width=40)} {losses[-1]:.2f}"
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1),
                   caption="train loss: mean over the steps since the previous row · held-out: modules "
                           "never trained on")

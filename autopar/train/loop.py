@@ -106,7 +106,8 @@ def run(config: TrainConfig, *, world_size: int = 1) -> TrainResult:
         built.model.cuda()
     compiled = compile(built.model, config.cluster or f"local:{world_size}", fix=config.compile_fix,
                        optimizer=_adamw(config), max_grad_norm=config.max_grad_norm,
-                       time_limit_s=config.plan_time_limit_s, passes=config.graph_passes)
+                       time_limit_s=config.plan_time_limit_s,
+                       passes=config.graph_passes or None)  # None: those `autopar run --moe ...` hands over
     example = torch.zeros(config.global_batch_size, config.seq_len, dtype=torch.long,
                           device=next(built.model.parameters()).device)
     device = compiled.prepare(example).device

@@ -1,5 +1,6 @@
 """The autopar console script: capture, demo, and one-line errors with exit code 2."""
 
+import argparse
 import json
 import re
 import shutil
@@ -14,6 +15,7 @@ import torch
 from autopar.cli.main import main
 from autopar.data import Corpus, TokenLoader, train_tokenizer
 from tests.data.generated import write_corpus
+from tests.helpers.cli import parse_passes
 
 
 def run(capsys, *argv):
@@ -163,6 +165,23 @@ def test_demo_refuses_an_earlier_run(capfd, tmp_path):
     (tmp_path / "checkpoints" / "step_00000004").mkdir(parents=True)
     code, out, err = run(capfd, "demo", "--out", str(tmp_path))
     assert code == 2 and "already holds a training run" in err and err.count("\n") == 1, err
+
+
+def test_demo_config_carries_the_pass_options_to_the_ranks():
+    """The demo hands ``--random-ltd``/``--moe`` to the trainer as TrainConfig.passes, which travel to
+    the spawned ranks as JSON and come back as the same ``autopar.passes`` objects; nothing pinned."""
+    from autopar.cli.demo import demo_config
+    from autopar.train import TrainConfig
+
+    passes = parse_passes("--random-ltd", "min_tokens=32,num_steps=100,layers=1-2", "--moe", "num_experts=4")
+    args = argparse.Namespace(steps=300, nproc=4, corpus="stdlib", batch=16, seed=0)
+    config = demo_config(args, "out", passes)
+    again = TrainConfig.from_json(config.to_json())
+    assert again.graph_passes == config.graph_passes == passes
+    assert config.report and config.fix == {} and config.model == "gpt-demo"
+    with pytest.raises(ValueError, match="unknown pass 'nope'"):
+        TrainConfig.from_mapping({"model": "gpt-demo", "corpus": "stdlib", "out": "o", "steps": 1,
+                                  "passes": '[{"name": "nope"}]'})
 
 
 def test_demo_reference_reads_the_ranks_rows(tmp_path):
