@@ -79,6 +79,7 @@ from autopar.data import (
     vocabulary_rarity,
 )
 from autopar.data.corpus import DEFAULT_EXCLUDE_DIRS, STDLIB_TEST_DIRS
+from autopar.models import GPTConfig
 from autopar.passes import MoE, RandomLTD
 from autopar.passes.random_ltd import random_ltd_runtime
 from autopar.passes.random_ltd.schedule import kept_tokens, layer_token_lr_scheduler
@@ -111,52 +112,65 @@ COLORS = {
 }
 
 
+MODEL_SHAPE = ("num_layers", "hidden_size", "num_heads", "seq_len", "vocab_size")
+"""The fields of the zoo GPT config a setup sets (the rest keep their defaults)."""
+
+
+def _gpt(**shape: int) -> GPTConfig:
+    return autopar.models.get_config("gpt", **shape)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Setup:
     """Model, batch and schedule sizes; ``steps`` is the baseline's, which fixes every budget."""
 
-    num_layers: int = 4
-    hidden_size: int = 128
-    num_heads: int = 4
-    seq_len: int = 128
-    vocab_size: int = 4096
+    model: GPTConfig = dataclasses.field(default_factory=lambda: _gpt(
+        num_layers=4, hidden_size=128, num_heads=4, seq_len=128, vocab_size=4096))
+    # the baseline's training and evaluation
     batch_size: int = 8
     steps: int = 200
     lr: float = 2e-3
     warmup_fraction: float = 0.1
     min_lr_ratio: float = 0.1
+    # held-out evaluation
     num_evals: int = 5
     eval_windows: int = 1000
     fim_windows: int = 16
+    # curricula (DeepSpeed's GPT-3 1.3B schedule, scaled)
     cl_fraction: float = 0.38
     seqlen_min: int = 8
     seqlen_step: int = 8
     voc_min_percentile: float = 1.0
     voc_root_degree: float = 2.0
+    # random-LTD
     ltd_min_tokens: int = 8
     ltd_fraction: float = 0.7
     ltd_granularity: int = 8
+    # fill-in-the-middle
     fim_rate: float = 0.5
+    # continued training: dense vs upcycled MoE
     continue_fraction: float = 0.5
     continue_lr_ratio: float = 0.3
     moe_experts: int = 8
     moe_top_k: int = 2
     moe_capacity_factor: float = 1.25
 
-    @property
-    def ffn_size(self) -> int:
-        return 4 * self.hidden_size
+    def build_model(self) -> torch.nn.Module:
+        """The zoo GPT of this setup's shape (weights from the current torch seed)."""
+        return autopar.models.build("gpt", **{name: getattr(self.model, name) for name in MODEL_SHAPE})
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting as one flat JSON object (the model's shape among them): the results' record
+        and the cache key."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        return settings | {name: getattr(self.model, name) for name in MODEL_SHAPE}
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(self.flat(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 QUICK = Setup(
-    num_layers=3,
-    hidden_size=32,
-    num_heads=2,
-    seq_len=32,
-    vocab_size=512,
+    model=_gpt(num_layers=3, hidden_size=32, num_heads=2, seq_len=32, vocab_size=512),
     batch_size=4,
     steps=6,
     num_evals=2,
@@ -197,12 +211,12 @@ CASE_SPECS = {
 
 def moe_layers(setup: Setup) -> tuple[int, ...]:
     """The layers ``MoE(layers="every_other")`` upcycles: 1, 3, 5, …"""
-    return tuple(range(1, setup.num_layers, 2))
+    return tuple(range(1, setup.model.num_layers, 2))
 
 
 def ltd_layers(setup: Setup) -> tuple[int, ...]:
     """The layers random-LTD drops tokens in by default: all but the first and the last."""
-    return tuple(range(1, setup.num_layers - 1))
+    return tuple(range(1, setup.model.num_layers - 1))
 
 
 def step_flops(
@@ -215,10 +229,10 @@ def step_flops(
 ) -> int:
     """Training FLOPs of one step (module docstring): ``kept`` maps dropping layers to kept tokens per
     sample, ``assignments`` maps MoE layers to the (token, expert) assignments their experts computed."""
-    h, f, v = setup.hidden_size, setup.ffn_size, setup.vocab_size
+    h, f, v = setup.model.hidden_size, setup.model.ffn_size, setup.model.vocab_size
     kept, assignments = kept or {}, assignments or {}
     forward = batch_size * seq_len * 2 * h * v
-    for layer in range(setup.num_layers):
+    for layer in range(setup.model.num_layers):
         k = kept.get(layer, seq_len)
         forward += batch_size * (k * 2 * 4 * h * h + 4 * h * k * k)
         if layer in assignments:
@@ -231,12 +245,12 @@ def step_flops(
 def moe_steps(setup: Setup, dense_steps: int) -> int:
     """Steps of the upcycled MoE with the FLOPs of ``dense_steps`` dense steps (nominal top-k routing,
     no token dropped)."""
-    full = setup.batch_size * setup.seq_len
-    dense = step_flops(setup, batch_size=setup.batch_size, seq_len=setup.seq_len)
+    full = setup.batch_size * setup.model.seq_len
+    dense = step_flops(setup, batch_size=setup.batch_size, seq_len=setup.model.seq_len)
     moe = step_flops(
         setup,
         batch_size=setup.batch_size,
-        seq_len=setup.seq_len,
+        seq_len=setup.model.seq_len,
         assignments=dict.fromkeys(moe_layers(setup), setup.moe_top_k * full),
     )
     return dense_steps * dense // moe
@@ -259,10 +273,10 @@ class Data:
 
     def __init__(self, setup: Setup, corpus: Corpus, cache_dir: Path | None) -> None:
         self.setup, self.corpus, self.cache_dir = setup, corpus, cache_dir
-        self.tokenizer = train_tokenizer(corpus, vocab_size=setup.vocab_size, cache_dir=cache_dir)
-        if self.tokenizer.vocab_size > setup.vocab_size:
+        self.tokenizer = train_tokenizer(corpus, vocab_size=setup.model.vocab_size, cache_dir=cache_dir)
+        if self.tokenizer.vocab_size > setup.model.vocab_size:
             raise ValueError(
-                f"tokenizer has {self.tokenizer.vocab_size} tokens > model vocab {setup.vocab_size}"
+                f"tokenizer has {self.tokenizer.vocab_size} tokens > model vocab {setup.model.vocab_size}"
             )
         self._index: DifficultyIndex | None = None
         self._eval: dict[str, torch.Tensor | None] | None = None
@@ -274,7 +288,7 @@ class Data:
             Pacing(
                 kind="linear",
                 min_value=s.seqlen_min,
-                max_value=s.seq_len,
+                max_value=s.model.seq_len,
                 num_steps=cl_steps,
                 granularity=s.seqlen_step,
             )
@@ -297,7 +311,7 @@ class Data:
             self.corpus,
             self.tokenizer,
             global_batch_size=s.batch_size,
-            seq_len=s.seq_len,
+            seq_len=s.model.seq_len,
             seed=seed,
             fim_rate=s.fim_rate if fim else 0.0,
             seq_len_pacing=pacing,
@@ -312,10 +326,10 @@ class Data:
                 self.corpus,
                 self.tokenizer,
                 global_batch_size=self.setup.batch_size,
-                seq_len=self.setup.seq_len,
+                seq_len=self.setup.model.seq_len,
                 cache_dir=self.cache_dir,
             ).windows
-            counts = token_counts(windows, vocab_size=self.setup.vocab_size)
+            counts = token_counts(windows, vocab_size=self.setup.model.vocab_size)
             self._index = DifficultyIndex.build(windows, vocabulary_rarity(counts))
         return self._index
 
@@ -329,7 +343,7 @@ class Data:
                 self.corpus,
                 self.tokenizer,
                 global_batch_size=1,
-                seq_len=s.seq_len,
+                seq_len=s.model.seq_len,
                 seed=0,
                 cache_dir=self.cache_dir,
             )
@@ -390,26 +404,20 @@ def held_out(compiled: Any, data: Data, *, fim: bool) -> dict[str, float | None]
 
 @dataclass
 class Counters:
-    """What a run consumed so far."""
+    """What a run consumed so far: training steps, tokens, layer-tokens (random-LTD's currency),
+    FLOPs, and seconds of training and of captures (timed apart)."""
 
+    wall_s: float = 0.0
+    capture_s: float = 0.0
     steps: int = 0
     tokens: int = 0
     layer_tokens: int = 0
     flops: int = 0
-    wall_s: float = 0.0
-    capture_s: float = 0.0
 
 
 def _compiled(setup: Setup, case: Case, seed: int, state: dict[str, Any] | None, lr: float) -> Any:
     torch.manual_seed(seed)
-    model = autopar.models.build(
-        "gpt",
-        num_layers=setup.num_layers,
-        hidden_size=setup.hidden_size,
-        num_heads=setup.num_heads,
-        vocab_size=setup.vocab_size,
-        seq_len=setup.seq_len,
-    )
+    model = setup.build_model()
     if state is not None:
         model.load_state_dict(state)
     passes: list[Any] = []
@@ -452,14 +460,14 @@ class RunPlan:
 def plan_run(setup: Setup, case: Case, loader: TokenLoader) -> RunPlan:
     """Pretraining: the number of steps whose FLOPs come nearest the baseline's (sequence lengths and
     kept tokens are known functions of the step). Continuation: ``M`` dense or ``M'`` MoE steps."""
-    full = setup.batch_size * setup.seq_len
+    full = setup.batch_size * setup.model.seq_len
     if case.continued:
         dense = round(setup.continue_fraction * setup.steps)
         steps = moe_steps(setup, dense) if case.moe else dense
         flops = steps * step_flops(
             setup,
             batch_size=setup.batch_size,
-            seq_len=setup.seq_len,
+            seq_len=setup.model.seq_len,
             assignments=dict.fromkeys(moe_layers(setup), setup.moe_top_k * full) if case.moe else None,
         )
         return RunPlan(
@@ -469,7 +477,7 @@ def plan_run(setup: Setup, case: Case, loader: TokenLoader) -> RunPlan:
             flops,
             _eval_steps([flops * (t + 1) // steps for t in range(steps)], setup.num_evals),
         )
-    budget = setup.steps * step_flops(setup, batch_size=setup.batch_size, seq_len=setup.seq_len)
+    budget = setup.steps * step_flops(setup, batch_size=setup.batch_size, seq_len=setup.model.seq_len)
     cumulative, quantity = [0], 0
     while True:
         t = len(cumulative) - 1
@@ -482,7 +490,7 @@ def plan_run(setup: Setup, case: Case, loader: TokenLoader) -> RunPlan:
         quantity += {
             "step": 1,
             "tokens": setup.batch_size * s,
-            "layer_tokens": setup.batch_size * sum(kept.get(i, s) for i in range(setup.num_layers)),
+            "layer_tokens": setup.batch_size * sum(kept.get(i, s) for i in range(setup.model.num_layers)),
         }[case.lr_by]
     return RunPlan(t, case.lr_by, quantity, cumulative[-1], _eval_steps(cumulative[1:], setup.num_evals))
 
@@ -605,7 +613,7 @@ def _account(
     flops = step_flops(setup, batch_size=b, seq_len=s, kept=kept, assignments=assignments)
     counters.steps += 1
     counters.tokens += b * s
-    counters.layer_tokens += b * sum(kept.get(layer, s) for layer in range(setup.num_layers))
+    counters.layer_tokens += b * sum(kept.get(layer, s) for layer in range(setup.model.num_layers))
     counters.flops += flops
     per_step.append(
         {
@@ -669,7 +677,7 @@ class Store:
         payload = {
             "schema_version": 1,
             "load_range": f"{min(loads):.1f}–{max(loads):.1f}" if loads else "n/a",
-            "setup": dataclasses.asdict(self.setup),
+            "setup": self.setup.flat(),
             "setup_key": self.setup.key(),
             **self.header,
             "summary": summary,

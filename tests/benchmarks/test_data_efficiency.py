@@ -18,9 +18,10 @@ SETUP = de.QUICK
 def flops_by_hand(*, b, s, kept, assignments, moe_layers, ltd_layers):
     """3 × forward matmul FLOPs: per layer 2·(4h²)·k + 4h·k² (attention) + MLP 2·2·h·f per token
     (MoE: per computed assignment, plus the router 2·h·E per token), and the head 2·h·V per token."""
-    h, f, v, e = SETUP.hidden_size, 4 * SETUP.hidden_size, SETUP.vocab_size, SETUP.moe_experts
+    model = SETUP.model
+    h, f, v, e = model.hidden_size, 4 * model.hidden_size, model.vocab_size, SETUP.moe_experts
     total = b * s * 2 * h * v
-    for layer in range(SETUP.num_layers):
+    for layer in range(SETUP.model.num_layers):
         k = kept if layer in ltd_layers else s
         total += b * k * 8 * h * h + b * 4 * h * k * k
         if layer in moe_layers:
@@ -88,7 +89,7 @@ def test_flops_per_step_match_the_formula_and_the_flop_counter(result):
     moe = list(de.moe_layers(SETUP))
     for run in payload["runs"].values():
         spec = de.CASE_SPECS[run["case"]]
-        ltd = list(range(1, SETUP.num_layers - 1)) if spec.ltd else []
+        ltd = list(range(1, SETUP.model.num_layers - 1)) if spec.ltd else []
         for row in run["per_step"]:
             expected = flops_by_hand(
                 b=SETUP.batch_size,
@@ -100,28 +101,22 @@ def test_flops_per_step_match_the_formula_and_the_flop_counter(result):
             )
             assert row["flops"] == expected, run["case"]
         assert run["flops"] == sum(row["flops"] for row in run["per_step"])
-    model = autopar.models.build(
-        "gpt",
-        num_layers=SETUP.num_layers,
-        hidden_size=SETUP.hidden_size,
-        num_heads=SETUP.num_heads,
-        vocab_size=SETUP.vocab_size,
-        seq_len=SETUP.seq_len,
-    )
+    model = SETUP.build_model()
     compiled = autopar.compile(model, "local:1")
-    compiled.prepare(torch.zeros(SETUP.batch_size, SETUP.seq_len, dtype=torch.long))
+    compiled.prepare(torch.zeros(SETUP.batch_size, SETUP.model.seq_len, dtype=torch.long))
     assert compiled.captured.flops_per_step == de.step_flops(
-        SETUP, batch_size=SETUP.batch_size, seq_len=SETUP.seq_len
+        SETUP, batch_size=SETUP.batch_size, seq_len=SETUP.model.seq_len
     )
 
 
 def test_each_case_follows_its_schedule_and_budget(result):
     _, payload = result
     runs = {r["case"]: r for r in payload["runs"].values()}
-    full = SETUP.batch_size * SETUP.seq_len
+    full = SETUP.batch_size * SETUP.model.seq_len
     cl_steps, ltd_steps = round(SETUP.cl_fraction * SETUP.steps), round(SETUP.ltd_fraction * SETUP.steps)
     dense_flops = flops_by_hand(
-        b=SETUP.batch_size, s=SETUP.seq_len, kept=SETUP.seq_len, assignments=[], moe_layers=[], ltd_layers=[]
+        b=SETUP.batch_size, s=SETUP.model.seq_len, kept=SETUP.model.seq_len, assignments=[], moe_layers=[],
+        ltd_layers=[]
     )
     budget = SETUP.steps * dense_flops
     assert runs["baseline"]["steps"] == SETUP.steps and runs["baseline"]["flops"] == budget
@@ -132,8 +127,8 @@ def test_each_case_follows_its_schedule_and_budget(result):
     step = SETUP.seqlen_step
     assert lengths == [
         min(
-            SETUP.seq_len,
-            (SETUP.seqlen_min + (SETUP.seq_len - SETUP.seqlen_min) * t // cl_steps) // step * step,
+            SETUP.model.seq_len,
+            (SETUP.seqlen_min + (SETUP.model.seq_len - SETUP.seqlen_min) * t // cl_steps) // step * step,
         )
         for t in range(len(lengths))
     ]
@@ -142,7 +137,7 @@ def test_each_case_follows_its_schedule_and_budget(result):
     assert [row["kept"] for row in ltd["per_step"]] == [
         kept_tokens(
             t,
-            seq_len=SETUP.seq_len,
+            seq_len=SETUP.model.seq_len,
             min_tokens=SETUP.ltd_min_tokens,
             num_steps=ltd_steps,
             granularity=SETUP.ltd_granularity,
@@ -154,8 +149,8 @@ def test_each_case_follows_its_schedule_and_budget(result):
     dense_steps = round(SETUP.continue_fraction * SETUP.steps)
     moe_flops = flops_by_hand(
         b=SETUP.batch_size,
-        s=SETUP.seq_len,
-        kept=SETUP.seq_len,
+        s=SETUP.model.seq_len,
+        kept=SETUP.model.seq_len,
         assignments=[SETUP.moe_top_k * full] * len(de.moe_layers(SETUP)),
         moe_layers=list(de.moe_layers(SETUP)),
         ltd_layers=[],
