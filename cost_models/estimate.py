@@ -416,7 +416,7 @@ def estimate(plan: Plan, profile: ModelProfile, *, options: CostOptions | None =
         costs = cpu_stage_costs(plan, profile, rates)
         details = _details(plan, memory_profile, costs, options, rates, dtype=profile.dtype)
         local = estimate_local(plan, profile, rates)
-        breakdown = {"cp_comm": 0.0} | local.breakdown_dict()  # the CPU model prices no ring (yet)
+        breakdown = {"cp_comm": 0.0} | local.breakdown_dict()  # a local model without cp_comm: no ring
         return dataclasses.replace(local, breakdown=breakdown, **details)
     costs = stage_costs(plan, profile, options=options)
     return _estimate_gpu(plan, profile, costs, options,
