@@ -32,6 +32,7 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, init_file: str, 
                             world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # every rank's last sends and receives are done before any group goes away
     finally:
         dist.destroy_process_group()
 
