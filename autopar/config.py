@@ -22,17 +22,33 @@ class Fix:
     """Choices the user pins; None means "let autopar choose"."""
 
     dp: int | None = None
+    """Data-parallel degree: model replicas, each on its own share of the batch."""
     tp: int | None = None
+    """Tensor-parallel degree (Megatron's column/row-parallel layout)."""
     pp: int | None = None
+    """Pipeline-parallel degree: ranks the layers are split over, in stages."""
     ep: int | None = None
+    """Expert-parallel degree: ranks a MoE layer's experts are spread over."""
     cp: int | None = None
+    """Context-parallel degree: each rank holds seq / cp tokens of every sample; attention runs as
+    a ring."""
     sequence_parallel: bool | None = None
+    """Megatron sequence parallelism: the norms and dropout between tensor-parallel regions run on
+    seq / tp tokens per rank (needs tp ≥ 2)."""
     microbatch_size: int | None = None
+    """Samples in one microbatch."""
     num_microbatches: int | None = None
+    """Microbatches a step's batch is split into."""
     schedule: Schedule | None = None
+    """Pipeline schedule."""
     virtual_stages: int | None = None
+    """Model chunks per pipeline rank (≥ 2 for "interleaved", 1 for "gpipe" and "1f1b")."""
     recompute: Recompute | None = None
+    """Activation recomputation in the backward: "selective" recomputes all but the matmuls' outputs,
+    "full" every layer from its input."""
     zero: int | None = None
+    """ZeRO stage over the data-parallel ranks: 1 shards the optimizer state, 2 also the gradients,
+    3 also the parameters (FSDP2)."""
 
     def __post_init__(self) -> None:
         for name in _DEGREES:

@@ -21,17 +21,18 @@ from autopar.cost_models.local.profile import LocalProfile, default_profile_path
 
 DEFAULT_NPROC = 4
 LOW_PRECISION = ("bf16", "fp16")
+DESCRIPTION = (
+    "Measure linear-layer, attention and elementwise training ops, AdamW, memory bandwidth, per-op and "
+    "DTensor overheads, how processes share the cores, the runtime's own machinery and gloo collectives "
+    "over N local processes (one thread each), and write the profile the cost model uses for local "
+    "clusters; within --seconds, one progress line per measurement on stderr. On a GPU: matmul by shape, "
+    "SDPA and Triton attention, bandwidth and NCCL, written as a GPU profile and a cluster file.")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "calibrate", help="measure this machine (matmul, memory, attention, gloo) for the cost model",
-        description="Measure linear-layer, attention and elementwise training ops, AdamW, memory bandwidth, "
-                    "per-op and DTensor overheads, how processes share the cores, the runtime's own "
-                    "machinery and gloo collectives over N local processes (one thread each), and write the "
-                    "profile the cost model uses for local clusters; within --seconds, one progress line per "
-                    "measurement on stderr. On a GPU: matmul by shape, SDPA and Triton attention, bandwidth "
-                    "and NCCL, written as a GPU profile and a cluster file.")
+        description=DESCRIPTION)
     p.add_argument("--out", default=None, help=f"profile path (default {default_profile_path()})")
     p.add_argument("--nproc", type=int, default=None,
                    help=f"CPU: processes in the gloo group, groups of 2 and N are timed (default "

@@ -14,6 +14,13 @@ dropping) is the ``autopar.passes.RandomLTD`` pass.
 Layer: beside ``plans``, ``models`` and ``hf``; imports nothing of autopar.
 """
 
+__all__ = [
+    "CurriculumSampler", "DifficultyIndex", "FIMConfig", "FIMTransform", "Pacing", "sequence_length",
+    "token_counts", "truncate_batch", "undo_fim", "vocabulary_rarity",
+    "Batch", "BPETokenizer", "Corpus", "CorpusFile", "TokenLoader", "TokenStream", "TokenWindows",
+    "stdlib_corpus", "token_stream", "train_tokenizer",
+]
+
 from autopar.data.corpus import Corpus, CorpusFile, stdlib_corpus
 from autopar.data.curriculum import (
     CurriculumSampler,
@@ -28,10 +35,3 @@ from autopar.data.fim import FIMConfig, FIMTransform, undo_fim
 from autopar.data.loader import Batch, TokenLoader, TokenWindows
 from autopar.data.stream import TokenStream, token_stream
 from autopar.data.tokenizer import BPETokenizer, train_tokenizer
-
-__all__ = [
-    "CurriculumSampler", "DifficultyIndex", "FIMConfig", "FIMTransform", "Pacing", "sequence_length",
-    "token_counts", "truncate_batch", "undo_fim", "vocabulary_rarity",
-    "Batch", "BPETokenizer", "Corpus", "CorpusFile", "TokenLoader", "TokenStream", "TokenWindows",
-    "stdlib_corpus", "token_stream", "train_tokenizer",
-]

@@ -104,20 +104,21 @@ def _sorted_pairs(owner: object, name: str, ok: Any, expected: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class Parallelism:
-    """Degrees of parallelism. World size is ``pp × dp × cp × tp`` (the mesh's axis order).
-
-    ``cp``: context parallelism, each layer's sequence split over ``cp`` ranks (ring attention,
-    load-balanced causal chunks). ``sequence_parallel`` (needs ``tp > 1``): Megatron sequence
-    parallelism, the norm/dropout/residual regions split along the sequence over the ``tp`` ranks
-    (Korthikanti et al. 2022). Expert parallelism shards the experts across the ``dp`` ranks of
-    each ``cp`` slice (each cp rank routes its own part of the sequence), so ``ep`` divides ``dp``."""
+    """Degrees of parallelism: ``dp``, ``tp`` and ``pp`` are the data-, tensor- and pipeline-parallel
+    degrees; the world size is ``pp × dp × cp × tp`` (the mesh's axis order)."""
 
     dp: int
     tp: int
     pp: int
     ep: int = 1
+    """Expert parallelism: the experts sharded across the ``dp`` ranks of each ``cp`` slice (each cp
+    rank routes its own part of the sequence), so ``ep`` divides ``dp``."""
     cp: int = 1
+    """Context parallelism: each layer's sequence split over ``cp`` ranks (ring attention,
+    load-balanced causal chunks)."""
     sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs ``tp > 1``): the norm/dropout/residual regions split
+    along the sequence over the ``tp`` ranks (Korthikanti et al. 2022)."""
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "ep", "cp"):
@@ -205,7 +206,8 @@ class Sharding:
 
 @dataclass(frozen=True, kw_only=True)
 class Schedule:
-    """Pipeline schedule; ``virtual_stages`` is the number of model chunks per device."""
+    """Pipeline schedule: each step's batch runs as ``num_microbatches`` microbatches of
+    ``microbatch_size`` samples; ``virtual_stages`` is the number of model chunks per device."""
 
     name: ScheduleName
     microbatch_size: int

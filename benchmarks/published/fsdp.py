@@ -144,14 +144,16 @@ class FsdpResult:
         return self.predicted_tokens_per_s_per_gpu / self.row.published_tokens_per_s_per_gpu - 1
 
 
+def validate_row(row: FsdpRow) -> FsdpResult:
+    """One row through :func:`row_plan`."""
+    plan = row_plan(row)
+    predicted = plan.predicted
+    assert predicted.step_time_s is not None
+    return FsdpResult(row=row, predicted_tokens_per_s_per_gpu=predicted_tokens_per_s_per_gpu(plan),
+                      step_time_s=predicted.step_time_s, breakdown=predicted.breakdown_dict(),
+                      peak_memory_bytes=max(predicted.peak_memory_bytes))
+
+
 def validate(rows: tuple[FsdpRow, ...] = ROWS) -> tuple[FsdpResult, ...]:
-    """Every row through :func:`row_plan`."""
-    out = []
-    for row in rows:
-        plan = row_plan(row)
-        assert plan.predicted.step_time_s is not None
-        predicted = plan.predicted
-        out.append(FsdpResult(row=row, predicted_tokens_per_s_per_gpu=predicted_tokens_per_s_per_gpu(plan),
-                              step_time_s=predicted.step_time_s, breakdown=predicted.breakdown_dict(),
-                              peak_memory_bytes=max(predicted.peak_memory_bytes)))
-    return tuple(out)
+    """Every row through :func:`validate_row`."""
+    return tuple(validate_row(row) for row in rows)

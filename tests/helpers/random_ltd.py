@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import autopar
-from autopar.losses import cross_entropy
 from autopar.passes import RandomLTD
 from autopar.passes.random_ltd import random_ltd_runtime
+from tests.helpers.distributed.workers import reference_step
 
 
 def random_ltd_reference(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
@@ -26,9 +26,5 @@ def random_ltd_reference(model: nn.Module, inputs: torch.Tensor, targets: torch.
     losses = []
     for step in range(num_steps):
         runtime.set_step(step)
-        opt.zero_grad(set_to_none=True)
-        loss = cross_entropy(gm(inputs), targets)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        losses.append(reference_step(gm, opt, inputs, targets))
     return losses

@@ -28,12 +28,13 @@ from tests.helpers.distributed.workers import (
     ATOL,
     RTOL,
     STEPS,
-    _check_transformation,
-    _compare_parameters,
-    _full,
-    _hand_written_plan,
-    _sgd,
     build_case,
+    check_transformation,
+    compare_parameters,
+    full_tensor,
+    hand_written_plan,
+    reference_losses,
+    sgd,
 )
 
 SEQ = 16
@@ -120,12 +121,12 @@ def compiled_for(world: int, name: str, fix: dict, passes: tuple = ()):
     """The model compiled under the Plan the pins describe (no planner), its reference copy, the batch."""
     model, inputs, targets = build(name)
     reference = copy.deepcopy(model)
-    plan = _hand_written_plan(model, inputs, world, fix)
+    plan = hand_written_plan(model, inputs, world, fix)
     if passes:  # the plan names the graph the passes make
         size = plan.schedule.microbatch_size
         micro = autopar.lower(model, inputs, passes=list(passes), microbatch_size=size)
         plan = dataclasses.replace(plan, graph_fingerprint=micro.fingerprint)
-    compiled = autopar.compile(model, f"local:{world}", plan=plan, optimizer=_sgd,
+    compiled = autopar.compile(model, f"local:{world}", plan=plan, optimizer=sgd,
                                passes=list(passes) or None)
     return compiled, reference, inputs, targets
 
@@ -133,7 +134,7 @@ def compiled_for(world: int, name: str, fix: dict, passes: tuple = ()):
 def run_cp_case(world: int, name: str, fix: dict, passes: tuple = ()) -> None:
     """Train 3 steps under ``fix`` and compare with one process; check the ring ran as planned."""
     compiled, reference, inputs, targets = compiled_for(world, name, fix, passes)
-    cp, expected = fix["cp"], _trained_reference(reference, inputs, targets)
+    cp, expected = fix["cp"], reference_losses(reference, inputs, targets)
     for step, want in enumerate(expected):
         if step == 0:  # the first step builds the engine (and, with pp, infers shapes)
             loss = compiled.step(inputs, targets)
@@ -143,8 +144,8 @@ def run_cp_case(world: int, name: str, fix: dict, passes: tuple = ()) -> None:
             with RingCounter(compiled.engine.layout.group("cp")) as counter:
                 loss = compiled.step(inputs, targets)
         assert math.isclose(loss, want, rel_tol=RTOL, abs_tol=ATOL), (name, fix, step, loss, want)
-    _compare_parameters(compiled.engine, reference, (name, fix))
-    _check_transformation(compiled.engine, reference, fix, {})
+    compare_parameters(compiled.engine, reference, (name, fix))
+    check_transformation(compiled.engine, reference, fix, {})
     _check_ring(compiled, fix, lengths, calls, counter.calls, seq=inputs.shape[1] // cp)
     with torch.no_grad():  # evaluation keeps its meaning: the loss of the whole sequence
         want = cross_entropy(reference.eval()(inputs), targets).item()
@@ -167,18 +168,6 @@ def _check_sequence_parallel(compiled, inputs, fix: dict) -> None:
             module(micro)
         assert set(probe.norm_lengths) == {inputs.shape[1] // (fix["cp"] * fix["tp"])}, probe.norm_lengths
         assert "all_reduce" not in probe.counts and probe.counts["reduce_scatter_tensor"] > 0, probe.counts
-
-
-def _trained_reference(reference: nn.Module, inputs, targets) -> list[float]:
-    """The losses of ``STEPS`` plain single-process steps (``reference`` is trained in place)."""
-    optimizer, losses = _sgd(reference.parameters()), []
-    for _ in range(STEPS):
-        optimizer.zero_grad(set_to_none=True)
-        loss = cross_entropy(reference(inputs), targets)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
 
 
 def _stages(compiled) -> nn.Module:
@@ -224,14 +213,14 @@ def run_cp_moe(world: int, fix: dict) -> None:
     model, inputs, targets = case.build()
     reference = copy.deepcopy(model)
     plan = moe_workers._plan(model, inputs, world, fix, case)
-    compiled = autopar.compile(model, f"local:{world}", plan=plan, optimizer=_sgd, passes=[MOE])
+    compiled = autopar.compile(model, f"local:{world}", plan=plan, optimizer=sgd, passes=[MOE])
     losses = [compiled.step(inputs, targets) for _ in range(STEPS)]
     micro = plan.schedule.microbatch_size
     expected, params = moe_workers.reference_run(reference, inputs, targets, micro, case)
     for got, want in zip(losses, expected, strict=True):
         assert math.isclose(got, want, rel_tol=RTOL, abs_tol=ATOL), (fix, losses, expected)
     for name, param in compiled.engine.named_parameters():
-        torch.testing.assert_close(_full(param.detach()), params[name].detach(), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(full_tensor(param.detach()), params[name].detach(), rtol=RTOL, atol=ATOL)
     layers = compiled.engine.moe_layers()
     assert layers and {m.stats.tokens for m in layers} == {micro * inputs.shape[1] // fix["cp"]}, \
         [m.stats for m in layers]
@@ -267,15 +256,15 @@ def checkpoint_cp2_to_cp1(rank: int, world: int, folder: str) -> None:
     torch.set_num_threads(1)
     path = os.path.join(folder, "cp2")
     model, inputs, targets = build("gpt")
-    compiled = autopar.compile(model, f"local:{world}", fix={"cp": 2, "num_microbatches": 2}, optimizer=_sgd)
+    compiled = autopar.compile(model, f"local:{world}", fix={"cp": 2, "num_microbatches": 2}, optimizer=sgd)
     for _ in range(2):
         compiled.step(inputs, targets)
     autopar.save(compiled, path)
-    saved = {n: _full(p).detach().clone() for n, p in compiled.engine.named_parameters()}
+    saved = {n: full_tensor(p).detach().clone() for n, p in compiled.engine.named_parameters()}
     resumed, _, _, _ = compiled_for(world, "gpt", {"dp": 2, "num_microbatches": 2})
     autopar.load(resumed, path, example_inputs=inputs)
     for fqn, param in resumed.engine.named_parameters():
-        torch.testing.assert_close(_full(param).detach(), saved[fqn], rtol=0, atol=0)
+        torch.testing.assert_close(full_tensor(param).detach(), saved[fqn], rtol=0, atol=0)
     assert resumed.plan.parallelism.cp == 1 and compiled.plan.parallelism.cp == 2
     assert ring_attention_modules(_stages(compiled)) and not ring_attention_modules(_stages(resumed))
     assert abs(resumed.step(inputs, targets) - compiled.step(inputs, targets)) <= 1e-5

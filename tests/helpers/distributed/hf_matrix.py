@@ -10,16 +10,7 @@ import copy
 import torch
 
 import autopar
-from autopar.losses import cross_entropy
-from tests.helpers.distributed.workers import (
-    ATOL,
-    RTOL,
-    STEPS,
-    _compare_parameters,
-    _sgd,
-    build_case,
-    run_case,
-)
+from tests.helpers.distributed.workers import build_case, run_case, sgd, train_and_compare
 
 MODELS = ("hf-gpt2", "hf-bert", "hf-llama", "hf-mistral", "hf-qwen2")
 TWO_RANKS = ({"dp": 2, "num_microbatches": 2}, {"tp": 2, "num_microbatches": 2},
@@ -31,16 +22,8 @@ def run_planned(world: int, name: str) -> None:
     """The planner chooses every degree (no pins); the run still equals one process."""
     model, inputs, targets = build_case(name)
     reference = copy.deepcopy(model)
-    compiled = autopar.compile(model, f"local:{world}", optimizer=_sgd, time_limit_s=30)
-    optimizer = _sgd(reference.parameters())
-    for step in range(STEPS):
-        loss = compiled.step(inputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        expected = cross_entropy(reference(inputs), targets)
-        expected.backward()
-        optimizer.step()
-        assert abs(loss - expected.item()) <= RTOL * abs(expected.item()) + ATOL, (name, step, loss, expected)
-    _compare_parameters(compiled.engine, reference, (name, compiled.plan.parallelism))
+    compiled = autopar.compile(model, f"local:{world}", optimizer=sgd, time_limit_s=30)
+    train_and_compare(compiled, reference, inputs, targets, name)
 
 
 def _matrix(world: int, fixes: tuple[dict, ...], models: tuple[str, ...]) -> None:

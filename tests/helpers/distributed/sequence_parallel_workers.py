@@ -20,16 +20,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import autopar
-from autopar.losses import cross_entropy
-from tests.helpers.distributed.workers import (
-    ATOL,
-    RTOL,
-    STEPS,
-    _compare_parameters,
-    _hand_written_plan,
-    _sgd,
-    build_case,
-)
+from tests.helpers.distributed.workers import build_case, hand_written_plan, sgd, train_and_compare
 
 SEQ, HIDDEN, HEADS, VOCAB, LAYERS = 16, 32, 4, 64, 2
 
@@ -129,20 +120,11 @@ def run_sp_case(world: int, name: str, fix: dict, *, expected_forward: dict[str,
     fix = {**fix, "sequence_parallel": True}
     model, inputs, targets = _case(name)
     reference = copy.deepcopy(model)
-    plan = _hand_written_plan(model, inputs, world, fix)
+    plan = hand_written_plan(model, inputs, world, fix)
     assert plan.sequence_parallel and plan.parallelism.tp == fix["tp"], plan.parallelism
-    compiled = autopar.compile(model, f"local:{world}", plan=plan, optimizer=_sgd)
-    optimizer = _sgd(reference.parameters())
-    for step in range(STEPS):
-        loss = compiled.step(inputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        expected = cross_entropy(reference(inputs), targets)
-        expected.backward()
-        optimizer.step()
-        assert abs(loss - expected.item()) <= RTOL * abs(expected.item()) + ATOL, (name, fix, step, loss,
-                                                                                  expected.item())
+    compiled = autopar.compile(model, f"local:{world}", plan=plan, optimizer=sgd)
+    train_and_compare(compiled, reference, inputs, targets, (name, fix))
     engine = compiled.engine
-    _compare_parameters(engine, reference, (name, fix))
     replicated = [(n, p) for n, p in engine.named_parameters() if p.placements[-1] == Replicate()]  # over tp
     assert replicated and all(p.grad.placements[-1] == Replicate() for _, p in replicated), \
         [(n, p.grad.placements) for n, p in replicated]  # norm weights' partial sums were reduced over tp
@@ -161,8 +143,8 @@ def _pipeline_norms_sharded(world: int, fix: dict) -> None:
     """With pp the stages exchange whole hidden states; each stage splits them again: every norm of
     this rank's stages sees seq / tp tokens during a training step."""
     model, inputs, targets = _case("gpt")
-    plan = _hand_written_plan(model, inputs, world, {**fix, "sequence_parallel": True})
-    compiled = autopar.compile(model, f"local:{world}", plan=plan, optimizer=_sgd)
+    plan = hand_written_plan(model, inputs, world, {**fix, "sequence_parallel": True})
+    compiled = autopar.compile(model, f"local:{world}", plan=plan, optimizer=sgd)
     compiled.step(inputs, targets)
     with SequenceProbe() as probe:
         compiled.step(inputs, targets)
@@ -174,9 +156,9 @@ def _pipeline_norms_sharded(world: int, fix: dict) -> None:
 def indivisible_sequence(world: int) -> None:
     """A sequence that tp does not divide is refused by name, with the numbers and the fix."""
     model, inputs, targets = _case("handwritten", seq=15)
-    plan = _hand_written_plan(model, inputs, world, {"tp": world, "sequence_parallel": True})
+    plan = hand_written_plan(model, inputs, world, {"tp": world, "sequence_parallel": True})
     try:
-        autopar.compile(model, f"local:{world}", plan=plan, optimizer=_sgd).step(inputs, targets)
+        autopar.compile(model, f"local:{world}", plan=plan, optimizer=sgd).step(inputs, targets)
     except ValueError as err:
         message = str(err)
         assert all(part in message for part in (f"tp = {world}", "sequence length 15", "multiple of")), err

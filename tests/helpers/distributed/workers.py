@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+from collections.abc import Callable
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -54,8 +55,33 @@ class CollectiveCounter:
             setattr(funcol, name, original)
 
 
-def _sgd(params):
+def sgd(params):
     return torch.optim.SGD(params, lr=LR, momentum=0.9)
+
+
+def reference_step(model, optimizer, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """One step of plain PyTorch training in one process (cross-entropy); its loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = cross_entropy(model(inputs), targets)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def reference_losses(reference, inputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """The losses of ``STEPS`` plain single-process steps (``reference`` is trained in place)."""
+    optimizer = sgd(reference.parameters())
+    return [reference_step(reference, optimizer, inputs, targets) for _ in range(STEPS)]
+
+
+def train_and_compare(compiled, reference, inputs: torch.Tensor, targets: torch.Tensor, label, *,
+                      step: Callable[[int], float] | None = None) -> None:
+    """Train ``compiled`` for ``STEPS`` steps (``step(i)`` runs step i, by default ``compiled.step``) and
+    ``reference`` in one process, then compare every loss, and every gradient and parameter."""
+    for i, want in enumerate(reference_losses(reference, inputs, targets)):
+        loss = compiled.step(inputs, targets) if step is None else step(i)
+        assert abs(loss - want) <= RTOL * abs(want) + ATOL, (label, i, loss, want)
+    compare_parameters(compiled.engine, reference, label)
 
 
 def build_case(name: str):
@@ -111,7 +137,7 @@ def hf_model(name: str) -> torch.nn.Module:
     return getattr(tf, model_class)(config)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
@@ -120,40 +146,33 @@ def run_case(world: int, name: str, fix: dict, layers=None, expect=None, recompu
     recomputation: a hand-written Plan) and compare."""
     model, inputs, targets = build_case(name)
     reference = copy.deepcopy(model)
-    compiled = autopar.compile(model, f"local:{world}", fix=fix, optimizer=_sgd)
+    compiled = autopar.compile(model, f"local:{world}", fix=fix, optimizer=sgd)
     megatron = fix.get("tp", 1) > 1  # run Megatron's own layout, whatever the planner would choose
     if layers is not None or recompute is not None or megatron:  # a hand-written Plan
-        plan = _hand_written_plan(model, inputs, world, fix)
+        plan = hand_written_plan(model, inputs, world, fix)
         layers = layers or [s.layers for s in plan.stages]
         recompute = recompute or [s.recompute for s in plan.stages]
         stages = tuple(dataclasses.replace(s, layers=r, recompute=c)
                        for s, r, c in zip(plan.stages, layers, recompute, strict=True))
         compiled = autopar.compile(model, f"local:{world}", plan=dataclasses.replace(plan, stages=stages),
-                                   optimizer=_sgd)
-    optimizer = _sgd(reference.parameters())
-    counts = {}
-    for step in range(STEPS):
-        if step == 0:  # the first step captures; count collectives on a later one
-            loss = compiled.step(inputs, targets)
-        else:
-            with CollectiveCounter() as counter:
-                loss = compiled.step(inputs, targets)
-            counts = dict(counter.counts)
-        optimizer.zero_grad(set_to_none=True)
-        expected = cross_entropy(reference(inputs), targets)
-        expected.backward()
-        optimizer.step()
-        assert abs(loss - expected.item()) <= RTOL * abs(expected.item()) + ATOL, (name, fix, step, loss,
-                                                                                  expected.item())
-    _compare_parameters(compiled.engine, reference, (name, fix))
-    _check_transformation(compiled.engine, reference, fix, expect or {})
-    if fix.get("tp", 1) > 1:  # DTensor issued the tensor-parallel all-reduces
-        assert counts.get("all_reduce", 0) > 0, counts
+                                   optimizer=sgd)
+    counter = CollectiveCounter()
+
+    def step(i: int) -> float:  # the first step captures; count collectives on the later ones
+        if i == 0:
+            return compiled.step(inputs, targets)
+        with counter:
+            return compiled.step(inputs, targets)
+
+    train_and_compare(compiled, reference, inputs, targets, (name, fix), step=step)
+    check_transformation(compiled.engine, reference, fix, expect or {})
+    if fix.get("tp", 1) > 1:  # DTensor issued the tensor-parallel all-reduces (on the last step)
+        assert counter.counts.get("all_reduce", 0) > 0, counter.counts
     if fix.get("tp", 1) > 1 and fix.get("pp", 1) == 1 and fix.get("dp", 1) == 1:
         _check_megatron_forward(compiled, inputs, len(compiled.captured.layers))
 
 
-def _hand_written_plan(model, inputs, world: int, fix: dict):
+def hand_written_plan(model, inputs, world: int, fix: dict):
     """The Plan the pins describe (no planner involved), with Megatron's tensor-parallel layout when
     tp > 1, for ``model`` at the plan's microbatch."""
     program = autopar.lower(model, inputs)
@@ -178,16 +197,16 @@ def _check_megatron_forward(compiled, inputs, num_layers: int) -> None:
     assert counter.counts == {"all_reduce": 2 * num_layers + vocab}, counter.counts
 
 
-def _compare_parameters(engine, reference, label) -> None:
+def compare_parameters(engine, reference, label) -> None:
     ref = dict(reference.named_parameters(remove_duplicate=False))
     for fqn, param in engine.named_parameters():
-        torch.testing.assert_close(_full(param.grad), ref[fqn].grad, rtol=RTOL, atol=ATOL,
+        torch.testing.assert_close(full_tensor(param.grad), ref[fqn].grad, rtol=RTOL, atol=ATOL,
                                    msg=lambda m, f=fqn: f"{label} grad {f}: {m}")
-        torch.testing.assert_close(_full(param.detach()), ref[fqn].detach(), rtol=RTOL, atol=ATOL,
+        torch.testing.assert_close(full_tensor(param.detach()), ref[fqn].detach(), rtol=RTOL, atol=ATOL,
                                    msg=lambda m, f=fqn: f"{label} param {f}: {m}")
 
 
-def _check_transformation(engine, reference, fix: dict, expect: dict) -> None:
+def check_transformation(engine, reference, fix: dict, expect: dict) -> None:
     """The parallelism really happened: stages, layers per rank, sharded parameters."""
     plan = engine.plan
     pp = fix.get("pp", 1)
