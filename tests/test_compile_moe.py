@@ -167,8 +167,9 @@ def test_moe_stats_and_the_single_device_report():
     assert compiled.num_steps == 1 and len(result.ranks) == 1
     after = compiled.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    steps, memory, moe = result.__rich__().renderables
+    steps, phases, memory, moe = result.__rich__().renderables
     assert steps.row_count == 1 and memory.row_count == 5 and moe.row_count == 2
+    assert "phase" in str(result) and phases.row_count > 0
     assert [str(c.header) for c in moe.columns][:3] == ["layer", "tokens", "capacity"]
     assert "memory by category" in str(result) and "expert load" in str(result)
 

@@ -42,12 +42,14 @@ def test_timed_s_stops_at_its_seconds_not_a_count() -> None:
 
     start = time.perf_counter()
     measure.timed_s(tick, seconds=0.05, clock=time.perf_counter)
-    assert 0.05 <= time.perf_counter() - start < 0.2 and 5 < len(calls) < 40
+    # at least the slot, then it stops: a warm-up and one batch at least, never more calls than fit
+    # (bounds loose enough for a loaded machine: a count-bound loop would be far outside them)
+    assert 0.05 <= time.perf_counter() - start < 2.0 and 2 <= len(calls) <= 0.05 / 0.002 + 2
     slow = []
     start = time.perf_counter()
     best = measure.timed_s(lambda: (slow.append(1), time.sleep(0.05)), seconds=0.01, clock=time.perf_counter)
     assert len(slow) == 1 and best >= 0.05  # one call longer than the slot is the measurement
-    assert time.perf_counter() - start < 0.1
+    assert time.perf_counter() - start < 1.0
 
 
 def test_tasks_share_the_budget_and_say_what_they_skipped() -> None:

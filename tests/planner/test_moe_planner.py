@@ -76,7 +76,7 @@ def test_deepspeed_layout_dense_over_all_ranks_experts_over_ep_within_a_node():
     shape = dict(num_layers=4, hidden_size=2048, num_heads=16, seq_len=2048, vocab_size=8192)
     plan = _plan(shape, "2x8xA100-80GB", 128, passes=[MoE(num_experts=16, top_k=2)])
     assert (plan.parallelism.dp, plan.parallelism.ep) == (16, 8)
-    assert plan.mesh.axis_names == ("pp", "dp", "cp", "tp")  # ep is Parallelism.ep; the runtime derives groups
+    assert plan.mesh.axis_names == ("pp", "dp", "cp", "tp")  # ep is Parallelism.ep, not a mesh axis
     assert expert_groups(plan, plan.stages[0].devices) == (tuple(range(8)), (0, 8))
     assert any(alt.parallelism.ep != 8 and "instead of ep8: expert all-to-all" in alt.reason
                for alt in plan.alternatives)
