@@ -52,6 +52,7 @@ from autopar.calibration.ops import (
     matmul_call_s,
     measure_attention_time_s,
     measure_elementwise_time_s,
+    measure_gpt_stack_time_s,
     measure_linear_time_s,
     measure_matmul_time_s,
     measure_memory_time_s,
@@ -60,7 +61,6 @@ from autopar.calibration.ops import (
     measure_optimizer_time_s,
     measure_probe_flops_per_s,
     measure_training_op_overhead_s,
-    measure_transformer_layer_time_s,
     one_thread,
     others_busy_cores,
 )
@@ -89,7 +89,8 @@ class CalibrationConfig:
     ``single_fraction`` for the single-process part, the rest for the group, its start included).
     :meth:`preset` gives the full and the ``--quick`` sets.
     Shapes: matmul and linear ``(m, k, n)``; attention ``(batch, heads, seq, head_dim)``; transformer
-    layers ``(batch, seq, hidden, heads)``, each alone and in a stack of ``layer_stack``;
+    layers ``(batch, seq, hidden, heads)``, each alone and as the runtime's GPipe runs a stage:
+    ``stack_microbatches`` microbatches forward through a stack of ``layer_stack``, then backward;
     ``op_elements`` / ``cross_entropy_elements`` the sizes of the elementwise training ops;
     ``share_layer_shape`` the ``(batch, seq, hidden, heads)`` blocks the compute share runs;
     ``measure_runtime``: time the runtime's own machinery on a tiny model; ``emulated``: dtypes to
@@ -112,7 +113,8 @@ class CalibrationConfig:
     math_attention_shapes: tuple[tuple[int, int, int, int], ...] = ((4, 8, 128, 32), (2, 16, 256, 64))
     layer_shapes: tuple[tuple[int, int, int, int], ...] = (
         (4, 128, 128, 4), (4, 256, 128, 4), (4, 128, 512, 16), (2, 256, 512, 16))
-    layer_stack: int = 8
+    layer_stack: int = 4
+    stack_microbatches: int = 4
     optimizer_params: int = 8 * 2**20
     share_layer_shape: tuple[int, int, int, int] = (4, 128, 192, 6)
     measure_runtime: bool = True
@@ -311,21 +313,23 @@ def single_process_tasks(config: CalibrationConfig, raw: dict[str, Any]) -> list
         point: dict[str, Any] = {"batch": b, "seq": s, "hidden": h, "heads": a}
 
         def alone(slot: float, point: dict[str, Any] = point) -> float:
-            point["time_s"] = measure_transformer_layer_time_s(
+            point["time_s"] = measure_gpt_stack_time_s(
                 point["batch"], point["seq"], point["hidden"], point["heads"], seconds=slot)
             raw["transformer_layer"].append(point)
             return point["time_s"]
 
         def stacked(slot: float, point: dict[str, Any] = point) -> float:
             point["num_layers_stacked"] = config.layer_stack
-            point["stacked_time_s"] = measure_transformer_layer_time_s(
+            point["num_microbatches_stacked"] = config.stack_microbatches
+            point["stacked_time_s"] = measure_gpt_stack_time_s(
                 point["batch"], point["seq"], point["hidden"], point["heads"], num_layers=config.layer_stack,
-                seconds=slot)
+                num_microbatches=config.stack_microbatches, seconds=slot)
             return point["stacked_time_s"]
 
         name = f"GPT block fwd+bwd (b {b}, seq {s}, hidden {h}, heads {a})"
         tasks += [Task(name, alone, show=lambda v: f"{v * 1e3:.2f} ms"),
-                  Task(f"{name}, in a stack of {config.layer_stack}", stacked, weight=2.0,
+                  Task(f"{name}, {config.stack_microbatches} microbatches through a stack of "
+                       f"{config.layer_stack}", stacked, weight=2.0,
                        show=lambda v: f"{v * 1e3:.2f} ms per layer")]
 
     large, small = 256 * 1024, 4096

@@ -32,7 +32,13 @@ from typing import Any
 
 from autopar.cost_models.compute import MATMUL_TILE_DIM
 from autopar.cost_models.local.profile import LinkFit
-from autopar.cost_models.local.rates import ELEMENTWISE_OPS, CpuRates, OpTable
+from autopar.cost_models.local.rates import (
+    ELEMENTWISE_OPS,
+    CpuRates,
+    OpTable,
+    fit_activation_reread_s_per_byte,
+    stack_saved_bytes,
+)
 
 Shape = tuple[int, int, int]
 KINDS = ("all_reduce", "all_gather", "reduce_scatter")
@@ -106,23 +112,6 @@ def _two_terms(x1: float, y1: float, x2: float, y2: float) -> tuple[float, float
     return slope, max(y1 - slope * x1, 0.0)
 
 
-def _saved_bytes(point: dict[str, Any]) -> float:
-    from autopar.cost_models.memory import activation_bytes_per_layer
-
-    return activation_bytes_per_layer(seq_len=point["seq"], microbatch_size=point["batch"],
-                                      hidden_size=point["hidden"], num_heads=point["heads"],
-                                      fused_attention=True, bytes_per_element=4)
-
-
-def fit_activation_reread_s_per_byte(points: Sequence[dict[str, Any]]) -> float:
-    """FITTED seconds per saved-activation byte: least squares through 0 of ``stacked − alone``
-    against the layer's activation bytes (module docstring)."""
-    rows = [(_saved_bytes(p), p["stacked_time_s"] - p["time_s"]) for p in points if "stacked_time_s" in p]
-    if not rows:
-        return 0.0
-    return max(0.0, sum(x * y for x, y in rows) / sum(x * x for x, _ in rows))
-
-
 def compute_shares(rows: Sequence[dict[str, Any]], *, num_cores: int) -> tuple[tuple[int, float, float], ...]:
     """``(n, compute, copy)`` per busy-process count: compute = the transformer layer's rate per CPU
     second relative to one process alone (cache and memory contention), times ``min(1, C/n)`` (a
@@ -184,7 +173,7 @@ def layer_check(rates: CpuRates, points: Sequence[dict[str, Any]]) -> list[dict[
                              num_heads=a, seq_len=s, ffn_size=4 * h)
         times = transformer_layer_part(layer, rates=rates, microbatch_size=b, tp=1, bytes_per_element=4).times
         predicted = times.forward_s + times.backward_s
-        alone = predicted - rates.activation_reread_s_per_byte * _saved_bytes(p)
+        alone = predicted - rates.activation_reread_s_per_byte * stack_saved_bytes(p)
         rows.append({**p, "predicted_alone_s": alone, "alone_error_pct": 100 * (alone / p["time_s"] - 1)}
                     | ({"predicted_stacked_s": predicted,
                         "stacked_error_pct": 100 * (predicted / p["stacked_time_s"] - 1)}

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from autopar.calibration.ops import MIB, cpu_seconds, others_busy_cores
 from autopar.calibration.progress import Progress, Skip, Task, run_tasks
-from autopar.cost_models.local.measure import measure_dtensor_overhead_s
+from autopar.cost_models.local.measure import gpt_stack_work, measure_dtensor_overhead_s
 
 if TYPE_CHECKING:
     from autopar.calibration.calibrate import CalibrationConfig
@@ -73,22 +73,13 @@ def _busy_rates(rank: int, active: int, seconds: float, work: Callable[[], float
 
 
 def _layer_work(batch: int, seq: int, hidden: int, heads: int) -> Callable[[], float]:
-    """Forward + backward of a stack of four zoo GPT blocks: the training op mix, whose slowdown
-    when processes share caches and memory is what the step model's compute share needs (a small
-    matmul lives in one core's cache and barely notices)."""
-    from autopar.models.configs import GPTConfig
-    from autopar.models.gpt import Block
-
-    torch.manual_seed(0)
-    config = GPTConfig(num_layers=1, hidden_size=hidden, num_heads=heads, seq_len=seq, vocab_size=8)
-    stack = torch.nn.Sequential(*[Block(config) for _ in range(4)])
-    x = torch.randn(batch, seq, hidden, requires_grad=True)
-    grad = torch.randn(batch, seq, hidden)
+    """Forward + backward of a stack of four zoo GPT blocks (``measure.gpt_stack_work``): the
+    training op mix, whose slowdown when processes share caches and memory is what the step model's
+    compute share needs (a small matmul lives in one core's cache and barely notices)."""
+    train = gpt_stack_work(batch, seq, hidden, heads)
 
     def layer() -> float:
-        for p in stack.parameters():
-            p.grad = None
-        stack(x).backward(grad)
+        train()
         return 1.0
 
     return layer

@@ -5,10 +5,10 @@ the shared ones of ``autopar.cost_models.local.measure`` (nn.Linear, attention, 
 AdamW; also what the quick built-in measurement runs) → raw points (no fits) → ``fits`` →
 ``LocalProfile`` / ``CpuRates``. Each ``measure_*`` is the measured twin of a cost-model function:
 ``compute.matmul_time_s`` (cold operands), ``CpuRates.elementwise_s``,
-``cpu_compute.transformer_layer_part`` (a zoo GPT block, used to check the others).
+``cpu_compute.transformer_layer_part`` (zoo GPT blocks, ``measure.measure_gpt_stack_time_s``).
 
 Every measurement is bounded by time (``seconds``), never by a repeat count: ``measure.timed_s``
-(one warm-up, then calls until the slot is spent, the fastest on the thread's CPU clock — a rank's
+(one warm-up, then calls until the slot is spent, the median on the thread's CPU clock — a rank's
 work on its own core, which other users of a shared machine do not inflate by taking the core
 away; the cores they kept busy are recorded, :func:`others_busy_cores`). A matmul shape whose one
 call the dtype's measured rate says would not fit its slot is skipped, and says so
@@ -31,6 +31,7 @@ from autopar.cost_models.local.measure import (
     TORCH_DTYPES,
     attention_flops,
     measure_attention_time_s,
+    measure_gpt_stack_time_s,
     measure_linear_time_s,
     measure_memory_time_s,
     measure_op_time_s,
@@ -46,7 +47,7 @@ __all__ = [
     "matmul_call_s", "measure_attention_time_s", "measure_elementwise_time_s", "measure_linear_time_s",
     "measure_matmul_time_s", "measure_memory_time_s", "measure_op_overhead_s", "measure_op_time_s",
     "measure_optimizer_time_s", "measure_probe_flops_per_s", "measure_train_time_s",
-    "measure_training_op_overhead_s", "measure_transformer_layer_time_s", "one_thread", "others_busy_cores",
+    "measure_gpt_stack_time_s", "measure_training_op_overhead_s", "one_thread", "others_busy_cores",
     "timed_s",
 ]
 
@@ -133,25 +134,3 @@ def measure_op_overhead_s(*, seconds: float) -> float:
     x = torch.ones(1)
     return timed_s(lambda: torch.add(x, x), seconds=seconds, inner=2000)
 
-
-def measure_transformer_layer_time_s(batch: int, seq: int, hidden: int, heads: int, *, num_layers: int = 1,
-                                     seconds: float) -> float:
-    """Measured twin of ``cpu_compute.transformer_layer_part`` (forward + backward): blocks of the
-    zoo GPT (pre-LN, fused causal attention, GELU MLP of 4h) in fp32, eager; with ``num_layers``
-    > 1 a stack of them, per layer — in a stack the backward finds its saved activations evicted
-    from the caches by the layers after it, as in training."""
-    from autopar.models.configs import GPTConfig
-    from autopar.models.gpt import Block
-
-    torch.manual_seed(0)
-    config = GPTConfig(num_layers=1, hidden_size=hidden, num_heads=heads, seq_len=seq, vocab_size=8)
-    stack = torch.nn.Sequential(*[Block(config) for _ in range(num_layers)])
-    x = torch.randn(batch, seq, hidden, requires_grad=True)
-    grad = torch.randn(batch, seq, hidden)
-
-    def train() -> None:
-        for tensor in (x, *stack.parameters()):
-            tensor.grad = None
-        stack(x).backward(grad)
-
-    return timed_s(train, seconds=seconds) / num_layers

@@ -23,8 +23,9 @@ interpolated (never extrapolated beyond a clamp), so nothing here is fitted to a
   counted as ``compute`` counts them (causal half);
 * ``math_attention_s_per_score``: the unfused (MATH backend) attention per score element;
 * ``elementwise``: seconds per element, forward and forward + backward, per op and size;
-* ``activation_reread_s_per_byte``: FITTED extra backward time per byte of a layer's saved
-  activations once later layers have evicted them from the caches (a stack of blocks vs one);
+* ``activation_reread_s_per_byte``: FITTED extra time per byte of a layer's saved activations
+  inside a step (GPT blocks as the runtime's GPipe runs a stage, microbatches through a stack,
+  gradients accumulating, vs one block alone; :func:`fit_activation_reread_s_per_byte`);
 * collectives: measured gloo times per kind, group size and message size
   (:meth:`collective_time_s`, piecewise linear in size: a measured α–β per segment).
 """
@@ -52,7 +53,7 @@ ELEMENTWISE_OPS = ("layer_norm", "gelu", "add", "copy", "cross_entropy")
 COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
 log = logging.getLogger("autopar.cost_models")
 QUICK_FORMAT = "autopar-quick-rates"
-QUICK_VERSION = 1
+QUICK_VERSION = 2
 QUICK_ENV = "AUTOPAR_QUICK_RATES"
 QUICK_SECONDS = 3.0
 RUNTIME_MICROBATCH_OPS = 400.0
@@ -320,7 +321,8 @@ class CpuRates:
             math_attention_s_per_score=(scores["forward_s"] / scores["scores"],
                                         scores["train_s"] / scores["scores"]),
             elementwise=tables, copy_bytes_per_s=raw["copy"]["bytes"] / raw["copy"]["time_s"],
-            activation_reread_s_per_byte=0.0, op_overhead_s=overhead, optimizer_s_per_param=per_param,
+            activation_reread_s_per_byte=fit_activation_reread_s_per_byte(raw.get("transformer_layer", ())),
+            op_overhead_s=overhead, optimizer_s_per_param=per_param,
             optimizer_s_per_tensor=max(small - per_param * small_numel, 0.0),
             dtensor_dispatch_s=raw["dtensor"]["dispatch_s"],
             dtensor_optimizer_s_per_tensor=raw["dtensor"]["optimizer_s_per_tensor"], runtime_step_s=0.0,
@@ -342,6 +344,27 @@ def _fit_linear(points: Sequence[tuple[tuple[float, float, float], float]]) -> t
     if slope <= 0 or intercept <= 0:
         return max(rate for _, rate in points), 0.0
     return 1 / intercept, slope / intercept
+
+
+def stack_saved_bytes(point: Mapping[str, Any]) -> float:
+    """Saved activation bytes of one measured zoo GPT block (fp32, fused attention) per microbatch."""
+    from autopar.cost_models.memory import activation_bytes_per_layer
+
+    return activation_bytes_per_layer(seq_len=point["seq"], microbatch_size=point["batch"],
+                                      hidden_size=point["hidden"], num_heads=point["heads"],
+                                      fused_attention=True, bytes_per_element=4)
+
+
+def fit_activation_reread_s_per_byte(points: Sequence[Mapping[str, Any]]) -> float:
+    """FITTED seconds per saved-activation byte: least squares through 0 of ``stacked − alone``
+    (per layer and microbatch: GPT blocks as the runtime's GPipe runs a stage vs one block alone,
+    ``measure.measure_gpt_stack_time_s``) against the layer's activation bytes. A fit over
+    measurements of blocks, never over the steps it predicts."""
+    rows = [(stack_saved_bytes(p), p["stacked_time_s"] - p["time_s"])
+            for p in points if "stacked_time_s" in p]
+    if not rows:
+        return 0.0
+    return max(0.0, sum(x * y for x, y in rows) / sum(x * x for x, _ in rows))
 
 
 # --- the quick measurement's cache ------------------------------------------------------------------
