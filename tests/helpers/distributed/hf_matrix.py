@@ -1,7 +1,9 @@
 """Per-rank bodies of the Hugging Face runtime matrix (issue 16): GPT-2, BERT (masked LM), Llama,
 Mistral and Qwen2 built from tiny configs, each under dp2, tp2 and pp2 on 2 ranks, pp2 × tp2 and dp4
 with ZeRO-3 on 4, and under the plan the planner chooses on 2 and 4 ranks; every case trains 3 steps
-and is compared with one process (losses, then every gradient and parameter: ``workers.run_case``)."""
+and is compared with one process (losses, then every gradient and parameter: ``workers.run_case``).
+All models of one world size run in turn in one spawn (one process start-up, one gloo group); a
+failure names its model and plan."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import copy
 import torch
 
 import autopar
-from tests.helpers.distributed.workers import build_case, run_case, sgd, train_and_compare
+from tests.helpers.distributed.workers import build_case, case_named, run_case, sgd, train_and_compare
 
 MODELS = ("hf-gpt2", "hf-bert", "hf-llama", "hf-mistral", "hf-qwen2")
 TWO_RANKS = ({"dp": 2, "num_microbatches": 2}, {"tp": 2, "num_microbatches": 2},
@@ -30,8 +32,10 @@ def _matrix(world: int, fixes: tuple[dict, ...], models: tuple[str, ...]) -> Non
     torch.set_num_threads(1)
     for name in models:
         for fix in fixes:
-            run_case(world, name, dict(fix))
-        run_planned(world, name)
+            with case_named(name, fix):
+                run_case(world, name, dict(fix))
+        with case_named(name, "planned"):
+            run_planned(world, name)
 
 
 def two_ranks(rank: int, world: int, models: tuple[str, ...] = MODELS) -> None:

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import autopar
-from tests.helpers.distributed.workers import build_case, hand_written_plan, sgd, train_and_compare
+from tests.helpers.distributed.workers import HF_LAYERS, build_case, hand_written_plan, sgd, train_and_compare
 
 SEQ, HIDDEN, HEADS, VOCAB, LAYERS = 16, 32, 4, 64, 2
 
@@ -187,11 +187,11 @@ def two_rank_hf_sequence_parallel(rank: int, world: int) -> None:
     # Llama (torch.export graph: RMSNorm written out, SwiGLU, rotary positions, untied unsharded head):
     # q/k/v and gate/up gathered once each; the logits gathered on the way out.
     run_sp_case(world, "hf-llama", {"tp": 2, "num_microbatches": 2}, expected_forward={
-        "reduce_scatter_tensor": 2 * 4 + 1, "all_gather_into_tensor": 2 * 4 + 1})
+        "reduce_scatter_tensor": 2 * HF_LAYERS + 1, "all_gather_into_tensor": 2 * HF_LAYERS + 1})
     # GPT-2's Conv1D runs addmm on flattened tokens: the shards sit on the views that restore
     # [batch, seq, hidden]; its tied head is column-parallel (input and logits gathered).
     run_sp_case(world, "hf-gpt2", {"tp": 2, "num_microbatches": 2}, expected_forward={
-        "reduce_scatter_tensor": 2 * 4 + 1, "all_gather_into_tensor": 2 * 4 + 2})
+        "reduce_scatter_tensor": 2 * HF_LAYERS + 1, "all_gather_into_tensor": 2 * HF_LAYERS + 2})
 
 
 def four_rank_sequence_parallel(rank: int, world: int) -> None:

@@ -7,10 +7,11 @@ parameter, with the same training done by plain PyTorch in one process.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -93,7 +94,7 @@ def build_case(name: str):
     elif name == "hf-gpt2":
         import transformers as tf
 
-        config = tf.GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+        config = tf.GPT2Config(n_layer=HF_LAYERS, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
                                bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
                                attn_pdrop=0.0)
         model = tf.GPT2LMHeadModel(config)
@@ -113,18 +114,19 @@ def build_case(name: str):
 
 # Tiny Hugging Face configs (random weights, nothing downloaded): 4 layers, hidden 32, 2 heads (Llama-
 # family models with 2 KV heads, one per tensor-parallel rank), vocabulary 64, dropout off.
+HF_LAYERS = 4
 HF_CONFIGS = {
     "hf-bert": ("BertConfig", "BertForMaskedLM", dict(
-        num_hidden_layers=4, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+        num_hidden_layers=HF_LAYERS, hidden_size=32, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
     "hf-llama": ("LlamaConfig", "LlamaForCausalLM", dict(
-        num_hidden_layers=4, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+        num_hidden_layers=HF_LAYERS, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
         intermediate_size=64, max_position_embeddings=32)),
-    "hf-mistral": ("MistralConfig", "MistralForCausalLM", dict(num_hidden_layers=4, hidden_size=32,
+    "hf-mistral": ("MistralConfig", "MistralForCausalLM", dict(num_hidden_layers=HF_LAYERS, hidden_size=32,
                    num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
                    max_position_embeddings=32, sliding_window=None)),
     "hf-qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
-        num_hidden_layers=4, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+        num_hidden_layers=HF_LAYERS, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
         intermediate_size=64, max_position_embeddings=32)),
 }
 
@@ -135,6 +137,15 @@ def hf_model(name: str) -> torch.nn.Module:
     config_class, model_class, options = HF_CONFIGS[name]
     config = getattr(tf, config_class)(vocab_size=64, use_cache=False, **options)
     return getattr(tf, model_class)(config)
+
+
+@contextlib.contextmanager
+def case_named(*label: object) -> Iterator[None]:
+    """Within a spawn that runs several cases in turn: a failed assertion names its case first."""
+    try:
+        yield
+    except AssertionError as err:
+        raise AssertionError(f"case {label}: {err}") from err
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
