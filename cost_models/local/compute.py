@@ -158,9 +158,13 @@ def transformer_layer_part(layer: LayerProfile, *, rates: CpuRates, microbatch_s
              + _linear(rates, tokens, h, f / t) + _linear(rates, tokens, f / t, h) + attention
              + _op(rates, "layer_norm", norm_tokens * h, 2) + _op(rates, "add", norm_tokens * h, 2)
              + _op(rates, "gelu", tokens * f / t) + _op(rates, "copy", tokens * h))
-    saved = (tokens * h * bytes_per_element if recompute == "full" else saved_layer_bytes(
+    # the backward reads the layer's activations whether saved or just recomputed: under full
+    # recomputation they are as large, written a whole layer's forward earlier (measured on the zoo
+    # GPT, 8 layers × 256, one process: +0.155 s for full recomputation where the recomputed
+    # forward alone was priced at +0.092 s)
+    saved = saved_layer_bytes(
         layer, microbatch_size=microbatch_size, tp=t, fused_attention=fused_attention or cp > 1,
-        bytes_per_element=bytes_per_element, sequence_parallel=sp, ring=cp > 1))
+        bytes_per_element=bytes_per_element, sequence_parallel=sp, ring=cp > 1)
     times += LayerTimes(backward_input_s=saved * rates.activation_reread_s_per_byte)
     ring = _ring_transfers(rates, tokens * h / t, bytes_per_element=bytes_per_element, cp=cp,
                            recompute=recompute)
@@ -171,6 +175,48 @@ def transformer_layer_part(layer: LayerProfile, *, rates: CpuRates, microbatch_s
     part = _under_dtensor(times, rates=rates, sbh_bytes=sbh_bytes, tp=t, recompute=recompute,
                           sequence_parallel=sp, norm_gradients=norms)
     return dataclasses.replace(part, cp=ring)
+
+
+MOE_OPS_PER_EXPERT = 8
+"""COUNTED in ``passes/moe/layer.run_local_experts`` (and ``runtime/expert_parallel._run_received``):
+the autograd ops per local expert and microbatch besides its MLP — the two masks, ``nonzero``, the
+weight and row gathers, the combine weight's product, the zeros and the out-of-place
+``index_add``/``index_copy``."""
+MOE_OPS_PER_LAYER = 25
+"""COUNTED in ``MoELayer.forward`` and its gate: the router's casts, softmax, top-k and capacity
+mask, the load-balancing and z losses, the statistics' bincounts, and the auxiliary loss's attach."""
+
+
+def moe_dispatch_part(layer: LayerProfile, *, rates: CpuRates, tokens: int, imbalance: float, ep: int,
+                      recompute: str) -> LayerTimes:
+    """What an MoE layer costs on one process beyond :func:`transformer_layer_part` of its
+    dense equivalent (``step._moe_as_dense``: one MLP ``imbalance·k`` times wider): its local
+    experts' MLPs at their own row counts (``imbalance·T·k / (E/ep)`` each, smaller matmuls run
+    slower) instead of one wide MLP, the router ``Linear(h, E)``, and the dispatch — the counted
+    ops (:data:`MOE_OPS_PER_EXPERT`, :data:`MOE_OPS_PER_LAYER`) at the per-op autograd overhead,
+    and the rows they copy: forward the gathered, weighted and combined rows (``3·imbalance·T·k·h``)
+    plus one out-of-place ``T·h`` combine per local expert; backward the scatter of each expert's
+    row gradients into a ``T·h`` zero buffer and the gradients of the gathers and products
+    (``4·imbalance·T·k·h``)."""
+    moe, h, f = layer.moe, layer.hidden_size, layer.ffn_size
+    assert moe is not None and h is not None and f is not None
+    local = max(1, moe.num_experts // ep)
+    routed = imbalance * tokens * moe.top_k
+    rows = routed / local
+
+    def mlp_s(m: float, width: float) -> float:
+        gelu_fwd, gelu_bwd = rates.elementwise_s("gelu", m * width)
+        return rates.linear_s(m, h, width) + rates.linear_s(m, width, h) + gelu_fwd + gelu_bwd
+
+    router = rates.linear_s(tokens, h, moe.num_experts)
+    experts = local * mlp_s(rows, f) - mlp_s(tokens, routed / tokens * f) + router
+    ops = (MOE_OPS_PER_EXPERT * local + MOE_OPS_PER_LAYER) * rates.op_overhead_s
+    forward_bytes = 2 * 4 * (local * tokens * h + 3 * routed * h)
+    backward_bytes = 2 * 4 * (local * tokens * h + 4 * routed * h)
+    forward = max(experts, 0.0) / 3 + ops / 2 + rates.copy_s(forward_bytes)
+    backward = 2 * max(experts, 0.0) / 3 + ops / 2 + rates.copy_s(backward_bytes)
+    return LayerTimes(forward_s=forward, backward_input_s=backward,
+                      recompute_s=forward if recompute == "full" else 0.0)
 
 
 def _ring_block_attention(rates: CpuRates, layer: LayerProfile, *, b: int, cp: int, causal: bool

@@ -347,12 +347,16 @@ def _fit_linear(points: Sequence[tuple[tuple[float, float, float], float]]) -> t
 
 
 def stack_saved_bytes(point: Mapping[str, Any]) -> float:
-    """Saved activation bytes of one measured zoo GPT block (fp32, fused attention) per microbatch."""
-    from autopar.cost_models.memory import activation_bytes_per_layer
+    """Saved activation bytes of one measured zoo GPT block (fp32, fused attention) per microbatch,
+    as the CPU compute model counts them (``memory.saved_layer_bytes``)."""
+    from autopar.cost_models.local.memory import saved_layer_bytes
+    from autopar.cost_models.profile import LayerProfile
 
-    return activation_bytes_per_layer(seq_len=point["seq"], microbatch_size=point["batch"],
-                                      hidden_size=point["hidden"], num_heads=point["heads"],
-                                      fused_attention=True, bytes_per_element=4)
+    h = point["hidden"]
+    layer = LayerProfile(name="block", flops_fwd=0.0, flops_bwd=0.0, param_count=0, hidden_size=h,
+                         num_heads=point["heads"], seq_len=point["seq"], ffn_size=4 * h)
+    return saved_layer_bytes(layer, microbatch_size=point["batch"], tp=1, fused_attention=True,
+                             bytes_per_element=4)
 
 
 def fit_activation_reread_s_per_byte(points: Sequence[Mapping[str, Any]]) -> float:

@@ -30,14 +30,16 @@ ranks holding each parameter (``data_parallel.gradient_mesh``). Sequence paralle
 ``sequence_parallel``, tp > 1): the collectives the runtime issues, counted
 (``compute.SequenceParallelCounts``), norms and residual adds on ``1/t`` of the tokens.
 
-MoE layers (``moe``), approximately: the layer is priced as a dense layer whose MLP is
-``imbalance·k`` times wider (the experts' rows on the busiest rank; the router and the smaller
-per-expert matmuls are left out); each all-to-all is priced as a gloo all-gather of the same
-per-rank buffer (both move ``(n−1)/n`` of it into every rank; calibration measures no
-all-to-all); expert parameters are ``÷ ep``, outside ZeRO/FSDP whatever the plan's stage (never
-gathered, their optimizer states unsharded), and their gradients all-reduced over the ``dp/ep``
-ranks holding them, tensor by tensor (``ExpertGroups.reduce_gradients``: no flat buffer, one
-in-place division).
+MoE layers (``moe``): the layer is priced as a dense layer whose MLP is ``imbalance·k`` times
+wider (the experts' rows on the busiest rank), plus ``compute.moe_dispatch_part`` (the local
+experts at their own row counts, the router, the dispatch's counted ops and copies); each
+all-to-all of rows is priced as a gloo all-gather of the same per-rank buffer (both move
+``(n−1)/n`` of it into every rank; calibration measures no all-to-all), and the forward's two
+small exchanges (row counts, expert ids) at gloo's latency (:data:`EP_SMALL_ALL_TO_ALLS`);
+expert parameters are ``÷ ep``, outside ZeRO/FSDP whatever the plan's stage (never gathered,
+their optimizer states unsharded), and their gradients all-reduced over the ``dp/ep`` ranks
+holding them, tensor by tensor (``ExpertGroups.reduce_gradients``: no flat buffer, one in-place
+division).
 
 Where measured steps and this model part (``compiled.report()``'s time by phase, measured inside
 real steps on gloo ranks; 2 ranks, GPT 4 layers × 128, V 1024, batch 8, at 09:20–09:50 on
@@ -69,12 +71,18 @@ from typing import TYPE_CHECKING
 
 from autopar.cost_models.compute import LayerTimes
 from autopar.cost_models.context_parallel import sequence_shard_profile
-from autopar.cost_models.local.compute import CpuPart, embedding_part, head_part, transformer_layer_part
+from autopar.cost_models.local.compute import (
+    CpuPart,
+    embedding_part,
+    head_part,
+    moe_dispatch_part,
+    transformer_layer_part,
+)
 from autopar.cost_models.local.rates import CpuRates
 from autopar.cost_models.local.shared_cores import simulate_shared
 from autopar.cost_models.moe import ALL_TO_ALLS_PER_LAYER, all_to_all_bytes, expert_params, load_imbalance
 from autopar.cost_models.profile import LayerProfile, ModelProfile
-from autopar.cost_models.stages import CommTimes, StageCost, comm_s, exchange_times, layer_flops, sends_s
+from autopar.cost_models.stages import CommTimes, StageCost, comm_s, layer_flops, sends_s
 
 if TYPE_CHECKING:
     from autopar.cost_models.local.profile import LocalProfile
@@ -112,13 +120,20 @@ def local_rates(plan: Plan, profile: LocalProfile | None = None) -> CpuRates | N
     return profile.cpu if profile is not None else CpuRates.quick(os.cpu_count() or 1)
 
 
+def _imbalance(layer: LayerProfile, tokens: int, ep: int) -> float:
+    moe = layer.moe
+    assert moe is not None
+    return load_imbalance(tokens=tokens, num_experts=moe.num_experts, top_k=moe.top_k,
+                          capacity_factor=moe.capacity_factor, ep=ep)
+
+
 def _moe_as_dense(layer: LayerProfile, tokens: int, ep: int) -> LayerProfile:
-    """An MoE layer as the dense layer whose MLP is ``imbalance·k`` times wider (module docstring)."""
+    """An MoE layer as the dense layer whose MLP is ``imbalance·k`` times wider (module docstring;
+    ``compute.moe_dispatch_part`` adds what the experts' own shapes and the dispatch cost)."""
     moe = layer.moe
     if moe is None or layer.ffn_size is None:
         return layer
-    scale = moe.top_k * load_imbalance(tokens=tokens, num_experts=moe.num_experts, top_k=moe.top_k,
-                                       capacity_factor=moe.capacity_factor, ep=ep)
+    scale = moe.top_k * _imbalance(layer, tokens, ep)
     return dataclasses.replace(layer, moe=None, ffn_size=max(1, round(layer.ffn_size * scale)))
 
 
@@ -141,6 +156,10 @@ def _parts(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[Cpu
                     bytes_per_element=profile.bytes_per_element, recompute=stage.recompute,
                     fused_attention=profile.fused_attention, causal=profile.causal, sequence_parallel=sp,
                     cp=cp)
+                if layer.moe is not None and layer.ffn_size is not None:
+                    cache[key] += CpuPart(times=moe_dispatch_part(
+                        layer, rates=rates, tokens=b * profile.seq_len, ep=ep, recompute=stage.recompute,
+                        imbalance=_imbalance(layer, b * profile.seq_len, ep)))
             part, params = part + cache[key], params + layer.param_count
             experts += expert_params(layer)
             shared += layer.moe.shared_params if layer.moe else 0
@@ -159,12 +178,22 @@ def _parts(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[Cpu
     return result
 
 
-def _all_to_all_s(plan: Plan, profile: ModelProfile, rates: CpuRates, stage_layers: tuple[int, int]) -> float:
-    """One direction's all-to-alls of a stage's MoE layers per microbatch (module docstring)."""
+EP_SMALL_ALL_TO_ALLS = 2
+"""COUNTED in ``runtime/expert_parallel.AllToAllExperts``: besides the dispatch and combine of
+token rows, each MoE layer's forward exchanges the per-rank row counts and the rows' expert ids
+(a few bytes per row: priced as gloo latency); the backward exchanges the rows only."""
+
+
+def _all_to_all_s(plan: Plan, profile: ModelProfile, rates: CpuRates, stage_layers: tuple[int, int]
+                  ) -> tuple[float, float]:
+    """(forward, backward) all-to-alls of a stage's MoE layers per microbatch (module docstring)."""
     ep, tokens = plan.parallelism.ep, plan.schedule.microbatch_size * profile.seq_len
     sizes = [all_to_all_bytes(layer, tokens=tokens, ep=ep, bytes_per_element=profile.bytes_per_element)
              for layer in profile.layers[stage_layers[0]:stage_layers[1]] if layer.moe is not None]
-    return sum(ALL_TO_ALLS_PER_LAYER * rates.collective_work_s("all_gather", size, ep) for size in sizes)
+    rows = sum(ALL_TO_ALLS_PER_LAYER * rates.collective_work_s("all_gather", size, ep) for size in sizes)
+    small = sum(EP_SMALL_ALL_TO_ALLS * rates.collective_work_s("all_gather", 8 * tokens, ep)
+                for size in sizes if size > 0)
+    return rows + small, rows
 
 
 def cpu_stage_costs(plan: Plan, profile: ModelProfile, rates: CpuRates) -> tuple[StageCost, ...]:
@@ -184,9 +213,10 @@ def cpu_stage_costs(plan: Plan, profile: ModelProfile, rates: CpuRates) -> tuple
         flops += b * (3 * local.embedding_flops_fwd if stage.index == 0 else 0.0)
         if stage.index == len(plan.stages) - 1:
             flops += b * (local.head_flops_fwd + local.head_flops_bwd)
-        all_to_all = _all_to_all_s(plan, local, rates, stage.layers)
-        comm = {"tp": part.tp, "dp": CommTimes(forward_s=gather, backward_s=gather),
-                "ep": exchange_times(all_to_all, stage.recompute), "cp": part.cp}
+        forward_a2a, backward_a2a = _all_to_all_s(plan, local, rates, stage.layers)
+        ep = CommTimes(forward_s=forward_a2a, backward_s=backward_a2a,
+                       recompute_s=forward_a2a if stage.recompute == "full" else 0.0)
+        comm = {"tp": part.tp, "dp": CommTimes(forward_s=gather, backward_s=gather), "ep": ep, "cp": part.cp}
         costs.append(StageCost(
             compute=part.times, comm=comm, send_forward_s=send if stage.index < len(plan.stages) - 1 else 0.0,
             send_backward_s=send if stage.index > 0 else 0.0, params_per_device=params, hardware_flops=flops,

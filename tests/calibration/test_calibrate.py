@@ -38,8 +38,7 @@ from autopar.cost_models.local.profile import (
     load_profile,
     save_profile,
 )
-from autopar.cost_models.local.rates import CpuRates
-from autopar.cost_models.memory import activation_bytes_per_layer
+from autopar.cost_models.local.rates import CpuRates, stack_saved_bytes
 
 
 def _profile(**changes: object) -> LocalProfile:
@@ -224,10 +223,8 @@ def test_activation_reread_fit_recovers_a_known_cost() -> None:
     shapes = ((4, 128, 128, 4), (2, 256, 512, 16), (8, 64, 256, 8))
     points = []
     for b, s, h, a in shapes:
-        saved = activation_bytes_per_layer(seq_len=s, microbatch_size=b, hidden_size=h, num_heads=a,
-                                           fused_attention=True, bytes_per_element=4)
-        points.append({"batch": b, "seq": s, "hidden": h, "heads": a, "time_s": 0.01 * h,
-                       "stacked_time_s": 0.01 * h + 2e-10 * saved})
+        point = {"batch": b, "seq": s, "hidden": h, "heads": a, "time_s": 0.01 * h}
+        points.append(point | {"stacked_time_s": 0.01 * h + 2e-10 * stack_saved_bytes(point)})
     assert fit_activation_reread_s_per_byte(points) == pytest.approx(2e-10)
     faster = [dict(p, stacked_time_s=p["time_s"] * 0.9) for p in points]  # never negative
     assert fit_activation_reread_s_per_byte(faster) == 0.0
