@@ -40,18 +40,15 @@ def _compare(folder, case):
     assert seen == set(reference), set(reference) ^ seen
 
 
-def test_reshard_two_ranks(tmp_path):
-    """pp2 → dp2 with FSDP2 ZeRO-3 (engine built by load), dp2 replicate → pp2 (load after a step)."""
-    spawn(workers.two_rank_cases, 2, str(tmp_path), timeout_s=60)
+def test_reshard_four_ranks_to_two_and_two_to_two(tmp_path):
+    """Saved by pp2 × dp2 (ZeRO-3) on 4 ranks, loaded by tp2 on 2; then, in the same 2 processes
+    (start-up costs more than a case), pp2 → dp2 with FSDP2 ZeRO-3 (engine built by load) and dp2
+    replicate → pp2 (load after a step)."""
+    spawn(workers.four_rank_save, 4, str(tmp_path), timeout_s=60)
+    spawn(workers.two_rank_resume_then_two_rank_cases, 2, str(tmp_path), timeout_s=60)
+    _compare(tmp_path, "pp2dp2-tp2")
     _compare(tmp_path, "pp2-dp2z3")
     _compare(tmp_path, "dp2z0-pp2")
-
-
-def test_four_ranks_to_two(tmp_path):
-    """Saved by pp2 × dp2 (ZeRO-3) on 4 ranks, loaded by tp2 on 2."""
-    spawn(workers.four_rank_save, 4, str(tmp_path), timeout_s=60)
-    spawn(workers.two_rank_resume, 2, str(tmp_path), timeout_s=60)
-    _compare(tmp_path, "pp2dp2-tp2")
 
 
 @pytest.fixture

@@ -10,14 +10,10 @@ from autopar.runtime import spawn
 from tests.helpers.distributed import cp_workers
 
 
-def test_cp2_two_ranks():
+def test_cp2_two_ranks_and_a_checkpoint_saved_under_cp2_loads_under_cp1(tmp_path):
     pytest.importorskip("transformers")
-    spawn(cp_workers.two_ranks, 2, timeout_s=90)
+    spawn(cp_workers.two_ranks, 2, str(tmp_path), timeout_s=90)
 
 
 def test_cp2_with_pp2_and_dp2_zero3():
     spawn(cp_workers.four_ranks, 4, timeout_s=120)
-
-
-def test_checkpoint_saved_under_cp2_loads_under_cp1(tmp_path):
-    spawn(cp_workers.checkpoint_cp2_to_cp1, 2, str(tmp_path), timeout_s=60)

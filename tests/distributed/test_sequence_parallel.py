@@ -51,16 +51,12 @@ def test_two_ranks_match_one_process():
     """tp2 + sequence parallelism on the zoo GPT and a hand-written GPT (separate q/k/v, manual causal
     attention, untied head): losses of 3 steps and every gradient equal one process; norms see seq/2
     tokens; the forward issues reduce-scatters and all-gathers, no all-reduce; with full and with
-    selective recomputation; a sequence that tp does not divide is refused by name."""
-    spawn(workers.two_rank_sequence_parallel, 2, timeout_s=90)
-
-
-def test_two_ranks_hugging_face():
-    """tp2 + sequence parallelism on Hugging Face Llama (RMSNorm, SwiGLU, rotary) and GPT-2 (Conv1D:
-    addmm on flattened tokens) built from configs: equal to one process, norms on sequence shards,
-    the forward's collectives counted."""
+    selective recomputation; a sequence that tp does not divide is refused by name. Then, in the same
+    processes (start-up costs more than a case), Hugging Face Llama (RMSNorm, SwiGLU, rotary) and GPT-2
+    (Conv1D: addmm on flattened tokens) built from configs: equal to one process, norms on sequence
+    shards, the forward's collectives counted."""
     pytest.importorskip("transformers")
-    spawn(workers.two_rank_hf_sequence_parallel, 2, timeout_s=90)
+    spawn(workers.two_rank_sequence_parallel, 2, timeout_s=90)
 
 
 @pytest.mark.slow

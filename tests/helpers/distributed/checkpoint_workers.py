@@ -92,3 +92,8 @@ def four_rank_save(rank: int, world: int, folder: str) -> None:
 
 def two_rank_resume(rank: int, world: int, folder: str) -> None:
     resume(rank, world, folder, "pp2dp2-tp2", {"tp": 2, "num_microbatches": 2})
+
+
+def two_rank_resume_then_two_rank_cases(rank: int, world: int, folder: str) -> None:
+    two_rank_resume(rank, world, folder)
+    two_rank_cases(rank, world, folder)

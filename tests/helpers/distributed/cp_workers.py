@@ -226,9 +226,10 @@ def run_cp_moe(world: int, fix: dict) -> None:
         [m.stats for m in layers]
 
 
-def two_ranks(rank: int, world: int) -> None:
+def two_ranks(rank: int, world: int, folder: str) -> None:
     """cp2 on the zoo GPT, the hand-written model, HF Llama, BERT (non-causal, masked LM); cp2 with
-    full and selective recomputation, and with the fused-attention pass."""
+    full and selective recomputation, and with the fused-attention pass; then a checkpoint saved under
+    cp2 loads under cp1 (in the same processes: start-up costs more than a case)."""
     torch.set_num_threads(1)
     run_cp_case(world, "gpt", {"cp": 2, "num_microbatches": 2})
     run_cp_case(world, "hand", {"cp": 2, "num_microbatches": 2})
@@ -237,6 +238,7 @@ def two_ranks(rank: int, world: int) -> None:
     run_cp_case(world, "gpt", {"cp": 2, "num_microbatches": 2, "recompute": "full"})
     run_cp_case(world, "gpt", {"cp": 2, "num_microbatches": 2, "recompute": "selective"})
     run_cp_case(world, "gpt", {"cp": 2, "num_microbatches": 2}, passes=(FusedAttention(),))
+    checkpoint_cp2_to_cp1(rank, world, folder)
 
 
 def four_ranks(rank: int, world: int) -> None:

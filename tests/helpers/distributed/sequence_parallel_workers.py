@@ -180,6 +180,7 @@ def two_rank_sequence_parallel(rank: int, world: int) -> None:
     for mode in ("full", "selective"):  # recomputation replays the collectives and math attention
         run_sp_case(world, "gpt", {"tp": 2, "num_microbatches": 2, "recompute": mode})
     indivisible_sequence(world)
+    two_rank_hf_sequence_parallel(rank, world)
 
 
 def two_rank_hf_sequence_parallel(rank: int, world: int) -> None:

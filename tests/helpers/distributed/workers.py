@@ -19,6 +19,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
 import autopar
+from autopar.capture.batch import leading_dims
 from autopar.cluster import ClusterSpec
 from autopar.config import Fix
 from autopar.losses import cross_entropy
@@ -185,13 +186,19 @@ def run_case(world: int, name: str, fix: dict, layers=None, expect=None, recompu
 
 def hand_written_plan(model, inputs, world: int, fix: dict):
     """The Plan the pins describe (no planner involved), with Megatron's tensor-parallel layout when
-    tp > 1, for ``model`` at the plan's microbatch."""
-    program = autopar.lower(model, inputs)
-    plan = plan_from_fix(type(model).__name__, graph_fingerprint="unset",
-                         num_layers=len(program.captured.layers), cluster=ClusterSpec.parse(f"local:{world}"),
-                         fix=Fix.from_dict(fix),
-                         global_batch_size=program.batch_size, seq_len=program.seq_len)
-    runtime = autopar.lower(model, inputs, microbatch_size=plan.schedule.microbatch_size)
+    tp > 1, for ``model`` at the plan's microbatch. Only the microbatch is captured (a Hugging Face
+    capture costs about a second): the pins fix its size whatever the number of layers."""
+    batch, seq_len = leading_dims((inputs,), {})
+
+    def pinned(num_layers: int):
+        return plan_from_fix(type(model).__name__, graph_fingerprint="unset", num_layers=num_layers,
+                             cluster=ClusterSpec.parse(f"local:{world}"), fix=Fix.from_dict(fix),
+                             global_batch_size=batch, seq_len=seq_len)
+
+    micro = pinned(num_layers=64).schedule.microbatch_size  # any layer count that every stage can share
+    runtime = autopar.lower(model, inputs, microbatch_size=micro)
+    plan = pinned(num_layers=len(runtime.captured.layers))
+    assert plan.schedule.microbatch_size == micro and runtime.seq_len == seq_len
     shardings = megatron_shardings(runtime.graph_module, fix["tp"], vocab_parallel=fix.get("pp", 1) == 1) \
         if fix.get("tp", 1) > 1 else ()
     return dataclasses.replace(plan, graph_fingerprint=runtime.fingerprint, shardings=shardings)
