@@ -186,6 +186,12 @@ def two_rank_mixtral(rank: int, world: int) -> None:
     run_case(world, {"dp": 2, "ep": 2, "pp": 1, "num_microbatches": 1, "recompute": "full"}, MIXTRAL)
 
 
+def two_rank_ep_then_mixtral(rank: int, world: int, folder: str) -> None:
+    """Both two-rank bodies in one spawn (process start-up costs more than a case)."""
+    two_rank_ep(rank, world, folder)
+    two_rank_mixtral(rank, world)
+
+
 def four_rank_ep(rank: int, world: int) -> None:
     torch.set_num_threads(1)
     run_case(world, {"dp": 4, "ep": 2, "num_microbatches": 2})
