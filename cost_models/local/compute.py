@@ -36,12 +36,15 @@ class DTensorCounts:
     shardings (colwise QKV and MLP-in, rowwise projections, vocabulary-parallel embedding and
     colwise LM head). COUNTED, not fitted, and not timings: ``torch.profiler`` events
     (``_c10d_functional`` collectives with their shapes, ``PythonSubclass`` dispatches) of one step
-    of the zoo GPT (hidden 256, 8 heads, t = 2; torch 2.13), 4 layers minus 2 layers. The counts
+    of the zoo GPT (hidden 256, 8 heads, t = 2; torch 2.13), 4 layers minus 2 layers; the
+    collectives recounted as ``gloo:`` events (hidden 128, 4 heads, one microbatch): 4 all-reduces
+    and 3 all-gathers per layer (an earlier count of 6 all-reduces included events outside the
+    layers). The counts
     follow from the graph and DTensor's sharding rules, not from sizes; another layer structure
     or torch version can differ."""
 
     all_reduces_forward: int = 2  # the two rowwise outputs (Partial → Replicate)
-    all_reduces_backward: int = 4  # input gradients of both colwise layers, and two more
+    all_reduces_backward: int = 2  # the input gradients of both colwise layers
     all_gathers_forward: int = 1  # the fused QKV output (3bsh), to split it into q, k, v
     all_gathers_backward: int = 2  # b·s·h each, attention-shaped
     dispatches_per_layer: int = 234
