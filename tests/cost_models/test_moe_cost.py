@@ -292,6 +292,35 @@ def test_local_cpu_model_keeps_experts_out_of_zero():
     assert sync == pytest.approx(reduce_scatter + all_reduce)
 
 
+def test_local_cpu_model_prices_the_experts_dispatch_and_small_exchanges():
+    """local:N: an MoE layer costs its dense equivalent plus its experts at their own row counts,
+    the router and the dispatch; ep > 1 adds the forward's two small all-to-alls (row counts,
+    expert ids), so the forward's exchanges cost more than the backward's."""
+    from autopar.cost_models.local.compute import MOE_OPS_PER_EXPERT, moe_dispatch_part
+    from autopar.cost_models.local.rates import CpuRates
+    from autopar.cost_models.local.step import EP_SMALL_ALL_TO_ALLS, cpu_stage_costs
+
+    shape = dict(num_layers=2, hidden_size=64, num_heads=4, seq_len=32, vocab_size=128)
+    profile = moe_profile(ModelProfile.gpt(get_config("gpt", **shape), dtype="fp32"), num_experts=4, top_k=2)
+    layer = next(layer for layer in profile.layers if layer.moe is not None)
+    rates = CpuRates.placeholders(4)
+    parts = {ep: moe_dispatch_part(layer, rates=rates, tokens=64, imbalance=1.0, ep=ep, recompute="none")
+             for ep in (1, 2, 4)}
+    assert all(p.forward_s > 0 and p.backward_s > p.forward_s for p in parts.values())
+    ops = MOE_OPS_PER_EXPERT * rates.op_overhead_s  # fewer local experts: fewer per-expert ops
+    assert parts[1].forward_s - parts[4].forward_s > 3 * ops / 2
+    full = moe_dispatch_part(layer, rates=rates, tokens=64, imbalance=1.0, ep=1, recompute="full")
+    assert full.recompute_s == pytest.approx(full.forward_s)
+    plan = plan_from_fix("gpt-moe-test", graph_fingerprint="analytic", num_layers=2,
+                         cluster=ClusterSpec.parse("local:2"), fix=Fix(dp=2, ep=2),
+                         global_batch_size=4, seq_len=32)
+    [cost] = cpu_stage_costs(plan, profile, rates)
+    exchanges = cost.comm_of("ep")
+    small = EP_SMALL_ALL_TO_ALLS * rates.collective_work_s("all_gather", 8 * 2 * 32, 2)
+    moe_layers = sum(layer.moe is not None for layer in profile.layers)
+    assert exchanges.forward_s - exchanges.backward_s == pytest.approx(moe_layers * small)
+
+
 def test_dts_gate_is_priced_with_its_sparse_top_k():
     """The DTS gate's dense phase (all E experts per token) is not priced: the profile is top-k's."""
     shape = dict(num_layers=2, hidden_size=32, num_heads=4, seq_len=16, vocab_size=128)
