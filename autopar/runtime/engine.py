@@ -391,13 +391,21 @@ def _tied_groups(tied_spec: list[tuple[tuple[int, str], ...]], layout: Layout, m
                 mine = pg
         if mine is None:
             continue
-        params = [_find_param(modules[local.index(stage)], name) for stage, name in group if stage in local]
+        names = [name for _, name in group]
+        params = [_find_param(modules[local.index(stage)], [name, *names]) for stage, name in group
+                  if stage in local]
         result.append((mine, params))
     return result
 
 
-def _find_param(module: nn.Module, name: str) -> torch.Tensor:
-    for candidate, param in module.named_parameters(remove_duplicate=False):
-        if candidate.split("module.")[-1] == name or candidate.endswith(name):
-            return param
-    raise KeyError(name)
+def _find_param(module: nn.Module, names: list[str]) -> torch.Tensor:
+    """The parameter of ``module`` called ``names[0]``, else any other name of the same tied weight
+    (a stage module whose graph uses the weight under two names, e.g. a tied GPT-2's
+    ``transformer.wte.weight`` and ``lm_head.weight``, keeps one of them once the data-parallel
+    wrapper replaces its parameters)."""
+    found = dict(module.named_parameters(remove_duplicate=False))
+    for name in names:
+        for candidate, param in found.items():
+            if candidate.split("module.")[-1] == name or candidate.endswith(name):
+                return param
+    raise KeyError(f"tied parameter {names[0]!r} (also called {names[1:]}) is not among {sorted(found)}")
