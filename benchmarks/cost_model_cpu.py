@@ -188,12 +188,18 @@ def _program(shape: str, passes: tuple[str, ...], world: int, microbatch_size: i
 
 def predict(plan: Plan, raw: dict[str, Any], profile: LocalProfile) -> Predicted:
     """``estimate`` for ``plan`` on its local cluster, priced from ``profile``, time and memory both
-    on the program's time profile: the step that was measured (``autopar.lower.predict`` prices
-    memory at full length, where random-LTD's schedule ends; the timed steps keep ``min_tokens``)."""
+    on the step that was measured: random-LTD's layers at the length its schedule keeps in the timed
+    steps (``min_tokens``: :data:`PASSES` makes the schedule so long that it never grows there),
+    not the schedule's average the planner prices time with, nor the full length
+    ``autopar.lower.predict`` prices memory at (where the schedule ends)."""
+    from autopar.cost_models.token_dropping import ltd_profile
+    from autopar.passes.random_ltd.transform import kept_fractions
+
     program = _program(raw.get("shape", "A"), tuple(raw["fix"].get("passes", ())), plan.world_size,
                        plan.schedule.microbatch_size)
-    return estimate(plan, program.profile, options=CostOptions(local_profile=profile),
-                    memory_profile=program.profile)
+    kept = kept_fractions(program.graph_module, step=0)
+    measured = ltd_profile(program.memory_profile, kept) if kept else program.profile
+    return estimate(plan, measured, options=CostOptions(local_profile=profile), memory_profile=measured)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
