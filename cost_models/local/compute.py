@@ -331,12 +331,14 @@ def embedding_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: i
 
 
 def head_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: int, tp: int,
-              sequence_parallel: bool = False) -> CpuPart:
+              sequence_parallel: bool = False, vocab_parallel: bool = True) -> CpuPart:
     """Final LayerNorm, the LM head (colwise under TP: logits all-gathered), the cross-entropy
     over all logits, and the copy that merges the microbatches' logits at the end of the step.
     With sequence parallelism the norm runs on a sequence shard, its output is all-gathered for the
     head (backward: reduce-scattered, an all-reduce on gloo) and its two parameters' partial
-    gradients are all-reduced."""
+    gradients are all-reduced. Not ``vocab_parallel`` (a pipelined plan keeps only the layers'
+    shardings): the head is a replicated DTensor, whole on every tp rank (its dispatches, no
+    gather)."""
     tokens, h, vocab = microbatch_size * profile.seq_len, profile.hidden_size, profile.vocab_size
     logits = tokens * vocab
     times = _op(rates, "layer_norm", tokens * h)
@@ -344,9 +346,12 @@ def head_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: int, t
         return CpuPart(times=times + _op(rates, "add", tokens * h))
     logit_bytes = 4 * logits  # the loss reads fp32 logits
     merge = LayerTimes(forward_s=rates.copy_s(2 * logit_bytes))  # the schedule concatenates the outputs
-    times += _linear(rates, tokens, h, vocab / tp) + _op(rates, "cross_entropy", logits) + merge
+    head_t = tp if vocab_parallel else 1
+    times += _linear(rates, tokens, h, vocab / head_t) + _op(rates, "cross_entropy", logits) + merge
     if tp == 1:
         return CpuPart(times=times)
+    if not vocab_parallel:
+        return CpuPart(times=times + _dispatch(rates, DTENSOR_TP.dispatches_outside_layers / 2))
     times += _dispatch(rates, DTENSOR_TP.dispatches_outside_layers / 2) + LayerTimes(
         forward_s=rates.copy_s(2 * logit_bytes), backward_input_s=rates.copy_s(2 * logit_bytes / tp))
     gather = rates.collective_work_s("all_gather", logit_bytes, tp)

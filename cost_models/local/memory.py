@@ -160,7 +160,8 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
         stored += sbh if stage.index < last else 0.0  # the output the schedule keeps to send
     n, has_head = in_flight, last in stage_indices and profile.vocab_size > 0
     logits = LOGIT_BYTES * b * profile.seq_len * profile.vocab_size if has_head else 0.0
-    output = logits * (1 + (1 / t if t > 1 else 0.0))  # the gathered logits, and under t > 1 the shard
+    sharded_head = t > 1 and par.pp == 1  # a pipelined plan's head is replicated (``local.states``)
+    output = logits * (1 + (1 / t if sharded_head else 0.0))  # the gathered logits, and the shard
     held = m * output if par.pp > 1 else 0.0  # the schedule keeps every output to merge them
     current = 0.0 if par.pp > 1 else output  # one stage: the current microbatch's output
     norm_input = sbh / t if sp else sbh  # under sequence parallelism a shard; its output is gathered

@@ -76,10 +76,14 @@ def _outside_layers(plan: Plan, profile: ModelProfile, stage_index: int) -> floa
         table = min(vocab_table, profile.embedding_params)
         elements += profile.embedding_params - table + table / (t if sharded else 1)
     if stage_index == last:
+        # the LM head is colwise only on one stage: a pipelined plan keeps only the repeated layers'
+        # tensor-parallel strategies, so there the head (and a tied weight's copy) is replicated
+        # (MEASURED tp2 × pp2, zoo GPT 8 × 256, V 4096: the last stage holds the whole tied copy)
+        head_t = t if plan.parallelism.pp == 1 else 1
         untied = 0 if profile.tied_embeddings else vocab_table
-        elements += profile.head_params - untied + untied / t  # final norm replicated, LM head colwise
+        elements += profile.head_params - untied + untied / head_t  # final norm replicated
         if stage_index > 0:
-            elements += profile.tied_head_params / t  # the last stage's copy of a tied weight
+            elements += profile.tied_head_params  # the last stage's copy of a tied weight
     return elements
 
 

@@ -169,7 +169,8 @@ def _parts(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[Cpu
                                    vocab_parallel=plan.parallelism.pp == 1, sequence_parallel=sp)
             params, tensors = params + profile.embedding_params, tensors + profile.embedding_param_tensors
         if stage.index == last:
-            part += head_part(profile, rates=rates, microbatch_size=b, tp=t, sequence_parallel=sp)
+            part += head_part(profile, rates=rates, microbatch_size=b, tp=t, sequence_parallel=sp,
+                              vocab_parallel=plan.parallelism.pp == 1)
             tied = stage.index > 0 and profile.tied_embeddings
             params += profile.head_params + (profile.tied_head_params if tied else 0)
             tensors += profile.head_param_tensors + int(tied)

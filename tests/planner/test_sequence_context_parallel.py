@@ -92,6 +92,23 @@ def test_a_128k_llama_on_one_stage_needs_context_parallelism():
         search(profile, _context(profile, "8x8xH100-80GB", 16), fix=dataclasses.replace(ONE_STAGE, cp=1))
 
 
+def test_a_128k_llama_without_cp_fits_only_at_the_edge_of_memory_and_runs_slower():
+    """With only cp = 1 pinned, a 128k Llama-3-8B still fits 80 GB, as the memory formulas say it
+    must: tp 8 with sequence parallelism divides a layer's activations by 8 (Korthikanti et al.
+    2022: 34·s·b·h/t bytes, 2.3 GB per layer at s = 131,072) and pipelining spreads the layers, so
+    the planner finds such a plan — at the edge of the device's memory, and slower than the plan
+    with cp it prefers. Where no such plan exists (one stage, no full recomputation), the error
+    names cp (the test above)."""
+    profile = _llama3_8b()
+    context = _context(profile, "8x8xH100-80GB", 16)
+    preferred = search(profile, context).plan
+    without = search(profile, context, fix=Fix(cp=1)).plan
+    assert without.parallelism.cp == 1 and without.parallelism.tp == 8 and without.sequence_parallel
+    assert max(without.predicted.peak_memory_bytes) > 0.95 * 80 * GIB
+    assert preferred.parallelism.cp > 1
+    assert preferred.predicted.step_time_s < without.predicted.step_time_s
+
+
 def test_short_sequences_do_not_get_context_parallelism():
     profile = ModelProfile.gpt(get_config("gpt2"), name="gpt2")
     cluster = ClusterSpec.parse("1x8xA100-80GB")
