@@ -25,9 +25,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import math
 import os
 import socket
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -101,7 +101,8 @@ def device_timed_s(fn: Callable[[], Any], *, seconds: float, device: torch.devic
                    min_batch_s: float = 2e-3) -> float:
     """Seconds per call of ``fn`` on ``device``: one warm-up, then synchronised batches of calls
     (each at least ``min_batch_s`` long, hiding the launch latency) until ``seconds`` of wall
-    clock have passed; the fastest batch per call. A warm-up longer than the slot is the result."""
+    clock have passed; the median batch per call, as ``measure.timed_s`` keeps (a step sees an
+    operation's typical time, not its best). A warm-up longer than the slot is the result."""
     start = time.perf_counter()
     _sync(device)
     began = time.perf_counter()
@@ -110,16 +111,16 @@ def device_timed_s(fn: Callable[[], Any], *, seconds: float, device: torch.devic
     warm = time.perf_counter() - began
     if time.perf_counter() - start >= seconds:
         return warm
-    inner, best = max(1, min(1000, int(min_batch_s / max(warm, 1e-7)))), math.inf
+    inner, batches = max(1, min(1000, int(min_batch_s / max(warm, 1e-7)))), []
     while True:
         _sync(device)
         began = time.perf_counter()
         for _ in range(inner):
             fn()
         _sync(device)
-        best = min(best, (time.perf_counter() - began) / inner)
+        batches.append((time.perf_counter() - began) / inner)
         if time.perf_counter() - start >= seconds:
-            return best
+            return statistics.median(batches)
 
 
 # --- single-GPU measurements ----------------------------------------------------------------------
