@@ -350,9 +350,10 @@ def head_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: int, t
     times += _linear(rates, tokens, h, vocab / head_t) + _op(rates, "cross_entropy", logits) + merge
     if tp == 1:
         return CpuPart(times=times)
+    times += _dispatch(rates, DTENSOR_TP.dispatches_outside_layers / 2)
     if not vocab_parallel:
-        return CpuPart(times=times + _dispatch(rates, DTENSOR_TP.dispatches_outside_layers / 2))
-    times += _dispatch(rates, DTENSOR_TP.dispatches_outside_layers / 2) + LayerTimes(
+        return CpuPart(times=times)
+    times += LayerTimes(
         forward_s=rates.copy_s(2 * logit_bytes), backward_input_s=rates.copy_s(2 * logit_bytes / tp))
     gather = rates.collective_work_s("all_gather", logit_bytes, tp)
     if not sequence_parallel:

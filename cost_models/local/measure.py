@@ -412,10 +412,9 @@ def measure_gpt_stack_time_s(batch: int, seq: int, hidden: int, heads: int, *, n
                    seconds=seconds) / (num_layers * num_microbatches)
 
 
-SHARE_LAYER_SHAPE = (2, 128, 128, 4)
-"""(batch, seq, hidden, heads) of the GPT blocks whose rate the quick share measurement compares."""
-
-
+QUICK_LAYER_SHAPE = (2, 128, 128, 4)
+"""(batch, seq, hidden, heads) of the quick path's GPT blocks: the share measurement's work, and
+the block timed alone and as 4 microbatches through 4 layers."""
 SHARE_WINDOWS = 3
 
 
@@ -429,7 +428,7 @@ def _share_child(work_name: str, window: float, barrier: Any, results: Any, inde
         dst = torch.empty_like(src)
         work: Callable[[], Any] = lambda: dst.copy_(src)  # noqa: E731
     else:
-        work = gpt_stack_work(*SHARE_LAYER_SHAPE)
+        work = gpt_stack_work(*QUICK_LAYER_SHAPE)
     work()
     rates = []
     for _ in range(SHARE_WINDOWS):
@@ -443,9 +442,9 @@ def _share_child(work_name: str, window: float, barrier: Any, results: Any, inde
 
 
 def _run_share(context: Any, work_name: str, n: int, window: float) -> tuple[float, float]:
-    """(wall, CPU) rate per process of ``n`` processes running ``work_name`` at once: of the
-    windows, the one whose mean over the processes is best (other users' load only slows a
-    window down)."""
+    """(wall, CPU) rate per process of ``n`` processes running ``work_name`` at once: per clock,
+    the window whose mean over the processes is best (other users' load only slows a window
+    down)."""
     barrier, results = context.Barrier(n), context.SimpleQueue()
     children = [context.Process(target=_share_child, args=(work_name, window, barrier, results, i),
                                 daemon=True) for i in range(n)]
@@ -490,7 +489,6 @@ QUICK_CROSS_ENTROPY_ELEMENTS = (2**18, 2**21)
 QUICK_COLLECTIVE_BYTES = (4096, 256 * 1024, 4 * MIB)
 QUICK_COLLECTIVE_RANKS = (2, 4)
 QUICK_OPTIMIZER = ((256 * 1024, 32), (4096, 64))  # (tensor numel, tensors); 8 Mi parameters: beyond caches
-QUICK_LAYER_SHAPE = (2, 128, 128, 4)  # (batch, seq, hidden, heads): alone, and 4 microbatches × 4 layers
 
 
 def quick_measurements(*, ops: Sequence[str], kinds: Sequence[str], seconds: float = 3.0,

@@ -75,6 +75,13 @@ LOGIT_BYTES = 4  # the loss reads fp32 logits
 RING_ACCUMULATOR_BYTES = 4  # ring attention's dQ, dK/dV and block scores are fp32 (runtime/context_parallel)
 
 
+def vocab_parallel(plan: Plan) -> bool:
+    """Whether the runtime shards the embedding and LM head over tp: only a one-stage plan's are
+    (a pipelined plan keeps only the repeated layers' tensor-parallel strategies, so its embedding,
+    head and a tied weight's last-stage copy are replicated on every tp rank)."""
+    return plan.parallelism.tp > 1 and plan.parallelism.pp == 1
+
+
 def saved_layer_bytes(layer: LayerProfile, *, microbatch_size: int, tp: int, fused_attention: bool,
                       bytes_per_element: int, ep: int = 1, sequence_parallel: bool = False,
                       ring: bool = False) -> float:
@@ -164,8 +171,7 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
         stored += sbh if stage.index < last else 0.0  # the output the schedule keeps to send
     n, has_head = in_flight, last in stage_indices and profile.vocab_size > 0
     logits = LOGIT_BYTES * b * profile.seq_len * profile.vocab_size if has_head else 0.0
-    sharded_head = t > 1 and par.pp == 1  # a pipelined plan's head is replicated (``local.states``)
-    output = logits * (1 + (1 / t if sharded_head else 0.0))  # the gathered logits, and the shard
+    output = logits * (1 + (1 / t if vocab_parallel(plan) else 0.0))  # the gathered logits, and the shard
     held = m * output if par.pp > 1 else 0.0  # the schedule keeps every output to merge them
     current = 0.0 if par.pp > 1 else output  # one stage: the current microbatch's output
     norm_input = sbh / t if sp else sbh  # under sequence parallelism a shard; its output is gathered

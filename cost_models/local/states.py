@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from autopar.cost_models.local.compute import DTENSOR_TP
+from autopar.cost_models.local.memory import vocab_parallel
 from autopar.cost_models.moe import layer_params
 from autopar.cost_models.states import training_states
 
@@ -76,10 +77,10 @@ def _outside_layers(plan: Plan, profile: ModelProfile, stage_index: int) -> floa
         table = min(vocab_table, profile.embedding_params)
         elements += profile.embedding_params - table + table / (t if sharded else 1)
     if stage_index == last:
-        # the LM head is colwise only on one stage: a pipelined plan keeps only the repeated layers'
-        # tensor-parallel strategies, so there the head (and a tied weight's copy) is replicated
-        # (MEASURED tp2 × pp2, zoo GPT 8 × 256, V 4096: the last stage holds the whole tied copy)
-        head_t = t if plan.parallelism.pp == 1 else 1
+        # the LM head is colwise only where ``vocab_parallel``; otherwise it (and a tied weight's
+        # copy) is replicated (MEASURED tp2 × pp2, zoo GPT 8 × 256, V 4096: the last stage holds
+        # the whole tied copy)
+        head_t = t if vocab_parallel(plan) else 1
         untied = 0 if profile.tied_embeddings else vocab_table
         elements += profile.head_params - untied + untied / head_t  # final norm replicated
         if stage_index > 0:

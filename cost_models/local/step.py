@@ -78,6 +78,7 @@ from autopar.cost_models.local.compute import (
     moe_dispatch_part,
     transformer_layer_part,
 )
+from autopar.cost_models.local.memory import vocab_parallel
 from autopar.cost_models.local.rates import CpuRates
 from autopar.cost_models.local.shared_cores import simulate_shared
 from autopar.cost_models.moe import ALL_TO_ALLS_PER_LAYER, all_to_all_bytes, expert_params, load_imbalance
@@ -166,11 +167,11 @@ def _parts(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[Cpu
             tensors += profile.param_tensors(layer)
         if stage.index == 0:
             part += embedding_part(profile, rates=rates, microbatch_size=b, tp=t,
-                                   vocab_parallel=plan.parallelism.pp == 1, sequence_parallel=sp)
+                                   vocab_parallel=vocab_parallel(plan), sequence_parallel=sp)
             params, tensors = params + profile.embedding_params, tensors + profile.embedding_param_tensors
         if stage.index == last:
             part += head_part(profile, rates=rates, microbatch_size=b, tp=t, sequence_parallel=sp,
-                              vocab_parallel=plan.parallelism.pp == 1)
+                              vocab_parallel=vocab_parallel(plan))
             tied = stage.index > 0 and profile.tied_embeddings
             params += profile.head_params + (profile.tied_head_params if tied else 0)
             tensors += profile.head_param_tensors + int(tied)
