@@ -77,13 +77,32 @@ def assign_stages(gm: fx.GraphModule, layer_ranges: Sequence[tuple[int, int]]) -
 
 
 def _place_inputs(gm: fx.GraphModule, assignment: dict[fx.Node, int]) -> None:
-    """Placeholders live on stage 0; attributes on the first stage that uses them."""
+    """Placeholders live on stage 0; attributes on the first stage that uses them. An unused
+    attribute that is another name of a used one (a tied weight the capture reads under one name,
+    e.g. HF BERT's ``cls.predictions.bias`` = ``cls.predictions.decoder.bias``) goes with that
+    name, so no stage holds a weight it never uses; any other unused attribute stays on stage 0."""
+    first_use: dict[int, int] = {}
+    unused = []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             assignment[node] = 0
         elif node.op == "get_attr":
             users = [assignment[u] for u in node.users if u.op != "output"]
-            assignment[node] = min(users) if users else 0
+            if users:
+                assignment[node] = min(users)
+                key = id(_attribute(gm, node.target))
+                first_use[key] = min(first_use.get(key, assignment[node]), assignment[node])
+            else:
+                unused.append(node)
+    for node in unused:
+        assignment[node] = first_use.get(id(_attribute(gm, node.target)), 0)
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for name in target.split("."):
+        value = getattr(value, name)
+    return value
 
 
 def split_stages(gm: fx.GraphModule, layer_ranges: Sequence[tuple[int, int]],

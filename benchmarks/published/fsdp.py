@@ -115,8 +115,10 @@ def row_plan(row: FsdpRow, *, num_gpus: int | None = None, local_batch: int | No
     above the row's runs as gradient accumulation over microbatches of the row's size)."""
     gpus, batch = num_gpus or row.num_gpus, local_batch or row.local_batch
     model = autopar.models.build("gpt", device="meta", **llama_shape(row.model))  # type: ignore[arg-type]
-    inputs, _ = autopar.models.example_batch(model, batch_size=1)
     micro = min(batch, row.local_batch)
+    # the example batch is the pinned microbatch: the capture that prices the plan is the one the
+    # runtime would run, so `plan` needs no second capture for the plan's fingerprint
+    inputs, _ = autopar.models.example_batch(model, batch_size=micro)
     fix = {**row.fix(), "dp": gpus, "microbatch_size": micro, "num_microbatches": batch // micro}
     cluster = row.cluster.rsplit("x", 1)[1]
     return autopar.plan(model, inputs, cluster=_nodes(gpus, cluster), global_batch_size=gpus * batch, fix=fix)

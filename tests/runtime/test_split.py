@@ -100,3 +100,27 @@ def test_a_layer_in_no_stage_is_named(gpt):
     gm, _ = gpt
     with pytest.raises(ValueError, match=r"layer 3 \(node \w+\) is in no stage of \[\(0, 2\), \(2, 3\)\]"):
         split_stages(gm, [(0, 2), (2, 3)])
+
+
+def test_an_unused_name_of_a_tied_weight_goes_with_the_stage_that_uses_it():
+    """HF BERT's decoder bias is also ``cls.predictions.bias``; the capture reads it under one name
+    only (the LM head, last stage). The other name must not pin a copy on stage 0, where no graph
+    uses it and a data-parallel wrapper drops it: only the embedding is tied across stages."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=32,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.BertForMaskedLM(config)
+    ids = torch.randint(0, 64, (2, 8))
+    captured = autopar.capture(model, ids)
+    stages = split_stages(captured.graph_module, [(0, 1), (1, 2)])
+    held = [dict(s.module.named_parameters(remove_duplicate=False)) for s in stages]
+    bias = model.cls.predictions.decoder.bias
+    assert all(p is not bias for p in held[0].values()), sorted(held[0])
+    assert any(p is bias for p in held[1].values()), sorted(held[1])
+    groups = shared_parameters(stages)
+    assert len(groups) == 1 and [stage for stage, _ in groups[0]] == [0, 1], groups
+    assert held[0][groups[0][0][1]] is model.bert.embeddings.word_embeddings.weight
+    out = _run(stages, ids)
+    torch.testing.assert_close(out if isinstance(out, torch.Tensor) else out[0], model(ids).logits)

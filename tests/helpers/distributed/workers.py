@@ -113,9 +113,10 @@ def build_case(name: str):
     return model, inputs, targets
 
 
-# Tiny Hugging Face configs (random weights, nothing downloaded): 4 layers, hidden 32, 2 heads (Llama-
+# Tiny Hugging Face configs (random weights, nothing downloaded): 2 layers (enough for two pipeline
+# stages; each layer costs capture time in every case), hidden 32, 2 heads (Llama-
 # family models with 2 KV heads, one per tensor-parallel rank), vocabulary 64, dropout off.
-HF_LAYERS = 4
+HF_LAYERS = 2
 HF_CONFIGS = {
     "hf-bert": ("BertConfig", "BertForMaskedLM", dict(
         num_hidden_layers=HF_LAYERS, hidden_size=32, num_attention_heads=2, intermediate_size=64,
