@@ -37,6 +37,9 @@ SCRIPT = textwrap.dedent("""
         boom()
     if "--bad-cluster" in sys.argv and rank == 1:
         autopar.ClusterSpec.parse("no-such-cluster")
+    if ("--fail" in sys.argv or "--bad-cluster" in sys.argv) and rank == 0:
+        import time  # until the launcher stops it: its next collective would only log the lost peer
+        time.sleep(60)
     torch.manual_seed(0)
     if "--shape" in sys.argv:  # a GPT of this shape, 8 sequences of its length
         model = autopar.models.build("gpt", **json.loads(sys.argv[sys.argv.index("--shape") + 1]))
