@@ -1,7 +1,8 @@
 """Process launch: autopar's own local spawner and the torchrun environment.
 
 Data flow: ``autopar run script.py --nproc N``, ``autopar demo`` and the distributed
-tests call :func:`spawn`, which starts N processes on this machine, joins them in a
+tests call :func:`spawn`, which starts N processes on this machine (forks of a fork server that
+imported torch and autopar once, :data:`FORK_SERVER_PRELOAD`), joins them in a
 gloo process group through a ``file://`` rendezvous with a short timeout, and runs
 one function per rank. Under ``torchrun`` the group is already described by the
 environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``…); :func:`init_from_env`
