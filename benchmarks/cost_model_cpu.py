@@ -247,8 +247,12 @@ def result_row(raw: dict[str, Any], profile: LocalProfile) -> dict[str, Any]:
     priced = dataclasses.replace(plan, predicted=predicted)
     measured = statistics.median(raw["times_s"])
     par, sched = plan.parallelism, plan.schedule
-    phases = raw.get("phases_s") or [{}]
-    slowest = max(range(len(phases)), key=lambda r: sum(phases[r].values()))
+    if "phases_s" in raw:  # a fresh run: every rank's phases
+        phases = raw["phases_s"]
+        slowest = max(range(len(phases)), key=lambda r: sum(phases[r].values()))
+    else:  # a re-prediction (``--measured``): the row kept its slowest rank's
+        slowest = raw.get("measured_phases_rank", 0)
+        phases = {slowest: raw.get("measured_phases_s", {})}
     return {
         "world_size": raw["world_size"], "shape": raw.get("shape", "A"), "case": raw["case"], "dp": par.dp,
         "tp": par.tp, "pp": par.pp, "ep": par.ep, "passes": raw["fix"].get("passes", []),
@@ -260,6 +264,7 @@ def result_row(raw: dict[str, Any], profile: LocalProfile) -> dict[str, Any]:
         "error_pct": round(100 * (predicted.step_time_s / measured - 1), 1),
         "predicted_breakdown_s": {k: round(v, 4) for k, v in dict(predicted.breakdown).items()},
         "measured_phases_s": {k: round(v, 4) for k, v in phases[slowest].items()},
+        "measured_phases_rank": slowest,
         "predicted_phases_s": {k: round(v, 4) for k, v in predicted_phases_s(priced, slowest).items()},
         "memory_bytes": raw.get("memory_bytes", []),
         "memory_error_pct": _memory_errors_pct(priced, raw.get("memory_bytes", [])),
