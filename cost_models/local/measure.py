@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import math
 import os
 import statistics
 import threading
@@ -310,7 +309,7 @@ def measure_gloo_in_threads(num_ranks: int, sizes: Sequence[int], *, seconds: fl
                             kinds: Sequence[str], timeout_s: float = 60.0) -> list[dict[str, Any]]:
     """Stand-in for ``autopar calibrate``'s gloo group: each collective of ``kinds`` (p2p only for
     2 ranks) on each full-buffer size, among ``num_ranks`` gloo ranks on threads of this process;
-    ``seconds`` shared by the points. Per point, the fastest repeat of the slowest rank (wall
+    ``seconds`` shared by the points. Per point, the median repeat of the slowest rank (wall
     clock; p2p: half a round trip)."""
     import torch.distributed as dist
 
@@ -358,10 +357,11 @@ def _collective_call(group: Any, kind: str, size_bytes: int, *, rank: int, num_r
 
 def _slowest_rank_s(call: Callable[[], None], rank: int, barrier: threading.Barrier, seconds: float,
                     shared: dict[str, Any]) -> float:
-    """The fastest repeat of the slowest rank; rank 0 decides, after each repeat, whether the
-    ``seconds`` are spent (every rank runs the same number of repeats)."""
+    """The MEDIAN repeat of the slowest rank (a step sees a collective's typical time, as
+    ``autopar calibrate``'s ``group._slowest_rank_s``); rank 0 decides, after each repeat, whether
+    the ``seconds`` are spent (every rank runs the same number of repeats)."""
     call()
-    start, best = time.perf_counter(), math.inf
+    start, repeats = time.perf_counter(), []
     while True:
         barrier.wait()
         begin = time.perf_counter()
@@ -370,11 +370,10 @@ def _slowest_rank_s(call: Callable[[], None], rank: int, barrier: threading.Barr
         barrier.wait()
         if rank == 0:
             shared["done"] = time.perf_counter() - start >= seconds
-        slowest = max(shared[f"t{r}"] for r in range(barrier.parties))
+        repeats.append(max(shared[f"t{r}"] for r in range(barrier.parties)))
         barrier.wait()
-        best = min(best, slowest)
         if shared["done"]:
-            return best
+            return statistics.median(repeats)
 
 
 def gpt_stack_work(batch: int, seq: int, hidden: int, heads: int, num_layers: int = 4,
