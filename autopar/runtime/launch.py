@@ -39,6 +39,9 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, init_file: str, 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     try:
+        # every rank has finished connecting before any runs ``fn``: a rank that fails at once
+        # would otherwise cut a peer's connection set-up short, which gloo logs as its own error
+        dist.barrier()
         fn(rank, world_size, *args)
         dist.barrier()  # every rank's last sends and receives are done before any group goes away
     finally:
