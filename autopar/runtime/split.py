@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 from torch import fx
@@ -90,19 +91,12 @@ def _place_inputs(gm: fx.GraphModule, assignment: dict[fx.Node, int]) -> None:
             users = [assignment[u] for u in node.users if u.op != "output"]
             if users:
                 assignment[node] = min(users)
-                key = id(_attribute(gm, node.target))
+                key = id(attrgetter(node.target)(gm))
                 first_use[key] = min(first_use.get(key, assignment[node]), assignment[node])
             else:
                 unused.append(node)
     for node in unused:
-        assignment[node] = first_use.get(id(_attribute(gm, node.target)), 0)
-
-
-def _attribute(gm: fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for name in target.split("."):
-        value = getattr(value, name)
-    return value
+        assignment[node] = first_use.get(id(attrgetter(node.target)(gm)), 0)
 
 
 def split_stages(gm: fx.GraphModule, layer_ranges: Sequence[tuple[int, int]],
