@@ -38,6 +38,7 @@ from autopar.cost_models.local.rates import (
     OpTable,
     fit_activation_reread_s_per_byte,
     stack_saved_bytes,
+    sync_wait_points,
 )
 
 Shape = tuple[int, int, int]
@@ -157,7 +158,7 @@ def cpu_rates(single: dict[str, Any], group: dict[str, Any], *, num_cores: int, 
         runtime_step_s=per_step, runtime_microbatch_s=per_microbatch,
         collectives=tuple((p["kind"], p["num_ranks"], float(p["size_bytes"]), p["time_s"])
                           for p in group["collectives"]),
-        shares=shares, source=source)
+        shares=shares, source=source, sync_waits=sync_wait_points(group.get("sync_waits", ())))
 
 
 def layer_check(rates: CpuRates, points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -39,7 +39,12 @@ import torch.distributed as dist
 
 from autopar.calibration.ops import MIB, cpu_seconds, others_busy_cores
 from autopar.calibration.progress import Progress, Skip, Task, run_tasks
-from autopar.cost_models.local.measure import gpt_stack_work, measure_dtensor_overhead_s
+from autopar.cost_models.local.measure import (
+    SYNC_LAYER_SHAPE,
+    gpt_stack_work,
+    measure_dtensor_overhead_s,
+    measure_sync_waits,
+)
 
 if TYPE_CHECKING:
     from autopar.calibration.calibrate import CalibrationConfig
@@ -249,7 +254,7 @@ def _agree(slot: float) -> float:
 def group_tasks(rank: int, world: int, config: CalibrationConfig, raw: dict[str, Any]) -> list[Task]:
     """The group's measurements as tasks filling ``raw`` (every rank runs the same tasks)."""
     works = _share_works(config)
-    raw.update(shares=[], collectives=[], dtensor={},
+    raw.update(shares=[], collectives=[], dtensor={}, sync_waits=[],
                runtime={"num_ranks": world, "step_s_by_microbatches": {}})
     tasks = []
     for active in range(1, world + 1):
@@ -275,6 +280,17 @@ def group_tasks(rank: int, world: int, config: CalibrationConfig, raw: dict[str,
             return f"{step_s * 1e3:.2f} ms CPU per step"
         tasks.append(Task(f"runtime: tiny GPT, pp {world}, {m} microbatches", runtime, weight=2.0))
 
+    sync_work = gpt_stack_work(*SYNC_LAYER_SHAPE, num_layers=1)
+    for busy in sorted({2, world}) if world >= 2 else ():
+        def sync(slot: float, busy: int = busy) -> str:
+            points = measure_sync_waits(sync_work, group_sizes=(2, busy), seconds=slot, processes=busy)
+            raw["sync_waits"] += points
+            beyond = [p["in_step_s"] - p["collective_s"] for p in points]
+            return (f"{len(points)} points, {statistics.median(beyond) * 1e3:.1f} ms median beyond the "
+                    f"collective alone ({max(beyond) * 1e3:.1f} ms at most), "
+                    f"{min(p['interval_s'] for p in points) * 1e3:.0f}–"
+                    f"{max(p['interval_s'] for p in points) * 1e3:.0f} ms of work between")
+        tasks.append(Task(f"collectives after compute: {busy} of {world} processes busy", sync, weight=3.0))
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))

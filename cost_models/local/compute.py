@@ -83,15 +83,50 @@ BACKWARD_DISPATCH_FRACTION = 2 / 3
 
 
 @dataclass(frozen=True, kw_only=True)
+class Sync:
+    """``count`` blocking collectives per microbatch of ``size_bytes`` each among ``group`` ranks of
+    the ``axis`` mesh dimension, waited for in ``phase`` (``forward``, ``backward``, ``recompute``):
+    the points where ranks meet, each priced beyond its transfer by ``CpuRates.sync_wait_s``
+    (``step`` docstring)."""
+
+    axis: str
+    phase: str
+    group: int
+    size_bytes: float
+    count: float
+
+    @property
+    def key(self) -> tuple[str, str, int, float]:
+        return self.axis, self.phase, self.group, self.size_bytes
+
+
+def merge_syncs(*groups: tuple[Sync, ...]) -> tuple[Sync, ...]:
+    """The syncs of ``groups`` with equal ``key`` counted together, in first-seen order."""
+    counts: dict[tuple[str, str, int, float], float] = {}
+    for sync in (s for group in groups for s in group):
+        counts[sync.key] = counts.get(sync.key, 0.0) + sync.count
+    return tuple(Sync(axis=a, phase=p, group=g, size_bytes=b, count=n) for (a, p, g, b), n in counts.items())
+
+
+def _syncs(axis: str, group: int, *phases: tuple[str, float, float]) -> tuple[Sync, ...]:
+    """Syncs of ``(phase, size_bytes, count)`` triples, those with a count and a size."""
+    return merge_syncs(tuple(Sync(axis=axis, phase=phase, group=group, size_bytes=size, count=count)
+                             for phase, size, count in phases if count > 0 and size > 0))
+
+
+@dataclass(frozen=True, kw_only=True)
 class CpuPart:
-    """Seconds per microbatch on one process: compute (``times``) and tensor-parallel collectives."""
+    """Seconds per microbatch on one process: compute (``times``), tensor- and context-parallel
+    collectives, and where the ranks meet (``syncs``)."""
 
     times: LayerTimes = LayerTimes()
     tp: CommTimes = NO_COMM
     cp: CommTimes = NO_COMM
+    syncs: tuple[Sync, ...] = ()
 
     def __add__(self, other: CpuPart) -> CpuPart:
-        return CpuPart(times=self.times + other.times, tp=self.tp + other.tp, cp=self.cp + other.cp)
+        return CpuPart(times=self.times + other.times, tp=self.tp + other.tp, cp=self.cp + other.cp,
+                       syncs=merge_syncs(self.syncs, other.syncs))
 
 
 def _linear(rates: CpuRates, m: float, k: float, n: float) -> LayerTimes:
@@ -171,13 +206,14 @@ def transformer_layer_part(layer: LayerProfile, *, rates: CpuRates, microbatch_s
     times += LayerTimes(backward_input_s=saved * rates.activation_reread_s_per_byte)
     ring = _ring_transfers(rates, tokens * h / t, bytes_per_element=bytes_per_element, cp=cp,
                            recompute=recompute)
+    ring_syncs = _ring_syncs(tokens * h / t, bytes_per_element=bytes_per_element, cp=cp, recompute=recompute)
     if t == 1:
-        return CpuPart(times=_recompute(times, recompute), cp=ring)
+        return CpuPart(times=_recompute(times, recompute), cp=ring, syncs=ring_syncs)
     sbh_bytes = tokens * h * bytes_per_element
     norms = (layer_norm_params(layer), h * bytes_per_element)
     part = _under_dtensor(times, rates=rates, sbh_bytes=sbh_bytes, tp=t, recompute=recompute,
                           sequence_parallel=sp, norm_gradients=norms)
-    return dataclasses.replace(part, cp=ring)
+    return dataclasses.replace(part, cp=ring, syncs=merge_syncs(part.syncs, ring_syncs))
 
 
 MOE_OPS_PER_EXPERT = 8
@@ -252,6 +288,16 @@ def _ring_transfers(rates: CpuRates, elements: float, *, bytes_per_element: int,
                      recompute_s=forward if recompute == "full" else 0.0)
 
 
+def _ring_syncs(elements: float, *, bytes_per_element: int, cp: int, recompute: str) -> tuple[Sync, ...]:
+    """Where :func:`_ring_transfers`' ranks meet: each K/V hop and each accumulator hop is a
+    send to one neighbour and a receive from the other."""
+    if cp == 1:
+        return ()
+    kv, grads = 2 * elements * bytes_per_element, 2 * elements * RING_ACCUMULATOR_BYTES
+    return _syncs("cp", 2, ("forward", kv, cp - 1), ("backward", kv, cp - 1), ("backward", grads, cp),
+                  ("recompute", kv, (cp - 1) if recompute == "full" else 0))
+
+
 def layer_norm_params(layer: LayerProfile) -> int:
     """Replicated parameter tensors of a transformer layer that see sequence shards under sequence
     parallelism: each gets one all-reduce of its partial gradient per microbatch
@@ -276,6 +322,8 @@ def _under_dtensor(times: LayerTimes, *, rates: CpuRates, sbh_bytes: float, tp: 
         return n * rates.collective_work_s("all_gather", sbh_bytes, tp)
 
     qkv_gather = counts.all_gathers_forward * rates.collective_work_s("all_gather", 3 * sbh_bytes, tp)
+    syncs = _tp_layer_syncs(sbh_bytes, tp=tp, recompute=recompute, sequence_parallel=sequence_parallel,
+                            norm_gradients=norm_gradients)
     if sequence_parallel:
         sp = DTENSOR_SP
         forward = (all_reduces(sp.reduce_scatters_forward) + all_gathers(sp.all_gathers_forward)
@@ -291,7 +339,24 @@ def _under_dtensor(times: LayerTimes, *, rates: CpuRates, sbh_bytes: float, tp: 
     if recompute == "full":  # the recomputed forward repeats its collectives
         times = LayerTimes(forward_s=times.forward_s, backward_input_s=times.backward_input_s,
                            backward_weight_s=times.backward_weight_s, recompute_s=times.recompute_s + forward)
-    return CpuPart(times=times, tp=CommTimes(forward_s=forward, backward_s=backward))
+    return CpuPart(times=times, tp=CommTimes(forward_s=forward, backward_s=backward), syncs=syncs)
+
+
+def _tp_layer_syncs(sbh_bytes: float, *, tp: int, recompute: str, sequence_parallel: bool,
+                    norm_gradients: tuple[int, float]) -> tuple[Sync, ...]:
+    """Where :func:`_under_dtensor`'s collectives make a layer's tensor-parallel ranks meet."""
+    tp_counts, sp = DTENSOR_TP, DTENSOR_SP
+    if sequence_parallel:
+        forward = [(sbh_bytes, sp.reduce_scatters_forward + sp.all_gathers_forward)]
+        backward = [(sbh_bytes, sp.reduce_scatters_backward + sp.all_gathers_backward),
+                    (norm_gradients[1], norm_gradients[0])]
+    else:
+        forward = [(sbh_bytes, tp_counts.all_reduces_forward)]
+        backward = [(sbh_bytes, tp_counts.all_reduces_backward + tp_counts.all_gathers_backward)]
+    forward.append((3 * sbh_bytes, tp_counts.all_gathers_forward))
+    again = forward if recompute == "full" else []
+    phases = [("forward", b, n) for b, n in forward] + [("backward", b, n) for b, n in backward]
+    return _syncs("tp", tp, *phases, *[("recompute", b, n) for b, n in again])
 
 
 def generic_layer_part(layer: LayerProfile, *, rates: CpuRates, microbatch_size: int, tp: int,
@@ -322,12 +387,14 @@ def embedding_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: i
     times += _op(rates, "add", sbh, 2) + _dispatch(rates, DTENSOR_TP.dispatches_outside_layers / 2)
     sbh_bytes = sbh * profile.bytes_per_element
     reduce = rates.collective_work_s("all_reduce", sbh_bytes, tp) if vocab_parallel else 0.0
+    syncs = _syncs("tp", tp, ("forward", sbh_bytes, int(vocab_parallel)))
     if not sequence_parallel:
-        return CpuPart(times=times, tp=CommTimes(forward_s=reduce))
+        return CpuPart(times=times, tp=CommTimes(forward_s=reduce), syncs=syncs)
     positions = profile.seq_len * profile.hidden_size * profile.bytes_per_element
     backward = (rates.collective_work_s("all_gather", sbh_bytes, tp)
                 + rates.collective_work_s("all_reduce", positions, tp))
-    return CpuPart(times=times, tp=CommTimes(forward_s=reduce, backward_s=backward))
+    syncs = merge_syncs(syncs, _syncs("tp", tp, ("backward", sbh_bytes, 1), ("backward", positions, 1)))
+    return CpuPart(times=times, tp=CommTimes(forward_s=reduce, backward_s=backward), syncs=syncs)
 
 
 def head_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: int, tp: int,
@@ -356,10 +423,14 @@ def head_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: int, t
     times += LayerTimes(
         forward_s=rates.copy_s(2 * logit_bytes), backward_input_s=rates.copy_s(2 * logit_bytes / tp))
     gather = rates.collective_work_s("all_gather", logit_bytes, tp)
+    syncs = _syncs("tp", tp, ("forward", logit_bytes, 1))
     if not sequence_parallel:
-        return CpuPart(times=times, tp=CommTimes(forward_s=gather))
+        return CpuPart(times=times, tp=CommTimes(forward_s=gather), syncs=syncs)
     sbh_bytes = tokens * h * profile.bytes_per_element
-    norm = 2 * rates.collective_work_s("all_reduce", h * profile.bytes_per_element, tp)
-    return CpuPart(times=times, tp=CommTimes(
+    norm_bytes = h * profile.bytes_per_element
+    norm = 2 * rates.collective_work_s("all_reduce", norm_bytes, tp)
+    syncs = merge_syncs(syncs, _syncs("tp", tp, ("forward", sbh_bytes, 1), ("backward", sbh_bytes, 1),
+                                      ("backward", norm_bytes, 2)))
+    return CpuPart(times=times, syncs=syncs, tp=CommTimes(
         forward_s=gather + rates.collective_work_s("all_gather", sbh_bytes, tp),
         backward_s=rates.collective_work_s("all_reduce", sbh_bytes, tp) + norm))

@@ -487,6 +487,7 @@ QUICK_OP_ELEMENTS = (2**16, 2**20)
 QUICK_CROSS_ENTROPY_ELEMENTS = (2**18, 2**21)
 QUICK_COLLECTIVE_BYTES = (4096, 256 * 1024, 4 * MIB)
 QUICK_COLLECTIVE_RANKS = (2, 4)
+QUICK_SYNC_REPEATS = (1, 8)
 QUICK_OPTIMIZER = ((256 * 1024, 32), (4096, 64))  # (tensor numel, tensors); 8 Mi parameters: beyond caches
 
 
@@ -502,6 +503,9 @@ def quick_measurements(*, ops: Sequence[str], kinds: Sequence[str], seconds: flo
         cores = os.cpu_count() or 1  # processes forked first, before any gloo thread exists
         shares = measure_shares_in_processes(sorted({min(cores, 2), min(cores, 4)}), seconds=0.5 * s)
         say("core sharing")
+        sync_waits = measure_sync_waits_in_processes(QUICK_COLLECTIVE_RANKS, seconds=1.5 * s,
+                                                     repeats=QUICK_SYNC_REPEATS)
+        say("collectives after compute")
         linear = [{"m": m, "k": k, "n": n, "time_s": measure_linear_time_s(m, k, n, seconds=0.06 * s)}
                   for m, k, n in QUICK_LINEAR_SHAPES]
         attention = []
@@ -537,5 +541,165 @@ def quick_measurements(*, ops: Sequence[str], kinds: Sequence[str], seconds: flo
     return {"linear": linear, "attention": attention, "math_attention": math_attention, "ops": op_points,
             "copy": {"bytes": copy_bytes, "time_s": copy_s}, "training_op_overhead_s": overhead_s,
             "optimizer": optimizer, "dtensor": dtensor, "collectives": collectives, "shares": shares,
+            "sync_waits": sync_waits,
             "transformer_layer": [layer],
             "num_cores": cores, "seconds": round(time.perf_counter() - start, 2)}
+
+
+# --- collectives as a training step meets them ------------------------------------------------------
+SYNC_REPEATS = (1, 6, 36)
+"""Work between two collectives in :func:`measure_sync_waits`, in calls of the GPT-block work
+(:data:`SYNC_LAYER_SHAPE`, about 3 ms on a 2-core Xeon): from a few milliseconds (a
+tensor-parallel layer's collectives) to about a hundred (a stage's microbatch)."""
+SYNC_LAYER_SHAPE = (2, 64, 128, 4)
+SYNC_BYTES = (4096, 4 * MIB)
+
+
+def _per_call_s(calls: int, fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def measure_sync_waits(work: Callable[[], Any], *, group_sizes: Sequence[int], seconds: float,
+                       sizes: Sequence[int] = SYNC_BYTES, repeats: Sequence[int] = SYNC_REPEATS,
+                       processes: int | None = None) -> list[dict[str, Any]]:
+    """The measured twin of ``CpuRates.sync_wait_s``: what a gloo all-reduce adds to an iteration
+    of ``work`` on every rank, as a training step meets its collectives. Every rank of the default
+    process group must call it; its first ``processes`` ranks (default: all) are busy at once, in
+    disjoint groups of each size in ``group_sizes`` (dividing ``processes``), the others idle.
+
+    Per (group size, work between collectives, message size): ``free`` = mean over the busy ranks
+    of an iteration of ``work`` alone; ``synced`` = the slowest rank's iteration of ``work`` then
+    the collective; ``in_step_s = synced − free``. Beyond the collective alone (``collective_s``,
+    the slowest rank's median call after a barrier, kept for reference), it holds the arrival skew
+    of ranks that drift apart while they share cores and caches and the wake-up of a rank that
+    blocked in the collective: on a 2-core KVM Xeon about 1–2 ms per collective among 2
+    processes, 1–9 ms among 4 on the 2 cores. Bounded by ``seconds``: iteration counts follow from
+    the slowest rank's timing of one call, and a longer ``repeats`` level runs only while time is
+    left (rank 0 decides for all)."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    processes = world if processes is None else processes
+    busy = rank < processes
+    if busy:
+        work()  # warm-up
+    unit = torch.tensor([_per_call_s(2, work) if busy else 0.0], dtype=torch.float64)
+    dist.all_reduce(unit, op=dist.ReduceOp.MAX)
+    stretch = max(1.0, processes / (os.cpu_count() or 1))
+    configs = [g for g in sorted(set(group_sizes)) if 2 <= g <= processes and processes % g == 0]
+    slot = seconds / max(1, len(configs) * len(repeats))
+    start, points = time.perf_counter(), []
+    for g in configs:
+        groups = [dist.new_group(list(range(i, i + g))) for i in range(0, processes, g)]
+        mine = groups[rank // g] if busy else None
+        for reps in repeats:  # the shortest work first; a longer one only while time is left
+            calls = max(3, int(slot / ((1 + len(sizes)) * reps * float(unit) * stretch)))
+            if reps > repeats[0] and _agree_over(time.perf_counter() - start, seconds):
+                break
+            points += _sync_points(work, reps, calls, sizes, group=mine, busy=busy,
+                                   labels={"num_processes": processes, "group_size": g})
+    return points
+
+
+def _agree_over(elapsed_s: float, seconds: float) -> bool:
+    """Rank 0's verdict on whether ``seconds`` are spent, on every rank."""
+    import torch.distributed as dist
+
+    verdict = torch.tensor([float(elapsed_s > seconds)])
+    dist.broadcast(verdict, src=0)
+    return bool(verdict.item())
+
+
+def _sync_points(work: Callable[[], Any], reps: int, calls: int, sizes: Sequence[int], *, group: Any,
+                 busy: bool, labels: dict[str, int]) -> list[dict[str, Any]]:
+    """:func:`measure_sync_waits`' points for ``reps`` calls of ``work`` between collectives."""
+    import torch.distributed as dist
+
+    def iteration() -> None:
+        for _ in range(reps):
+            work()
+
+    processes = labels["num_processes"]
+    free = statistics.fmean(_every_rank(_timed_after_barrier(calls, iteration, busy))[:processes])
+    points = []
+    for size in sizes:
+        buffer = torch.ones(max(1, size // 4))
+
+        def collective(buffer: torch.Tensor = buffer) -> None:
+            dist.all_reduce(buffer, group=group)
+
+        def both(collective: Callable[[], None] = collective) -> None:
+            iteration()
+            collective()
+
+        table = max(_every_rank(statistics.median(
+            _timed_after_barrier(1, collective, busy) for _ in range(max(3, calls)))))
+        synced = max(_every_rank(_timed_after_barrier(calls, both, busy)))
+        points.append({**labels, "interval_s": free, "size_bytes": size, "in_step_s": synced - free,
+                       "collective_s": table})
+    return points
+
+
+def _timed_after_barrier(calls: int, fn: Callable[[], Any], busy: bool = True) -> float:
+    import torch.distributed as dist
+
+    dist.barrier()
+    return _per_call_s(calls, fn) if busy else 0.0
+
+
+def _every_rank(value: float) -> list[float]:
+    """``value`` of every rank of the default group, in rank order."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([value], dtype=torch.float64)
+    every = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [float(x) for x in every]
+
+
+def _sync_child(index: int, num: int, store_path: str, seconds: float, repeats: Sequence[int],
+                results: Any) -> None:
+    """One forked process of :func:`measure_sync_waits_in_processes`."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, num), rank=index, world_size=num,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        points = measure_sync_waits(gpt_stack_work(*SYNC_LAYER_SHAPE, num_layers=1),
+                                    group_sizes=(2, num), seconds=seconds, repeats=repeats)
+        if index == 0:
+            results.put(points)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_sync_waits_in_processes(counts: Sequence[int], *, seconds: float,
+                                    repeats: Sequence[int] = SYNC_REPEATS) -> list[dict[str, Any]]:
+    """:func:`measure_sync_waits` on ``n`` processes forked from this one for each ``n`` in
+    ``counts`` (≥ 2), each a rank of its own gloo group over a file store; ``seconds`` shared by
+    the counts."""
+    import multiprocessing
+    import tempfile
+
+    context = multiprocessing.get_context("fork")
+    points: list[dict[str, Any]] = []
+    numbers = sorted({n for n in counts if n >= 2})
+    for n in numbers:
+        with tempfile.TemporaryDirectory(prefix="autopar-sync-") as folder:
+            results = context.SimpleQueue()
+            children = [context.Process(target=_sync_child, daemon=True,
+                                        args=(i, n, os.path.join(folder, "store"), seconds / len(numbers),
+                                              tuple(repeats), results)) for i in range(n)]
+            for child in children:
+                child.start()
+            for child in children:
+                child.join(timeout=60 + 4 * seconds)
+            if any(child.exitcode != 0 for child in children):
+                raise RuntimeError(f"the {n}-process sync measurement failed "
+                                   f"(exit codes {[c.exitcode for c in children]})")
+            points += results.get()
+    return points

@@ -53,7 +53,7 @@ ELEMENTWISE_OPS = ("layer_norm", "gelu", "add", "copy", "cross_entropy")
 COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
 log = logging.getLogger("autopar.cost_models")
 QUICK_FORMAT = "autopar-quick-rates"
-QUICK_VERSION = 3  # 3: collectives timed as the median repeat, not the fastest
+QUICK_VERSION = 4  # 3: collectives timed as the median repeat, not the fastest; 4: sync waits
 QUICK_ENV = "AUTOPAR_QUICK_RATES"
 QUICK_SECONDS = 3.0
 RUNTIME_MICROBATCH_OPS = 400.0
@@ -119,6 +119,11 @@ class CpuRates:
     collectives: tuple[tuple[str, int, float, float], ...]
     shares: tuple[tuple[int, float, float], ...]
     source: str
+    sync_waits: tuple[tuple[int, int, float, float, float], ...] = ()
+    """MEASURED ``(processes, group size, interval_s, size_bytes, in_step_s)``: what a gloo all-reduce
+    of ``size_bytes`` adds to a training loop's iteration when it follows ``interval_s`` of work on
+    each of ``processes`` busy ranks, in disjoint groups of ``group size``
+    (``measure.measure_sync_waits``); empty in a profile older than the measurement."""
 
     def __post_init__(self) -> None:
         missing = sorted(set(ELEMENTWISE_OPS) - set(self.elementwise))
@@ -126,7 +131,7 @@ class CpuRates:
             raise ValueError(f"CpuRates.elementwise lacks {missing}; re-run `autopar calibrate`")
         tables = {k: v if isinstance(v, OpTable) else OpTable(points=v) for k, v in self.elementwise.items()}
         object.__setattr__(self, "elementwise", tables)
-        for name in ("flash_attention", "collectives", "shares", "math_attention_s_per_score"):
+        for name in ("flash_attention", "collectives", "shares", "math_attention_s_per_score", "sync_waits"):
             object.__setattr__(self, name, tuple(tuple(x) if isinstance(x, (list, tuple)) else x
                                                  for x in getattr(self, name)))
         if not self.flash_attention or not self.shares:
@@ -210,6 +215,28 @@ class CpuRates:
         compute, copy = self.share(self._measured_ranks(kind, num_ranks))
         return self.collective_time_s(kind, size_bytes, num_ranks) * (copy if memory_bound else compute)
 
+    def sync_wait_s(self, *, processes: int, group: int, interval_s: float, size_bytes: float) -> float:
+        """Seconds a collective of ``group`` ranks (of ``processes`` busy on this machine) adds
+        beyond its :meth:`collective_time_s` when it follows ``interval_s`` of work (wall clock) on
+        each rank: at each ``sync_waits`` point of the nearest measured (processes, group), the
+        all-reduce's measured time in the loop minus this profile's ``collective_time_s`` of the
+        same all-reduce (arrival skew, wake-up, other processes busy), then linear in ``log(size)``
+        and in ``log(interval)`` between the points, clamped at their ends; never negative; 0
+        without measurements or for one rank."""
+        if group <= 1 or not self.sync_waits:
+            return 0.0
+        configs = {(p[0], p[1]) for p in self.sync_waits}
+        key = min(configs, key=lambda c: (abs(c[0] - processes), abs(c[1] - group), -c[1]))
+        by_interval: dict[float, list[tuple[float, float]]] = {}
+        stretch = self.share(self._measured_ranks("all_reduce", key[1]))[0] / self.share(key[0])[0]
+        for p in self.sync_waits:
+            if (p[0], p[1]) == key:
+                beyond = p[4] - stretch * self.collective_time_s("all_reduce", p[3], p[1])
+                by_interval.setdefault(p[2], []).append((p[3], beyond))
+        rows = [(interval, _log_interpolate(sorted(points), max(size_bytes, 1.0)))
+                for interval, points in sorted(by_interval.items())]
+        return max(0.0, _log_interpolate(rows, max(interval_s, 1e-9)))
+
     def share(self, busy: float) -> tuple[float, float]:
         """(compute, copy) rate fractions of one process while ``busy`` processes compute at once,
         interpolated between measured counts; beyond them, the largest count's rate per core."""
@@ -236,6 +263,8 @@ class CpuRates:
     def from_dict(cls, data: Mapping[str, Any]) -> CpuRates:
         """Inverse of :meth:`to_dict`; unknown or missing keys raise ValueError."""
         names = {f.name for f in dataclasses.fields(cls)}
+        if isinstance(data, Mapping) and "sync_waits" not in data:  # saved before it was measured
+            data = {**data, "sync_waits": ()}
         if not isinstance(data, Mapping) or set(data) != names:
             got = set(data) if isinstance(data, Mapping) else set()
             raise ValueError(f"CPU rates keys differ: unknown {sorted(got - names)}, missing "
@@ -329,7 +358,25 @@ class CpuRates:
             runtime_microbatch_s=RUNTIME_MICROBATCH_OPS * overhead,
             collectives=tuple((p["kind"], p["num_ranks"], float(p["size_bytes"]), p["time_s"])
                               for p in raw["collectives"]),
-            shares=tuple(tuple(row) for row in raw["shares"]), source=source)
+            shares=tuple(tuple(row) for row in raw["shares"]), source=source,
+            sync_waits=sync_wait_points(raw.get("sync_waits", ())))
+
+
+def sync_wait_points(raw: Sequence[Mapping[str, Any]]) -> tuple[tuple[int, int, float, float, float], ...]:
+    """``CpuRates.sync_waits`` from ``measure.measure_sync_waits``'s points."""
+    return tuple((int(p["num_processes"]), int(p["group_size"]), float(p["interval_s"]),
+                  float(p["size_bytes"]), float(p["in_step_s"])) for p in raw)
+
+
+def _log_interpolate(points: Sequence[tuple[float, float]], x: float) -> float:
+    """``y`` at ``x`` on sorted ``(x, y)`` points, linear in ``log x``, clamped at both ends."""
+    if x <= points[0][0]:
+        return points[0][1]
+    if x >= points[-1][0]:
+        return points[-1][1]
+    i = bisect.bisect_right([p[0] for p in points], x)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return y0 + (y1 - y0) * math.log(x / x0) / math.log(x1 / x0)
 
 
 def _fit_linear(points: Sequence[tuple[tuple[float, float, float], float]]) -> tuple[float, float]:

@@ -41,6 +41,18 @@ their optimizer states unsharded), and their gradients all-reduced over the ``dp
 holding them, tensor by tensor (``ExpertGroups.reduce_gradients``: no flat buffer, one in-place
 division).
 
+Where ranks meet (``Sync``: every blocking collective and pipeline send, counted where the runtime
+issues it — per layer under tensor parallelism, per ring hop under context parallelism, per MoE
+all-to-all, per FSDP2 unit gather under ZeRO-3, per microbatch between pipeline stages, and the
+gradient sync and tied-weight all-reduce after the pipeline), each meeting costs, beyond the
+collective's measured transfer, the measured ``CpuRates.sync_wait_s`` of a collective that follows
+as much work as the stage does between its meetings, among as many busy processes: ranks that
+share cores drift apart and every collective waits for the later one, and a rank that blocked is
+woken late (``measure.measure_sync_waits``; on a 2-core KVM Xeon 1–2 ms per meeting among 2
+processes, up to ~10 ms among 4). The wait goes to the phase of its collective (``tp_comm``,
+``cp_comm``, ``ep_comm``, ``dp_comm``, ``pp_comm``). Before it was priced, every tensor-parallel
+plan was predicted 14–36 % too fast.
+
 Where measured steps and this model part (``compiled.report()``'s time by phase, measured inside
 real steps on gloo ranks; 2 ranks, GPT 4 layers × 128, V 1024, batch 8, at 09:20–09:50 on
 2026-12-06 while OTHER USERS kept 1.5–2 of the 2 cores busy, so the sizes are indicative):
@@ -73,6 +85,7 @@ from autopar.cost_models.compute import LayerTimes
 from autopar.cost_models.context_parallel import sequence_shard_profile
 from autopar.cost_models.local.compute import (
     CpuPart,
+    Sync,
     embedding_part,
     head_part,
     moe_dispatch_part,
@@ -198,6 +211,53 @@ def _all_to_all_s(plan: Plan, profile: ModelProfile, rates: CpuRates, stage_laye
     return rows + small, rows
 
 
+def _wait_s(rates: CpuRates, processes: int, *, group: int, interval_s: float, size_bytes: float) -> float:
+    """``CpuRates.sync_wait_s`` (wall clock, measured with every process busy) as work of one
+    process running alone, as the processor-sharing simulation takes it (it stretches the work
+    back by the share)."""
+    rate = rates.share(processes)[0]
+    return rate * rates.sync_wait_s(processes=processes, group=group, interval_s=interval_s / rate,
+                                    size_bytes=size_bytes)
+
+
+def sync_waits(syncs: tuple[Sync, ...], *, rates: CpuRates, processes: int, compute_s: float
+               ) -> dict[str, CommTimes]:
+    """Per mesh axis, the waits of a stage's ``syncs`` per microbatch (module docstring): each
+    collective follows an equal share of the stage's ``compute_s`` (one process alone)."""
+    meetings = sum(s.count for s in syncs)
+    if not meetings:
+        return {}
+    interval = compute_s / meetings
+    waits: dict[str, dict[str, float]] = {}
+    for s in syncs:
+        phases = waits.setdefault(s.axis, {"forward": 0.0, "backward": 0.0, "recompute": 0.0})
+        phases[s.phase] += s.count * _wait_s(rates, processes, group=s.group, interval_s=interval,
+                                             size_bytes=s.size_bytes)
+    return {axis: CommTimes(forward_s=p["forward"], backward_s=p["backward"], recompute_s=p["recompute"])
+            for axis, p in waits.items()}
+
+
+def _stage_syncs(plan: Plan, profile: ModelProfile, stage_layers: tuple[int, int], *, dense_bytes: float
+                 ) -> tuple[Sync, ...]:
+    """A stage's meetings beyond its layers' own (``CpuPart.syncs``): the MoE all-to-alls among
+    ``ep`` ranks and, under ZeRO-3, FSDP2's per-unit weight gathers (forward, and again for the
+    backward) among the ``dp·cp`` replicas."""
+    par, tokens = plan.parallelism, plan.schedule.microbatch_size * profile.seq_len // plan.parallelism.cp
+    layers = profile.layers[stage_layers[0]:stage_layers[1]]
+    syncs = []
+    for layer in (x for x in layers if x.moe is not None and par.ep > 1):
+        rows = all_to_all_bytes(layer, tokens=tokens, ep=par.ep, bytes_per_element=profile.bytes_per_element)
+        syncs += [Sync(axis="ep", phase=phase, group=par.ep, size_bytes=size, count=count)
+                  for phase, size, count in (("forward", rows, ALL_TO_ALLS_PER_LAYER),
+                                             ("forward", 8 * tokens, EP_SMALL_ALL_TO_ALLS),
+                                             ("backward", rows, ALL_TO_ALLS_PER_LAYER))]
+    replicas, units = par.dp * par.cp, len(layers) + 1  # each layer unit and the stage's root module
+    if plan.zero == 3 and replicas > 1 and dense_bytes > 0:
+        syncs += [Sync(axis="dp", phase=phase, group=replicas, size_bytes=dense_bytes / units, count=units)
+                  for phase in ("forward", "backward")]
+    return tuple(syncs)
+
+
 def cpu_stage_costs(plan: Plan, profile: ModelProfile, rates: CpuRates) -> tuple[StageCost, ...]:
     """Per-microbatch costs of every stage of ``plan`` on one of its processes."""
     par, b = plan.parallelism, plan.schedule.microbatch_size
@@ -207,8 +267,9 @@ def cpu_stage_costs(plan: Plan, profile: ModelProfile, rates: CpuRates) -> tuple
     costs = []
     for stage, (part, params, _, experts) in zip(plan.stages, _parts(plan, profile, rates), strict=True):
         gather, replicas = 0.0, par.dp * par.cp
+        dense_bytes = (params - experts) * profile.bytes_per_element
         if plan.zero == 3 and replicas > 1:  # FSDP2 gathers the dense weights for forward and for backward
-            size = (params - experts) * profile.bytes_per_element
+            size = dense_bytes
             gather = rates.collective_work_s("all_gather", size, replicas) + rates.copy_s(2 * size)
         flops = b * sum(layer_flops(layer, stage.recompute, local.fused_attention)
                         for layer in local.layers[stage.layers[0]:stage.layers[1]])
@@ -219,9 +280,20 @@ def cpu_stage_costs(plan: Plan, profile: ModelProfile, rates: CpuRates) -> tuple
         ep = CommTimes(forward_s=forward_a2a, backward_s=backward_a2a,
                        recompute_s=forward_a2a if stage.recompute == "full" else 0.0)
         comm = {"tp": part.tp, "dp": CommTimes(forward_s=gather, backward_s=gather), "ep": ep, "cp": part.cp}
+        t = part.times
+        compute_s = t.forward_s + t.backward_s + t.recompute_s
+        waits = sync_waits(part.syncs + _stage_syncs(plan, profile, stage.layers, dense_bytes=dense_bytes),
+                           rates=rates, processes=plan.world_size, compute_s=compute_s)
+        comm = {kind: times + waits.get(kind, CommTimes()) for kind, times in comm.items()}
+        # a pipeline send meets the next stage's receive after a stage's forward or backward
+        send_forward, send_backward = (
+            send + _wait_s(rates, plan.world_size, group=2, interval_s=x, size_bytes=boundary)
+            for x in (t.forward_s, t.backward_s))
         costs.append(StageCost(
-            compute=part.times, comm=comm, send_forward_s=send if stage.index < len(plan.stages) - 1 else 0.0,
-            send_backward_s=send if stage.index > 0 else 0.0, params_per_device=params, hardware_flops=flops,
+            compute=part.times, comm=comm,
+            send_forward_s=send_forward if stage.index < len(plan.stages) - 1 else 0.0,
+            send_backward_s=send_backward if stage.index > 0 else 0.0, params_per_device=params,
+            hardware_flops=flops,
             overhead_s=rates.runtime_microbatch_s, expert_params_per_device=experts))
     return tuple(costs)
 
@@ -238,6 +310,28 @@ def _dp_sync_s(rates: CpuRates, size_bytes: float, *, dp: int, zero: int) -> flo
     if zero == 0:
         return sync_s("all_reduce", 4)
     return sync_s("reduce_scatter", 2) + (sync_s("all_gather", 2) if zero < 3 else 0.0)
+
+
+def _tail_waits_s(plan: Plan, profile: ModelProfile, rates: CpuRates, mine: list[CpuPart], *, units: int,
+                  size_bytes: float, tied: bool) -> float:
+    """Where a pipeline rank's replicas meet after the pipeline (module docstring): FSDP2
+    ``replicate`` all-reduces one flat buffer after the whole backward; FSDP2 ``fully_shard``
+    (ZeRO 1–3) reduce-scatters each of the rank's ``units`` (layers and root modules) as the last
+    backward reaches it, and under ZeRO 1–2 gathers each in the first forward; the tied
+    embedding's all-reduce follows the step."""
+    par, processes, m = plan.parallelism, plan.world_size, plan.schedule.num_microbatches
+    compute = m * sum(p.times.forward_s + p.times.backward_s + p.times.recompute_s for p in mine)
+    replicas, waits = par.dp * par.cp, 0.0
+    if replicas > 1 and size_bytes > 0 and plan.zero == 0:
+        waits += _wait_s(rates, processes, group=replicas, interval_s=compute, size_bytes=size_bytes)
+    elif replicas > 1 and size_bytes > 0:
+        count = units * (1 if plan.zero == 3 else 2)
+        waits += count * _wait_s(rates, processes, group=replicas, interval_s=compute / m / units,
+                                 size_bytes=size_bytes / units)
+    if tied:
+        waits += _wait_s(rates, processes, group=2, interval_s=compute,
+                         size_bytes=profile.tied_head_params / par.tp * profile.bytes_per_element)
+    return waits
 
 
 def _tails(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[float, float]]:
@@ -262,6 +356,11 @@ def _tails(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[flo
         shards = (params - experts) / (replicas if plan.zero >= 1 else 1) + experts
         optimizer = rates.optimizer_s(shards, tensors, dtensor=wrapped) + rates.runtime_step_s
         ends = rank in (0, (len(plan.stages) - 1) % par.pp)
+        stages = plan.stages[rank::par.pp]
+        units = len(stages) + sum(st.layers[1] - st.layers[0] for st in stages)
+        dense_bytes = (params - experts) * profile.bytes_per_element
+        sync += _tail_waits_s(plan, profile, rates, [p for p, _, _, _ in mine], units=units,
+                              size_bytes=dense_bytes, tied=ends and tied > 0)
         tails.append((sync + (tied if ends else 0.0), optimizer))
     return tails
 
