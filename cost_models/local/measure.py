@@ -564,11 +564,13 @@ def _per_call_s(calls: int, fn: Callable[[], Any]) -> float:
 
 def measure_sync_waits(work: Callable[[], Any], *, group_sizes: Sequence[int], seconds: float,
                        sizes: Sequence[int] = SYNC_BYTES, repeats: Sequence[int] = SYNC_REPEATS,
-                       processes: int | None = None) -> list[dict[str, Any]]:
+                       processes: int | None = None, ranks: GlooRanks | None = None
+                       ) -> list[dict[str, Any]]:
     """The measured twin of ``CpuRates.sync_wait_s``: what a gloo all-reduce adds to an iteration
-    of ``work`` on every rank, as a training step meets its collectives. Every rank of the default
-    process group must call it; its first ``processes`` ranks (default: all) are busy at once, in
-    disjoint groups of each size in ``group_sizes`` (dividing ``processes``), the others idle.
+    of ``work`` on every rank, as a training step meets its collectives. Every rank of ``ranks``
+    (the default process group when None) must call it; its first ``processes`` ranks (default:
+    all) are busy at once, in disjoint groups of each size in ``group_sizes`` (dividing
+    ``processes``), the others idle.
 
     Per (group size, work between collectives, message size): ``free`` = mean over the busy ranks
     of an iteration of ``work`` alone; ``synced`` = the slowest rank's iteration of ``work`` then
@@ -579,102 +581,122 @@ def measure_sync_waits(work: Callable[[], Any], *, group_sizes: Sequence[int], s
     processes, 1–9 ms among 4 on the 2 cores. Bounded by ``seconds``: iteration counts follow from
     the slowest rank's timing of one call, and a longer ``repeats`` level runs only while time is
     left (rank 0 decides for all)."""
-    import torch.distributed as dist
-
-    world, rank = dist.get_world_size(), dist.get_rank()
+    ranks = ranks or GlooRanks.default()
+    world, rank = ranks.size, ranks.rank
     processes = world if processes is None else processes
     busy = rank < processes
     if busy:
         work()  # warm-up
-    unit = torch.tensor([_per_call_s(2, work) if busy else 0.0], dtype=torch.float64)
-    dist.all_reduce(unit, op=dist.ReduceOp.MAX)
+    unit = max(ranks.every(_per_call_s(2, work) if busy else 0.0))
     stretch = max(1.0, processes / (os.cpu_count() or 1))
     configs = [g for g in sorted(set(group_sizes)) if 2 <= g <= processes and processes % g == 0]
     slot = seconds / max(1, len(configs) * len(repeats))
     start, points = time.perf_counter(), []
     for g in configs:
-        groups = [dist.new_group(list(range(i, i + g))) for i in range(0, processes, g)]
+        groups = [ranks.subgroup(list(range(i, i + g))) for i in range(0, processes, g)]
         mine = groups[rank // g] if busy else None
         for reps in repeats:  # the shortest work first; a longer one only while time is left
-            calls = max(3, int(slot / ((1 + len(sizes)) * reps * float(unit) * stretch)))
-            if reps > repeats[0] and _agree_over(time.perf_counter() - start, seconds):
+            calls = max(3, int(slot / ((1 + len(sizes)) * reps * unit * stretch)))
+            if reps > repeats[0] and ranks.every(time.perf_counter() - start)[0] > seconds:  # rank 0 decides
                 break
-            points += _sync_points(work, reps, calls, sizes, group=mine, busy=busy,
+            points += _sync_points(work, reps, calls, sizes, ranks=ranks, group=mine, busy=busy,
                                    labels={"num_processes": processes, "group_size": g})
     return points
 
 
-def _agree_over(elapsed_s: float, seconds: float) -> bool:
-    """Rank 0's verdict on whether ``seconds`` are spent, on every rank."""
-    import torch.distributed as dist
+class GlooRanks:
+    """The ranks of a gloo process group, driven through the group object itself (so a process
+    forked from a rank, which inherits its default group's bookkeeping, can run its own group):
+    barriers, every rank's value of a float, and subgroups of some of the ranks."""
 
-    verdict = torch.tensor([float(elapsed_s > seconds)])
-    dist.broadcast(verdict, src=0)
-    return bool(verdict.item())
+    def __init__(self, group: Any, *, rank: int, size: int,
+                 subgroup: Callable[[list[int]], Any]) -> None:
+        self.group, self.rank, self.size, self._subgroup = group, rank, size, subgroup
+
+    @classmethod
+    def default(cls) -> GlooRanks:
+        """The default process group (``torch.distributed`` initialised)."""
+        import torch.distributed as dist
+
+        return cls(dist.distributed_c10d._get_default_group(), rank=dist.get_rank(),
+                   size=dist.get_world_size(), subgroup=lambda members: dist.new_group(members))
+
+    @classmethod
+    def over_store(cls, store: Any, *, rank: int, size: int, timeout_s: float = 60.0) -> GlooRanks:
+        """A group of its own over ``store``; each subgroup over a prefix of it (every rank
+        creates every subgroup, in the same order; a rank outside one gets None)."""
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=timeout_s)
+        made = [0]
+
+        def subgroup(members: list[int]) -> Any:
+            made[0] += 1
+            if rank not in members:
+                return None
+            prefix = dist.PrefixStore(f"autopar-sync-{made[0]}", store)
+            return dist.ProcessGroupGloo(prefix, members.index(rank), len(members), timeout)
+
+        return cls(dist.ProcessGroupGloo(dist.PrefixStore("autopar-sync", store), rank, size, timeout),
+                   rank=rank, size=size, subgroup=subgroup)
+
+    def subgroup(self, members: list[int]) -> Any:
+        return self._subgroup(members)
+
+    def barrier(self) -> None:
+        self.every(0.0)
+
+    def every(self, value: float) -> list[float]:
+        """``value`` of every rank, in rank order."""
+        mine = torch.tensor([value], dtype=torch.float64)
+        every = [torch.zeros(1, dtype=torch.float64) for _ in range(self.size)]
+        self.group.allgather([every], [mine]).wait()
+        return [float(x) for x in every]
 
 
-def _sync_points(work: Callable[[], Any], reps: int, calls: int, sizes: Sequence[int], *, group: Any,
-                 busy: bool, labels: dict[str, int]) -> list[dict[str, Any]]:
+def _sync_points(work: Callable[[], Any], reps: int, calls: int, sizes: Sequence[int], *, ranks: GlooRanks,
+                 group: Any, busy: bool, labels: dict[str, int]) -> list[dict[str, Any]]:
     """:func:`measure_sync_waits`' points for ``reps`` calls of ``work`` between collectives."""
-    import torch.distributed as dist
-
     def iteration() -> None:
         for _ in range(reps):
             work()
 
+    def timed(count: int, fn: Callable[[], Any]) -> float:
+        ranks.barrier()
+        return _per_call_s(count, fn) if busy else 0.0
+
     processes = labels["num_processes"]
-    free = statistics.fmean(_every_rank(_timed_after_barrier(calls, iteration, busy))[:processes])
+    free = statistics.fmean(ranks.every(timed(calls, iteration))[:processes])
     points = []
     for size in sizes:
         buffer = torch.ones(max(1, size // 4))
 
         def collective(buffer: torch.Tensor = buffer) -> None:
-            dist.all_reduce(buffer, group=group)
+            group.allreduce([buffer]).wait()
 
         def both(collective: Callable[[], None] = collective) -> None:
             iteration()
             collective()
 
-        table = max(_every_rank(statistics.median(
-            _timed_after_barrier(1, collective, busy) for _ in range(max(3, calls)))))
-        synced = max(_every_rank(_timed_after_barrier(calls, both, busy)))
+        table = max(ranks.every(statistics.median(timed(1, collective) for _ in range(max(3, calls)))))
+        synced = max(ranks.every(timed(calls, both)))
         points.append({**labels, "interval_s": free, "size_bytes": size, "in_step_s": synced - free,
                        "collective_s": table})
     return points
 
 
-def _timed_after_barrier(calls: int, fn: Callable[[], Any], busy: bool = True) -> float:
-    import torch.distributed as dist
-
-    dist.barrier()
-    return _per_call_s(calls, fn) if busy else 0.0
-
-
-def _every_rank(value: float) -> list[float]:
-    """``value`` of every rank of the default group, in rank order."""
-    import torch.distributed as dist
-
-    mine = torch.tensor([value], dtype=torch.float64)
-    every = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
-    return [float(x) for x in every]
-
-
 def _sync_child(index: int, num: int, store_path: str, seconds: float, repeats: Sequence[int],
                 results: Any) -> None:
-    """One forked process of :func:`measure_sync_waits_in_processes`."""
+    """One forked process of :func:`measure_sync_waits_in_processes`: a gloo group of its own (the
+    process it was forked from may be a rank of another)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, num), rank=index, world_size=num,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        points = measure_sync_waits(gpt_stack_work(*SYNC_LAYER_SHAPE, num_layers=1),
-                                    group_sizes=(2, num), seconds=seconds, repeats=repeats)
-        if index == 0:
-            results.put(points)
-    finally:
-        dist.destroy_process_group()
+    ranks = GlooRanks.over_store(dist.FileStore(store_path, num), rank=index, size=num)
+    points = measure_sync_waits(gpt_stack_work(*SYNC_LAYER_SHAPE, num_layers=1), group_sizes=(2, num),
+                                seconds=seconds, repeats=repeats, ranks=ranks)
+    if index == 0:
+        results.put(points)
 
 
 def measure_sync_waits_in_processes(counts: Sequence[int], *, seconds: float,

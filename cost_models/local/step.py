@@ -298,6 +298,10 @@ def cpu_stage_costs(plan: Plan, profile: ModelProfile, rates: CpuRates) -> tuple
     return tuple(costs)
 
 
+LOSS_BYTES = 4
+"""COUNTED in ``runtime/engine.Engine._global_loss``: one float all-reduced over all ranks per step."""
+
+
 def _dp_sync_s(rates: CpuRates, size_bytes: float, *, dp: int, zero: int) -> float:
     """The gradient sync after the pipeline: each collective, and the copies into and out of its
     flat buffer."""
@@ -361,6 +365,11 @@ def _tails(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[flo
         dense_bytes = (params - experts) * profile.bytes_per_element
         sync += _tail_waits_s(plan, profile, rates, [p for p, _, _, _ in mine], units=units,
                               size_bytes=dense_bytes, tied=ends and tied > 0)
+        # every rank then meets every other: the step's loss is all-reduced over the world
+        step_compute = plan.schedule.num_microbatches * sum(
+            p.times.forward_s + p.times.backward_s + p.times.recompute_s for p, _, _, _ in mine)
+        optimizer += _wait_s(rates, plan.world_size, group=plan.world_size, interval_s=step_compute,
+                             size_bytes=LOSS_BYTES)
         tails.append((sync + (tied if ends else 0.0), optimizer))
     return tails
 
