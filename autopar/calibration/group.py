@@ -13,6 +13,10 @@ Measured here, in order:
   ``reduce_scatter_time_s`` / ``p2p_time_s`` and of ``CpuRates.collective_time_s``, on groups of
   2 and N ranks (wall clock: each repeat on freshly written buffers, the median repeat of the
   slowest rank, repeated until the slot is spent — the ranks stop together, on rank 0's clock);
+* collectives after compute (``measure.measure_sync_waits``, the twin of
+  ``CpuRates.sync_wait_s``): with 2 and with N processes busy, in groups of 2 and of all of them,
+  what a small and a 4 MiB all-reduce add to a loop of GPT-block work between them (3 ms to about
+  200 ms of it): the arrival skew and wake-up a training step meets at each collective;
 * DTensor: the dispatch overhead of one op on a replicated DTensor (forward + backward, minus the
   same op on a plain tensor) and of one AdamW tensor step on DTensor parameters — what the
   runtime's tensor- and data-parallel wrappers add per op (thread CPU time);

@@ -27,7 +27,10 @@ interpolated (never extrapolated beyond a clamp), so nothing here is fitted to a
   inside a step (GPT blocks as the runtime's GPipe runs a stage, microbatches through a stack,
   gradients accumulating, vs one block alone; :func:`fit_activation_reread_s_per_byte`);
 * collectives: measured gloo times per kind, group size and message size
-  (:meth:`collective_time_s`, piecewise linear in size: a measured α–β per segment).
+  (:meth:`collective_time_s`, piecewise linear in size: a measured α–β per segment);
+* ``sync_waits``: measured times of an all-reduce inside a loop of GPT-block work, per busy
+  processes, group size, work between and message size (:meth:`sync_wait_s`: what a training
+  step's collective costs beyond :meth:`collective_time_s`).
 """
 
 from __future__ import annotations
