@@ -263,13 +263,15 @@ def _ring_block_attention(rates: CpuRates, layer: LayerProfile, *, b: int, cp: i
     """Ring attention's blocks on one rank (``layer`` at ``s/cp``; ``runtime/context_parallel``):
     torch math blocks (scores materialised, fp32), the own step over all ``s/cp`` local tokens,
     each other step half of that when causal (one of the two chunks against the other's two, or
-    both against one), every step merged into the fp32 output with its log-sum-exp."""
+    both against one), every step merged into the fp32 output with its log-sum-exp. The block
+    backward (``_torch_block_backward``) recomputes the scores and their exponentials from the
+    merged log-sum-exp before the gradient matmuls: the forward's work again."""
     s, heads, h = layer.seq_len, layer.num_heads, layer.hidden_size
     assert s is not None and heads is not None and h is not None
     steps = 1 + (cp - 1) * (0.5 if causal else 1.0)
     fwd, bwd = rates.math_attention_s(b * heads * s * s * steps)
     merge = _op(rates, "add", b * s * h, RING_MERGE_OPS * (cp - 1))
-    return LayerTimes(forward_s=fwd + merge.forward_s, backward_input_s=bwd)
+    return LayerTimes(forward_s=fwd + merge.forward_s, backward_input_s=bwd + fwd)
 
 
 def _ring_transfers(rates: CpuRates, elements: float, *, bytes_per_element: int, cp: int, recompute: str

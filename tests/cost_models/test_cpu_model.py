@@ -274,7 +274,8 @@ def test_sequence_parallel_layer_collectives_as_counted() -> None:
 
 def test_ring_attention_blocks_and_transfers() -> None:
     """cp2, causal: the own step over s/cp tokens and half a block from the other rank (1.5 blocks of
-    (s/cp)² scores at the math-attention rate), merged (3 elementwise passes); the K/V block
+    (s/cp)² scores at the math-attention rate, their forward again in the backward, which recomputes
+    the scores), merged (3 elementwise passes); the K/V block
     (2·b·(s/cp)·h) sent once forward, again backward with the fp32 dK/dV at each of the 2 steps."""
     from autopar.cost_models.context_parallel import sequence_shard_layer
 
@@ -286,7 +287,7 @@ def test_ring_attention_blocks_and_transfers() -> None:
     flat = transformer_layer_part(dataclasses.replace(layer, seq_len=local), rates=rates, microbatch_size=b,
                                   tp=1, bytes_per_element=4, fused_attention=False)
     scores = b * 8 * local * local
-    ring = 1.5 * scores * (2 * NS + 4 * NS) + 3 * b * local * h * NS
+    ring = 1.5 * scores * (2 * NS + 4 * NS + 2 * NS) + 3 * b * local * h * NS
     assert part.times.forward_s + part.times.backward_s - (flat.times.forward_s + flat.times.backward_s) \
         == pytest.approx(ring - scores * 6 * NS)
     kv = 1e-4 + 2 * b * local * h * 4 / 1e9
