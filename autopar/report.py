@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import io
+import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ from rich.table import Table
 
 from autopar import fmt
 from autopar.plans import Plan, device_stages
-from autopar.runtime.measure import MEMORY_CATEGORIES, PHASES, StepReport, gather_reports
+from autopar.runtime.measure import MEMORY_CATEGORIES, PHASES, StepReport, gather_reports, without_profiler
 
 if TYPE_CHECKING:
     from autopar.compile import Compiled
@@ -54,13 +55,22 @@ COLUMNS = ("rank", "stages", "fwd s", "bwd s", "optim s", "comm s", "bubble s", 
 MEMORY_NOTE = {"rss": "process peak RSS", "cuda_allocated": "torch.cuda.max_memory_allocated"}
 
 
+def _profiler_note(reports: list[StepReport]) -> str:
+    profiled = [(r.profiled_step_s, r.step_s) for r in reports if r.profiled_step_s]
+    if not profiled:
+        return ""
+    slowest = max(profiled, key=lambda p: p[1])
+    return (f"step: without the profiler ({slowest[1]:.3f} s on the slowest rank; {slowest[0]:.3f} s "
+            "under it) · phases: the profiled step's split, scaled to it")
+
+
 def format_report(reports: list[StepReport], plan: Plan) -> Table:
     """One row per rank: measured times and memory beside the Plan's predictions."""
     par, sched = plan.parallelism, plan.schedule
     memory_kinds = sorted({MEMORY_NOTE[r.memory_kind] for r in reports})
     notes = ["fwd/bwd: per local stage, time in collectives excluded · comm: a collective in flight · "
              "bubble: neither (pipeline send/recv waits included) · peak mem: " + ", ".join(memory_kinds),
-             _predicted_breakdown(plan)]
+             _profiler_note(reports), _predicted_breakdown(plan)]
     table = Table(title=f"measured step · {plan.model} · pp{par.pp} × dp{par.dp} × tp{par.tp} · "
                         f"{sched.name}, {sched.num_microbatches} microbatches",
                   caption="\n".join(note for note in notes if note), box=box.SIMPLE_HEAD, show_edge=False,
@@ -229,17 +239,21 @@ def report(compiled: Compiled, inputs: Any, targets: Any) -> Report:
     """Measure training steps of a ``Compiled`` model and put it back as it was: returns a
     :class:`Report` of every rank's measured time and memory beside the Plan's predictions.
 
-    Distributed, a collective: call it on every rank. It runs up to three steps — a warm-up when
+    Distributed, a collective: call it on every rank. It runs up to four steps — a warm-up when
     none has run yet (capture and the pipeline's shape inference would dominate the measurement), one
-    timed under the profiler, one under the memory tracker — then restores the parameters, the
-    optimizer state, the step counter and the passes' state, so the model trains on as if it had
-    not been called.
+    timed as training runs, one under the profiler (its split of the step into phases, scaled to the
+    unprofiled step: ``runtime.measure.without_profiler``), one under the memory tracker — then
+    restores the parameters, the optimizer state, the step counter and the passes' state, so the
+    model trains on as if it had not been called.
     """
     compiled.prepare(inputs)
     with _restored(compiled):
         if not compiled.steps_run:
             compiled.step(inputs, targets)
-        timed = compiled.measure_step(inputs, targets)
+        start = time.perf_counter()
+        compiled.step(inputs, targets)
+        plain_s = time.perf_counter() - start
+        timed = without_profiler(compiled.measure_step(inputs, targets), plain_s)
         memory = compiled.measure_memory(inputs, targets)
     mine = dataclasses.replace(_with_moe(timed, compiled), memory_bytes=tuple(sorted(memory.items())))
     plan = compiled.plan
