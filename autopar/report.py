@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import io
+import statistics
 import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -235,24 +236,32 @@ def format_memory_report(report: Report) -> Table:
     return table
 
 
+PLAIN_STEPS = 3
+
+
+def _timed_s(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def report(compiled: Compiled, inputs: Any, targets: Any) -> Report:
     """Measure training steps of a ``Compiled`` model and put it back as it was: returns a
     :class:`Report` of every rank's measured time and memory beside the Plan's predictions.
 
-    Distributed, a collective: call it on every rank. It runs up to four steps — a warm-up when
-    none has run yet (capture and the pipeline's shape inference would dominate the measurement), one
-    timed as training runs, one under the profiler (its split of the step into phases, scaled to the
-    unprofiled step: ``runtime.measure.without_profiler``), one under the memory tracker — then
-    restores the parameters, the optimizer state, the step counter and the passes' state, so the
-    model trains on as if it had not been called.
+    Distributed, a collective: call it on every rank. It runs up to six steps — a warm-up when
+    none has run yet (capture and the pipeline's shape inference would dominate the measurement),
+    :data:`PLAIN_STEPS` timed as training runs (their median), one under the profiler (its split
+    of the step into phases, scaled to the unprofiled step: ``runtime.measure.without_profiler``),
+    one under the memory tracker — then restores the parameters, the optimizer state, the step
+    counter and the passes' state, so the model trains on as if it had not been called.
     """
     compiled.prepare(inputs)
     with _restored(compiled):
         if not compiled.steps_run:
             compiled.step(inputs, targets)
-        start = time.perf_counter()
-        compiled.step(inputs, targets)
-        plain_s = time.perf_counter() - start
+        plain_s = statistics.median(_timed_s(lambda: compiled.step(inputs, targets))
+                                    for _ in range(PLAIN_STEPS))
         timed = without_profiler(compiled.measure_step(inputs, targets), plain_s)
         memory = compiled.measure_memory(inputs, targets)
     mine = dataclasses.replace(_with_moe(timed, compiled), memory_bytes=tuple(sorted(memory.items())))

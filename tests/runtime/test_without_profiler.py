@@ -9,7 +9,8 @@ from autopar.runtime.measure import StepReport, without_profiler
 
 def _report(**changes: object) -> StepReport:
     fields = dict(rank=0, stages=(0,), forward_s=(0.1,), backward_s=(0.2,), optimizer_s=0.05, comm_s=0.1,
-                  bubble_s=0.05, p2p_wait_s=0.01, step_s=0.5, loss=1.0, peak_memory_bytes=1, memory_kind="rss",
+                  bubble_s=0.05, p2p_wait_s=0.01, step_s=0.5, loss=1.0, peak_memory_bytes=1,
+                  memory_kind="rss",
                   phases_s=(("forward", 0.1), ("backward", 0.2), ("dp_comm", 0.1), ("bubble", 0.05),
                             ("optimizer", 0.05)))
     return StepReport(**(fields | changes))
