@@ -175,6 +175,11 @@ def search(
     start = time.perf_counter()
     check_ep_pin(profile, fix)
     check_sequence_pins(profile, fix)
+    if fix.schedule == "zero_bubble" and fix.zero is not None and fix.zero >= 3 and (fix.dp or 2) > 1:
+        raise ValueError(f"pinned schedule='zero_bubble' with zero={fix.zero}: the runtime cannot run zero "
+                         "bubble over FSDP2's ZeRO-3 across data-parallel ranks yet (its weights are "
+                         "resharded and reduced before the deferred weight-gradient step); pin zero=0 or 1, "
+                         "another schedule, or dp=1")
     space_fix = fix  # the training code's sequence parallelism (CostOptions) binds like a pin
     if fix.sequence_parallel is None and options.sequence_parallel is not None:
         space_fix = dataclasses.replace(fix, sequence_parallel=options.sequence_parallel)

@@ -237,6 +237,8 @@ def candidates(
                 m = global_batch_size // (dp * b)
                 for schedule, v in _schedules(pp, profile.num_layers, m, fix):
                     for zero in _zero_stages(dp * cp, fix):
+                        if schedule == "zero_bubble" and zero >= 3 and dp * cp > 1:
+                            continue  # the runtime refuses it (engine._check_supported)
                         for ep in _ep_choices(profile, dp, fix):
                             for sp in _sp_choices(profile, tp, cp, fix):
                                 yield Config(dp=dp, tp=tp, pp=pp, schedule=schedule, virtual_stages=v,

@@ -72,11 +72,17 @@ def test_sequence_parallelism_moves_the_same_bytes_and_shrinks_activations():
 
 
 def test_a_128k_llama_gets_context_parallelism():
+    """Pinned cp = 4, the planner builds a context-parallel plan whose ring is priced and whose mesh
+    has the cp axis. (Unpinned it now prefers tp 8 with pipelining by a few per cent: the cp plan it
+    used to prefer ran zero bubble over ZeRO-3, which the runtime refuses.)"""
     profile = _llama3_8b()
-    plan = search(profile, _context(profile, "8x8xH100-80GB", 16)).plan
-    assert plan.parallelism.cp > 1
+    plan = search(profile, _context(profile, "8x8xH100-80GB", 16), fix=Fix(cp=4)).plan
+    assert plan.parallelism.cp == 4
     assert plan.predicted.breakdown_dict()["cp_comm"] > 0
     assert plan.mesh.shape[plan.mesh.axis_names.index("cp")] == plan.parallelism.cp
+    unpinned = search(profile, _context(profile, "8x8xH100-80GB", 16))
+    assert not (unpinned.plan.schedule.name == "zero_bubble" and unpinned.plan.zero == 3)
+    assert plan.predicted.step_time_s < 1.1 * unpinned.plan.predicted.step_time_s
 
 
 ONE_STAGE = Fix(pp=1, schedule="1f1b", recompute="selective")
@@ -92,21 +98,20 @@ def test_a_128k_llama_on_one_stage_needs_context_parallelism():
         search(profile, _context(profile, "8x8xH100-80GB", 16), fix=dataclasses.replace(ONE_STAGE, cp=1))
 
 
-def test_a_128k_llama_without_cp_fits_only_at_the_edge_of_memory_and_runs_slower():
+def test_a_128k_llama_without_cp_fits_only_at_the_edge_of_memory():
     """With only cp = 1 pinned, a 128k Llama-3-8B still fits 80 GB, as the memory formulas say it
     must: tp 8 with sequence parallelism divides a layer's activations by 8 (Korthikanti et al.
     2022: 34·s·b·h/t bytes, 2.3 GB per layer at s = 131,072) and pipelining spreads the layers, so
-    the planner finds such a plan — at the edge of the device's memory, and slower than the plan
-    with cp it prefers. Where no such plan exists (one stage, no full recomputation), the error
+    the planner finds such a plan — at the edge of the device's memory, where the plan with cp
+    keeps a wide margin. Where no such plan exists (one stage, no full recomputation), the error
     names cp (the test above)."""
     profile = _llama3_8b()
     context = _context(profile, "8x8xH100-80GB", 16)
-    preferred = search(profile, context).plan
+    with_cp = search(profile, context, fix=Fix(cp=4)).plan
     without = search(profile, context, fix=Fix(cp=1)).plan
     assert without.parallelism.cp == 1 and without.parallelism.tp == 8 and without.sequence_parallel
     assert max(without.predicted.peak_memory_bytes) > 0.95 * 80 * GIB
-    assert preferred.parallelism.cp > 1
-    assert preferred.predicted.step_time_s < without.predicted.step_time_s
+    assert max(with_cp.predicted.peak_memory_bytes) < 0.9 * max(without.predicted.peak_memory_bytes)
 
 
 def test_short_sequences_do_not_get_context_parallelism():
