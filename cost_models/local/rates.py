@@ -236,9 +236,9 @@ class CpuRates:
             if (p[0], p[1]) == key:
                 beyond = p[4] - stretch * self.collective_time_s("all_reduce", p[3], p[1])
                 by_interval.setdefault(p[2], []).append((p[3], beyond))
-        rows = [(interval, _log_interpolate(sorted(points), max(size_bytes, 1.0)))
+        rows = [(interval, _interpolate(sorted(points), max(size_bytes, 1.0))[0])
                 for interval, points in sorted(by_interval.items())]
-        return max(0.0, _log_interpolate(rows, max(interval_s, 1e-9)))
+        return max(0.0, _interpolate(rows, max(interval_s, 1e-9))[0])
 
     def share(self, busy: float) -> tuple[float, float]:
         """(compute, copy) rate fractions of one process while ``busy`` processes compute at once,
@@ -369,17 +369,6 @@ def sync_wait_points(raw: Sequence[Mapping[str, Any]]) -> tuple[tuple[int, int, 
     """``CpuRates.sync_waits`` from ``measure.measure_sync_waits``'s points."""
     return tuple((int(p["num_processes"]), int(p["group_size"]), float(p["interval_s"]),
                   float(p["size_bytes"]), float(p["in_step_s"])) for p in raw)
-
-
-def _log_interpolate(points: Sequence[tuple[float, float]], x: float) -> float:
-    """``y`` at ``x`` on sorted ``(x, y)`` points, linear in ``log x``, clamped at both ends."""
-    if x <= points[0][0]:
-        return points[0][1]
-    if x >= points[-1][0]:
-        return points[-1][1]
-    i = bisect.bisect_right([p[0] for p in points], x)
-    (x0, y0), (x1, y1) = points[i - 1], points[i]
-    return y0 + (y1 - y0) * math.log(x / x0) / math.log(x1 / x0)
 
 
 def _fit_linear(points: Sequence[tuple[tuple[float, float, float], float]]) -> tuple[float, float]:

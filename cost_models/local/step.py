@@ -316,15 +316,15 @@ def _dp_sync_s(rates: CpuRates, size_bytes: float, *, dp: int, zero: int) -> flo
     return sync_s("reduce_scatter", 2) + (sync_s("all_gather", 2) if zero < 3 else 0.0)
 
 
-def _tail_waits_s(plan: Plan, profile: ModelProfile, rates: CpuRates, mine: list[CpuPart], *, units: int,
+def _tail_waits_s(plan: Plan, profile: ModelProfile, rates: CpuRates, *, compute: float, units: int,
                   size_bytes: float, tied: bool) -> float:
     """Where a pipeline rank's replicas meet after the pipeline (module docstring): FSDP2
     ``replicate`` all-reduces one flat buffer after the whole backward; FSDP2 ``fully_shard``
     (ZeRO 1–3) reduce-scatters each of the rank's ``units`` (layers and root modules) as the last
     backward reaches it, and under ZeRO 1–2 gathers each in the first forward; the tied
-    embedding's all-reduce follows the step."""
+    embedding's all-reduce follows the step; ``compute``: the rank's compute in the step (one
+    process alone)."""
     par, processes, m = plan.parallelism, plan.world_size, plan.schedule.num_microbatches
-    compute = m * sum(p.times.forward_s + p.times.backward_s + p.times.recompute_s for p in mine)
     replicas, waits = par.dp * par.cp, 0.0
     if replicas > 1 and size_bytes > 0 and plan.zero == 0:
         waits += _wait_s(rates, processes, group=replicas, interval_s=compute, size_bytes=size_bytes)
@@ -363,11 +363,11 @@ def _tails(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[flo
         stages = plan.stages[rank::par.pp]
         units = len(stages) + sum(st.layers[1] - st.layers[0] for st in stages)
         dense_bytes = (params - experts) * profile.bytes_per_element
-        sync += _tail_waits_s(plan, profile, rates, [p for p, _, _, _ in mine], units=units,
-                              size_bytes=dense_bytes, tied=ends and tied > 0)
-        # every rank then meets every other: the step's loss is all-reduced over the world
         step_compute = plan.schedule.num_microbatches * sum(
             p.times.forward_s + p.times.backward_s + p.times.recompute_s for p, _, _, _ in mine)
+        sync += _tail_waits_s(plan, profile, rates, compute=step_compute, units=units, size_bytes=dense_bytes,
+                              tied=ends and tied > 0)
+        # every rank then meets every other: the step's loss is all-reduced over the world
         optimizer += _wait_s(rates, plan.world_size, group=plan.world_size, interval_s=step_compute,
                              size_bytes=LOSS_BYTES)
         tails.append((sync + (tied if ends else 0.0), optimizer))
