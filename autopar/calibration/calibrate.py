@@ -60,6 +60,7 @@ from autopar.calibration.ops import (
     measure_op_time_s,
     measure_optimizer_time_s,
     measure_probe_flops_per_s,
+    measure_ring_block_s,
     measure_training_op_overhead_s,
     one_thread,
     others_busy_cores,
@@ -111,6 +112,7 @@ class CalibrationConfig:
     attention_shapes: tuple[tuple[int, int, int, int], ...] = (
         (4, 8, 128, 32), (8, 8, 128, 32), (4, 16, 256, 64), (2, 16, 512, 64))
     math_attention_shapes: tuple[tuple[int, int, int, int], ...] = ((4, 8, 128, 32), (2, 16, 256, 64))
+    ring_block_shapes: tuple[tuple[int, int, int, int], ...] = ((4, 8, 128, 32), (8, 8, 256, 32))
     layer_shapes: tuple[tuple[int, int, int, int], ...] = (
         (4, 128, 128, 4), (4, 256, 128, 4), (4, 128, 512, 16), (2, 256, 512, 16))
     layer_stack: int = 4
@@ -118,7 +120,8 @@ class CalibrationConfig:
     optimizer_params: int = 8 * 2**20
     share_layer_shape: tuple[int, int, int, int] = (4, 128, 192, 6)
     measure_runtime: bool = True
-    collective_bytes: tuple[int, ...] = (4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, 1 * MIB, 4 * MIB, 16 * MIB)
+    collective_bytes: tuple[int, ...] = (4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, 1 * MIB, 4 * MIB, 16 * MIB,
+                                         64 * MIB)
     emulated: tuple[str, ...] = ()
     progress: bool = True
     timeout_s: float = 300.0
@@ -149,10 +152,11 @@ class CalibrationConfig:
                    cold_pool_bytes=128 * MIB, op_elements=(2**18, 2**21),
                    cross_entropy_elements=(2**20, 2**23),
                    attention_shapes=((4, 8, 128, 32), (2, 16, 256, 64)),
-                   math_attention_shapes=((4, 8, 128, 32),), optimizer_params=2**21,
+                   math_attention_shapes=((4, 8, 128, 32),), ring_block_shapes=((4, 8, 128, 32),),
+                   optimizer_params=2**21,
                    share_layer_shape=(2, 64, 128, 4), layer_stack=4,
                    layer_shapes=((4, 128, 128, 4), (2, 128, 512, 16)),
-                   collective_bytes=(4 * KIB, 256 * KIB, 4 * MIB), **extra)
+                   collective_bytes=(4 * KIB, 256 * KIB, 4 * MIB, 64 * MIB), **extra)
 
 
 def _shape(m: int, k: int, n: int) -> str:
@@ -236,11 +240,30 @@ def _triton_attention_skip(_: float) -> Any:
                "would run: the planner prices CPU attention as SDPA (measured above)")
 
 
+def _ring_block_tasks(config: CalibrationConfig, points: list[dict[str, Any]]) -> list[Task]:
+    """Ring attention's torch block kernel (``measure_ring_block_s``), the own causal step and an
+    unmasked half block, per shape of ``config.ring_block_shapes``."""
+    tasks = []
+    for b, a, s, d in config.ring_block_shapes:
+        for causal in (True, False):
+            def block(slot: float, b: int = b, a: int = a, s: int = s, d: int = d, causal: bool = causal
+                      ) -> float:
+                fwd, bwd = measure_ring_block_s(b, a, s, d, causal=causal, seconds=slot)
+                scores = b * a * s * (s if causal else max(1, s // 2))
+                points.append({"batch": b, "heads": a, "seq": s, "head_dim": d, "causal": causal,
+                               "scores": scores, "forward_s": fwd, "backward_s": bwd})
+                return (fwd + bwd) / scores
+            kind = "causal own block" if causal else "unmasked half block"
+            tasks.append(Task(f"ring attention {kind} fwd+bwd fp32 (b {b}, heads {a}, seq {s}, d {d})", block,
+                              weight=0.5, show=lambda v: f"{v * 1e9:.2f} ns/score"))
+    return tasks
+
+
 def single_process_tasks(config: CalibrationConfig, raw: dict[str, Any]) -> list[Task]:
     """The single-process measurements as tasks filling ``raw`` (the points ``build_profile`` fits)."""
     emulated = emulated_dtypes() | {d: f"treated as emulated (--emulate {d})" for d in config.emulated}
-    raw.update(matmul={}, linear=[], ops=[], attention=[], math_attention=[], transformer_layer=[],
-               emulated=emulated)
+    raw.update(matmul={}, linear=[], ops=[], attention=[], math_attention=[], ring_blocks=[],
+               transformer_layer=[], emulated=emulated)
     tasks = _matmul_tasks(config, emulated, raw["matmul"])
 
     for m, k, n in config.linear_shapes:
@@ -309,6 +332,7 @@ def single_process_tasks(config: CalibrationConfig, raw: dict[str, Any]) -> list
             return both / (b * a * s * s)
         tasks.append(Task(f"attention SDPA math fwd+bwd fp32 (b {b}, heads {a}, seq {s}, d {d})", unfused,
                           show=lambda v: f"{v * 1e9:.2f} ns/score"))
+    tasks += _ring_block_tasks(config, raw["ring_blocks"])
     for b, s, h, a in config.layer_shapes:
         point: dict[str, Any] = {"batch": b, "seq": s, "hidden": h, "heads": a}
 

@@ -37,6 +37,7 @@ from autopar.cost_models.local.rates import (
     CpuRates,
     OpTable,
     fit_activation_reread_s_per_byte,
+    ring_block_points,
     stack_saved_bytes,
     sync_wait_points,
 )
@@ -158,7 +159,8 @@ def cpu_rates(single: dict[str, Any], group: dict[str, Any], *, num_cores: int, 
         runtime_step_s=per_step, runtime_microbatch_s=per_microbatch,
         collectives=tuple((p["kind"], p["num_ranks"], float(p["size_bytes"]), p["time_s"])
                           for p in group["collectives"]),
-        shares=shares, source=source, sync_waits=sync_wait_points(group.get("sync_waits", ())))
+        shares=shares, source=source, sync_waits=sync_wait_points(group.get("sync_waits", ())),
+        ring_blocks=ring_block_points(single.get("ring_blocks", ())))
 
 
 def layer_check(rates: CpuRates, points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

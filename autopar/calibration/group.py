@@ -133,15 +133,16 @@ def _share_row(rank: int, world: int, active: int, seconds: float,
 def measure_collective_time_s(kind: str, size_bytes: int, *, group: Any, seconds: float) -> float:
     """Measured twin of ``comm``'s ``{kind}_time_s`` for a full buffer of ``size_bytes`` on the
     calling ranks of ``group`` (every member must call it): the median repeat of the slowest rank,
-    repeated for ``seconds``."""
+    repeated for ``seconds``. A gather or scatter writes a fresh output each call, as the runtime's
+    do (``measure._collective_call``)."""
     n = dist.get_world_size(group)
     full = torch.ones(max(n, size_bytes // 4 // n * n))
     part = torch.ones(full.numel() // n)
     gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # renamed in torch 2.13
     scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
     ops = {"all_reduce": lambda: dist.all_reduce(full, group=group),
-           "all_gather": lambda: gather(full, part, group=group),
-           "reduce_scatter": lambda: scatter(part, full, group=group)}
+           "all_gather": lambda: gather(torch.empty_like(full), part, group=group),
+           "reduce_scatter": lambda: scatter(torch.empty_like(part), full, group=group)}
     if kind not in ops:
         raise ValueError(f"unknown collective kind {kind!r}; expected one of {list(ops)}")
     source = torch.rand(full.numel())

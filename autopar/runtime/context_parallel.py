@@ -23,13 +23,15 @@ torch math (:data:`TORCH_BLOCK_ATTENTION`, exact in fp32) by default, or the Tri
 FlashAttention-2 kernels of ``autopar.kernels`` (:data:`FLASH_BLOCK_ATTENTION`), which return the
 log-sum-exp the merge needs; pick it where ``autopar.kernels.attention.supports(q, k, v)``.
 
+The block kernels and the merge live in ``autopar.kernels.ring_blocks`` (re-exported here), where
+the local cost model's calibration times them too.
+
 Layer: ``runtime`` (mechanism); imports only ``torch`` and ``autopar.kernels``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,11 +39,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-import autopar.kernels.attention  # noqa: F401 - registers torch.ops.autopar.flash_attention(_backward)
-
-BlockForward = Callable[..., tuple[Tensor, Tensor]]
-BlockBackward = Callable[..., tuple[Tensor, Tensor, Tensor]]
-
+from autopar.kernels.ring_blocks import (  # noqa: F401 - re-exported: the runtime's block kernels
+    FLASH_BLOCK_ATTENTION,
+    TORCH_BLOCK_ATTENTION,
+    BlockAttention,
+    merge_partial_attention,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Load-balanced layout
@@ -124,99 +127,6 @@ def ring_block(*, rank: int, source: int, cp: int, causal: bool) -> RingBlock | 
     else:
         assert visible == {(a, j) for a in rows for j in cols}, (rank, source, visible)
     return RingBlock(slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1), diagonal)
-
-
-# ---------------------------------------------------------------------------------------------
-# Block attention and the log-sum-exp merge
-
-@dataclass(frozen=True, kw_only=True)
-class BlockAttention:
-    """The per-block kernel of ring attention.
-
-    ``forward(q, k, v, *, causal, scale) -> (out, lse)``: q (b, h, sq, d), k/v (b, h_kv, sk, d)
-    with ``h % h_kv == 0``; out (b, h, sq, d), lse (b, h, sq) fp32 natural log.
-    ``backward(dout, q, k, v, out, lse, *, causal, scale) -> (dq, dk, dv)`` where ``out`` and
-    ``lse`` are the *merged* output and log-sum-exp of these queries (so ``exp(s − lse)`` is the
-    block's share of the full softmax) and dk/dv have k's shape.
-    """
-
-    name: str
-    forward: BlockForward
-    backward: BlockBackward
-
-
-def _repeat_kv(x: Tensor, heads: int) -> Tensor:
-    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
-
-
-def _scores(q: Tensor, k: Tensor, *, causal: bool, scale: float) -> Tensor:
-    s = (q.float() @ _repeat_kv(k, q.shape[1]).float().transpose(-2, -1)) * scale
-    if causal:
-        future = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
-        s = s.masked_fill(future, float("-inf"))
-    return s
-
-
-def _torch_block_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float
-                         ) -> tuple[Tensor, Tensor]:
-    s = _scores(q, k, causal=causal, scale=scale)
-    lse = torch.logsumexp(s, dim=-1)
-    out = torch.exp(s - lse.unsqueeze(-1)) @ _repeat_kv(v, q.shape[1]).float()
-    return out, lse
-
-
-def _sum_groups(x: Tensor, kv_heads: int) -> Tensor:
-    b, h, s, d = x.shape
-    return x.view(b, kv_heads, h // kv_heads, s, d).sum(dim=2)
-
-
-def _torch_block_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
-                          causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    dout = dout.float()
-    p = torch.exp(_scores(q, k, causal=causal, scale=scale) - lse.unsqueeze(-1))
-    dv = p.transpose(-2, -1) @ dout
-    dp = dout @ _repeat_kv(v, q.shape[1]).float().transpose(-2, -1)
-    delta = (dout * out.float()).sum(dim=-1, keepdim=True)  # rowsum(dO∘O)
-    ds = p * (dp - delta) * scale
-    dq = ds @ _repeat_kv(k, q.shape[1]).float()
-    dk = ds.transpose(-2, -1) @ q.float()
-    return dq, _sum_groups(dk, k.shape[1]), _sum_groups(dv, k.shape[1])
-
-
-TORCH_BLOCK_ATTENTION = BlockAttention(name="torch", forward=_torch_block_forward,
-                                       backward=_torch_block_backward)
-
-
-def _flash_block_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float
-                         ) -> tuple[Tensor, Tensor]:
-    out, lse, _ = torch.ops.autopar.flash_attention(q, k, v, None, 0.0, causal, scale)
-    return out, lse
-
-
-def _flash_block_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
-                          causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    seed = torch.zeros(1, dtype=torch.int64, device=q.device)  # no dropout: the seed is unused
-    dq, dk, dv, _ = torch.ops.autopar.flash_attention_backward(  # the kernels read lse as contiguous
-        dout.to(q.dtype), q, k, v, None, out.to(q.dtype), lse.contiguous(), seed, 0.0, causal, scale, False)
-    return dq, dk, dv
-
-
-
-FLASH_BLOCK_ATTENTION = BlockAttention(name="flash", forward=_flash_block_forward,
-                                       backward=_flash_block_backward)
-
-
-def merge_partial_attention(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor
-                            ) -> tuple[Tensor, Tensor]:
-    """Attention over keys A ∪ B from attention over A (``out``, ``lse``) and over B.
-
-    ``lse' = log(e^lse + e^lse_B)``, ``out' = out·e^(lse−lse') + out_B·e^(lse_B−lse')``; rows that
-    saw no key yet (lse −inf) take the other side unchanged. Shapes (…, s, d) and (…, s).
-    """
-    new_lse = torch.logaddexp(lse, block_lse)
-    safe = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse).unsqueeze(-1)
-    merged = out * torch.exp(lse.unsqueeze(-1) - safe) + block_out * torch.exp(block_lse.unsqueeze(-1) - safe)
-    return merged, new_lse
 
 
 # ---------------------------------------------------------------------------------------------

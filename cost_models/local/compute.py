@@ -261,17 +261,21 @@ def moe_dispatch_part(layer: LayerProfile, *, rates: CpuRates, tokens: int, imba
 def _ring_block_attention(rates: CpuRates, layer: LayerProfile, *, b: int, cp: int, causal: bool
                           ) -> LayerTimes:
     """Ring attention's blocks on one rank (``layer`` at ``s/cp``; ``runtime/context_parallel``):
-    torch math blocks (scores materialised, fp32), the own step over all ``s/cp`` local tokens,
-    each other step half of that when causal (one of the two chunks against the other's two, or
-    both against one), every step merged into the fp32 output with its log-sum-exp. The block
-    backward (``_torch_block_backward``) recomputes the scores and their exponentials from the
-    merged log-sum-exp before the gradient matmuls: the forward's work again."""
+    the torch block kernel of ``kernels/ring_blocks`` (scores materialised, fp32), priced at its
+    MEASURED rates (:meth:`CpuRates.ring_block_s`: forward with the log-sum-exp merge, backward
+    recomputing the scores). Causal: the own step is the masked block over all ``s/cp`` local
+    tokens, each other step an unmasked block half that size (one of the two chunks against the
+    other's two, or both against one); not causal: ``cp`` unmasked full blocks. A profile without
+    block measurements prices the math attention rate and counts the merge's ops
+    (:data:`RING_MERGE_OPS`)."""
     s, heads, h = layer.seq_len, layer.num_heads, layer.hidden_size
     assert s is not None and heads is not None and h is not None
-    steps = 1 + (cp - 1) * (0.5 if causal else 1.0)
-    fwd, bwd = rates.math_attention_s(b * heads * s * s * steps)
-    merge = _op(rates, "add", b * s * h, RING_MERGE_OPS * (cp - 1))
-    return LayerTimes(forward_s=fwd + merge.forward_s, backward_input_s=bwd + fwd)
+    full = b * heads * s * s
+    own = rates.ring_block_s(full, causal=causal)
+    other = rates.ring_block_s(full / 2 if causal else full, causal=False)
+    merge = 0.0 if rates.ring_blocks else _op(rates, "add", b * s * h, RING_MERGE_OPS * (cp - 1)).forward_s
+    return LayerTimes(forward_s=own[0] + (cp - 1) * other[0] + merge,
+                      backward_input_s=own[1] + (cp - 1) * other[1])
 
 
 def _ring_transfers(rates: CpuRates, elements: float, *, bytes_per_element: int, cp: int, recompute: str

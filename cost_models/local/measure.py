@@ -218,6 +218,39 @@ def measure_attention_time_s(batch: int, heads: int, seq: int, head_dim: int, *,
         return measure_train_time_s(attention, q, k, v, seconds=seconds)
 
 
+def measure_ring_block_s(batch: int, heads: int, seq: int, head_dim: int, *, causal: bool, seconds: float
+                         ) -> tuple[float, float]:
+    """Measured twin of ``CpuRates.ring_block_s``: one step of ring attention's torch block kernel
+    on this rank (``autopar.kernels.ring_blocks``, fp32), as ``runtime/context_parallel`` runs it.
+    ``causal``: the own step, ``seq`` local queries against their own ``seq`` keys under the
+    causal mask; else an unmasked block of ``seq`` queries against ``seq / 2`` keys (a zigzag
+    ring's other steps). Forward: the block and its log-sum-exp merge into the running output;
+    backward: the block's backward (it recomputes the scores) and the dQ and dK/dV accumulation.
+    (forward, backward) seconds."""
+    from autopar.kernels.ring_blocks import TORCH_BLOCK_ATTENTION, merge_partial_attention
+
+    keys = seq if causal else max(1, seq // 2)
+    q, dout = torch.randn(batch, heads, seq, head_dim), torch.randn(batch, heads, seq, head_dim)
+    k, v = torch.randn(batch, heads, keys, head_dim), torch.randn(batch, heads, keys, head_dim)
+    out, lse = torch.zeros(q.shape), torch.full(q.shape[:-1], float("-inf"))
+    scale = head_dim ** -0.5
+    block_out, block_lse = TORCH_BLOCK_ATTENTION.forward(q, k, v, causal=causal, scale=scale)
+    dq, dkv = torch.zeros(q.shape), torch.zeros((2, *k.shape))
+
+    def forward() -> None:
+        part_out, part_lse = TORCH_BLOCK_ATTENTION.forward(q, k, v, causal=causal, scale=scale)
+        out[:], lse[:] = merge_partial_attention(out, lse, part_out, part_lse)
+
+    def backward() -> None:
+        grads = TORCH_BLOCK_ATTENTION.backward(dout, q, k, v, block_out, block_lse, causal=causal,
+                                               scale=scale)
+        dq.add_(grads[0])
+        dkv[0].add_(grads[1])
+        dkv[1].add_(grads[2])
+
+    return timed_s(forward, seconds=seconds / 2), timed_s(backward, seconds=seconds / 2)
+
+
 def measure_optimizer_time_s(num_params: int, *, tensor_numel: int = 256 * 1024, seconds: float,
                              wrap: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """Measured twin of ``CpuRates.optimizer_s``: the runtime's default AdamW over ``num_params``
@@ -335,15 +368,19 @@ def measure_gloo_in_threads(num_ranks: int, sizes: Sequence[int], *, seconds: fl
 def _collective_call(group: Any, kind: str, size_bytes: int, *, rank: int, num_ranks: int
                      ) -> Callable[[], None]:
     """One ``kind`` on a full buffer of ``size_bytes`` by ``rank`` of ``group`` (p2p: a round trip
-    between ranks 0 and 1, the lower one sending first)."""
+    between ranks 0 and 1, the lower one sending first). A gather or scatter writes a fresh output
+    each call, as the runtime's (DTensor's functional collectives, FSDP2's): beyond glibc's largest
+    mmap threshold (32 MiB) every such output is new memory whose pages fault in (MEASURED on 2
+    gloo processes, 2-core KVM Xeon: a 128 MiB all-gather 235 ms into a reused output, 289 ms into
+    a fresh one)."""
     full = torch.ones(max(num_ranks, size_bytes // 4 // num_ranks * num_ranks))
     part = torch.ones(full.numel() // num_ranks)
     if kind == "all_reduce":
         return lambda: group.allreduce([full]).wait()
-    if kind == "all_gather":
-        return lambda: group._allgather_base(full, part).wait()
+    if kind == "all_gather":  # into a fresh output, as the runtime's functional collectives do
+        return lambda: group._allgather_base(torch.empty_like(full), part).wait()
     if kind == "reduce_scatter":
-        return lambda: group._reduce_scatter_base(part, full).wait()
+        return lambda: group._reduce_scatter_base(torch.empty_like(part), full).wait()
     if kind != "p2p":
         raise ValueError(f"unknown collective kind {kind!r}; expected all_reduce, all_gather, "
                          "reduce_scatter or p2p")
@@ -485,7 +522,7 @@ QUICK_LINEAR_SHAPES = ((128, 256, 256), (256, 512, 512), (512, 1024, 1024))
 QUICK_ATTENTION_SHAPES = ((4, 8, 128, 32), (2, 8, 256, 64))
 QUICK_OP_ELEMENTS = (2**16, 2**20)
 QUICK_CROSS_ENTROPY_ELEMENTS = (2**18, 2**21)
-QUICK_COLLECTIVE_BYTES = (4096, 256 * 1024, 4 * MIB)
+QUICK_COLLECTIVE_BYTES = (4096, 256 * 1024, 4 * MIB, 64 * MIB)
 QUICK_COLLECTIVE_RANKS = (2, 4)
 QUICK_SYNC_REPEATS = (1, 8)
 QUICK_OPTIMIZER = ((256 * 1024, 32), (4096, 64))  # (tensor numel, tensors); 8 Mi parameters: beyond caches
@@ -516,6 +553,12 @@ def quick_measurements(*, ops: Sequence[str], kinds: Sequence[str], seconds: flo
         b, a, seq, d = QUICK_ATTENTION_SHAPES[0]
         fwd, both = measure_attention_time_s(b, a, seq, d, backend="math", seconds=0.06 * s)
         math_attention = {"scores": b * a * seq * seq, "forward_s": fwd, "train_s": both}
+        ring_blocks = []
+        for causal in (True, False):
+            fwd, bwd = measure_ring_block_s(b, a, seq, d, causal=causal, seconds=0.06 * s)
+            ring_blocks.append({"batch": b, "heads": a, "seq": seq, "head_dim": d, "causal": causal,
+                                "scores": b * a * seq * (seq if causal else seq // 2), "forward_s": fwd,
+                                "backward_s": bwd})
         say("nn.Linear, attention")
         op_points = []
         for op in ops:
@@ -541,7 +584,7 @@ def quick_measurements(*, ops: Sequence[str], kinds: Sequence[str], seconds: flo
     return {"linear": linear, "attention": attention, "math_attention": math_attention, "ops": op_points,
             "copy": {"bytes": copy_bytes, "time_s": copy_s}, "training_op_overhead_s": overhead_s,
             "optimizer": optimizer, "dtensor": dtensor, "collectives": collectives, "shares": shares,
-            "sync_waits": sync_waits,
+            "sync_waits": sync_waits, "ring_blocks": ring_blocks,
             "transformer_layer": [layer],
             "num_cores": cores, "seconds": round(time.perf_counter() - start, 2)}
 

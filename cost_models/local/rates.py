@@ -22,6 +22,8 @@ interpolated (never extrapolated beyond a clamp), so nothing here is fitted to a
 * ``flash_attention``: measured fused (SDPA) attention rates per ``(seq, head_dim)``, FLOPs
   counted as ``compute`` counts them (causal half);
 * ``math_attention_s_per_score``: the unfused (MATH backend) attention per score element;
+* ``ring_blocks``: ring attention's torch block kernel per score element, per block size, for the
+  own causal step and for the other steps' unmasked half blocks (:meth:`ring_block_s`);
 * ``elementwise``: seconds per element, forward and forward + backward, per op and size;
 * ``activation_reread_s_per_byte``: FITTED extra time per byte of a layer's saved activations
   inside a step (GPT blocks as the runtime's GPipe runs a stage, microbatches through a stack,
@@ -56,7 +58,8 @@ ELEMENTWISE_OPS = ("layer_norm", "gelu", "add", "copy", "cross_entropy")
 COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
 log = logging.getLogger("autopar.cost_models")
 QUICK_FORMAT = "autopar-quick-rates"
-QUICK_VERSION = 4  # 3: collectives timed as the median repeat, not the fastest; 4: sync waits
+QUICK_VERSION = 5  # 3: collectives timed as the median repeat, not the fastest; 4: sync waits;
+# 5: ring blocks, 64 MiB collectives into fresh outputs
 QUICK_ENV = "AUTOPAR_QUICK_RATES"
 QUICK_SECONDS = 3.0
 RUNTIME_MICROBATCH_OPS = 400.0
@@ -127,6 +130,11 @@ class CpuRates:
     of ``size_bytes`` adds to a training loop's iteration when it follows ``interval_s`` of work on
     each of ``processes`` busy ranks, in disjoint groups of ``group size``
     (``measure.measure_sync_waits``); empty in a profile older than the measurement."""
+    ring_blocks: tuple[tuple[float, float, float, float], ...] = ()
+    """MEASURED ``(scores, causal, forward_s_per_score, backward_s_per_score)`` of ring attention's
+    torch block kernel (``measure.measure_ring_block_s``): ``causal`` 1 for the own step's masked
+    block (scores = b·heads·s²), 0 for an unmasked half block (b·heads·s·s/2); empty in a profile
+    older than the measurement (then :meth:`ring_block_s` prices the math attention rate)."""
 
     def __post_init__(self) -> None:
         missing = sorted(set(ELEMENTWISE_OPS) - set(self.elementwise))
@@ -134,7 +142,8 @@ class CpuRates:
             raise ValueError(f"CpuRates.elementwise lacks {missing}; re-run `autopar calibrate`")
         tables = {k: v if isinstance(v, OpTable) else OpTable(points=v) for k, v in self.elementwise.items()}
         object.__setattr__(self, "elementwise", tables)
-        for name in ("flash_attention", "collectives", "shares", "math_attention_s_per_score", "sync_waits"):
+        for name in ("flash_attention", "collectives", "shares", "math_attention_s_per_score", "sync_waits",
+                     "ring_blocks"):
             object.__setattr__(self, name, tuple(tuple(x) if isinstance(x, (list, tuple)) else x
                                                  for x in getattr(self, name)))
         if not self.flash_attention or not self.shares:
@@ -168,6 +177,22 @@ class CpuRates:
         """(forward, backward) of unfused attention over ``num_scores`` = b·heads·s² scores."""
         fwd, train = self.math_attention_s_per_score
         return fwd * num_scores, max(0.0, train - fwd) * num_scores
+
+    def ring_block_s(self, num_scores: float, *, causal: bool) -> tuple[float, float]:
+        """(forward, backward) seconds of ring attention's torch block kernel over ``num_scores``
+        score elements (forward with the merge, backward recomputing the scores, with the
+        gradient accumulation; ``measure.measure_ring_block_s``): per score, linear in
+        ``log(scores)`` between the measured blocks of that kind, clamped at their ends. A
+        profile without them: the math attention's rate, its backward plus the recomputed
+        forward."""
+        if num_scores <= 0:
+            return 0.0, 0.0
+        points = sorted((p[0], p[2], p[3]) for p in self.ring_blocks if bool(p[1]) == causal)
+        if not points:
+            fwd, bwd = self.math_attention_s(num_scores)
+            return fwd, bwd + fwd
+        fwd, bwd = _interpolate(points, num_scores)
+        return fwd * num_scores, bwd * num_scores
 
     def elementwise_s(self, op: str, num_elements: float) -> tuple[float, float]:
         """(forward, backward) of the training op ``op`` over ``num_elements`` elements, each at
@@ -266,8 +291,9 @@ class CpuRates:
     def from_dict(cls, data: Mapping[str, Any]) -> CpuRates:
         """Inverse of :meth:`to_dict`; unknown or missing keys raise ValueError."""
         names = {f.name for f in dataclasses.fields(cls)}
-        if isinstance(data, Mapping) and "sync_waits" not in data:  # saved before it was measured
-            data = {**data, "sync_waits": ()}
+        for name in ("sync_waits", "ring_blocks"):  # a profile saved before these were measured
+            if isinstance(data, Mapping) and name not in data:
+                data = {**data, name: ()}
         if not isinstance(data, Mapping) or set(data) != names:
             got = set(data) if isinstance(data, Mapping) else set()
             raise ValueError(f"CPU rates keys differ: unknown {sorted(got - names)}, missing "
@@ -362,7 +388,14 @@ class CpuRates:
             collectives=tuple((p["kind"], p["num_ranks"], float(p["size_bytes"]), p["time_s"])
                               for p in raw["collectives"]),
             shares=tuple(tuple(row) for row in raw["shares"]), source=source,
-            sync_waits=sync_wait_points(raw.get("sync_waits", ())))
+            sync_waits=sync_wait_points(raw.get("sync_waits", ())),
+            ring_blocks=ring_block_points(raw.get("ring_blocks", ())))
+
+
+def ring_block_points(raw: Sequence[Mapping[str, Any]]) -> tuple[tuple[float, float, float, float], ...]:
+    """``CpuRates.ring_blocks`` from ``measure.measure_ring_block_s``'s points."""
+    return tuple((float(p["scores"]), 1.0 if p["causal"] else 0.0, p["forward_s"] / p["scores"],
+                  p["backward_s"] / p["scores"]) for p in raw)
 
 
 def sync_wait_points(raw: Sequence[Mapping[str, Any]]) -> tuple[tuple[int, int, float, float, float], ...]:
