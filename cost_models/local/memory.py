@@ -47,11 +47,19 @@ everything the tracker holds, and gradients exist from the first microbatch's ba
 
 * the loss backward on the last stage: the log-softmax backward holds two logits-sized tensors
   (``TEMP = 2L``);
-* a layer's backward: the gradients of the MLP's two wide tensors, the residual stream, the
-  LayerNorm output and the incoming gradient, ``(2f/(h t) + 3) sbh`` (``TEMP``); once gradients
-  exist (a later microbatch), each weight's gradient is computed apart and then added: at least
-  the MLP weight's (``h f/t`` elements) beside ``(f/(h t) + 2) sbh`` (measured on gpt-tiny,
-  h 64, 2 tokens × 8: TEMP 22.06 sbh, of which 16 the MLP weight's gradient).
+* a layer's backward (:func:`layer_backward_moments`), first the stage's last layer: its MLP's
+  second linear's input gradient (``f/(h t)`` sbh) beside its weight gradient (``h f/t`` elements:
+  an allocation counts as ``TEMP`` until the gradient hook re-tags it), or later the first linear's,
+  once the GELU's tensors are freed; beside them the gradient entering the layer (1 sbh), and in a
+  one-stage plan with a tied LM head that weight's gradient (``V h``), which waits as ``TEMP`` until
+  the embedding's backward accumulates it (COUNTED with MemTracker on 2 gloo ranks, GPT 4 layers,
+  h 128, f 512, s 64, b 4, V 64, dp 2: TEMP 7.25 sbh = 4 + 2 + 1 + 0.25);
+* on a pipeline stage that is not the last, the received output gradients: torch.distributed.
+  pipelining receives each microbatch's into a buffer of its own, allocated before the step, that
+  MemTracker first meets in backward (``TEMP``, 1 sbh each, kept): one per microbatch whose backward
+  began; a stage that is not the first also still holds its previous input gradient until its send
+  completes (1 sbh). COUNTED (same GPT, 8 layers, pp 4 1F1B, 4 microbatches): TEMP 7 / 9 / 10 sbh
+  on ranks 0 / 1 / 2 = 4 + 2 + (1 / 2 / 3 received) + (0 / 1 / 1 sending); rank 3 (the loss) 17.
 
 Measured on 2 gloo ranks (GPT 4 layers, h 128, a 4, s 64, V 1024, batch 8; ``report()``, units of
 one microbatch's sbh·4 bytes), model vs MemTracker: dp2 ACT 82.25 vs 82.3, TEMP 16 vs 16;
@@ -113,31 +121,61 @@ def saved_layer_bytes(layer: LayerProfile, *, microbatch_size: int, tp: int, fus
     return saved
 
 
-def backward_working_bytes(layer: LayerProfile, *, microbatch_size: int, tp: int, bytes_per_element: int,
-                           accumulating: bool) -> float:
-    """What a layer's backward allocates at its widest (module docstring): ``(2f/(h t) + 3) sbh``;
-    ``accumulating`` (gradients exist from an earlier microbatch), at least the MLP weight's
-    gradient, computed apart before it is added, beside ``(f/(h t) + 2) sbh``."""
+def layer_backward_moments(layer: LayerProfile, *, microbatch_size: int, tp: int, bytes_per_element: int,
+                           accumulating: bool, saved: float, ring: bool = False,
+                           sequence_parallel: bool = False) -> list[tuple[float, float, float]]:
+    """(activations, temporaries, gradients) bytes a layer's backward adds at its widest moments
+    (module docstring; activations negative where freed; ``saved``: what the layer saved): the MLP's
+    second linear's backward, its input gradient (``f/(h t)`` sbh) beside its weight gradient
+    (``h f/t`` elements, ``TEMP`` until accumulated); then the first linear's, after the GELU's input
+    and output are freed: the GELU's gradient, the LayerNorm output's (1 sbh) and the first weight's,
+    the second weight's gradient a gradient now (``accumulating``: added into the existing one and
+    freed). Under context parallelism (``ring``) also ring attention's backward, once all but the
+    layer's input, its first LayerNorm's output, q, k, v and the ring's output are freed: its working
+    set (:func:`ring_backward_bytes`) and the gradient of the merged heads (``1/t`` sbh). A layer of
+    unknown shape: what its forward writes, ÷ t."""
     h, f, s = layer.hidden_size, layer.ffn_size, layer.seq_len
     if h is None or f is None or s is None:
-        return layer.activation_bytes * microbatch_size / tp
+        return [(0.0, layer.activation_bytes * microbatch_size / tp, 0.0)]
     sbh = microbatch_size * s * h * bytes_per_element
-    widest = sbh * (2 * f / (h * tp) + 3)
-    return max(widest, sbh * (f / (h * tp) + 2) + h * f / tp * bytes_per_element) if accumulating else widest
+    wide, weight = sbh * f / (h * tp), h * f / tp * bytes_per_element
+    moments = [(0.0, wide + weight, 0.0), (-2 * wide, wide + sbh + weight, 0.0 if accumulating else weight)]
+    if ring:
+        kept = sbh * ((1 / tp if sequence_parallel else 1) + 1 + 4 / tp)  # input, LN 1 out, q, k, v, out
+        later = 0.0 if accumulating else (2 * h * f + h * h) / tp * bytes_per_element  # MLP, projection
+        working = ring_backward_bytes(layer, microbatch_size=microbatch_size, tp=tp,
+                                      bytes_per_element=bytes_per_element)
+        moments.append((min(0.0, kept - saved), working + sbh / tp, later))
+    return moments
 
 
 def ring_backward_bytes(layer: LayerProfile, *, microbatch_size: int, tp: int, bytes_per_element: int
                         ) -> float:
-    """What ring attention's backward allocates at its widest (``layer`` at ``s/cp``; module
-    docstring): the fp32 dQ accumulator, K/V and the block arriving, the fp32 dK/dV accumulator and
-    the one arriving, and the own step's block scores, probabilities and their gradient (fp32)."""
+    """What ring attention's backward allocates at its widest (``layer`` at ``s/cp``;
+    ``runtime/context_parallel._ring_backward`` with the torch block kernel), in units of one q's
+    elements: the output gradient made contiguous, K/V stacked and the block arriving (1 + 4, at the
+    model's dtype), the fp32 dQ accumulator, dK/dV accumulator and the one arriving (1 + 4), the
+    block's dQ, dK, dV and the latter two summed over head groups (5, fp32), and the block's scores,
+    probabilities and their gradient (3 × ``a·s/h``, fp32). COUNTED with MemTracker (cp 2, GPT h 256,
+    8 heads, s 128, b 8, fp32): 21.03 sbh, 15 + 3 × 2 of them."""
     h, a, s = layer.hidden_size, layer.num_heads, layer.seq_len
     if h is None or a is None or s is None:
         return 0.0
     local = microbatch_size * s * h / tp  # elements of q (or k, or v) on this rank
     fp32 = RING_ACCUMULATOR_BYTES
     scores = microbatch_size * a / tp * s * s * fp32
-    return local * (fp32 + 4 * bytes_per_element + 4 * fp32) + 3 * scores
+    return local * (5 * bytes_per_element + 10 * fp32) + 3 * scores
+
+
+def _first_gradients_share(plan: Plan, profile: ModelProfile, stage_indices: tuple[int, ...]) -> float:
+    """The share of the rank's parameters whose gradients its backward accumulates last: its first
+    layer's, and on the first stage the embedding's (and a tied LM head's)."""
+    stages = [plan.stages[i] for i in stage_indices]
+    layers = [layer for stage in stages for layer in profile.layers[stage.layers[0]:stage.layers[1]]]
+    embedding = (profile.embedding_params + profile.tied_head_params) if 0 in stage_indices else 0
+    total = sum(layer.param_count for layer in layers) + embedding + (
+        profile.head_params if len(plan.stages) - 1 in stage_indices else 0)
+    return (embedding + (layers[0].param_count if layers else 0)) / total if total else 0.0
 
 
 def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple[int, ...], *,
@@ -152,7 +190,9 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
     b, t, e, m = sched.microbatch_size, par.tp, profile.bytes_per_element, sched.num_microbatches
     last, sp, ring = len(plan.stages) - 1, plan.sequence_parallel and par.tp > 1, par.cp > 1
     sbh = b * profile.seq_len * profile.hidden_size * e
-    stored = recomputed = working = accumulating = 0.0
+    stored = recomputed = 0.0
+    fresh: list[tuple[float, float, float]] = []  # a layer's backward moments before any gradient exists
+    adding: list[tuple[float, float, float]] = []  # ... and once gradients exist
     for stage in (plan.stages[i] for i in stage_indices):
         for layer in profile.layers[stage.layers[0]:stage.layers[1]]:
             saved = saved_layer_bytes(layer, microbatch_size=b, tp=t, ep=par.ep, bytes_per_element=e,
@@ -161,13 +201,10 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
             full = stage.recompute == "full" and stage.index != plain and layer.is_transformer
             stored += sbh if full else saved
             recomputed = max(recomputed, saved if full else 0.0)
-            ring_bytes = (ring_backward_bytes(layer, microbatch_size=b, tp=t, bytes_per_element=e)
-                          if ring else 0.0)
-            working, accumulating = (
-                max(working, ring_bytes, backward_working_bytes(layer, microbatch_size=b, tp=t,
-                                                                bytes_per_element=e, accumulating=False)),
-                max(accumulating, ring_bytes, backward_working_bytes(layer, microbatch_size=b, tp=t,
-                                                                     bytes_per_element=e, accumulating=True)))
+            shape = dict(microbatch_size=b, tp=t, bytes_per_element=e, saved=saved, ring=ring,
+                         sequence_parallel=sp)
+            fresh += layer_backward_moments(layer, accumulating=False, **shape)
+            adding += layer_backward_moments(layer, accumulating=True, **shape)
         stored += sbh if stage.index < last else 0.0  # the output the schedule keeps to send
     n, has_head = in_flight, last in stage_indices and profile.vocab_size > 0
     logits = LOGIT_BYTES * b * profile.seq_len * profile.vocab_size if has_head else 0.0
@@ -177,13 +214,28 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
     norm_input = sbh / t if sp else sbh  # under sequence parallelism a shard; its output is gathered
     head = (norm_input + sbh + logits) if has_head else 0.0  # final LayerNorm in/out, log-probabilities
     grads_then = gradients_bytes if m > n else 0.0  # 1F1B's steady state: after a first backward
-    moments = [(n * (stored + head) + held + current, 2 * logits, grads_then)] if has_head else []
-    freed = logits if sched.name != "gpipe" else 0.0  # the loss backward of this microbatch is done
-    moments.append((n * (stored + head) - freed + recomputed + held + current,
-                    accumulating if grads_then else working, grads_then))
-    if n > 1 or recomputed:  # one microbatch's backward done: its gradients exist, one fewer in flight
-        moments.append(((n - 1) * (stored + head) + held + recomputed + (sbh if recomputed else 0.0),
-                        accumulating if m > 1 else working, gradients_bytes))
+    received = sbh if any(i < last for i in stage_indices) else 0.0  # a received output gradient
+    # the gradient entering the layer, when not a received one; a one-stage plan's tied head weight's
+    # gradient waits (TEMP) for the embedding's backward to be accumulated
+    tied = profile.tied_head_params * e / (t if vocab_parallel(plan) else 1) if last == 0 else 0.0
+    entering = (0.0 if received else sbh) + tied
+    sending = sbh if any(i > 0 for i in stage_indices) else 0.0  # the last input gradient, until sent
+    # (activations, temporaries, gradients, microbatches whose backward began, earlier backward done)
+    steady = m - n + 1 if grads_then else 1
+    bases = [(n * (stored + head) + held + current, 0.0, grads_then, steady, bool(grads_then))]
+    moments = [(bases[0][0], 2 * logits + (sending if grads_then else 0.0), grads_then)] if has_head else []
+    freed = logits  # the loss backward of this microbatch is done
+    bases[0] = (bases[0][0] - freed + recomputed, *bases[0][1:])
+    if n > 1 or recomputed:  # one microbatch's backward done: its gradients exist, one fewer in flight;
+        # with one microbatch: late in its backward, the first layer's and the embedding's still to come
+        late = gradients_bytes if m > 1 else gradients_bytes * (1 - _first_gradients_share(plan, profile,
+                                                                                             stage_indices))
+        bases.append(((n - 1) * (stored + head) + held + current + recomputed, 0.0,
+                      late, min(m - n + 2, m), m > 1))
+    for act, temp, grads, begun, earlier in bases:
+        temp += begun * received + (sending if earlier else 0.0) + entering
+        layer_moments = (adding if grads else fresh) or [(0.0, 0.0, 0.0)]
+        moments += [(act + d_act, temp + d_temp, grads + d_grads) for d_act, d_temp, d_grads in layer_moments]
     if held:  # the step's end: torch.distributed.pipelining concatenates the held outputs into one
         moments.append((2 * held + recomputed, 0.0, gradients_bytes))
     activations, temporaries, _ = max(moments, key=sum)
