@@ -61,6 +61,16 @@ everything the tracker holds, and gradients exist from the first microbatch's ba
   completes (1 sbh). COUNTED (same GPT, 8 layers, pp 4 1F1B, 4 microbatches): TEMP 7 / 9 / 10 sbh
   on ranks 0 / 1 / 2 = 4 + 2 + (1 / 2 / 3 received) + (0 / 1 / 1 sending); rank 3 (the loss) 17.
 
+Zero-bubble schedules split a stage's backward into an input-gradient step (I, ``torch.autograd.grad``
+with ``retain_graph``) and a weight step (W) later (:func:`zero_bubble_moments`). Between them a
+microbatch keeps its whole graph (every saved tensor: ``ACT``) and the gradients of the outputs of
+the ops that hold weights (``TEMP``, :func:`weight_step_kept_bytes`: ``3/t + f/(h t) + 4`` sbh per
+layer, on the last stage also the logits' gradient and the final LayerNorm's two). The first stage
+has no input gradient to compute: its W runs the whole backward, as in 1F1B. COUNTED with MemTracker
+(pp 2, GPT 4 layers, h 128, s 64, b 4, V 1024, 4 microbatches), rank 1 at ``I_3``: ``TEMP`` 67 sbh
+(this count: 2 × (2 × 11 + 8 + 2) + 3 for dq, dk, dv + 1 input gradient being sent = 68), ``ACT``
+four held logits, the current log-probabilities and two microbatches' graphs.
+
 Measured on 2 gloo ranks (GPT 4 layers, h 128, a 4, s 64, V 1024, batch 8; ``report()``, units of
 one microbatch's sbh·4 bytes), model vs MemTracker: dp2 ACT 82.25 vs 82.3, TEMP 16 vs 16;
 pp2 1F1B (4 microbatches) rank 0 ACT 66.25 vs 67.33, TEMP 11 vs 11.01, rank 1 ACT 75.1 vs 77.2,
@@ -167,6 +177,43 @@ def ring_backward_bytes(layer: LayerProfile, *, microbatch_size: int, tp: int, b
     return local * (5 * bytes_per_element + 10 * fp32) + 3 * scores
 
 
+def weight_step_kept_bytes(layer: LayerProfile, *, microbatch_size: int, tp: int, bytes_per_element: int
+                           ) -> float:
+    """What a zero-bubble input-gradient step (I) keeps of one layer per microbatch for its weight
+    step (W), beside the retained graph (module docstring): the gradients of the outputs of the ops
+    that hold weights, QKV's (``3/t`` sbh), the first MLP linear's (``f/(h t)``), the residual
+    stream's at the projection and the second MLP linear (2) and the two LayerNorms' outputs (2). A
+    layer of unknown shape: what its forward writes, ÷ t."""
+    h, f, s = layer.hidden_size, layer.ffn_size, layer.seq_len
+    if h is None or f is None or s is None:
+        return layer.activation_bytes * microbatch_size / tp
+    return microbatch_size * s * h * bytes_per_element * (3 / tp + f / (h * tp) + 4)
+
+
+def zero_bubble_moments(*, rank: int, pp: int, num_microbatches: int, stored: float, kept: float,
+                        log_probs: float, output: float, received: float, sending: float, transient: float,
+                        gradients_bytes: float) -> list[tuple[float, float, float]]:
+    """(activations, temporaries, gradients) bytes at the input-gradient steps of a zero-bubble rank
+    holding one stage other than the first (module docstring). torch's ScheduleInterleavedZeroBubble
+    runs rank ``r``'s weight step of microbatch ``j`` after its input step of ``j + r`` (printed
+    ``pipeline_order``, pp 2 and 4, 4 microbatches), so at the input step ``I_k``: ``min(m, k + p − r)``
+    microbatches forwarded, ``max(0, k − r)`` weighed (their graphs freed), the others' graphs
+    retained (``stored`` each) and ``kept`` for each one whose input step is done; at the end of
+    ``I_k``, its own ``kept`` and the attention's input gradients (``transient``), or on the last
+    stage its loss backward (two logits-sized tensors) with its ``log_probs``."""
+    r, p, m = rank, pp, num_microbatches
+    moments = []
+    for k in range(m):
+        forwarded, weighed = min(m, k + p - r), max(0, k - r)
+        grads = gradients_bytes if k > r else 0.0
+        act = (forwarded - weighed) * stored + forwarded * output + log_probs
+        temp = (k - weighed) * kept + (k + 1) * received + (sending if k else 0.0)
+        moments.append((act, temp + kept + transient, grads))
+        if log_probs:
+            moments.append((act, temp + 2 * log_probs, grads))
+    return moments
+
+
 def _first_gradients_share(plan: Plan, profile: ModelProfile, stage_indices: tuple[int, ...]) -> float:
     """The share of the rank's parameters whose gradients its backward accumulates last: its first
     layer's, and on the first stage the embedding's (and a tied LM head's)."""
@@ -190,7 +237,7 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
     b, t, e, m = sched.microbatch_size, par.tp, profile.bytes_per_element, sched.num_microbatches
     last, sp, ring = len(plan.stages) - 1, plan.sequence_parallel and par.tp > 1, par.cp > 1
     sbh = b * profile.seq_len * profile.hidden_size * e
-    stored = recomputed = 0.0
+    stored = recomputed = kept = 0.0
     fresh: list[tuple[float, float, float]] = []  # a layer's backward moments before any gradient exists
     adding: list[tuple[float, float, float]] = []  # ... and once gradients exist
     for stage in (plan.stages[i] for i in stage_indices):
@@ -205,6 +252,7 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
                          sequence_parallel=sp)
             fresh += layer_backward_moments(layer, accumulating=False, **shape)
             adding += layer_backward_moments(layer, accumulating=True, **shape)
+            kept += weight_step_kept_bytes(layer, microbatch_size=b, tp=t, bytes_per_element=e)
         stored += sbh if stage.index < last else 0.0  # the output the schedule keeps to send
     n, has_head = in_flight, last in stage_indices and profile.vocab_size > 0
     logits = LOGIT_BYTES * b * profile.seq_len * profile.vocab_size if has_head else 0.0
@@ -236,6 +284,11 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
         temp += begun * received + (sending if earlier else 0.0) + entering
         layer_moments = (adding if grads else fresh) or [(0.0, 0.0, 0.0)]
         moments += [(act + d_act, temp + d_temp, grads + d_grads) for d_act, d_temp, d_grads in layer_moments]
+    if sched.name == "zero_bubble" and len(stage_indices) == 1 and stage_indices[0] > 0:
+        moments = zero_bubble_moments(
+            rank=stage_indices[0], pp=par.pp, num_microbatches=m, stored=stored + head - logits,
+            kept=kept + ((logits + 2 * sbh) if has_head else 0.0), log_probs=logits, output=output,
+            received=received, sending=sending, transient=3 * sbh / t, gradients_bytes=gradients_bytes)
     if held:  # the step's end: torch.distributed.pipelining concatenates the held outputs into one
         moments.append((2 * held + recomputed, 0.0, gradients_bytes))
     activations, temporaries, _ = max(moments, key=sum)
