@@ -52,6 +52,7 @@ from autopar.calibration.ops import (
     matmul_call_s,
     measure_attention_time_s,
     measure_elementwise_time_s,
+    measure_fresh_page_s_per_byte,
     measure_gpt_stack_time_s,
     measure_linear_time_s,
     measure_matmul_time_s,
@@ -275,7 +276,8 @@ def single_process_tasks(config: CalibrationConfig, raw: dict[str, Any]) -> list
 
     def copy(slot: float) -> float:
         raw["copy"] = {"bytes": config.copy_bytes, "time_s": measure_memory_time_s(config.copy_bytes,
-                                                                                   seconds=slot)}
+                                                                                   seconds=slot / 2),
+                       "fresh_page_s_per_byte": measure_fresh_page_s_per_byte(seconds=slot / 2)}
         return config.copy_bytes / raw["copy"]["time_s"]
 
     def elementwise(slot: float) -> float:
@@ -287,7 +289,10 @@ def single_process_tasks(config: CalibrationConfig, raw: dict[str, Any]) -> list
     def bandwidth(value: float) -> str:
         return f"{value / 1e9:,.1f} GB/s"
 
-    tasks += [Task(f"copy {config.copy_bytes // MIB} MiB", copy, show=bandwidth),
+    def faults(value: float) -> str:
+        return f"{bandwidth(value)}, new pages {raw['copy']['fresh_page_s_per_byte'] * 1e9:.2f} ns/byte"
+
+    tasks += [Task(f"copy {config.copy_bytes // MIB} MiB, and a new tensor's page faults", copy, show=faults),
               Task(f"elementwise fp32 add, scale, GELU ({config.elementwise_elements} elements)", elementwise,
                    show=bandwidth)]
     for op in ELEMENTWISE_OPS:

@@ -31,6 +31,7 @@ from autopar.cost_models.local.measure import (
     TORCH_DTYPES,
     attention_flops,
     measure_attention_time_s,
+    measure_fresh_page_s_per_byte,
     measure_gpt_stack_time_s,
     measure_linear_time_s,
     measure_memory_time_s,
@@ -45,7 +46,8 @@ from autopar.cost_models.local.measure import (
 
 __all__ = [
     "COLD_WORKING_SET_BYTES", "MIB", "PROBE_DIM", "TORCH_DTYPES", "attention_flops", "cpu_seconds",
-    "matmul_call_s", "measure_attention_time_s", "measure_elementwise_time_s", "measure_linear_time_s",
+    "matmul_call_s", "measure_attention_time_s",
+    "measure_fresh_page_s_per_byte", "measure_elementwise_time_s", "measure_linear_time_s",
     "measure_matmul_time_s", "measure_memory_time_s", "measure_op_overhead_s", "measure_op_time_s",
     "measure_optimizer_time_s", "measure_probe_flops_per_s", "measure_ring_block_s", "measure_train_time_s",
     "measure_gpt_stack_time_s", "measure_training_op_overhead_s", "one_thread", "others_busy_cores",

@@ -151,6 +151,25 @@ def measure_memory_time_s(num_bytes: int, *, seconds: float) -> float:
     return timed_s(lambda: dst.copy_(src), seconds=seconds)
 
 
+FRESH_PROBE_BYTES = 64 * MIB
+"""Beyond glibc's largest dynamic mmap threshold (32 MiB on 64-bit Linux), so every allocation of
+this size is new mapped memory."""
+
+
+def measure_fresh_page_s_per_byte(*, seconds: float, num_bytes: int = FRESH_PROBE_BYTES) -> float:
+    """Measured twin of ``CpuRates.fresh_s``: what writing a NEW tensor of ``num_bytes`` costs per
+    byte beyond writing one that exists (its pages fault in on first touch: torch's CPU allocator
+    keeps no cache, and glibc maps an allocation this large afresh each time). MEASURED on a 2-core
+    KVM Xeon: 0.24–0.31 ns per byte from 40 to 128 MiB (a 134 MB logits tensor: +35 ms), nothing
+    at 24 MiB and below; never negative."""
+    count = max(1, num_bytes // 4)
+    existing = torch.empty(count)
+    existing.fill_(0.0)
+    reused = timed_s(lambda: existing.fill_(1.0), seconds=seconds / 2)
+    fresh = timed_s(lambda: torch.empty(count).fill_(1.0), seconds=seconds / 2)
+    return max(0.0, fresh - reused) / (4 * count)
+
+
 def measure_training_op_overhead_s(*, seconds: float, num_ops: int = 100) -> float:
     """Per op, forward and backward through autograd, of a chain of tiny (1-element) multiplies."""
     x = torch.ones(1, requires_grad=True)
@@ -567,6 +586,7 @@ def quick_measurements(*, ops: Sequence[str], kinds: Sequence[str], seconds: flo
                 op_points.append({"op": op, "elements": elements, "forward_s": fwd, "train_s": both})
         copy_bytes = 64 * MIB
         copy_s = measure_memory_time_s(copy_bytes, seconds=0.05 * s)
+        fresh = measure_fresh_page_s_per_byte(seconds=0.06 * s)
         overhead_s = measure_training_op_overhead_s(seconds=0.05 * s)
         optimizer = [{"tensor_numel": numel, "num_tensors": count,
                       "time_s": measure_optimizer_time_s(numel * count, tensor_numel=numel, seconds=0.05 * s)}
@@ -582,7 +602,8 @@ def quick_measurements(*, ops: Sequence[str], kinds: Sequence[str], seconds: flo
             n, QUICK_COLLECTIVE_BYTES, seconds=0.55 * s, kinds=kinds)]
         say("DTensor dispatch, gloo collectives")
     return {"linear": linear, "attention": attention, "math_attention": math_attention, "ops": op_points,
-            "copy": {"bytes": copy_bytes, "time_s": copy_s}, "training_op_overhead_s": overhead_s,
+            "copy": {"bytes": copy_bytes, "time_s": copy_s, "fresh_page_s_per_byte": fresh},
+            "training_op_overhead_s": overhead_s,
             "optimizer": optimizer, "dtensor": dtensor, "collectives": collectives, "shares": shares,
             "sync_waits": sync_waits, "ring_blocks": ring_blocks,
             "transformer_layer": [layer],

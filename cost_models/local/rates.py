@@ -59,7 +59,10 @@ COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
 log = logging.getLogger("autopar.cost_models")
 QUICK_FORMAT = "autopar-quick-rates"
 QUICK_VERSION = 5  # 3: collectives timed as the median repeat, not the fastest; 4: sync waits;
-# 5: ring blocks, 64 MiB collectives into fresh outputs
+# 5: ring blocks, 64 MiB collectives into fresh outputs, fresh pages
+MMAP_THRESHOLD_BYTES = 32 * 2**20
+"""glibc's largest dynamic ``M_MMAP_THRESHOLD`` on 64-bit Linux (``DEFAULT_MMAP_THRESHOLD_MAX``):
+torch's CPU tensors beyond it are mapped afresh on every allocation."""
 QUICK_ENV = "AUTOPAR_QUICK_RATES"
 QUICK_SECONDS = 3.0
 RUNTIME_MICROBATCH_OPS = 400.0
@@ -130,6 +133,9 @@ class CpuRates:
     of ``size_bytes`` adds to a training loop's iteration when it follows ``interval_s`` of work on
     each of ``processes`` busy ranks, in disjoint groups of ``group size``
     (``measure.measure_sync_waits``); empty in a profile older than the measurement."""
+    fresh_page_s_per_byte: float = 0.0
+    """MEASURED extra seconds per byte of writing a new tensor larger than :data:`MMAP_THRESHOLD_BYTES`
+    (its pages fault in: ``measure.measure_fresh_page_s_per_byte``); 0 in an older profile."""
     ring_blocks: tuple[tuple[float, float, float, float], ...] = ()
     """MEASURED ``(scores, causal, forward_s_per_score, backward_s_per_score)`` of ring attention's
     torch block kernel (``measure.measure_ring_block_s``): ``causal`` 1 for the own step's masked
@@ -204,6 +210,12 @@ class CpuRates:
     def copy_s(self, num_bytes: float) -> float:
         """A plain copy reading and writing ``num_bytes`` in all."""
         return num_bytes / self.copy_bytes_per_s if num_bytes > 0 else 0.0
+
+    def fresh_s(self, num_bytes: float) -> float:
+        """What allocating and first writing a new tensor of ``num_bytes`` adds to the op that
+        writes it: its page faults when it is larger than glibc's largest mmap threshold (every
+        such allocation is mapped afresh), nothing below (the heap reuses freed memory)."""
+        return num_bytes * self.fresh_page_s_per_byte if num_bytes > MMAP_THRESHOLD_BYTES else 0.0
 
     def optimizer_s(self, num_params: float, num_tensors: float, *, dtensor: bool) -> float:
         """AdamW (torch's per-tensor loop, as on CPU) over ``num_params`` in ``num_tensors`` tensors;
@@ -291,9 +303,9 @@ class CpuRates:
     def from_dict(cls, data: Mapping[str, Any]) -> CpuRates:
         """Inverse of :meth:`to_dict`; unknown or missing keys raise ValueError."""
         names = {f.name for f in dataclasses.fields(cls)}
-        for name in ("sync_waits", "ring_blocks"):  # a profile saved before these were measured
-            if isinstance(data, Mapping) and name not in data:
-                data = {**data, name: ()}
+        for name, empty in (("sync_waits", ()), ("ring_blocks", ()), ("fresh_page_s_per_byte", 0.0)):
+            if isinstance(data, Mapping) and name not in data:  # a profile saved before the measurement
+                data = {**data, name: empty}
         if not isinstance(data, Mapping) or set(data) != names:
             got = set(data) if isinstance(data, Mapping) else set()
             raise ValueError(f"CPU rates keys differ: unknown {sorted(got - names)}, missing "
@@ -379,6 +391,7 @@ class CpuRates:
             math_attention_s_per_score=(scores["forward_s"] / scores["scores"],
                                         scores["train_s"] / scores["scores"]),
             elementwise=tables, copy_bytes_per_s=raw["copy"]["bytes"] / raw["copy"]["time_s"],
+            fresh_page_s_per_byte=raw["copy"].get("fresh_page_s_per_byte", 0.0),
             activation_reread_s_per_byte=fit_activation_reread_s_per_byte(raw.get("transformer_layer", ())),
             op_overhead_s=overhead, optimizer_s_per_param=per_param,
             optimizer_s_per_tensor=max(small - per_param * small_numel, 0.0),
