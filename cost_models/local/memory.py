@@ -21,7 +21,12 @@ torch 2.13, fp32: 16.06 sbh at ``f = 4h``; every tensor below is one the hook sa
   a = 4, s = 64, h = 128; this count says 13.5);
 * full recomputation: the checkpoint's input (1) per layer, and during a layer's backward that
   layer's saved tensors again (recomputed, counted as ``ACT``);
-* an MoE layer: its MLP part replaced by ``moe.expert_activation_bytes``' routed copies.
+* an MoE layer: its MLP part replaced by ``moe.expert_activation_bytes``' routed copies (each the
+  expert's input and its two ``f``-wide tensors), plus per routed copy the ``h``-wide tensors the
+  runtime's dispatch keeps (:func:`routed_copies_bytes`): COUNTED with MemTracker (GPT 4 layers,
+  h 128, f 512, s 64, b 8, 4 experts top-2 on layers 1 and 3, 2 gloo ranks): dp 2 keeps 3 ``(n_e, h)``
+  tensors per local expert (the model counted 1; measured 110.7 sbh ACT against 100.4), dp 2 × ep 2
+  keeps 2 per expert and the returned and received all-to-all rows (measured 113.2 against 101.3).
 
 Context parallelism (cp > 1): every count at ``s/cp`` tokens with the fused count (the ring saves
 q, k, v, its output and the log-sum-exp, like the CPU flash kernel), plus one ``sbh`` per layer: the
@@ -83,7 +88,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from autopar.cost_models.context_parallel import sequence_shard_profile
-from autopar.cost_models.moe import expert_activation_bytes
+from autopar.cost_models.moe import expert_activation_bytes, load_imbalance
 
 if TYPE_CHECKING:
     from autopar.cost_models.profile import LayerProfile, ModelProfile
@@ -177,6 +182,22 @@ def ring_backward_bytes(layer: LayerProfile, *, microbatch_size: int, tp: int, b
     return local * (5 * bytes_per_element + 10 * fp32) + 3 * scores
 
 
+def routed_copies_bytes(layer: LayerProfile, *, microbatch_size: int, ep: int, bytes_per_element: int
+                        ) -> float:
+    """The ``h``-wide routed copies an MoE layer's CPU runtime keeps beyond the expert input that
+    ``moe.expert_activation_bytes`` counts, per microbatch (module docstring): each expert's output
+    and the combine's weighted copy (``run_local_experts``, ep = 1: 2 per routed copy), or with
+    experts over ``ep`` ranks the expert's output, the tokens received and the outputs returned
+    (``AllToAllExperts``: 3); as many routed copies as ``moe`` prices on the busiest rank."""
+    moe, h, s = layer.moe, layer.hidden_size, layer.seq_len
+    if moe is None or h is None or s is None:
+        return 0.0
+    tokens = microbatch_size * s
+    copies = moe.top_k * load_imbalance(tokens=tokens, num_experts=moe.num_experts, top_k=moe.top_k,
+                                        capacity_factor=moe.capacity_factor, ep=ep, dropless=moe.dropless)
+    return (3 if ep > 1 else 2) * copies * tokens * h * bytes_per_element
+
+
 def weight_step_kept_bytes(layer: LayerProfile, *, microbatch_size: int, tp: int, bytes_per_element: int
                            ) -> float:
     """What a zero-bubble input-gradient step (I) keeps of one layer per microbatch for its weight
@@ -246,6 +267,7 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
                                       fused_attention=profile.fused_attention, sequence_parallel=sp,
                                       ring=ring)
             full = stage.recompute == "full" and stage.index != plain and layer.is_transformer
+            saved += routed_copies_bytes(layer, microbatch_size=b, ep=par.ep, bytes_per_element=e)
             stored += sbh if full else saved
             recomputed = max(recomputed, saved if full else 0.0)
             shape = dict(microbatch_size=b, tp=t, bytes_per_element=e, saved=saved, ring=ring,
