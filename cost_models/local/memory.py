@@ -59,6 +59,11 @@ everything the tracker holds, and gradients exist from the first microbatch's ba
   one-stage plan with a tied LM head that weight's gradient (``V h``), which waits as ``TEMP`` until
   the embedding's backward accumulates it (COUNTED with MemTracker on 2 gloo ranks, GPT 4 layers,
   h 128, f 512, s 64, b 4, V 64, dp 2: TEMP 7.25 sbh = 4 + 2 + 1 + 0.25);
+* with unfused attention (every head, under tensor parallelism) the softmax's backward can be wider:
+  the probabilities' and the scores' gradients (``a·s/h`` sbh each), dV and the residual stream's
+  gradient, once most of the layer's saved tensors are freed (COUNTED, tp 2 × pp 2 1F1B on 4 gloo
+  ranks, b 4: h 192, 6 heads, s 256: TEMP 21 sbh = 8 + 8 + 1 + 1 + 3 received; h 256, 8 heads,
+  s 128, first backward: ACT −8 sbh and TEMP +7 from the MLP's moment, later ones stay below it);
 * on a pipeline stage that is not the last, the received output gradients: torch.distributed.
   pipelining receives each microbatch's into a buffer of its own, allocated before the step, that
   MemTracker first meets in backward (``TEMP``, 1 sbh each, kept): one per microbatch whose backward
@@ -138,7 +143,8 @@ def saved_layer_bytes(layer: LayerProfile, *, microbatch_size: int, tp: int, fus
 
 def layer_backward_moments(layer: LayerProfile, *, microbatch_size: int, tp: int, bytes_per_element: int,
                            accumulating: bool, saved: float, ring: bool = False,
-                           sequence_parallel: bool = False) -> list[tuple[float, float, float]]:
+                           sequence_parallel: bool = False, unfused: bool = False
+                           ) -> list[tuple[float, float, float]]:
     """(activations, temporaries, gradients) bytes a layer's backward adds at its widest moments
     (module docstring; activations negative where freed; ``saved``: what the layer saved): the MLP's
     second linear's backward, its input gradient (``f/(h t)`` sbh) beside its weight gradient
@@ -147,17 +153,24 @@ def layer_backward_moments(layer: LayerProfile, *, microbatch_size: int, tp: int
     the second weight's gradient a gradient now (``accumulating``: added into the existing one and
     freed). Under context parallelism (``ring``) also ring attention's backward, once all but the
     layer's input, its first LayerNorm's output, q, k, v and the ring's output are freed: its working
-    set (:func:`ring_backward_bytes`) and the gradient of the merged heads (``1/t`` sbh). A layer of
-    unknown shape: what its forward writes, ÷ t."""
+    set (:func:`ring_backward_bytes`) and the gradient of the merged heads (``1/t`` sbh). With
+    ``unfused`` attention (tensor parallelism runs it on every head, ``local.compute``) also its
+    softmax's backward, once all but the layer's input, its first LayerNorm's output, q, k and the
+    probabilities are freed: the probabilities' gradient and the scores' (``a·s/h`` sbh each), dV and
+    the residual stream's gradient (1 each). A layer of unknown shape: what its forward writes, ÷ t."""
     h, f, s = layer.hidden_size, layer.ffn_size, layer.seq_len
     if h is None or f is None or s is None:
         return [(0.0, layer.activation_bytes * microbatch_size / tp, 0.0)]
     sbh = microbatch_size * s * h * bytes_per_element
     wide, weight = sbh * f / (h * tp), h * f / tp * bytes_per_element
     moments = [(0.0, wide + weight, 0.0), (-2 * wide, wide + sbh + weight, 0.0 if accumulating else weight)]
+    later = 0.0 if accumulating else (2 * h * f + h * h) / tp * bytes_per_element  # MLP, projection
+    if unfused and layer.num_heads is not None:
+        scores = sbh * layer.num_heads * s / h
+        kept = sbh * (2 + (2 if tp > 1 else 3)) + scores  # input, LN 1 out, q and k (one QKV at t = 1), P
+        moments.append((min(0.0, kept - saved), 2 * scores + 2 * sbh, later))
     if ring:
         kept = sbh * ((1 / tp if sequence_parallel else 1) + 1 + 4 / tp)  # input, LN 1 out, q, k, v, out
-        later = 0.0 if accumulating else (2 * h * f + h * h) / tp * bytes_per_element  # MLP, projection
         working = ring_backward_bytes(layer, microbatch_size=microbatch_size, tp=tp,
                                       bytes_per_element=bytes_per_element)
         moments.append((min(0.0, kept - saved), working + sbh / tp, later))
@@ -271,7 +284,7 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
             stored += sbh if full else saved
             recomputed = max(recomputed, saved if full else 0.0)
             shape = dict(microbatch_size=b, tp=t, bytes_per_element=e, saved=saved, ring=ring,
-                         sequence_parallel=sp)
+                         sequence_parallel=sp, unfused=not ring and (t > 1 or not profile.fused_attention))
             fresh += layer_backward_moments(layer, accumulating=False, **shape)
             adding += layer_backward_moments(layer, accumulating=True, **shape)
             kept += weight_step_kept_bytes(layer, microbatch_size=b, tp=t, bytes_per_element=e)
