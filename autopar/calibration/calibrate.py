@@ -342,17 +342,20 @@ def single_process_tasks(config: CalibrationConfig, raw: dict[str, Any]) -> list
         point: dict[str, Any] = {"batch": b, "seq": s, "hidden": h, "heads": a}
 
         def alone(slot: float, point: dict[str, Any] = point) -> float:
-            point["time_s"] = measure_gpt_stack_time_s(
-                point["batch"], point["seq"], point["hidden"], point["heads"], seconds=slot)
+            shape = point["batch"], point["seq"], point["hidden"], point["heads"]
+            point["time_s"] = measure_gpt_stack_time_s(*shape, seconds=2 * slot / 3)
+            point["forward_time_s"] = measure_gpt_stack_time_s(*shape, seconds=slot / 3, forward_only=True)
             raw["transformer_layer"].append(point)
             return point["time_s"]
 
         def stacked(slot: float, point: dict[str, Any] = point) -> float:
             point["num_layers_stacked"] = config.layer_stack
             point["num_microbatches_stacked"] = config.stack_microbatches
-            point["stacked_time_s"] = measure_gpt_stack_time_s(
-                point["batch"], point["seq"], point["hidden"], point["heads"], num_layers=config.layer_stack,
-                num_microbatches=config.stack_microbatches, seconds=slot)
+            shape = point["batch"], point["seq"], point["hidden"], point["heads"]
+            layout = {"num_layers": config.layer_stack, "num_microbatches": config.stack_microbatches}
+            point["stacked_time_s"] = measure_gpt_stack_time_s(*shape, **layout, seconds=2 * slot / 3)
+            point["stacked_forward_time_s"] = measure_gpt_stack_time_s(*shape, **layout, seconds=slot / 3,
+                                                                       forward_only=True)
             return point["stacked_time_s"]
 
         name = f"GPT block fwd+bwd (b {b}, seq {s}, hidden {h}, heads {a})"

@@ -203,17 +203,30 @@ def transformer_layer_part(layer: LayerProfile, *, rates: CpuRates, microbatch_s
     saved = saved_layer_bytes(
         layer, microbatch_size=microbatch_size, tp=t, fused_attention=fused_attention or cp > 1,
         bytes_per_element=bytes_per_element, sequence_parallel=sp, ring=cp > 1)
-    times += LayerTimes(backward_input_s=saved * rates.activation_reread_s_per_byte)
+    reread = _activation_reread(rates, saved, recompute=recompute)
     ring = _ring_transfers(rates, tokens * h / t, bytes_per_element=bytes_per_element, cp=cp,
                            recompute=recompute)
     ring_syncs = _ring_syncs(tokens * h / t, bytes_per_element=bytes_per_element, cp=cp, recompute=recompute)
     if t == 1:
-        return CpuPart(times=_recompute(times, recompute), cp=ring, syncs=ring_syncs)
+        return CpuPart(times=_recompute(times, recompute) + reread, cp=ring, syncs=ring_syncs)
     sbh_bytes = tokens * h * bytes_per_element
     norms = (layer_norm_params(layer), h * bytes_per_element)
     part = _under_dtensor(times, rates=rates, sbh_bytes=sbh_bytes, tp=t, recompute=recompute,
                           sequence_parallel=sp, norm_gradients=norms)
-    return dataclasses.replace(part, cp=ring, syncs=merge_syncs(part.syncs, ring_syncs))
+    return dataclasses.replace(part, times=part.times + reread, cp=ring,
+                               syncs=merge_syncs(part.syncs, ring_syncs))
+
+
+def _activation_reread(rates: CpuRates, saved_bytes: float, *, recompute: str) -> LayerTimes:
+    """What a layer's ``saved_bytes`` of activations cost inside a step beyond the layer alone
+    (FITTED per byte, ``rates.fit_activation_reread_s_per_byte``): the forward that writes them
+    (its caches evicted; under full recomputation the recomputed forward, the first one keeps
+    only the checkpoint) and the backward that reads them back."""
+    written = saved_bytes * rates.activation_reread_forward_s_per_byte
+    read = saved_bytes * rates.activation_reread_s_per_byte - written
+    if recompute == "full":
+        return LayerTimes(recompute_s=written, backward_input_s=read)
+    return LayerTimes(forward_s=written, backward_input_s=read)
 
 
 MOE_OPS_PER_EXPERT = 8

@@ -433,11 +433,13 @@ def _slowest_rank_s(call: Callable[[], None], rank: int, barrier: threading.Barr
 
 
 def gpt_stack_work(batch: int, seq: int, hidden: int, heads: int, num_layers: int = 4,
-                    num_microbatches: int = 1) -> Callable[[], None]:
+                    num_microbatches: int = 1, *, forward_only: bool = False) -> Callable[[], None]:
     """One training step's compute over a stack of zoo GPT blocks (pre-LN, fused causal attention,
     GELU MLP of 4h; fp32, eager): as the runtime's GPipe runs a stage, the forward of
     ``num_microbatches`` microbatches of ``batch`` sequences, then their backward, gradients
-    accumulating across microbatches (cleared once per call)."""
+    accumulating across microbatches (cleared once per call). ``forward_only``: the forwards alone,
+    their activations saved for a backward that does not come (all microbatches' held together,
+    then dropped)."""
     from autopar.models.configs import GPTConfig
     from autopar.models.gpt import Block
 
@@ -451,6 +453,8 @@ def gpt_stack_work(batch: int, seq: int, hidden: int, heads: int, num_layers: in
         for p in (*stack.parameters(), *xs):
             p.grad = None
         outputs = [stack(x) for x in xs]
+        if forward_only:
+            return
         for output in outputs:
             output.backward(grad)
 
@@ -458,13 +462,13 @@ def gpt_stack_work(batch: int, seq: int, hidden: int, heads: int, num_layers: in
 
 
 def measure_gpt_stack_time_s(batch: int, seq: int, hidden: int, heads: int, *, num_layers: int = 1,
-                             num_microbatches: int = 1, seconds: float) -> float:
+                             num_microbatches: int = 1, seconds: float, forward_only: bool = False) -> float:
     """Measured twin of ``compute.transformer_layer_part`` (forward + backward), per layer and
     microbatch: :func:`gpt_stack_work`. With one layer and one microbatch, a block alone; in a
     stack over several microbatches, the backward finds its saved activations evicted from the
     caches by the layers and microbatches after it, as in training."""
-    return timed_s(gpt_stack_work(batch, seq, hidden, heads, num_layers, num_microbatches),
-                   seconds=seconds) / (num_layers * num_microbatches)
+    work = gpt_stack_work(batch, seq, hidden, heads, num_layers, num_microbatches, forward_only=forward_only)
+    return timed_s(work, seconds=seconds) / (num_layers * num_microbatches)
 
 
 QUICK_LAYER_SHAPE = (2, 128, 128, 4)
@@ -592,10 +596,14 @@ def quick_measurements(*, ops: Sequence[str], kinds: Sequence[str], seconds: flo
                       "time_s": measure_optimizer_time_s(numel * count, tensor_numel=numel, seconds=0.05 * s)}
                      for numel, count in QUICK_OPTIMIZER]
         b, seq, h, a = QUICK_LAYER_SHAPE
+        stack = {"num_layers": 4, "num_microbatches": 4}
         layer = {"batch": b, "seq": seq, "hidden": h, "heads": a,
                  "time_s": measure_gpt_stack_time_s(b, seq, h, a, seconds=0.08 * s),
-                 "stacked_time_s": measure_gpt_stack_time_s(b, seq, h, a, num_layers=4, num_microbatches=4,
-                                                            seconds=0.15 * s)}
+                 "forward_time_s": measure_gpt_stack_time_s(b, seq, h, a, seconds=0.04 * s,
+                                                            forward_only=True),
+                 "stacked_time_s": measure_gpt_stack_time_s(b, seq, h, a, **stack, seconds=0.15 * s),
+                 "stacked_forward_time_s": measure_gpt_stack_time_s(b, seq, h, a, **stack, seconds=0.08 * s,
+                                                                    forward_only=True)}
         say("elementwise ops, copy, autograd overhead, AdamW, GPT blocks")
         dtensor = measure_dtensor_overhead_s(seconds=0.2 * s)
         collectives = [p for n in QUICK_COLLECTIVE_RANKS for p in measure_gloo_in_threads(

@@ -38,7 +38,11 @@ from autopar.cost_models.local.profile import (
     load_profile,
     save_profile,
 )
-from autopar.cost_models.local.rates import CpuRates, stack_saved_bytes
+from autopar.cost_models.local.rates import (
+    CpuRates,
+    fit_activation_reread_forward_s_per_byte,
+    stack_saved_bytes,
+)
 
 
 def _profile(**changes: object) -> LocalProfile:
@@ -228,6 +232,35 @@ def test_activation_reread_fit_recovers_a_known_cost() -> None:
     assert fit_activation_reread_s_per_byte(points) == pytest.approx(2e-10)
     faster = [dict(p, stacked_time_s=p["time_s"] * 0.9) for p in points]  # never negative
     assert fit_activation_reread_s_per_byte(faster) == 0.0
+    # the forward's part: the stack's forwards alone against one block's, at most the whole
+    forwards = [p | {"forward_time_s": 0.004 * p["hidden"],
+                     "stacked_forward_time_s": 0.004 * p["hidden"] + 0.5e-10 * stack_saved_bytes(p)}
+                for p in points]
+    assert fit_activation_reread_forward_s_per_byte(forwards) == pytest.approx(0.5e-10)
+    assert fit_activation_reread_forward_s_per_byte(points) == 0.0  # not measured: all in the backward
+    slower = [p | {"stacked_forward_time_s": p["forward_time_s"] + 1e-9 * stack_saved_bytes(p)}
+              for p in forwards]
+    assert fit_activation_reread_forward_s_per_byte(slower) == pytest.approx(2e-10)
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_the_reread_splits_between_the_writing_forward_and_the_reading_backward(recompute: str) -> None:
+    from autopar.cost_models.local.compute import transformer_layer_part
+    from autopar.cost_models.local.memory import saved_layer_bytes
+    from autopar.cost_models.profile import LayerProfile
+
+    layer = LayerProfile(name="block", flops_fwd=0.0, flops_bwd=0.0, param_count=0, hidden_size=128,
+                         num_heads=4, seq_len=64, ffn_size=512)
+    whole = dataclasses.replace(CpuRates.placeholders(2), activation_reread_s_per_byte=4e-10)
+    split = dataclasses.replace(whole, activation_reread_forward_s_per_byte=1e-10)
+    a, b = (transformer_layer_part(layer, rates=r, microbatch_size=2, tp=1, bytes_per_element=4,
+                                   recompute=recompute).times for r in (whole, split))
+    saved = saved_layer_bytes(layer, microbatch_size=2, tp=1, fused_attention=True, bytes_per_element=4)
+    moved = (b.recompute_s - a.recompute_s) if recompute == "full" else (b.forward_s - a.forward_s)
+    assert moved == pytest.approx(1e-10 * saved)  # a recomputed layer's first forward saves nothing
+    assert b.backward_input_s - a.backward_input_s == pytest.approx(-1e-10 * saved)
+    if recompute == "full":
+        assert b.forward_s == pytest.approx(a.forward_s)
 
 
 def test_other_load_warning() -> None:
