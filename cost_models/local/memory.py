@@ -30,7 +30,10 @@ torch 2.13, fp32: 16.06 sbh at ``f = 4h``; every tensor below is one the hook sa
 
 Context parallelism (cp > 1): every count at ``s/cp`` tokens with the fused count (the ring saves
 q, k, v, its output and the log-sum-exp, like the CPU flash kernel), plus one ``sbh`` per layer: the
-ring's output is ``(b, heads, s, d)``, so merging the heads copies it. The ring's backward working
+ring's output is ``(b, heads, s, d)``, so merging the heads copies it; under tp as well, q, k, v
+gathered on every head (COUNTED cp 2 × tp 2 + SP, 4 gloo ranks, GPT h 192, 6 heads, s 256, b 4: 8 sbh
+per layer besides the MLP's 4: QKV 3, ring output 1, merged copy 1, LayerNorm outputs 2, two
+sequence-shard inputs ½ each; the unfused count said 10.5). The ring's backward working
 set (:func:`ring_backward_bytes`) competes with the layer's for the ``TEMP`` peak. Sequence
 parallelism (tp > 1): the two LayerNorms' inputs are sequence shards (``1/t``) and their outputs are
 all-gathered for the column-parallel linears, which save the gathered copy: ``−2(1 − 1/t)`` sbh per
@@ -40,7 +43,9 @@ layer, and the final norm's input ``1/t`` (MEASURED tp2 + SP, 4 layers × 128, s
 Around the layers: a stage that sends keeps its output per microbatch in flight (the schedule's
 ``fwd_cache``, 1 sbh); the last stage keeps the final LayerNorm's input and output (2 sbh), the
 fp32 logits of EVERY microbatch until the step ends (torch.distributed.pipelining keeps each
-output to merge them; under t > 1 the local shard too), and the cross-entropy's log-probabilities
+output to merge them; under t > 1 the local shard too, but not under cp × tp: COUNTED, cp 2 × tp 2 +
+SP, GPT h 192, s 256, V 8192, b 4: one logits-sized ``ACT`` tensor beside the log-probabilities), and
+the cross-entropy's log-probabilities
 (``L = 4·b·s·V``) of each microbatch in flight.
 
 The peak is the largest of these moments (gradients already allocated count: the peak is over
@@ -124,16 +129,16 @@ def saved_layer_bytes(layer: LayerProfile, *, microbatch_size: int, tp: int, fus
     sbh = microbatch_size * s * h * bytes_per_element
     mlp = 2 * f / (h * tp)
     statistics = 4 / h  # LayerNorm means and reciprocal deviations
-    if tp == 1 and fused_attention:
+    if ring:  # q, k, v (gathered under tp), the ring's (b, heads, s, d) output and the merged heads' copy
+        units = 9 + a / h
+    elif tp == 1 and fused_attention:
         units = 8 + a / h
     elif tp == 1:
         units = 8 + a * s / h
     else:
         units = 7 + 1 / tp + a * s / h
-        if sequence_parallel:  # the two norms' inputs are sequence shards (their outputs are gathered)
-            units -= 2 * (1 - 1 / tp)
-    if ring and tp == 1:  # the ring's output is (b, heads, s, d): merging the heads copies it
-        units += 1
+    if sequence_parallel and tp > 1:  # the two norms' inputs are sequence shards (their outputs are gathered)
+        units -= 2 * (1 - 1 / tp)
     saved = sbh * (units + statistics + mlp)
     if layer.moe is not None:  # the routed copies beyond the dense MLP's (``moe``)
         saved += expert_activation_bytes(layer, microbatch_size=microbatch_size, tp=tp, ep=ep,
@@ -291,7 +296,8 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
         stored += sbh if stage.index < last else 0.0  # the output the schedule keeps to send
     n, has_head = in_flight, last in stage_indices and profile.vocab_size > 0
     logits = LOGIT_BYTES * b * profile.seq_len * profile.vocab_size if has_head else 0.0
-    output = logits * (1 + (1 / t if vocab_parallel(plan) else 0.0))  # the gathered logits, and the shard
+    shard = vocab_parallel(plan) and not ring  # tp keeps the logits' shard beside the gathered; cp × tp not
+    output = logits * (1 + (1 / t if shard else 0.0))
     held = m * output if par.pp > 1 else 0.0  # the schedule keeps every output to merge them
     current = 0.0 if par.pp > 1 else output  # one stage: the current microbatch's output
     norm_input = sbh / t if sp else sbh  # under sequence parallelism a shard; its output is gathered
