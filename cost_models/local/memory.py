@@ -76,6 +76,17 @@ everything the tracker holds, and gradients exist from the first microbatch's ba
   completes (1 sbh). COUNTED (same GPT, 8 layers, pp 4 1F1B, 4 microbatches): TEMP 7 / 9 / 10 sbh
   on ranks 0 / 1 / 2 = 4 + 2 + (1 / 2 / 3 received) + (0 / 1 / 1 sending); rank 3 (the loss) 17.
 
+Buffers the pipeline runtime keeps (torch.distributed.pipelining): a stage that receives its input
+receives each microbatch's into a buffer of its own, which stays (``ACT``, 1 sbh per microbatch
+received, beyond those in flight; at the step's end, beside the concatenated logits: COUNTED pp 2
+1F1B + recomputation, last stage, 66.02 MiB = 2 × 32 of logits + 4 × ½); under
+ScheduleInterleaved1F1B (:func:`_interleaved_moments`) the sends are waited only at the step's end,
+so every output sent (``ACT``) and every input gradient sent (``TEMP``) stays until then. Its peak is
+the last backward that starts with the warm-up's chunk-microbatches in flight
+(:func:`interleaved_peak`; COUNTED pp 2, 2 chunks of 1 layer, 4 microbatches, GPT h 128, s 64, b 4,
+V 1024: rank 0 ``TEMP`` 12 sbh = 4 + 2 + 4 received + 2 sent, ``ACT`` 90.4 = 5 × 16.06 + 8 outputs +
+2 received inputs; rank 1 at the last chunk's loss backward ``TEMP`` 23 = 16 + 2 received + 5 sent).
+
 Zero-bubble schedules split a stage's backward into an input-gradient step (I, ``torch.autograd.grad``
 with ``retain_graph``) and a weight step (W) later (:func:`zero_bubble_moments`). Between them a
 microbatch keeps its whole graph (every saved tensor: ``ACT``) and the gradients of the outputs of
@@ -253,6 +264,32 @@ def zero_bubble_moments(*, rank: int, pp: int, num_microbatches: int, stored: fl
     return moments
 
 
+def interleaved_backward_order(*, pp: int, virtual_stages: int, num_microbatches: int
+                               ) -> list[tuple[int, int]]:
+    """(local chunk, microbatch) of a rank's backwards under torch's ScheduleInterleaved1F1B: per
+    group of ``pp`` microbatches, its last chunk first (printed ``pipeline_order``: pp 2, 2 chunks,
+    4 microbatches, rank 0 runs stage 2's backwards of microbatches 0, 1, then stage 0's)."""
+    order = []
+    for start in range(0, num_microbatches, pp):
+        group = range(start, min(start + pp, num_microbatches))
+        order += [(chunk, mb) for chunk in reversed(range(virtual_stages)) for mb in group]
+    return order
+
+
+def interleaved_peak(*, rank: int, pp: int, virtual_stages: int, num_microbatches: int
+                     ) -> tuple[list[int], list[int], list[int], int]:
+    """At a rank's widest moment under ScheduleInterleaved1F1B, the last backward that starts with
+    its warm-up's count of chunk-microbatches in flight (every forward done by then): (in flight,
+    backwards begun, backwards done, per local chunk; the chunk whose backward runs)."""
+    p, v, m = pp, virtual_stages, num_microbatches
+    warmup = min(2 * (p - rank - 1) + (v - 1) * p + 1, m * v)
+    order = interleaved_backward_order(pp=p, virtual_stages=v, num_microbatches=m)
+    done = [sum(1 for chunk, _ in order[:m * v - warmup] if chunk == c) for c in range(v)]
+    current = order[m * v - warmup][0]
+    begun = [d + (c == current) for c, d in enumerate(done)]
+    return [m - d for d in done], begun, done, current
+
+
 def _first_gradients_share(plan: Plan, profile: ModelProfile, stage_indices: tuple[int, ...]) -> float:
     """The share of the rank's parameters whose gradients its backward accumulates last: its first
     layer's, and on the first stage the embedding's (and a tied LM head's)."""
@@ -262,6 +299,27 @@ def _first_gradients_share(plan: Plan, profile: ModelProfile, stage_indices: tup
     total = sum(layer.param_count for layer in layers) + embedding + (
         profile.head_params if len(plan.stages) - 1 in stage_indices else 0)
     return (embedding + (layers[0].param_count if layers else 0)) / total if total else 0.0
+
+
+def _interleaved_moments(plan: Plan, stage_indices: tuple[int, ...], *, stored: dict[int, float],
+                         head: float, logits: float, held: float, sbh: float, gradients_bytes: float
+                         ) -> tuple[list[tuple[float, float, float]], list[tuple[float, float, float]]]:
+    """(loss-backward moments, layer-backward bases) of a rank holding several chunks under
+    ScheduleInterleaved1F1B (:func:`interleaved_peak`; module docstring): each chunk's in-flight
+    microbatches, every microbatch's received input and sent output (the runtime's buffers, kept),
+    the received output gradients of the backwards begun and the input gradients of those done,
+    still held by their sends (``stored``: per stage, without its output)."""
+    par, sched, last = plan.parallelism, plan.schedule, len(plan.stages) - 1
+    m, stages = sched.num_microbatches, sorted(stage_indices)
+    in_flight, begun, done, current = interleaved_peak(rank=stages[0] % par.pp, pp=par.pp,
+                                                       virtual_stages=len(stages), num_microbatches=m)
+    act = held + sum(n * stored[i] + (n * head if i == last else 0.0) + (m - n) * sbh * (i > 0)
+                     + m * sbh * (i < last) for i, n in zip(stages, in_flight, strict=True))
+    temp = sbh * sum(b * (i < last) + d * (i > 0) for i, b, d in zip(stages, begun, done, strict=True))
+    grads = gradients_bytes if sum(done) else 0.0
+    if stages[current] == last:  # the loss backward, then the layers' with its log-probabilities freed
+        return [(act, temp + 2 * logits, grads)], [(act - logits, temp, grads)]
+    return [], [(act, temp, grads)]
 
 
 def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple[int, ...], *,
@@ -276,24 +334,27 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
     b, t, e, m = sched.microbatch_size, par.tp, profile.bytes_per_element, sched.num_microbatches
     last, sp, ring = len(plan.stages) - 1, plan.sequence_parallel and par.tp > 1, par.cp > 1
     sbh = b * profile.seq_len * profile.hidden_size * e
-    stored = recomputed = kept = 0.0
+    recomputed = kept = 0.0
+    by_stage: dict[int, float] = {}  # what each stage keeps per microbatch in flight, its output aside
     fresh: list[tuple[float, float, float]] = []  # a layer's backward moments before any gradient exists
     adding: list[tuple[float, float, float]] = []  # ... and once gradients exist
     for stage in (plan.stages[i] for i in stage_indices):
+        by_stage[stage.index] = 0.0
         for layer in profile.layers[stage.layers[0]:stage.layers[1]]:
             saved = saved_layer_bytes(layer, microbatch_size=b, tp=t, ep=par.ep, bytes_per_element=e,
                                       fused_attention=profile.fused_attention, sequence_parallel=sp,
                                       ring=ring)
             full = stage.recompute == "full" and stage.index != plain and layer.is_transformer
             saved += routed_copies_bytes(layer, microbatch_size=b, ep=par.ep, bytes_per_element=e)
-            stored += sbh if full else saved
+            by_stage[stage.index] += sbh if full else saved
             recomputed = max(recomputed, saved if full else 0.0)
             shape = dict(microbatch_size=b, tp=t, bytes_per_element=e, saved=saved, ring=ring,
                          sequence_parallel=sp, unfused=not ring and (t > 1 or not profile.fused_attention))
             fresh += layer_backward_moments(layer, accumulating=False, **shape)
             adding += layer_backward_moments(layer, accumulating=True, **shape)
             kept += weight_step_kept_bytes(layer, microbatch_size=b, tp=t, bytes_per_element=e)
-        stored += sbh if stage.index < last else 0.0  # the output the schedule keeps to send
+    # with the output each stage but the last keeps to send
+    stored = sum(by_stage.values()) + sbh * sum(1 for i in stage_indices if i < last)
     n, has_head = in_flight, last in stage_indices and profile.vocab_size > 0
     logits = LOGIT_BYTES * b * profile.seq_len * profile.vocab_size if has_head else 0.0
     shard = vocab_parallel(plan) and not ring  # tp keeps the logits' shard beside the gathered; cp × tp not
@@ -309,28 +370,32 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
     tied = profile.tied_head_params * e / (t if vocab_parallel(plan) else 1) if last == 0 else 0.0
     entering = (0.0 if received else sbh) + tied
     sending = sbh if any(i > 0 for i in stage_indices) else 0.0  # the last input gradient, until sent
-    # (activations, temporaries, gradients, microbatches whose backward began, earlier backward done)
+    inputs = sbh if stage_indices and min(stage_indices) > 0 else 0.0  # a received input's buffer, kept
+    # (activations, temporaries, gradients) before the layer's own backward: the first backward, or
+    # 1F1B's last in its steady state (every forward done), then one microbatch fewer in flight
+    first = n * (stored + head) + held + current + (inputs * (m - n) if grads_then else 0.0)
+    moments = [(first, 2 * logits + (sending if grads_then else 0.0), grads_then)] if has_head else []
     steady = m - n + 1 if grads_then else 1
-    bases = [(n * (stored + head) + held + current, 0.0, grads_then, steady, bool(grads_then))]
-    moments = [(bases[0][0], 2 * logits + (sending if grads_then else 0.0), grads_then)] if has_head else []
-    freed = logits  # the loss backward of this microbatch is done
-    bases[0] = (bases[0][0] - freed + recomputed, *bases[0][1:])
+    bases = [(first - logits + recomputed, steady * received + (sending if grads_then else 0.0), grads_then)]
     if n > 1 or recomputed:  # one microbatch's backward done: its gradients exist, one fewer in flight;
         # with one microbatch: late in its backward, the first layer's and the embedding's still to come
         late = gradients_bytes if m > 1 else gradients_bytes * (1 - _first_gradients_share(plan, profile,
                                                                                              stage_indices))
-        bases.append(((n - 1) * (stored + head) + held + current + recomputed, 0.0,
-                      late, min(m - n + 2, m), m > 1))
-    for act, temp, grads, begun, earlier in bases:
-        temp += begun * received + (sending if earlier else 0.0) + entering
+        bases.append(((n - 1) * (stored + head) + held + current + recomputed + inputs * (m - n + 1),
+                      min(m - n + 2, m) * received + (sending if m > 1 else 0.0), late))
+    if sched.name == "interleaved" and len(stage_indices) > 1:
+        moments, bases = _interleaved_moments(plan, stage_indices, stored=by_stage, head=head, logits=logits,
+                                              held=held, sbh=sbh, gradients_bytes=gradients_bytes)
+    for act, temp, grads in bases:
         layer_moments = (adding if grads else fresh) or [(0.0, 0.0, 0.0)]
-        moments += [(act + d_act, temp + d_temp, grads + d_grads) for d_act, d_temp, d_grads in layer_moments]
+        moments += [(act + d_act, temp + entering + d_temp, grads + d_grads)
+                    for d_act, d_temp, d_grads in layer_moments]
     if sched.name == "zero_bubble" and len(stage_indices) == 1 and stage_indices[0] > 0:
         moments = zero_bubble_moments(
             rank=stage_indices[0], pp=par.pp, num_microbatches=m, stored=stored + head - logits,
             kept=kept + ((logits + 2 * sbh) if has_head else 0.0), log_probs=logits, output=output,
             received=received, sending=sending, transient=3 * sbh / t, gradients_bytes=gradients_bytes)
     if held:  # the step's end: torch.distributed.pipelining concatenates the held outputs into one
-        moments.append((2 * held + recomputed, 0.0, gradients_bytes))
+        moments.append((2 * held + m * inputs, 0.0, gradients_bytes))
     activations, temporaries, _ = max(moments, key=sum)
     return activations, temporaries
