@@ -20,7 +20,7 @@ torch 2.13, fp32: 16.06 sbh at ``f = 4h``; every tensor below is one the hook sa
   sharded (``2f/(h t)``): ``7 + 1/t + a·s/h + 2f/(h t)`` (the block measured 13.04 at t = 2,
   a = 4, s = 64, h = 128; this count says 13.5);
 * full recomputation: the checkpoint's input (1) per layer, and during a layer's backward that
-  layer's saved tensors again (recomputed, counted as ``ACT``);
+  layer's saved tensors again (recomputed, counted as ``ACT``: MemTracker's checkpoint region);
 * an MoE layer: its MLP part replaced by ``moe.expert_activation_bytes``' routed copies (each the
   expert's input and its two ``f``-wide tensors), plus per routed copy the ``h``-wide tensors the
   runtime's dispatch keeps (:func:`routed_copies_bytes`): COUNTED with MemTracker (GPT 4 layers,
@@ -97,11 +97,19 @@ has no input gradient to compute: its W runs the whole backward, as in 1F1B. COU
 (this count: 2 × (2 × 11 + 8 + 2) + 3 for dq, dk, dv + 1 input gradient being sent = 68), ``ACT``
 four held logits, the current log-probabilities and two microbatches' graphs.
 
-Measured on 2 gloo ranks (GPT 4 layers, h 128, a 4, s 64, V 1024, batch 8; ``report()``, units of
-one microbatch's sbh·4 bytes), model vs MemTracker: dp2 ACT 82.25 vs 82.3, TEMP 16 vs 16;
-pp2 1F1B (4 microbatches) rank 0 ACT 66.25 vs 67.33, TEMP 11 vs 11.01, rank 1 ACT 75.1 vs 77.2,
-TEMP 16 vs 17; pp2 GPipe rank 1 ACT 200.5 vs 200.67, TEMP 16 vs 16; tp2 ACT 76 vs 74.16,
-TEMP 16 vs 16; dp2 with full recomputation ACT 20.06 vs 20.1, TEMP 11 vs 13.
+With one microbatch and full recomputation the gradients grow through the backward faster than
+the checkpoints are freed, so the peak comes late, in the first layer's backward, before its and the
+embedding's gradients exist (:func:`_first_gradients_share`; COUNTED dp 2 + recomputation, GPT 8 ×
+256, b 4: GRAD 44.2 of 56.5 MiB at the peak). There the MLP's two moments tie to the byte (fc2's
+weight gradient becomes a gradient as the GELU's input gradient replaces its freed output), and which
+one MemTracker reports rests on a bias gradient of ``h`` elements: this model takes the first
+(measured there: the second, ACT 28.06 and TEMP 17 sbh where the model says 32.05 and 15).
+
+MEASURED on 2 gloo ranks (GPT 4 layers, h 128, a 4, s 64, V 1024, batch 16 in 4 microbatches;
+``report()``, units of one microbatch's sbh), model vs MemTracker, ACT and TEMP: pp 2 GPipe rank 0
+132.5 vs 132.58, 7 vs 7, rank 1 200.5 vs 200.67, 16 vs 16; 1F1B rank 0 66.25 vs 67.32, 9 vs 9, rank 1
+77.12 vs 77.2, 17 vs 17; zero bubble rank 1 108.25 vs 110.36, 68 vs 67; interleaved rank 0 90.31 vs
+90.39, 12 vs 12, rank 1 99.19 vs 99.27, 23 vs 23 (``tests/cost_models/test_local_memory_peaks.py``).
 """
 
 from __future__ import annotations
