@@ -23,8 +23,9 @@ pass), on 2 and 4 ranks, each on both shapes.
 
 Other users share this machine, so each case is timed in ``--rounds`` rounds, each after waiting
 for other processes to leave the cores quiet (``/proc`` CPU accounting) and for the machine to run
-a GPT block at ≥ 85 % of its best speed of the run (:func:`machine_speed`: this VM has slow spells
-no counter shows); the best round is kept, with the cores others used during it and the speed.
+a GPT block and a large copy at ≥ 85 % of its best speed of the run (:func:`machine_speed`: this VM
+has slow spells no counter shows); the best round is kept, with the cores others used during it
+and the speed.
 ``--measured RESULTS.json`` re-predicts saved
 measurements (the results embed the executed Plans and the cases' passes) without running them;
 ``--predict-only`` does so for the committed results and prints the table (``--write`` also
@@ -133,15 +134,21 @@ _BEST_SPEED: list[float] = []  # rank 0's best probe of this run
 
 
 def machine_speed() -> float:
-    """GPT-block forward + backward per WALL second on this core now (the calibration's layer mix,
-    ``measure_gpt_stack_time_s``' block at the core-sharing shape). This VM has slow spells that no
-    load or steal counter shows (measured: the same 4-rank plan's round medians 1.34 and 1.96 s with
-    no other process busy), so a case is timed when the probe says the machine runs at full speed."""
-    from autopar.cost_models.local.measure import gpt_stack_work, one_thread, timed_s
+    """Work per WALL second on this core now: a GPT-block forward + backward (the calibration's layer
+    mix, ``measure_gpt_stack_time_s``' block at the core-sharing shape) and a 64 MiB copy (memory
+    bandwidth), one of each per unit. This VM has slow spells that no load or steal counter shows
+    (measured: the same 4-rank plan's round medians 1.34 and 1.96 s with no other process busy; a
+    shape-B tp2 step 2.9 s in one round, 5.0 s in another while the block alone ran at 0.88 of its
+    best), so a case is timed when the probe says the machine runs at full speed."""
+    from autopar.cost_models.local.measure import MIB, gpt_stack_work, one_thread, timed_s
 
     with one_thread():
         work = gpt_stack_work(4, 128, 192, 6, num_layers=1)
-        return 1.0 / timed_s(work, seconds=SPEED_PROBE_S, clock=time.perf_counter)
+        source = torch.ones(64 * MIB // 4)
+        target = torch.empty_like(source)
+        block = timed_s(work, seconds=SPEED_PROBE_S / 2, clock=time.perf_counter)
+        copy = timed_s(lambda: target.copy_(source), seconds=SPEED_PROBE_S / 2, clock=time.perf_counter)
+        return 1.0 / (block + copy)
 
 
 def wait_until_fast(timeout_s: float) -> float:
@@ -363,8 +370,8 @@ def _markdown(rows: list[dict[str, Any]], env: dict[str, Any], stats: dict[str, 
         f"Other users share this machine: each case is timed in {env['rounds']} rounds, each after "
         f"waiting (≤ {env['quiet_timeout_s']:g} s) for other processes to use < {env['quiet_cores']} cores; "
         "the round with the lowest median is kept. `others` = cores other processes used during it; "
-        "`speed` = the machine's speed before it, relative to its best of the run (a GPT block on one "
-        f"core, wall clock: a case waits for ≥ {SLOW_SPEED:.0%}).", "",
+        "`speed` = the machine's speed before it, relative to its best of the run (a GPT block and a "
+        f"64 MiB copy on one core, wall clock: a case waits for ≥ {SLOW_SPEED:.0%}).", "",
         f"**Time: median |error| {stats['median_abs_error_pct']} %** (target ≤ "
         f"{TARGETS['median_abs_error_pct']:g} %), mean {stats['mean_abs_error_pct']} %, max "
         f"{stats['max_abs_error_pct']} % (target ≤ {TARGETS['max_abs_error_pct']:g} %), **Spearman "
