@@ -367,8 +367,10 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
     logits = LOGIT_BYTES * b * profile.seq_len * profile.vocab_size if has_head else 0.0
     shard = vocab_parallel(plan) and not ring  # tp keeps the logits' shard beside the gathered; cp × tp not
     output = logits * (1 + (1 / t if shard else 0.0))
-    held = m * output if par.pp > 1 else 0.0  # the schedule keeps every output to merge them
-    current = 0.0 if par.pp > 1 else output  # one stage: the current microbatch's output
+    # a pipeline schedule keeps every microbatch's output to merge them, also on one stage with several
+    # microbatches (MEASURED dp 2, shape B, 2 microbatches of 4: activations 323.7 MiB, as 1 × 8)
+    held = m * output if par.pp > 1 or m > 1 else 0.0
+    current = 0.0 if held else output  # one stage, one microbatch: its output
     norm_input = sbh / t if sp else sbh  # under sequence parallelism a shard; its output is gathered
     head = (norm_input + sbh + logits) if has_head else 0.0  # final LayerNorm in/out, log-probabilities
     grads_then = gradients_bytes if m > n else 0.0  # 1F1B's steady state: after a first backward

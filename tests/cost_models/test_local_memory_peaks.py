@@ -82,3 +82,15 @@ def test_ring_backward_bytes_counted() -> None:
     sbh = 8 * 64 * 256 * 4
     working = ring_backward_bytes(layer, microbatch_size=8, tp=1, bytes_per_element=4)
     assert working / sbh == pytest.approx(21.0)
+
+
+def test_one_stage_with_several_microbatches_keeps_every_output_to_merge() -> None:
+    # MEASURED (2 gloo ranks, zoo GPT 8 × 192, 6 heads, V 8192, s 256, global batch 16, dp 2): the
+    # activations of 2 microbatches of 4 at the peak equal those of 1 × 8 (323.7 MiB), the
+    # schedule holding both microbatches' logits until it merges them
+    shape = dict(num_layers=8, hidden_size=192, num_heads=6, vocab_size=8192, seq_len=256)
+    sbh_mib = 4 * 256 * 192 * 4 / 2**20
+    (one, _), _ = _predicted_sbh(Fix(dp=2, num_microbatches=1), global_batch=16, shape=shape)
+    (two, _), _ = _predicted_sbh(Fix(dp=2, num_microbatches=2), global_batch=16, shape=shape)
+    assert two * sbh_mib == pytest.approx(323.7, rel=0.05)
+    assert two * sbh_mib == pytest.approx(one * 2 * sbh_mib, rel=0.05)  # 1 × 8: sbh twice as large
