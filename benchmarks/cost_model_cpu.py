@@ -25,9 +25,8 @@ Other users share this machine, so each case is timed in ``--rounds`` rounds, ea
 for other processes to leave the cores quiet (``/proc`` CPU accounting) and for the machine to run
 a GPT block and a large copy at ≥ 85 % of its best speed of the run (:func:`machine_speed`: this VM
 has slow spells no counter shows); the best round is kept, with the cores others used during it
-and the speed.
-``--measured RESULTS.json`` re-predicts saved
-measurements (the results embed the executed Plans and the cases' passes) without running them;
+and the speed. ``--measured RESULTS.json`` re-predicts saved measurements (the results embed the
+executed Plans and the cases' passes) without running them;
 ``--predict-only`` does so for the committed results and prints the table (``--write`` also
 rewrites the results).
 
@@ -127,6 +126,7 @@ def wait_until_quiet(pids: list[int], max_busy_cores: float, timeout_s: float) -
 
 
 SPEED_PROBE_S = 0.4
+SPEED_RETRY_S = 5.0  # between probes while the machine is slow
 SLOW_SPEED = 0.85
 """A case is timed only when the machine runs the probe at ≥ this fraction of its best speed so far
 (else it waits, up to half ``--quiet-timeout``)."""
@@ -161,7 +161,7 @@ def wait_until_fast(timeout_s: float) -> float:
         _BEST_SPEED[:] = [best]
         if speed >= SLOW_SPEED * best or time.monotonic() > deadline:
             return speed / best
-        time.sleep(5.0)
+        time.sleep(SPEED_RETRY_S)
 
 
 def _bench_case(world: int, shape: str, name: str, fix: dict[str, Any], options: dict[str, Any],

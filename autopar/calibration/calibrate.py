@@ -61,14 +61,13 @@ from autopar.calibration.ops import (
     measure_op_time_s,
     measure_optimizer_time_s,
     measure_probe_flops_per_s,
-    measure_ring_block_s,
     measure_training_op_overhead_s,
     one_thread,
     others_busy_cores,
 )
 from autopar.calibration.progress import Progress, Skip, Task, run_tasks
 from autopar.cost_models.compute import FUSED_ATTENTION_BACKWARD_FLOPS_RATIO
-from autopar.cost_models.local.measure import cpu_flags, emulated_dtypes
+from autopar.cost_models.local.measure import cpu_flags, emulated_dtypes, ring_block_point
 from autopar.cost_models.local.profile import LocalProfile, ProcessShare, default_profile_path, save_profile
 from autopar.cost_models.local.rates import ELEMENTWISE_OPS
 
@@ -249,11 +248,8 @@ def _ring_block_tasks(config: CalibrationConfig, points: list[dict[str, Any]]) -
         for causal in (True, False):
             def block(slot: float, b: int = b, a: int = a, s: int = s, d: int = d, causal: bool = causal
                       ) -> float:
-                fwd, bwd = measure_ring_block_s(b, a, s, d, causal=causal, seconds=slot)
-                scores = b * a * s * (s if causal else max(1, s // 2))
-                points.append({"batch": b, "heads": a, "seq": s, "head_dim": d, "causal": causal,
-                               "scores": scores, "forward_s": fwd, "backward_s": bwd})
-                return (fwd + bwd) / scores
+                points.append(ring_block_point(b, a, s, d, causal=causal, seconds=slot))
+                return (points[-1]["forward_s"] + points[-1]["backward_s"]) / points[-1]["scores"]
             kind = "causal own block" if causal else "unmasked half block"
             tasks.append(Task(f"ring attention {kind} fwd+bwd fp32 (b {b}, heads {a}, seq {s}, d {d})", block,
                               weight=0.5, show=lambda v: f"{v * 1e9:.2f} ns/score"))

@@ -151,6 +151,17 @@ def measure_memory_time_s(num_bytes: int, *, seconds: float) -> float:
     return timed_s(lambda: dst.copy_(src), seconds=seconds)
 
 
+def ring_block_point(batch: int, heads: int, seq: int, head_dim: int, *, causal: bool, seconds: float
+                     ) -> dict[str, Any]:
+    """:func:`measure_ring_block_s` as the raw point ``rates.ring_block_points`` reads: the shape,
+    its score count (the causal own block ``b·heads·s²``, a half block ``b·heads·s·s/2``) and the
+    forward and backward seconds."""
+    fwd, bwd = measure_ring_block_s(batch, heads, seq, head_dim, causal=causal, seconds=seconds)
+    return {"batch": batch, "heads": heads, "seq": seq, "head_dim": head_dim, "causal": causal,
+            "scores": batch * heads * seq * (seq if causal else max(1, seq // 2)), "forward_s": fwd,
+            "backward_s": bwd}
+
+
 FRESH_PROBE_BYTES = 64 * MIB
 """Beyond glibc's largest dynamic mmap threshold (32 MiB on 64-bit Linux), so every allocation of
 this size is new mapped memory."""
@@ -578,12 +589,8 @@ def quick_measurements(*, ops: Sequence[str], kinds: Sequence[str], seconds: flo
         b, a, seq, d = QUICK_ATTENTION_SHAPES[0]
         fwd, both = measure_attention_time_s(b, a, seq, d, backend="math", seconds=0.06 * s)
         math_attention = {"scores": b * a * seq * seq, "forward_s": fwd, "train_s": both}
-        ring_blocks = []
-        for causal in (True, False):
-            fwd, bwd = measure_ring_block_s(b, a, seq, d, causal=causal, seconds=0.06 * s)
-            ring_blocks.append({"batch": b, "heads": a, "seq": seq, "head_dim": d, "causal": causal,
-                                "scores": b * a * seq * (seq if causal else seq // 2), "forward_s": fwd,
-                                "backward_s": bwd})
+        ring_blocks = [ring_block_point(b, a, seq, d, causal=causal, seconds=0.06 * s)
+                       for causal in (True, False)]
         say("nn.Linear, attention")
         op_points = []
         for op in ops:
