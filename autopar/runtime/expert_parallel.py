@@ -43,6 +43,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.tensor import DTensor, Replicate
 
 from autopar.passes.moe.layer import MoELayer, Routing
+from autopar.runtime.groups import shared_group
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,12 @@ class ExpertGroups:
                     column = [int(r) for r in ranks[:, c]]
                     for g in range(dp // ep):  # ep consecutive dp ranks
                         members = column[g * ep:(g + 1) * ep]
-                        group = dist.new_group(members) if ep > 1 else None
+                        group = shared_group(members) if ep > 1 else None
                         if rank in members:
                             mine["ep"], ep_rank = group, members.index(rank)
                 for r in range(ep):  # the dp/ep replicas of one expert slice, in every cp slice
                     members = [int(x) for x in ranks[r::ep].flatten()]
-                    group = dist.new_group(members) if len(members) > 1 else None
+                    group = shared_group(members) if len(members) > 1 else None
                     if rank in members:
                         mine["edp"] = group
         return cls(ep=ep, ep_rank=ep_rank, ep_group=mine["ep"], edp_group=mine["edp"], dp=dp)

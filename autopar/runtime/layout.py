@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from autopar.plans import MESH_AXES, Plan
+from autopar.runtime.groups import shared_mesh
 
 AXES = MESH_AXES
 
@@ -52,7 +53,7 @@ class Layout:
         grid = torch.empty(shape, dtype=torch.int64)
         for device, c in coords.items():
             grid[c["pp"], c["dp"], c["cp"], c["tp"]] = device
-        mesh = DeviceMesh(device_type, grid, mesh_dim_names=AXES)
+        mesh = shared_mesh(device_type, grid, AXES)
         rank = dist.get_rank()
         mine = coords[rank]
         stage_ranks = tuple(coords[stage.devices[0]]["pp"] for stage in plan.stages)
