@@ -417,11 +417,10 @@ def embedding_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: i
 
 
 def head_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: int, tp: int,
-              sequence_parallel: bool = False, vocab_parallel: bool = True, num_microbatches: int = 1
-              ) -> CpuPart:
-    """Final LayerNorm, the LM head (colwise under TP: logits all-gathered), the cross-entropy
-    over all logits, and the copy that merges the ``num_microbatches`` logits at the end of the step
-    (one new tensor for all of them). Every logits-sized tensor the head writes is new memory: its
+              sequence_parallel: bool = False, vocab_parallel: bool = True) -> CpuPart:
+    """Final LayerNorm, the LM head (colwise under TP: logits all-gathered) and the cross-entropy
+    over all logits (the engine asks the schedule for no merged output: no copy of the step's logits
+    at its end). Every logits-sized tensor the head writes is new memory: its
     page faults (:meth:`CpuRates.fresh_s`, beyond glibc's mmap threshold) are priced where it is
     written; the cross-entropy's own are in its measured rates.
     With sequence parallelism the norm runs on a sequence shard, its output is all-gathered for the
@@ -435,12 +434,9 @@ def head_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: int, t
     if vocab == 0:
         return CpuPart(times=times + _op(rates, "add", tokens * h))
     logit_bytes = 4 * logits  # the loss reads fp32 logits
-    merged = num_microbatches * logit_bytes  # the schedule concatenates the outputs into one tensor
-    merge = LayerTimes(forward_s=rates.copy_s(2 * logit_bytes) + rates.fresh_s(merged) / num_microbatches)
     head_t = tp if vocab_parallel else 1
     written = LayerTimes(forward_s=rates.fresh_s(logits / head_t * profile.bytes_per_element))
-    times += (_linear(rates, tokens, h, vocab / head_t) + written + _op(rates, "cross_entropy", logits)
-              + merge)
+    times += _linear(rates, tokens, h, vocab / head_t) + written + _op(rates, "cross_entropy", logits)
     if tp == 1:
         return CpuPart(times=times)
     times += _dispatch(rates, DTENSOR_TP.dispatches_outside_layers / 2)

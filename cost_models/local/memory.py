@@ -41,19 +41,17 @@ layer, and the final norm's input ``1/t`` (MEASURED tp2 + SP, 4 layers × 128, s
 74.2 without SP; the count says 4.5 fewer).
 
 Around the layers: a stage that sends keeps its output per microbatch in flight (the schedule's
-``fwd_cache``, 1 sbh); the last stage keeps the final LayerNorm's input and output (2 sbh), the
-fp32 logits of EVERY microbatch until the step ends (torch.distributed.pipelining keeps each
-output to merge them; under t > 1 the local shard too, but not under cp × tp: COUNTED, cp 2 × tp 2 +
-SP, GPT h 192, s 256, V 8192, b 4: one logits-sized ``ACT`` tensor beside the log-probabilities), and
-the cross-entropy's log-probabilities
-(``L = 4·b·s·V``) of each microbatch in flight.
+``fwd_cache``, 1 sbh); the last stage keeps, per microbatch in flight, the final LayerNorm's input and
+output (2 sbh), the cross-entropy's log-probabilities (``L = 4·b·s·V``) and its fp32 logits, which
+the schedule's ``fwd_cache`` holds until that microbatch's backward (under t > 1 the local shard too,
+but not under cp × tp: COUNTED, cp 2 × tp 2 + SP, GPT h 192, s 256, V 8192, b 4: one logits-sized
+``ACT`` tensor beside the log-probabilities). The engine asks the schedule for no merged output
+(``return_outputs=False``), so no stage keeps every microbatch's logits to concatenate them at the
+step's end (MEASURED with them kept: pp 4 1F1B, shape B, last stage 259 MiB of ``ACT`` at that moment;
+pp 2 1F1B below, rank 1: 77.2 sbh, now 53.2).
 
 The peak is the largest of these moments (gradients already allocated count: the peak is over
 everything the tracker holds, and gradients exist from the first microbatch's backward on):
-
-* the step's end on a pipeline's last stage: the held logits of every microbatch and their
-  concatenation (``merge_chunks``), ``2·m`` logits (MEASURED pp4 1F1B, 8 microbatches of 2 × 128
-  tokens, V 4096: 66.0 MiB ACT at that moment, 64 MiB of it the logits and their copy);
 
 * the loss backward on the last stage: the log-softmax backward holds two logits-sized tensors
   (``TEMP = 2L``);
@@ -78,8 +76,8 @@ everything the tracker holds, and gradients exist from the first microbatch's ba
 
 Buffers the pipeline runtime keeps (torch.distributed.pipelining): a stage that receives its input
 receives each microbatch's into a buffer of its own, which stays (``ACT``, 1 sbh per microbatch
-received, beyond those in flight; at the step's end, beside the concatenated logits: COUNTED pp 2
-1F1B + recomputation, last stage, 66.02 MiB = 2 × 32 of logits + 4 × ½); under
+received, beyond those in flight: COUNTED pp 2 1F1B + recomputation, last stage, 4 × ½ MiB beside
+the logits); under
 ScheduleInterleaved1F1B (:func:`_interleaved_moments`) the sends are waited only at the step's end,
 so every output sent (``ACT``) and every input gradient sent (``TEMP``) stays until then. Its peak is
 the last backward that starts with the warm-up's chunk-microbatches in flight
@@ -95,7 +93,8 @@ layer, on the last stage also the logits' gradient and the final LayerNorm's two
 has no input gradient to compute: its W runs the whole backward, as in 1F1B. COUNTED with MemTracker
 (pp 2, GPT 4 layers, h 128, s 64, b 4, V 1024, 4 microbatches), rank 1 at ``I_3``: ``TEMP`` 67 sbh
 (this count: 2 × (2 × 11 + 8 + 2) + 3 for dq, dk, dv + 1 input gradient being sent = 68), ``ACT``
-four held logits, the current log-probabilities and two microbatches' graphs.
+the logits of the microbatches whose input step is still to come, the current log-probabilities and
+two microbatches' graphs.
 
 With one microbatch and full recomputation the gradients grow through the backward faster than
 the checkpoints are freed, so the peak comes late, in the first layer's backward, before its and the
@@ -108,8 +107,8 @@ one MemTracker reports rests on a bias gradient of ``h`` elements: this model ta
 MEASURED on 2 gloo ranks (GPT 4 layers, h 128, a 4, s 64, V 1024, batch 16 in 4 microbatches;
 ``report()``, units of one microbatch's sbh), model vs MemTracker, ACT and TEMP: pp 2 GPipe rank 0
 132.5 vs 132.58, 7 vs 7, rank 1 200.5 vs 200.67, 16 vs 16; 1F1B rank 0 66.25 vs 67.32, 9 vs 9, rank 1
-77.12 vs 77.2, 17 vs 17; zero bubble rank 1 108.25 vs 110.36, 68 vs 67; interleaved rank 0 90.31 vs
-90.39, 12 vs 12, rank 1 99.19 vs 99.27, 23 vs 23 (``tests/cost_models/test_local_memory_peaks.py``).
+53.12 vs 53.2, 17 vs 17; zero bubble rank 1 84.25 vs 86.36, 68 vs 67; interleaved rank 0 90.31 vs
+90.39, 12 vs 12, rank 1 75.19 vs 75.27, 23 vs 23 (``tests/cost_models/test_local_memory_peaks.py``).
 """
 
 from __future__ import annotations
@@ -264,7 +263,7 @@ def zero_bubble_moments(*, rank: int, pp: int, num_microbatches: int, stored: fl
     for k in range(m):
         forwarded, weighed = min(m, k + p - r), max(0, k - r)
         grads = gradients_bytes if k > r else 0.0
-        act = (forwarded - weighed) * stored + forwarded * output + log_probs
+        act = (forwarded - weighed) * stored + (forwarded - k) * output + log_probs
         temp = (k - weighed) * kept + (k + 1) * received + (sending if k else 0.0)
         moments.append((act, temp + kept + transient, grads))
         if log_probs:
@@ -310,7 +309,7 @@ def _first_gradients_share(plan: Plan, profile: ModelProfile, stage_indices: tup
 
 
 def _interleaved_moments(plan: Plan, stage_indices: tuple[int, ...], *, stored: dict[int, float],
-                         head: float, logits: float, held: float, sbh: float, gradients_bytes: float
+                         head: float, logits: float, sbh: float, gradients_bytes: float
                          ) -> tuple[list[tuple[float, float, float]], list[tuple[float, float, float]]]:
     """(loss-backward moments, layer-backward bases) of a rank holding several chunks under
     ScheduleInterleaved1F1B (:func:`interleaved_peak`; module docstring): each chunk's in-flight
@@ -321,7 +320,7 @@ def _interleaved_moments(plan: Plan, stage_indices: tuple[int, ...], *, stored: 
     m, stages = sched.num_microbatches, sorted(stage_indices)
     in_flight, begun, done, current = interleaved_peak(rank=stages[0] % par.pp, pp=par.pp,
                                                        virtual_stages=len(stages), num_microbatches=m)
-    act = held + sum(n * stored[i] + (n * head if i == last else 0.0) + (m - n) * sbh * (i > 0)
+    act = sum(n * stored[i] + (n * head if i == last else 0.0) + (m - n) * sbh * (i > 0)
                      + m * sbh * (i < last) for i, n in zip(stages, in_flight, strict=True))
     temp = sbh * sum(b * (i < last) + d * (i > 0) for i, b, d in zip(stages, begun, done, strict=True))
     grads = gradients_bytes if sum(done) else 0.0
@@ -367,12 +366,10 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
     logits = LOGIT_BYTES * b * profile.seq_len * profile.vocab_size if has_head else 0.0
     shard = vocab_parallel(plan) and not ring  # tp keeps the logits' shard beside the gathered; cp × tp not
     output = logits * (1 + (1 / t if shard else 0.0))
-    # a pipeline schedule keeps every microbatch's output to merge them, also on one stage with several
-    # microbatches (MEASURED dp 2, shape B, 2 microbatches of 4: activations 323.7 MiB, as 1 × 8)
-    held = m * output if par.pp > 1 or m > 1 else 0.0
-    current = 0.0 if held else output  # one stage, one microbatch: its output
     norm_input = sbh / t if sp else sbh  # under sequence parallelism a shard; its output is gathered
-    head = (norm_input + sbh + logits) if has_head else 0.0  # final LayerNorm in/out, log-probabilities
+    # per microbatch in flight: final LayerNorm in/out, log-probabilities, and the output the schedule
+    # keeps until the microbatch's backward (the engine asks for no merged output)
+    head = (norm_input + sbh + logits + output) if has_head else 0.0
     grads_then = gradients_bytes if m > n else 0.0  # 1F1B's steady state: after a first backward
     received = sbh if any(i < last for i in stage_indices) else 0.0  # a received output gradient
     # the gradient entering the layer, when not a received one; a one-stage plan's tied head weight's
@@ -383,7 +380,7 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
     inputs = sbh if stage_indices and min(stage_indices) > 0 else 0.0  # a received input's buffer, kept
     # (activations, temporaries, gradients) before the layer's own backward: the first backward, or
     # 1F1B's last in its steady state (every forward done), then one microbatch fewer in flight
-    first = n * (stored + head) + held + current + (inputs * (m - n) if grads_then else 0.0)
+    first = n * (stored + head) + (inputs * (m - n) if grads_then else 0.0)
     moments = [(first, 2 * logits + (sending if grads_then else 0.0), grads_then)] if has_head else []
     steady = m - n + 1 if grads_then else 1
     bases = [(first - logits + recomputed, steady * received + (sending if grads_then else 0.0), grads_then)]
@@ -391,21 +388,20 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
         # with one microbatch: late in its backward, the first layer's and the embedding's still to come
         late = gradients_bytes if m > 1 else gradients_bytes * (1 - _first_gradients_share(plan, profile,
                                                                                              stage_indices))
-        bases.append(((n - 1) * (stored + head) + held + current + recomputed + inputs * (m - n + 1),
+        current = output if n == 1 else 0.0  # one microbatch in flight: its output, until its backward ends
+        bases.append(((n - 1) * (stored + head) + current + recomputed + inputs * (m - n + 1),
                       min(m - n + 2, m) * received + (sending if m > 1 else 0.0), late))
     if sched.name == "interleaved" and len(stage_indices) > 1:
         moments, bases = _interleaved_moments(plan, stage_indices, stored=by_stage, head=head, logits=logits,
-                                              held=held, sbh=sbh, gradients_bytes=gradients_bytes)
+                                              sbh=sbh, gradients_bytes=gradients_bytes)
     for act, temp, grads in bases:
         layer_moments = (adding if grads else fresh) or [(0.0, 0.0, 0.0)]
         moments += [(act + d_act, temp + entering + d_temp, grads + d_grads)
                     for d_act, d_temp, d_grads in layer_moments]
     if sched.name == "zero_bubble" and len(stage_indices) == 1 and stage_indices[0] > 0:
         moments = zero_bubble_moments(
-            rank=stage_indices[0], pp=par.pp, num_microbatches=m, stored=stored + head - logits,
+            rank=stage_indices[0], pp=par.pp, num_microbatches=m, stored=stored + head - logits - output,
             kept=kept + ((logits + 2 * sbh) if has_head else 0.0), log_probs=logits, output=output,
             received=received, sending=sending, transient=3 * sbh / t, gradients_bytes=gradients_bytes)
-    if held:  # the step's end: torch.distributed.pipelining concatenates the held outputs into one
-        moments.append((2 * held + m * inputs, 0.0, gradients_bytes))
     activations, temporaries, _ = max(moments, key=sum)
     return activations, temporaries

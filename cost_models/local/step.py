@@ -184,8 +184,7 @@ def _parts(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[Cpu
             params, tensors = params + profile.embedding_params, tensors + profile.embedding_param_tensors
         if stage.index == last:
             part += head_part(profile, rates=rates, microbatch_size=b, tp=t, sequence_parallel=sp,
-                              vocab_parallel=vocab_parallel(plan),
-                              num_microbatches=plan.schedule.num_microbatches)
+                              vocab_parallel=vocab_parallel(plan))
             tied = stage.index > 0 and profile.tied_embeddings
             params += profile.head_params + (profile.tied_head_params if tied else 0)
             tensors += profile.head_param_tensors + int(tied)

@@ -40,16 +40,17 @@ def _profile(vocab: int) -> ModelProfile:
 def test_the_head_pays_for_every_new_logits_tensor_it_writes(tp: int) -> None:
     rate = 0.3 * NS
     rates = dataclasses.replace(CpuRates.placeholders(2), fresh_page_s_per_byte=rate)
-    profile, b, m = _profile(vocab=16384), 6, 2  # logits 6 × 256 × 16384 fp32 = 96 MiB per microbatch
+    profile, b = _profile(vocab=16384), 6  # logits 6 × 256 × 16384 fp32 = 96 MiB per microbatch
     logit_bytes = 4 * b * 256 * 16384  # a tp = 2 shard: 48 MiB, beyond the threshold too
 
     def head(r: CpuRates) -> tuple[float, float]:
-        times = head_part(profile, rates=r, microbatch_size=b, tp=tp, num_microbatches=m).times
+        times = head_part(profile, rates=r, microbatch_size=b, tp=tp).times
         return times.forward_s, times.backward_input_s
 
     (fwd, bwd), (fwd0, bwd0) = head(rates), head(dataclasses.replace(rates, fresh_page_s_per_byte=0.0))
-    # forward: the head's output (a vocabulary shard under tp), the merged output's share per microbatch;
-    # under tp the gathered logits' concatenation; backward: this rank's slice of the logits' gradient
-    expected_fwd = rate * (logit_bytes / tp + logit_bytes + (logit_bytes if tp > 1 else 0))
+    # forward: the head's output (a vocabulary shard under tp); under tp the gathered logits'
+    # concatenation; backward: this rank's slice of the logits' gradient (no merged output: the
+    # engine asks the schedule for none)
+    expected_fwd = rate * (logit_bytes / tp + (logit_bytes if tp > 1 else 0))
     assert fwd - fwd0 == pytest.approx(expected_fwd)
     assert bwd - bwd0 == pytest.approx(rate * logit_bytes / tp if tp > 1 else 0.0)
