@@ -190,9 +190,10 @@ def _bench_case(world: int, shape: str, name: str, fix: dict[str, Any], options:
 def bench_rank(rank: int, world: int, out: str, options: dict[str, Any]) -> None:
     """One rank of one case (``options["case"]``, a shape and a case name) in processes of its own:
     measured in processes that earlier cases ran in, a plan ran up to 1.7x slower (the 4-rank
-    shape-B random-LTD step 0.72 s fresh, 1.20 s after the twelve 4-rank shape-A cases, the
-    processes' RSS 660 → 1220 MiB: each compile's program stays alive in the process), which no
-    user running one plan sees. Rank 0 writes the row as JSON, with the best speed probe so far."""
+    shape-B random-LTD step 0.72 s fresh, 1.20 s after the twelve 4-rank shape-A cases: every
+    compile made new gloo groups then, see ``runtime/groups.py``; with them shared, 0.86 s, the
+    processes' RSS still 650 → 1170 MiB), which no user running one plan sees. Rank 0 writes the row
+    as JSON, with the best speed probe so far."""
     shape, name = options["case"]
     pids: list[int] = [0] * world
     dist.all_gather_object(pids, os.getpid())
