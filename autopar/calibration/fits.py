@@ -163,6 +163,7 @@ def cpu_rates(single: dict[str, Any], group: dict[str, Any], *, num_cores: int, 
         collectives=tuple((p["kind"], p["num_ranks"], float(p["size_bytes"]), p["time_s"])
                           for p in group["collectives"]),
         shares=shares, source=source, sync_waits=sync_wait_points(group.get("sync_waits", ())),
+        exchange_waits=sync_wait_points(group.get("sync_waits", ()), kind="p2p"),
         ring_blocks=ring_block_points(single.get("ring_blocks", ())))
 
 

@@ -296,6 +296,15 @@ def group_tasks(rank: int, world: int, config: CalibrationConfig, raw: dict[str,
                     f"{min(p['interval_s'] for p in points) * 1e3:.0f}–"
                     f"{max(p['interval_s'] for p in points) * 1e3:.0f} ms of work between")
         tasks.append(Task(f"collectives after compute: {busy} of {world} processes busy", sync, weight=3.0))
+
+        def exchange(slot: float, busy: int = busy) -> str:
+            points = measure_sync_waits(sync_work, group_sizes=(2,), seconds=slot, processes=busy, kind="p2p")
+            raw["sync_waits"] += points
+            beyond = [p["in_step_s"] - p["collective_s"] for p in points]
+            return (f"{len(points)} points, {statistics.median(beyond) * 1e3:.1f} ms median beyond the "
+                    f"exchange alone ({max(beyond) * 1e3:.1f} ms at most)")
+        tasks.append(Task(f"ring exchanges after compute: {busy} of {world} processes busy", exchange,
+                          weight=1.5))
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))

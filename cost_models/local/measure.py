@@ -645,8 +645,8 @@ def _per_call_s(calls: int, fn: Callable[[], Any]) -> float:
 
 def measure_sync_waits(work: Callable[[], Any], *, group_sizes: Sequence[int], seconds: float,
                        sizes: Sequence[int] = SYNC_BYTES, repeats: Sequence[int] = SYNC_REPEATS,
-                       processes: int | None = None, ranks: GlooRanks | None = None
-                       ) -> list[dict[str, Any]]:
+                       processes: int | None = None, ranks: GlooRanks | None = None,
+                       kind: str = "all_reduce") -> list[dict[str, Any]]:
     """The measured twin of ``CpuRates.sync_wait_s``: what a gloo all-reduce adds to an iteration
     of ``work`` on every rank, as a training step meets its collectives. Every rank of ``ranks``
     (the default process group when None) must call it; its first ``processes`` ranks (default:
@@ -661,7 +661,11 @@ def measure_sync_waits(work: Callable[[], Any], *, group_sizes: Sequence[int], s
     blocked in the collective: on a 2-core KVM Xeon about 1–2 ms per collective among 2
     processes, 1–9 ms among 4 on the 2 cores. Bounded by ``seconds``: iteration counts follow from
     the slowest rank's timing of one call, and a longer ``repeats`` level runs only while time is
-    left (rank 0 decides for all)."""
+    left (rank 0 decides for all). ``kind="p2p"``: instead of the all-reduce, the pair exchange of
+    ring attention's hops (a send to and a receive from the other rank, groups of 2 only), which
+    gloo moves in its transport thread (``CpuRates.exchange_waits``); points carry their ``kind``."""
+    if kind not in ("all_reduce", "p2p"):
+        raise ValueError(f"kind = {kind!r}: expected 'all_reduce' or 'p2p'")
     ranks = ranks or GlooRanks.default()
     world, rank = ranks.size, ranks.rank
     processes = world if processes is None else processes
@@ -670,7 +674,8 @@ def measure_sync_waits(work: Callable[[], Any], *, group_sizes: Sequence[int], s
         work()  # warm-up
     unit = max(ranks.every(_per_call_s(2, work) if busy else 0.0))
     stretch = max(1.0, processes / (os.cpu_count() or 1))
-    configs = [g for g in sorted(set(group_sizes)) if 2 <= g <= processes and processes % g == 0]
+    configs = [g for g in sorted(set(group_sizes)) if 2 <= g <= processes and processes % g == 0
+               and (kind == "all_reduce" or g == 2)]
     slot = seconds / max(1, len(configs) * len(repeats))
     start, points = time.perf_counter(), []
     for g in configs:
@@ -681,7 +686,7 @@ def measure_sync_waits(work: Callable[[], Any], *, group_sizes: Sequence[int], s
             if reps > repeats[0] and ranks.every(time.perf_counter() - start)[0] > seconds:  # rank 0 decides
                 break
             points += _sync_points(work, reps, calls, sizes, ranks=ranks, group=mine, busy=busy,
-                                   labels={"num_processes": processes, "group_size": g})
+                                   labels={"num_processes": processes, "group_size": g}, kind=kind)
     return points
 
 
@@ -736,7 +741,8 @@ class GlooRanks:
 
 
 def _sync_points(work: Callable[[], Any], reps: int, calls: int, sizes: Sequence[int], *, ranks: GlooRanks,
-                 group: Any, busy: bool, labels: dict[str, int]) -> list[dict[str, Any]]:
+                 group: Any, busy: bool, labels: dict[str, int], kind: str = "all_reduce"
+                 ) -> list[dict[str, Any]]:
     """:func:`measure_sync_waits`' points for ``reps`` calls of ``work`` between collectives."""
     def iteration() -> None:
         for _ in range(reps):
@@ -751,9 +757,16 @@ def _sync_points(work: Callable[[], Any], reps: int, calls: int, sizes: Sequence
     points = []
     for size in sizes:
         buffer = torch.ones(max(1, size // 4))
+        inbox = torch.empty_like(buffer)
 
-        def collective(buffer: torch.Tensor = buffer) -> None:
-            group.allreduce([buffer]).wait()
+        def collective(buffer: torch.Tensor = buffer, inbox: torch.Tensor = inbox) -> None:
+            if kind == "all_reduce":
+                group.allreduce([buffer]).wait()
+                return
+            peer = 1 - group.rank()  # ring attention's hop on cp 2: send to and receive from the other
+            works = [group.send([buffer], peer, 0), group.recv([inbox], peer, 0)]
+            for handle in works:
+                handle.wait()
 
         def both(collective: Callable[[], None] = collective) -> None:
             iteration()
@@ -761,13 +774,13 @@ def _sync_points(work: Callable[[], Any], reps: int, calls: int, sizes: Sequence
 
         table = max(ranks.every(statistics.median(timed(1, collective) for _ in range(max(3, calls)))))
         synced = max(ranks.every(timed(calls, both)))
-        points.append({**labels, "interval_s": free, "size_bytes": size, "in_step_s": synced - free,
-                       "collective_s": table})
+        points.append({**labels, "kind": kind, "interval_s": free, "size_bytes": size,
+                       "in_step_s": synced - free, "collective_s": table})
     return points
 
 
 def _sync_child(index: int, num: int, store_path: str, seconds: float, repeats: Sequence[int],
-                results: Any) -> None:
+                results: Any, kind: str = "all_reduce") -> None:
     """One forked process of :func:`measure_sync_waits_in_processes`: a gloo group of its own (the
     process it was forked from may be a rank of another)."""
     import torch.distributed as dist
@@ -775,15 +788,16 @@ def _sync_child(index: int, num: int, store_path: str, seconds: float, repeats: 
     torch.set_num_threads(1)
     ranks = GlooRanks.over_store(dist.FileStore(store_path, num), rank=index, size=num)
     points = measure_sync_waits(gpt_stack_work(*SYNC_LAYER_SHAPE, num_layers=1), group_sizes=(2, num),
-                                seconds=seconds, repeats=repeats, ranks=ranks)
+                                seconds=seconds, repeats=repeats, ranks=ranks, kind=kind)
     if index == 0:
         results.put(points)
 
 
 def measure_sync_waits_in_processes(counts: Sequence[int], *, seconds: float,
-                                    repeats: Sequence[int] = SYNC_REPEATS) -> list[dict[str, Any]]:
-    """:func:`measure_sync_waits` on ``n`` processes forked from this one for each ``n`` in
-    ``counts`` (≥ 2), each a rank of its own gloo group over a file store; ``seconds`` shared by
+                                    repeats: Sequence[int] = SYNC_REPEATS, kind: str = "all_reduce"
+                                    ) -> list[dict[str, Any]]:
+    """:func:`measure_sync_waits` (of ``kind``) on ``n`` processes forked from this one for each ``n``
+    in ``counts`` (≥ 2), each a rank of its own gloo group over a file store; ``seconds`` shared by
     the counts."""
     import multiprocessing
     import tempfile
@@ -796,7 +810,7 @@ def measure_sync_waits_in_processes(counts: Sequence[int], *, seconds: float,
             results = context.SimpleQueue()
             children = [context.Process(target=_sync_child, daemon=True,
                                         args=(i, n, os.path.join(folder, "store"), seconds / len(numbers),
-                                              tuple(repeats), results)) for i in range(n)]
+                                              tuple(repeats), results, kind)) for i in range(n)]
             for child in children:
                 child.start()
             for child in children:

@@ -136,6 +136,12 @@ class CpuRates:
     of ``size_bytes`` adds to a training loop's iteration when it follows ``interval_s`` of work on
     each of ``processes`` busy ranks, in disjoint groups of ``group size``
     (``measure.measure_sync_waits``); empty in a profile older than the measurement."""
+    exchange_waits: tuple[tuple[int, int, float, float, float], ...] = ()
+    """MEASURED as ``sync_waits``, for the pair exchange ring attention makes at every hop (a send to
+    and a receive from the other rank of a group of 2, ``measure.measure_sync_waits(kind="p2p")``):
+    gloo moves those bytes in its transport thread, which competes with the busy processes for the
+    cores (MEASURED, 4 ranks on 2 cores, cp 2 × dp 2: about 6.7 ms of step time per exchange where the
+    all-reduce's waits said ~1.6). Empty in an older profile: the all-reduce's waits stand in."""
     activation_reread_forward_s_per_byte: float = 0.0
     """FITTED part of ``activation_reread_s_per_byte`` that the forward pays
     (:func:`fit_activation_reread_forward_s_per_byte`); 0 in an older profile (all in the backward)."""
@@ -155,7 +161,7 @@ class CpuRates:
         tables = {k: v if isinstance(v, OpTable) else OpTable(points=v) for k, v in self.elementwise.items()}
         object.__setattr__(self, "elementwise", tables)
         for name in ("flash_attention", "collectives", "shares", "math_attention_s_per_score", "sync_waits",
-                     "ring_blocks"):
+                     "exchange_waits", "ring_blocks"):
             object.__setattr__(self, name, tuple(tuple(x) if isinstance(x, (list, tuple)) else x
                                                  for x in getattr(self, name)))
         if not self.flash_attention or not self.shares:
@@ -261,23 +267,27 @@ class CpuRates:
         compute, copy = self.share(self._measured_ranks(kind, num_ranks))
         return self.collective_time_s(kind, size_bytes, num_ranks) * (copy if memory_bound else compute)
 
-    def sync_wait_s(self, *, processes: int, group: int, interval_s: float, size_bytes: float) -> float:
+    def sync_wait_s(self, *, processes: int, group: int, interval_s: float, size_bytes: float,
+                    exchange: bool = False) -> float:
         """Seconds a collective of ``group`` ranks (of ``processes`` busy on this machine) adds
         beyond its :meth:`collective_time_s` when it follows ``interval_s`` of work (wall clock) on
         each rank: at each ``sync_waits`` point of the nearest measured (processes, group), the
         all-reduce's measured time in the loop minus this profile's ``collective_time_s`` of the
         same all-reduce (arrival skew, wake-up, other processes busy), then linear in ``log(size)``
         and in ``log(interval)`` between the points, clamped at their ends; never negative; 0
-        without measurements or for one rank."""
-        if group <= 1 or not self.sync_waits:
+        without measurements or for one rank. ``exchange``: a pair exchange (ring attention's hop),
+        from ``exchange_waits`` beyond the p2p message's ``collective_time_s`` where measured."""
+        exchange = exchange and bool(self.exchange_waits)
+        table, kind = (self.exchange_waits, "p2p") if exchange else (self.sync_waits, "all_reduce")
+        if group <= 1 or not table:
             return 0.0
-        configs = {(p[0], p[1]) for p in self.sync_waits}
+        configs = {(p[0], p[1]) for p in table}
         key = min(configs, key=lambda c: (abs(c[0] - processes), abs(c[1] - group), -c[1]))
         by_interval: dict[float, list[tuple[float, float]]] = {}
-        stretch = self.share(self._measured_ranks("all_reduce", key[1]))[0] / self.share(key[0])[0]
-        for p in self.sync_waits:
+        stretch = self.share(self._measured_ranks(kind, key[1]))[0] / self.share(key[0])[0]
+        for p in table:
             if (p[0], p[1]) == key:
-                beyond = p[4] - stretch * self.collective_time_s("all_reduce", p[3], p[1])
+                beyond = p[4] - stretch * self.collective_time_s(kind, p[3], p[1])
                 by_interval.setdefault(p[2], []).append((p[3], beyond))
         rows = [(interval, _interpolate(sorted(points), max(size_bytes, 1.0))[0])
                 for interval, points in sorted(by_interval.items())]
@@ -309,7 +319,8 @@ class CpuRates:
     def from_dict(cls, data: Mapping[str, Any]) -> CpuRates:
         """Inverse of :meth:`to_dict`; unknown or missing keys raise ValueError."""
         names = {f.name for f in dataclasses.fields(cls)}
-        for name, empty in (("sync_waits", ()), ("ring_blocks", ()), ("fresh_page_s_per_byte", 0.0),
+        for name, empty in (("sync_waits", ()), ("exchange_waits", ()), ("ring_blocks", ()),
+                            ("fresh_page_s_per_byte", 0.0),
                             ("activation_reread_forward_s_per_byte", 0.0)):
             if isinstance(data, Mapping) and name not in data:  # a profile saved before the measurement
                 data = {**data, name: empty}
@@ -411,6 +422,7 @@ class CpuRates:
                               for p in raw["collectives"]),
             shares=tuple(tuple(row) for row in raw["shares"]), source=source,
             sync_waits=sync_wait_points(raw.get("sync_waits", ())),
+            exchange_waits=sync_wait_points(raw.get("sync_waits", ()), kind="p2p"),
             ring_blocks=ring_block_points(raw.get("ring_blocks", ())))
 
 
@@ -420,10 +432,13 @@ def ring_block_points(raw: Sequence[Mapping[str, Any]]) -> tuple[tuple[float, fl
                   p["backward_s"] / p["scores"]) for p in raw)
 
 
-def sync_wait_points(raw: Sequence[Mapping[str, Any]]) -> tuple[tuple[int, int, float, float, float], ...]:
-    """``CpuRates.sync_waits`` from ``measure.measure_sync_waits``'s points."""
+def sync_wait_points(raw: Sequence[Mapping[str, Any]], *, kind: str = "all_reduce"
+                     ) -> tuple[tuple[int, int, float, float, float], ...]:
+    """``CpuRates.sync_waits`` (``kind`` ``"all_reduce"``) or ``exchange_waits`` (``"p2p"``) from
+    ``measure.measure_sync_waits``'s points (a point without a kind is an all-reduce's)."""
     return tuple((int(p["num_processes"]), int(p["group_size"]), float(p["interval_s"]),
-                  float(p["size_bytes"]), float(p["in_step_s"])) for p in raw)
+                  float(p["size_bytes"]), float(p["in_step_s"])) for p in raw
+                 if p.get("kind", "all_reduce") == kind)
 
 
 def _fit_linear(points: Sequence[tuple[tuple[float, float, float], float]]) -> tuple[float, float]:

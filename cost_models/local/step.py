@@ -211,13 +211,15 @@ def _all_to_all_s(plan: Plan, profile: ModelProfile, rates: CpuRates, stage_laye
     return rows + small, rows
 
 
-def _wait_s(rates: CpuRates, processes: int, *, group: int, interval_s: float, size_bytes: float) -> float:
+def _wait_s(rates: CpuRates, processes: int, *, group: int, interval_s: float, size_bytes: float,
+            exchange: bool = False) -> float:
     """``CpuRates.sync_wait_s`` (wall clock, measured with every process busy) as work of one
     process running alone, as the processor-sharing simulation takes it (it stretches the work
-    back by the share)."""
+    back by the share); ``exchange``: a ring attention hop, priced from the pair exchanges'
+    measured waits."""
     rate = rates.share(processes)[0]
     return rate * rates.sync_wait_s(processes=processes, group=group, interval_s=interval_s / rate,
-                                    size_bytes=size_bytes)
+                                    size_bytes=size_bytes, exchange=exchange)
 
 
 def sync_waits(syncs: tuple[Sync, ...], *, rates: CpuRates, processes: int, compute_s: float
@@ -232,7 +234,7 @@ def sync_waits(syncs: tuple[Sync, ...], *, rates: CpuRates, processes: int, comp
     for s in syncs:
         phases = waits.setdefault(s.axis, {"forward": 0.0, "backward": 0.0, "recompute": 0.0})
         phases[s.phase] += s.count * _wait_s(rates, processes, group=s.group, interval_s=interval,
-                                             size_bytes=s.size_bytes)
+                                             size_bytes=s.size_bytes, exchange=s.axis == "cp")
     return {axis: CommTimes(forward_s=p["forward"], backward_s=p["backward"], recompute_s=p["recompute"])
             for axis, p in waits.items()}
 

@@ -81,6 +81,39 @@ def test_a_profile_saved_before_the_measurement_loads_without_waits() -> None:
     assert sync_wait_points(raw) == ((4, 2, 0.03, 4096.0, 0.007),)
 
 
+def test_a_ring_hop_is_priced_from_the_pair_exchanges_where_measured() -> None:
+    """``exchange=True`` (a cp Sync): the exchange's measured time in the loop beyond the p2p
+    message's table time; a profile without exchange points prices the all-reduce's waits."""
+    reduce, pair = ((2, 2, 0.01, 1e3, 2e-3),), ((2, 2, 0.01, 1e3, 6e-3),)
+    both = _rates(sync_waits=reduce, exchange_waits=pair)
+    assert both.sync_wait_s(processes=2, group=2, interval_s=0.01, size_bytes=1e3,
+                            exchange=True) == pytest.approx(6e-3 - _table(1e3))
+    assert both.sync_wait_s(processes=2, group=2, interval_s=0.01, size_bytes=1e3) == pytest.approx(
+        2e-3 - _table(1e3))
+    older = _rates(sync_waits=reduce)
+    assert older.sync_wait_s(processes=2, group=2, interval_s=0.01, size_bytes=1e3,
+                             exchange=True) == pytest.approx(2e-3 - _table(1e3))
+    assert CpuRates.from_dict(both.to_dict()) == both
+    assert CpuRates.from_dict({k: v for k, v in both.to_dict().items() if k != "exchange_waits"}
+                              ).exchange_waits == ()
+    raw = [{"num_processes": 4, "group_size": 2, "interval_s": 0.03, "size_bytes": 4096, "in_step_s": 0.007,
+            "collective_s": 0.002, "kind": kind} for kind in ("all_reduce", "p2p")]
+    assert sync_wait_points(raw) == sync_wait_points(raw, kind="p2p") == ((4, 2, 0.03, 4096.0, 0.007),)
+
+
+def test_the_step_model_prices_ring_hops_from_the_exchanges() -> None:
+    """cp 2 on 2 ranks: the cp waits grow by the exchange points' excess over the all-reduce's, once
+    per hop (4 per layer: forward K/V, backward K/V and the accumulator twice); dp does not change."""
+    reduce = tuple((2, 2, interval, size, 0.1) for interval in (1e-3, 10.0) for size in (1e3, 1e7))
+    pair = tuple(point[:4] + (0.2,) for point in reduce)  # 0.1 s more per meeting, at every size
+    plan, profile = _local_plan(Fix(cp=2, microbatch_size=2), world=2)
+    before = cpu_stage_costs(plan, profile, _rates(sync_waits=reduce))[0]
+    after = cpu_stage_costs(plan, profile, _rates(sync_waits=reduce, exchange_waits=pair))[0]
+    hops = 4 * len(profile.layers)
+    assert after.comm["cp"].total_s - before.comm["cp"].total_s == pytest.approx(hops * 0.1, rel=0.01)
+    assert after.comm["dp"].total_s == pytest.approx(before.comm["dp"].total_s)
+
+
 def _layer() -> object:
     return ModelProfile.gpt(autopar.models.get_config("gpt", num_layers=2, hidden_size=256, num_heads=8,
                                                       vocab_size=512, seq_len=128)).layers[0]
@@ -138,6 +171,13 @@ def test_the_step_model_adds_one_measured_wait_per_meeting() -> None:
     assert after.send_forward_s == before.send_forward_s == 0.0
     dp_plan, _ = _local_plan(Fix(dp=2, microbatch_size=2), world=2)
     assert cpu_stage_costs(dp_plan, profile, with_waits)[0].comm.get("tp", CommTimes()) == CommTimes()
+
+
+def test_ring_exchanges_after_compute_are_measured_on_gloo_processes() -> None:
+    points = measure_sync_waits_in_processes([2], seconds=1.0, repeats=(1,), kind="p2p")
+    assert {(p["num_processes"], p["group_size"], p["kind"]) for p in points} == {(2, 2, "p2p")}
+    assert all(p["in_step_s"] > 0 and p["collective_s"] > 0 for p in points)
+    assert {p["size_bytes"] for p in points} == {4096, 4 * 2**20}
 
 
 def test_collectives_after_compute_are_measured_on_gloo_processes() -> None:
