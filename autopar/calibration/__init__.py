@@ -16,11 +16,12 @@ from autopar.calibration.calibrate import (
     CalibrationConfig,
     build_profile,
     calibrate,
+    calibration_speed,
     measure_single_process,
     other_load_warning,
     profile_id,
     transformer_shapes,
 )
 
-__all__ = ["KIB", "CalibrationConfig", "build_profile", "calibrate", "measure_single_process",
-           "other_load_warning", "profile_id", "transformer_shapes"]
+__all__ = ["KIB", "CalibrationConfig", "build_profile", "calibrate", "calibration_speed",
+           "measure_single_process", "other_load_warning", "profile_id", "transformer_shapes"]

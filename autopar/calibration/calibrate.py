@@ -55,6 +55,7 @@ from autopar.calibration.ops import (
     measure_fresh_page_s_per_byte,
     measure_gpt_stack_time_s,
     measure_linear_time_s,
+    measure_machine_speed,
     measure_matmul_time_s,
     measure_memory_time_s,
     measure_op_overhead_s,
@@ -425,9 +426,11 @@ def profile_id(single: dict[str, Any], group: dict[str, Any]) -> str:
 
 
 def build_profile(single: dict[str, Any], group: dict[str, Any], *, quick: bool, elapsed_s: float,
-                  path: str | os.PathLike[str] | None = None) -> LocalProfile:
+                  path: str | os.PathLike[str] | None = None,
+                  machine_speed: dict[str, float] | None = None) -> LocalProfile:
     """The fits of ``fits`` over raw measurements; the rates' ``source`` names the profile (host,
-    time, content id, the file it is saved to)."""
+    time, content id, the file it is saved to); ``machine_speed``: the speed probes around the
+    measurements (:func:`calibration_speed`), recorded with the environment."""
     def shaped(points: list[dict[str, Any]]) -> list[tuple[Shape, float]]:
         return [((p["m"], p["k"], p["n"]), p["flops_per_s"]) for p in points]
 
@@ -465,7 +468,8 @@ def build_profile(single: dict[str, Any], group: dict[str, Any], *, quick: bool,
                       "runtime": group["runtime"], "fits": fits,
                       "timings": {"single_process": single.get("timings", []),
                                   "group": group.get("timings", [])},
-                      "environment": _environment() | {"others_busy_cores": others}})
+                      "environment": _environment() | {"others_busy_cores": others,
+                                                       "machine_speed": machine_speed or {}}})
 
 
 def other_load_warning(profile: LocalProfile, *, max_cores: float = OTHER_LOAD_WARNING_CORES) -> str | None:
@@ -503,7 +507,20 @@ def calibrate(*, out: str | os.PathLike[str] | None = None, nproc: int = 4, quic
     progress = Progress(start=start, enabled=config.progress)
     progress.line(f"measuring this CPU within {config.seconds:.0f} s: one process, then a gloo group of "
                   f"{config.nproc} (one line per measurement)")
+    speed = {"start": measure_machine_speed()}
     single = measure_single_process(config, progress=progress)
     group = measure_group(config, deadline=deadline, progress=progress)
-    profile = build_profile(single, group, quick=quick, elapsed_s=time.perf_counter() - start, path=target)
+    speed["end"] = measure_machine_speed()
+    progress.line(f"machine speed probe: {speed['start']:.1f} at the start, {speed['end']:.1f} at the end "
+                  "(units per second)")
+    profile = build_profile(single, group, quick=quick, elapsed_s=time.perf_counter() - start, path=target,
+                            machine_speed=speed)
     return profile, save_profile(profile, target)
+
+
+def calibration_speed(profile: LocalProfile) -> float | None:
+    """The machine's speed while ``profile`` was measured (``ops.measure_machine_speed`` units, the
+    mean of the probes at its start and end); None for a profile that did not record it."""
+    speed = profile.measurements.get("environment", {}).get("machine_speed") or {}
+    values = [v for v in (speed.get("start"), speed.get("end")) if isinstance(v, (int, float)) and v > 0]
+    return statistics.fmean(values) if values else None

@@ -30,6 +30,7 @@ from autopar.cost_models.local.measure import (
     MIB,
     TORCH_DTYPES,
     attention_flops,
+    gpt_stack_work,
     measure_attention_time_s,
     measure_fresh_page_s_per_byte,
     measure_gpt_stack_time_s,
@@ -46,7 +47,7 @@ from autopar.cost_models.local.measure import (
 
 __all__ = [
     "COLD_WORKING_SET_BYTES", "MIB", "PROBE_DIM", "TORCH_DTYPES", "attention_flops", "cpu_seconds",
-    "matmul_call_s", "measure_attention_time_s",
+    "matmul_call_s", "measure_attention_time_s", "measure_machine_speed",
     "measure_fresh_page_s_per_byte", "measure_elementwise_time_s", "measure_linear_time_s",
     "measure_matmul_time_s", "measure_memory_time_s", "measure_op_overhead_s", "measure_op_time_s",
     "measure_optimizer_time_s", "measure_probe_flops_per_s", "measure_ring_block_s", "measure_train_time_s",
@@ -83,6 +84,28 @@ def others_busy_cores(since: tuple[float, float, float] | None, pids: Sequence[i
     if since is None or now is None:
         return None
     return max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / max(now[0] - since[0], 1e-9)
+
+
+SPEED_PROBE_S = 0.4
+
+
+def measure_machine_speed(*, seconds: float = SPEED_PROBE_S) -> float:
+    """This core's speed now, in probe units per WALL second: one unit is a GPT-block forward +
+    backward (``gpt_stack_work``'s block at the core-sharing shape, 4 × 128 × 192) plus a 64 MiB
+    copy (memory bandwidth), each timed for half of ``seconds``.
+
+    Calibration records it at its start and end (``calibration_speed``) so that a measurement taken
+    later can tell whether the machine runs as it did then: this VM has slow and fast spells that
+    no load or steal counter shows (measured: the whole calibration 10–15 % faster at 00:05 than at
+    20:08 on the same day, the probe's spread within one minute 3 %). The wall clock, not the
+    thread's CPU clock: a spell slows the CPU time too."""
+    with one_thread():
+        work = gpt_stack_work(4, 128, 192, 6, num_layers=1)
+        source = torch.ones(64 * MIB // 4)
+        target = torch.empty_like(source)
+        block = timed_s(work, seconds=seconds / 2, clock=time.perf_counter)
+        copy = timed_s(lambda: target.copy_(source), seconds=seconds / 2, clock=time.perf_counter)
+        return 1.0 / (block + copy)
 
 
 def measure_probe_flops_per_s(dtype: str, *, seconds: float, dim: int = PROBE_DIM) -> float:

@@ -74,6 +74,14 @@ def test_profile_json_round_trip(tmp_path: Path) -> None:
     assert load_profile(path) == profile
 
 
+def test_calibration_speed_of_profiles_with_and_without_the_probe() -> None:
+    assert cal.calibration_speed(_profile()) is None  # a profile from before the probe
+    speed = {"environment": {"machine_speed": {"start": 30.0, "end": 40.0}}}
+    assert cal.calibration_speed(_profile(measurements=speed)) == 35.0
+    one = {"environment": {"machine_speed": {"start": 30.0, "end": None}}}
+    assert cal.calibration_speed(_profile(measurements=one)) == 30.0
+
+
 def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = save_profile(_profile(), tmp_path / "profile.json")
     before = path.read_text()
@@ -312,6 +320,10 @@ def test_quick_calibration_writes_a_loadable_profile(tmp_path: Path, capfd: pyte
     assert [s.num_processes for s in profile.shares] == [1, 2] and profile.shares[0].matmul_fraction == 1.0
     assert [fit.num_ranks for fit in profile.links] == [2]
     assert set(profile.measurements["environment"]["others_busy_cores"]) == {"single_process", "shares"}
+    # the machine's speed around the measurements, for later measurements to compare with
+    speed = profile.measurements["environment"]["machine_speed"]
+    assert set(speed) == {"start", "end"} and all(v > 0 for v in speed.values())
+    assert cal.calibration_speed(profile) == pytest.approx((speed["start"] + speed["end"]) / 2)
     assert "2 ranks p2p" in profile.measurements["fits"]["links_by_kind"]
     assert len(profile.measurements["fits"]["layer_check"]) == 1
     kinds = {p["kind"] for p in profile.measurements["collectives"]}
