@@ -110,6 +110,10 @@ def profile_table(profile: LocalProfile) -> Table:
                   f"{cpu.runtime_microbatch_s * 1e3:.2f} ms")
     for n, compute, copy in cpu.shares:
         table.add_row(f"share with {n} busy processes: compute, copy", f"{compute:.2f}, {copy:.2f}")
+    speed = profile.measurements.get("environment", {}).get("machine_speed") or {}
+    if speed:
+        table.add_row("machine speed probe at start / end (GPT block + 64 MiB copy per s)",
+                      " / ".join(f"{speed[k]:.1f}" if speed.get(k) else "–" for k in ("start", "end")))
     for fit in profile.links:
         table.add_row(f"gloo {fit.num_ranks} ranks FITTED: B, α (rms error)",
                       f"{_rate(fit.bandwidth_bytes_per_s, 'B/s')}, {fit.latency_s * 1e6:.0f} µs "

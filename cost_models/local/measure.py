@@ -568,7 +568,7 @@ def quick_measurements(*, ops: Sequence[str], kinds: Sequence[str], seconds: flo
     several ranks as threads, module docstring): the training ``ops`` and collective ``kinds``
     the rates tabulate (``rates.ELEMENTWISE_OPS``, ``COLLECTIVE_KINDS``); raw points, no fits."""
     say = progress or (lambda _: None)
-    s = seconds / 3.0  # the slots below add up to about 3 s
+    s = seconds / 3.0  # the slots below add up to about 3.75 s
     start = time.perf_counter()
     with one_thread():
         cores = os.cpu_count() or 1  # processes forked first, before any gloo thread exists
@@ -578,7 +578,9 @@ def quick_measurements(*, ops: Sequence[str], kinds: Sequence[str], seconds: flo
         say("core sharing")
         sync_waits = measure_sync_waits_in_processes(QUICK_COLLECTIVE_RANKS, seconds=1.5 * s,
                                                      repeats=QUICK_SYNC_REPEATS)
-        say("collectives after compute")
+        sync_waits += measure_sync_waits_in_processes(QUICK_COLLECTIVE_RANKS, seconds=0.75 * s,
+                                                      repeats=QUICK_SYNC_REPEATS, kind="p2p")
+        say("collectives and ring exchanges after compute")
         linear = [{"m": m, "k": k, "n": n, "time_s": measure_linear_time_s(m, k, n, seconds=0.06 * s)}
                   for m, k, n in QUICK_LINEAR_SHAPES]
         attention = []

@@ -60,9 +60,9 @@ ELEMENTWISE_OPS = ("layer_norm", "gelu", "add", "copy", "cross_entropy")
 COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
 log = logging.getLogger("autopar.cost_models")
 QUICK_FORMAT = "autopar-quick-rates"
-QUICK_VERSION = 7  # 3: collectives timed as the median repeat, not the fastest; 4: sync waits;
+QUICK_VERSION = 8  # 3: collectives timed as the median repeat, not the fastest; 4: sync waits;
 # 5: ring blocks, 64 MiB collectives into fresh outputs, fresh pages; 6: the forward's share of the re-read;
-# 7: core sharing measured with 2 and 4 processes whatever the cores
+# 7: core sharing measured with 2 and 4 processes whatever the cores; 8: ring exchanges after compute
 MMAP_THRESHOLD_BYTES = 32 * 2**20
 """glibc's largest dynamic ``M_MMAP_THRESHOLD`` on 64-bit Linux (``DEFAULT_MMAP_THRESHOLD_MAX``):
 torch's CPU tensors beyond it are mapped afresh on every allocation."""

@@ -394,6 +394,7 @@ def test_cli_calibrate(tmp_path: Path, capfd: pytest.CaptureFixture[str],
                      "emulated": ("bf16", "fp16")}
     assert "matmul fp32" in out and "gloo 2 ranks FITTED" in out and "profile written to" in out
     assert "DTensor" in out and "share with 2 busy processes" in out
+    assert "machine speed probe at start / end" in out and "machine speed probe:" in err
     assert "(emulated: one warm matmul)" in out and "plans priced by it" in out
     assert "matmul fp16 probe 256³ (warm)" in err and "--emulate fp16" in err
     assert load_profile(out_path) is not None
