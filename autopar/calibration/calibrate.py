@@ -36,6 +36,7 @@ import torch
 
 from autopar.calibration.fits import (
     KINDS,
+    alone_rate,
     cpu_rates,
     fit_alpha_beta,
     fit_matmul_curve,
@@ -53,8 +54,8 @@ from autopar.calibration.ops import (
     measure_attention_time_s,
     measure_elementwise_time_s,
     measure_fresh_page_s_per_byte,
-    measure_gpt_stack_time_s,
-    measure_linear_time_s,
+    measure_gpt_stack_pair_s,
+    measure_linear_curve_s,
     measure_machine_speed,
     measure_matmul_time_s,
     measure_memory_time_s,
@@ -264,12 +265,15 @@ def single_process_tasks(config: CalibrationConfig, raw: dict[str, Any]) -> list
                transformer_layer=[], emulated=emulated)
     tasks = _matmul_tasks(config, emulated, raw["matmul"])
 
-    for m, k, n in config.linear_shapes:
-        def linear(slot: float, m: int = m, k: int = k, n: int = n) -> float:
-            time_s = measure_linear_time_s(m, k, n, seconds=slot)
-            raw["linear"].append({"m": m, "k": k, "n": n, "time_s": time_s})
-            return 6 * m * k * n / time_s
-        tasks.append(Task(f"nn.Linear fwd+bwd {_shape(m, k, n)}", linear, show=_gflops))
+    def linear_curve(slot: float) -> float:
+        shapes = config.linear_shapes
+        times = measure_linear_curve_s(shapes, seconds=slot)
+        pairs = list(zip(shapes, times, strict=True))
+        raw["linear"] = [{"m": m, "k": k, "n": n, "time_s": t} for (m, k, n), t in pairs]
+        return max(6 * m * k * n / t for (m, k, n), t in pairs)
+
+    tasks.append(Task(f"nn.Linear fwd+bwd, {len(config.linear_shapes)} shapes round-robin (best)",
+                      linear_curve, weight=len(config.linear_shapes), show=_gflops))
 
     def copy(slot: float) -> float:
         raw["copy"] = {"bytes": config.copy_bytes, "time_s": measure_memory_time_s(config.copy_bytes,
@@ -336,30 +340,22 @@ def single_process_tasks(config: CalibrationConfig, raw: dict[str, Any]) -> list
                           show=lambda v: f"{v * 1e9:.2f} ns/score"))
     tasks += _ring_block_tasks(config, raw["ring_blocks"])
     for b, s, h, a in config.layer_shapes:
-        point: dict[str, Any] = {"batch": b, "seq": s, "hidden": h, "heads": a}
-
-        def alone(slot: float, point: dict[str, Any] = point) -> float:
-            shape = point["batch"], point["seq"], point["hidden"], point["heads"]
-            point["time_s"] = measure_gpt_stack_time_s(*shape, seconds=2 * slot / 3)
-            point["forward_time_s"] = measure_gpt_stack_time_s(*shape, seconds=slot / 3, forward_only=True)
-            raw["transformer_layer"].append(point)
-            return point["time_s"]
-
-        def stacked(slot: float, point: dict[str, Any] = point) -> float:
-            point["num_layers_stacked"] = config.layer_stack
-            point["num_microbatches_stacked"] = config.stack_microbatches
-            shape = point["batch"], point["seq"], point["hidden"], point["heads"]
+        def layer(slot: float, shape: tuple[int, int, int, int] = (b, s, h, a)) -> float:
             layout = {"num_layers": config.layer_stack, "num_microbatches": config.stack_microbatches}
-            point["stacked_time_s"] = measure_gpt_stack_time_s(*shape, **layout, seconds=2 * slot / 3)
-            point["stacked_forward_time_s"] = measure_gpt_stack_time_s(*shape, **layout, seconds=slot / 3,
-                                                                       forward_only=True)
-            return point["stacked_time_s"]
+            alone, stacked = measure_gpt_stack_pair_s(*shape, **layout, seconds=2 * slot / 3)
+            forward, stacked_forward = measure_gpt_stack_pair_s(*shape, **layout, seconds=slot / 3,
+                                                                forward_only=True)
+            raw["transformer_layer"].append({
+                "batch": shape[0], "seq": shape[1], "hidden": shape[2], "heads": shape[3], "time_s": alone,
+                "forward_time_s": forward, "num_layers_stacked": config.layer_stack,
+                "num_microbatches_stacked": config.stack_microbatches, "stacked_time_s": stacked,
+                "stacked_forward_time_s": stacked_forward})
+            return stacked
 
-        name = f"GPT block fwd+bwd (b {b}, seq {s}, hidden {h}, heads {a})"
-        tasks += [Task(name, alone, show=lambda v: f"{v * 1e3:.2f} ms"),
-                  Task(f"{name}, {config.stack_microbatches} microbatches through a stack of "
-                       f"{config.layer_stack}", stacked, weight=2.0,
-                       show=lambda v: f"{v * 1e3:.2f} ms per layer")]
+        tasks.append(Task(f"GPT block fwd+bwd (b {b}, seq {s}, hidden {h}, heads {a}), alone and with "
+                          f"{config.stack_microbatches} microbatches through a stack of "
+                          f"{config.layer_stack}, in alternation", layer, weight=3.0,
+                          show=lambda v: f"{v * 1e3:.2f} ms per layer stacked"))
 
     large, small = 256 * 1024, 4096
 
@@ -411,12 +407,17 @@ def _first_use() -> None:
 
 
 def _share_rows(rows: list[dict[str, Any]]) -> tuple[ProcessShare, ...]:
-    alone = rows[0]
-    base_matmul, base_copy = alone["matmul_flops_per_s"][0], alone["copy_bytes_per_s"][0]
-    return tuple(ProcessShare(num_processes=row["num_processes"],
-                              matmul_fraction=statistics.fmean(row["matmul_flops_per_s"]) / base_matmul,
-                              copy_fraction=statistics.fmean(row["copy_bytes_per_s"]) / base_copy)
-                 for row in rows)
+    """One ``ProcessShare`` per busy-process count (the repeated one-process row only sets the
+    baseline, ``fits.alone_rate``)."""
+    base_matmul, base_copy = alone_rate(rows, "matmul_flops_per_s"), alone_rate(rows, "copy_bytes_per_s")
+    alone = ProcessShare(num_processes=1, matmul_fraction=1.0, copy_fraction=1.0)
+    shares: dict[int, ProcessShare] = {1: alone}
+    for row in rows:
+        shares.setdefault(row["num_processes"], ProcessShare(
+            num_processes=row["num_processes"],
+            matmul_fraction=statistics.fmean(row["matmul_flops_per_s"]) / base_matmul,
+            copy_fraction=statistics.fmean(row["copy_bytes_per_s"]) / base_copy))
+    return tuple(shares[n] for n in sorted(shares))
 
 
 def profile_id(single: dict[str, Any], group: dict[str, Any]) -> str:

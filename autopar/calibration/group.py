@@ -262,14 +262,16 @@ def group_tasks(rank: int, world: int, config: CalibrationConfig, raw: dict[str,
     raw.update(shares=[], collectives=[], dtensor={}, sync_waits=[],
                runtime={"num_ranks": world, "step_s_by_microbatches": {}})
     tasks = []
-    for active in range(1, world + 1):
+    for active in (*range(1, world + 1), 1):  # one process alone first and again last (``fits.alone_rate``)
         def share(slot: float, active: int = active) -> str:
             row = _share_row(rank, world, active, slot, works)
             raw["shares"].append(row)
             return (f"matmul {sum(row['matmul_flops_per_s']) / active / 1e9:.1f} GFLOP/s, copy "
                     f"{sum(row['copy_bytes_per_s']) / active / 1e9:.1f} GB/s, "
                     f"{sum(row['layers_per_cpu_s']) / active:.1f} layers per CPU second, per process")
-        tasks.append(Task(f"core sharing: {active} of {world} processes busy", share, weight=1.0))
+        again = " (again)" if tasks and active == 1 else ""
+        tasks.append(Task(f"core sharing: {active} of {world} processes busy{again}", share,
+                          weight=0.5 if again else 1.0))
     for m in (world, 3 * world) if config.measure_runtime else ():
         def runtime(slot: float, m: int = m) -> str:
             if slot < RUNTIME_MIN_SLOT_S:

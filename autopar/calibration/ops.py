@@ -33,7 +33,9 @@ from autopar.cost_models.local.measure import (
     gpt_stack_work,
     measure_attention_time_s,
     measure_fresh_page_s_per_byte,
+    measure_gpt_stack_pair_s,
     measure_gpt_stack_time_s,
+    measure_linear_curve_s,
     measure_linear_time_s,
     measure_memory_time_s,
     measure_op_time_s,
@@ -47,7 +49,8 @@ from autopar.cost_models.local.measure import (
 
 __all__ = [
     "COLD_WORKING_SET_BYTES", "MIB", "PROBE_DIM", "TORCH_DTYPES", "attention_flops", "cpu_seconds",
-    "matmul_call_s", "measure_attention_time_s", "measure_machine_speed",
+    "matmul_call_s", "measure_attention_time_s", "measure_gpt_stack_pair_s", "measure_linear_curve_s",
+    "measure_machine_speed",
     "measure_fresh_page_s_per_byte", "measure_elementwise_time_s", "measure_linear_time_s",
     "measure_matmul_time_s", "measure_memory_time_s", "measure_op_overhead_s", "measure_op_time_s",
     "measure_optimizer_time_s", "measure_probe_flops_per_s", "measure_ring_block_s", "measure_train_time_s",

@@ -75,6 +75,54 @@ def timed_s(fn: Callable[[], Any], *, seconds: float, inner: int = 1,
             return statistics.median(batches)
 
 
+def timed_rounds_s(fns: Sequence[Callable[[], Any]], *, seconds: float, rounds: int = 3,
+                   clock: Callable[[], float] = time.thread_time) -> list[float]:
+    """Seconds per call of each of ``fns``, measured round-robin: one untimed warm-up call each,
+    then ``rounds`` passes over them, each fn timed (calls until its share of the pass is spent, at
+    least one, the median call) in every pass; per fn the median over the passes.
+
+    Why round-robin: this VM's speed drifts by ~10 % over seconds (MEASURED: one nn.Linear shape
+    22.0–25.9 ms in six consecutive processes, and within one), and measured one after another the
+    shapes of a curve each meet another moment of it, which the fit then reads as the curve's shape
+    (two calibrations 55 min apart fitted the nn.Linear roll-off at 16 and 32)."""
+    for fn in fns:
+        fn()
+    share = seconds / max(1, rounds * len(fns))
+    passes: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, times in zip(fns, passes, strict=True):
+            start, calls = time.perf_counter(), []
+            while not calls or time.perf_counter() - start < share:
+                before = clock()
+                fn()
+                calls.append(clock() - before)
+            times.append(statistics.median(calls))
+    return [statistics.median(times) for times in passes]
+
+
+def timed_pair_s(first: Callable[[], Any], second: Callable[[], Any], *, seconds: float,
+                 clock: Callable[[], float] = time.thread_time, warm_up: bool = True) -> tuple[float, float]:
+    """Seconds per call of ``first`` and of ``second``, called in alternation for ``seconds``
+    (after one untimed warm-up call each, unless ``warm_up`` is False): the median of ``first``,
+    and that times the median ratio of each ``second`` call to the ``first`` call beside it. A
+    difference of the two (a stack's extra cost over its block alone) then holds the pair's
+    difference, not the machine's drift between two measurements taken apart
+    (:func:`timed_rounds_s`)."""
+    if warm_up:
+        first()
+        second()
+    start, firsts, ratios = time.perf_counter(), [], []
+    while not firsts or time.perf_counter() - start < seconds:
+        before = clock()
+        first()
+        middle = clock()
+        second()
+        firsts.append(middle - before)
+        ratios.append((clock() - middle) / max(middle - before, 1e-12))
+    alone = statistics.median(firsts)
+    return alone, alone * statistics.median(ratios)
+
+
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
     """Run the body with one intra-op thread, as each runtime rank does."""
@@ -129,9 +177,8 @@ def measure_train_time_s(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor,
     return timed_s(lambda: fn(*inputs), seconds=seconds / 2), timed_s(train, seconds=seconds / 2)
 
 
-def measure_linear_time_s(m: int, k: int, n: int, *, seconds: float) -> float:
-    """Measured twin of ``CpuRates.linear_s``: ``nn.Linear(k, n)`` (with bias) on ``m`` rows,
-    forward and backward."""
+def linear_work(m: int, k: int, n: int) -> Callable[[], None]:
+    """``nn.Linear(k, n)`` (with bias) on ``m`` rows, forward and backward, one call."""
     linear = torch.nn.Linear(k, n)
     x = torch.randn(m, k, requires_grad=True)
     grad = torch.randn(m, n)
@@ -141,7 +188,20 @@ def measure_linear_time_s(m: int, k: int, n: int, *, seconds: float) -> float:
             tensor.grad = None
         linear(x).backward(grad)
 
-    return timed_s(train, seconds=seconds)
+    return train
+
+
+def measure_linear_time_s(m: int, k: int, n: int, *, seconds: float) -> float:
+    """Measured twin of ``CpuRates.linear_s``: ``nn.Linear(k, n)`` (with bias) on ``m`` rows,
+    forward and backward."""
+    return timed_s(linear_work(m, k, n), seconds=seconds)
+
+
+def measure_linear_curve_s(shapes: Sequence[tuple[int, int, int]], *, seconds: float, rounds: int = 3
+                           ) -> list[float]:
+    """:func:`measure_linear_time_s` of every shape, measured round-robin (:func:`timed_rounds_s`)
+    within ``seconds`` in all: the points the nn.Linear curve is fitted to."""
+    return timed_rounds_s([linear_work(m, k, n) for m, k, n in shapes], seconds=seconds, rounds=rounds)
 
 
 def measure_memory_time_s(num_bytes: int, *, seconds: float) -> float:
@@ -470,6 +530,28 @@ def gpt_stack_work(batch: int, seq: int, hidden: int, heads: int, num_layers: in
             output.backward(grad)
 
     return train
+
+
+def measure_gpt_stack_pair_s(batch: int, seq: int, hidden: int, heads: int, *, num_layers: int,
+                             num_microbatches: int, seconds: float, forward_only: bool = False
+                             ) -> tuple[float, float]:
+    """(a block alone, the block in a stack of ``num_layers`` over ``num_microbatches``), seconds
+    per layer and microbatch, measured in alternation (:func:`timed_pair_s`) for ``seconds``: a
+    quarter as many calls of the block alone as the stack runs layer-microbatches, then one of the
+    stack (after one warm-up call of each)."""
+    units = num_layers * num_microbatches
+    calls = max(1, units // 4)
+    block = gpt_stack_work(batch, seq, hidden, heads, 1, 1, forward_only=forward_only)
+    stack = gpt_stack_work(batch, seq, hidden, heads, num_layers, num_microbatches, forward_only=forward_only)
+
+    def blocks() -> None:
+        for _ in range(calls):
+            block()
+
+    block()
+    stack()
+    alone, stacked = timed_pair_s(blocks, stack, seconds=seconds, warm_up=False)
+    return alone / calls, stacked / units
 
 
 def measure_gpt_stack_time_s(batch: int, seq: int, hidden: int, heads: int, *, num_layers: int = 1,

@@ -48,6 +48,7 @@ import logging
 import math
 import os
 import socket
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -488,10 +489,13 @@ def fit_activation_reread_forward_s_per_byte(points: Sequence[Mapping[str, Any]]
 
 
 def _fit_through_zero(rows: Sequence[tuple[float, float]]) -> float:
-    """Least squares through 0 of ``y = a x``, never negative; 0 without rows."""
-    if not rows:
-        return 0.0
-    return max(0.0, sum(x * y for x, y in rows) / sum(x * x for x, _ in rows))
+    """``a`` of ``y = a x`` through 0: the median of the rows' ``y / x``, never negative; 0 without
+    rows. The median, not least squares: the stack's extra over a block alone is 0–18 % of it, the
+    size of one measurement's noise, and least squares follows the largest shape's (MEASURED over
+    ten calibrations of a 2-core KVM Xeon: 0.2–3.5 × 10⁻¹⁰ s/byte by least squares, 0.7–3.0 by
+    the median)."""
+    slopes = [y / x for x, y in rows if x > 0]
+    return max(0.0, statistics.median(slopes)) if slopes else 0.0
 
 
 # --- the quick measurement's cache ------------------------------------------------------------------
