@@ -55,6 +55,10 @@ def calibration_row(profile: LocalProfile, errors: list[float]) -> dict[str, Any
             "machine_speed": profile.measurements.get("environment", {}).get("machine_speed")}
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
 def _markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     signed = [r["signed_median_error_pct"] for r in rows]
     lines = [
@@ -66,10 +70,17 @@ def _markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
         f"{env['measured_commit']}).", "",
         f"**Signed median error from {min(signed):+.1f} to {max(signed):+.1f} %** over the calibrations "
         f"(spread {max(signed) - min(signed):.1f} points).", "",
-        "| calibrated at | signed median % | median abs % | max abs % | too fast | nn.Linear T | re-read "
-        "ps/byte | share 2 | share 4 |", "|---|---|---|---|---|---|---|---|---|"]
+        "The machine's speed probe (``measure_machine_speed``: GPT block + 64 MiB copy per wall second) at "
+        "each calibration's start and end is shown beside it; the measured run was timed while the probe "
+        f"read {env.get('measured_speed_reference') or 'an unrecorded speed'} (± 6 %). A calibration taken "
+        "while the machine runs faster than it did then predicts those steps too fast for that reason alone.",
+        "",
+        "| calibrated at | probe start / end | signed median % | median abs % | max abs % | too fast | "
+        "nn.Linear T | re-read ps/byte | share 2 | share 4 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['created']} | {r['signed_median_error_pct']:+.1f} | "
+        speed = r.get("machine_speed") or {}
+        probe = " / ".join(f"{speed[k]:.1f}" if speed.get(k) else "–" for k in ("start", "end"))
+        lines.append(f"| {r['created']} | {probe} | {r['signed_median_error_pct']:+.1f} | "
                      f"{r['median_abs_error_pct']:.1f} | {r['max_abs_error_pct']:.1f} | "
                      f"{r['share_predicted_too_fast']:.0%} | "
                      f"{r['linear_tile_dim']:.3g} | {r['activation_reread_s_per_byte'] * 1e12:.0f} | "
@@ -99,7 +110,8 @@ def main() -> None:
         "count": args.count, "seconds": args.seconds,
         "measured": os.path.relpath(args.measured, RESULTS.parent.parent),
         "measured_commit": measured["environment"]["autopar_commit"],
-        "num_steps_measured": len(measured["rows"])}
+        "num_steps_measured": len(measured["rows"]),
+        "measured_speed_reference": _rounded(measured["environment"].get("speed_reference"))}
     _atomic_write(RESULTS / "calibration_repeatability.json",
                   json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
     _atomic_write(RESULTS / "calibration_repeatability.md", _markdown(rows, env))
