@@ -99,10 +99,8 @@ two microbatches' graphs.
 With one microbatch and full recomputation the gradients grow through the backward faster than
 the checkpoints are freed, so the peak comes late, in the first layer's backward, before its and the
 embedding's gradients exist (:func:`_first_gradients_share`; COUNTED dp 2 + recomputation, GPT 8 ×
-256, b 4: GRAD 44.2 of 56.5 MiB at the peak). There the MLP's two moments tie to the byte (fc2's
-weight gradient becomes a gradient as the GELU's input gradient replaces its freed output), and which
-one MemTracker reports rests on a bias gradient of ``h`` elements: this model takes the first
-(measured there: the second, ACT 28.06 and TEMP 17 sbh where the model says 32.05 and 15).
+256, b 4: GRAD 44.2 of 56.5 MiB at the peak). There the GELU's backward is the peak, one fc2 bias
+gradient (``h`` elements) above fc2's own (:func:`layer_backward_moments`).
 
 MEASURED on 2 gloo ranks (GPT 4 layers, h 128, a 4, s 64, V 1024, batch 16 in 4 microbatches;
 ``report()``, units of one microbatch's sbh), model vs MemTracker, ACT and TEMP: pp 2 GPipe rank 0
@@ -166,7 +164,7 @@ def saved_layer_bytes(layer: LayerProfile, *, microbatch_size: int, tp: int, fus
 
 def layer_backward_moments(layer: LayerProfile, *, microbatch_size: int, tp: int, bytes_per_element: int,
                            accumulating: bool, saved: float, ring: bool = False,
-                           sequence_parallel: bool = False, unfused: bool = False
+                           sequence_parallel: bool = False, unfused: bool = False, recomputed: bool = False
                            ) -> list[tuple[float, float, float]]:
     """(activations, temporaries, gradients) bytes a layer's backward adds at its widest moments
     (module docstring; activations negative where freed; ``saved``: what the layer saved): the MLP's
@@ -180,13 +178,20 @@ def layer_backward_moments(layer: LayerProfile, *, microbatch_size: int, tp: int
     ``unfused`` attention (tensor parallelism runs it on every head, ``local.compute``) also its
     softmax's backward, once all but the layer's input, its first LayerNorm's output, q, k and the
     probabilities are freed: the probabilities' gradient and the scores' (``a·s/h`` sbh each), dV and
-    the residual stream's gradient (1 each). A layer of unknown shape: what its forward writes, ÷ t."""
+    the residual stream's gradient (1 each). A ``recomputed`` layer's first backward also has the
+    GELU's: fc2's saved input freed (``−f/(h t)`` sbh), its input gradient and the GELU's (``f/(h t)``
+    each) held, fc2's weight and bias gradients landed — one bias gradient above the MLP's second
+    linear's moment, so MemTracker reports it (COUNTED, dp 4 + full recomputation, GPT 8 × 256,
+    s 128, b 4: ACT 28.08 and TEMP 17 sbh, 1 KiB above fc2's moment at ACT 32.08, TEMP 15).
+    A layer of unknown shape: what its forward writes, ÷ t."""
     h, f, s = layer.hidden_size, layer.ffn_size, layer.seq_len
     if h is None or f is None or s is None:
         return [(0.0, layer.activation_bytes * microbatch_size / tp, 0.0)]
     sbh = microbatch_size * s * h * bytes_per_element
     wide, weight = sbh * f / (h * tp), h * f / tp * bytes_per_element
     moments = [(0.0, wide + weight, 0.0), (-2 * wide, wide + sbh + weight, 0.0 if accumulating else weight)]
+    if recomputed and not accumulating:  # the GELU's backward, fc2's input freed, its gradients landed
+        moments.append((-wide, 2 * wide, weight + h * bytes_per_element))
     later = 0.0 if accumulating else (2 * h * f + h * h) / tp * bytes_per_element  # MLP, projection
     if unfused and layer.num_heads is not None:
         scores = sbh * layer.num_heads * s / h
@@ -356,7 +361,8 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
             by_stage[stage.index] += sbh if full else saved
             recomputed = max(recomputed, saved if full else 0.0)
             shape = dict(microbatch_size=b, tp=t, bytes_per_element=e, saved=saved, ring=ring,
-                         sequence_parallel=sp, unfused=not ring and (t > 1 or not profile.fused_attention))
+                         sequence_parallel=sp, unfused=not ring and (t > 1 or not profile.fused_attention),
+                         recomputed=full)
             fresh += layer_backward_moments(layer, accumulating=False, **shape)
             adding += layer_backward_moments(layer, accumulating=True, **shape)
             kept += weight_step_kept_bytes(layer, microbatch_size=b, tp=t, bytes_per_element=e)
@@ -395,7 +401,8 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
         moments, bases = _interleaved_moments(plan, stage_indices, stored=by_stage, head=head, logits=logits,
                                               sbh=sbh, gradients_bytes=gradients_bytes)
     for act, temp, grads in bases:
-        layer_moments = (adding if grads else fresh) or [(0.0, 0.0, 0.0)]
+        # one microbatch: the layer's own gradients are new even late in the backward
+        layer_moments = (adding if grads and m > 1 else fresh) or [(0.0, 0.0, 0.0)]
         moments += [(act + d_act, temp + entering + d_temp, grads + d_grads)
                     for d_act, d_temp, d_grads in layer_moments]
     if sched.name == "zero_bubble" and len(stage_indices) == 1 and stage_indices[0] > 0:
