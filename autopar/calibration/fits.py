@@ -171,6 +171,7 @@ def cpu_rates(single: dict[str, Any], group: dict[str, Any], *, num_cores: int, 
         op_overhead_s=single["training_op_overhead_s"], optimizer_s_per_param=per_param,
         optimizer_s_per_tensor=per_tensor, dtensor_dispatch_s=group["dtensor"]["dispatch_s"],
         dtensor_optimizer_s_per_tensor=group["dtensor"]["optimizer_s_per_tensor"],
+        dtensor_optimizer_s_per_param=group["dtensor"].get("optimizer_s_per_param", 0.0),
         runtime_step_s=per_step, runtime_microbatch_s=per_microbatch,
         collectives=tuple((p["kind"], p["num_ranks"], float(p["size_bytes"]), p["time_s"])
                           for p in group["collectives"]),

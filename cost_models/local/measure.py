@@ -377,8 +377,9 @@ def _one_rank_mesh() -> Iterator[Any]:
 def measure_dtensor_overhead_s(*, seconds: float, num_ops: int = 50, num_tensors: int = 64,
                                mesh: Any = None) -> dict[str, float]:
     """Per-op DTensor dispatch (forward + backward of a tiny multiply, replicated minus plain) and
-    the extra AdamW time per DTensor parameter; thread CPU time, no communication involved. Without
-    ``mesh``, on a one-rank mesh of this process."""
+    the extra AdamW time of DTensor parameters, per tensor and per element (tensors of 256 and of
+    65,536 elements); thread CPU time, no communication involved. Without ``mesh``, on a one-rank
+    mesh of this process."""
     if mesh is None:
         with _one_rank_mesh() as own:
             return measure_dtensor_overhead_s(seconds=seconds, num_ops=num_ops, num_tensors=num_tensors,
@@ -396,14 +397,20 @@ def measure_dtensor_overhead_s(*, seconds: float, num_ops: int = 50, num_tensors
     def replicated(t: torch.Tensor) -> torch.Tensor:
         return DTensor.from_local(t, mesh, [Replicate()])
 
-    part = seconds / 4
+    part = seconds / 6
     plain = torch.ones(4, requires_grad=True)
     shared = replicated(torch.ones(4)).requires_grad_(True)
     per_op = (timed_s(chain(shared), seconds=part) - timed_s(chain(plain), seconds=part)) / num_ops
-    small = 256
-    extra = (measure_optimizer_time_s(num_tensors * small, tensor_numel=small, seconds=part, wrap=replicated)
-             - measure_optimizer_time_s(num_tensors * small, tensor_numel=small, seconds=part))
-    return {"dispatch_s": max(per_op, 0.0), "optimizer_s_per_tensor": max(extra / num_tensors, 0.0)}
+
+    def extra_per_tensor(numel: int, count: int) -> float:
+        wrapped = measure_optimizer_time_s(count * numel, tensor_numel=numel, seconds=part, wrap=replicated)
+        return (wrapped - measure_optimizer_time_s(count * numel, tensor_numel=numel, seconds=part)) / count
+
+    small, large = 256, 65536  # the extra grows with the tensor: two sizes give per tensor and per element
+    at_small, at_large = extra_per_tensor(small, num_tensors), extra_per_tensor(large, num_tensors // 4)
+    per_param = max(0.0, (at_large - at_small) / (large - small))
+    return {"dispatch_s": max(per_op, 0.0), "optimizer_s_per_param": per_param,
+            "optimizer_s_per_tensor": max(at_small - small * per_param, 0.0)}
 
 
 # --- several ranks, as threads of this process ----------------------------------------------------

@@ -61,9 +61,10 @@ ELEMENTWISE_OPS = ("layer_norm", "gelu", "add", "copy", "cross_entropy")
 COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
 log = logging.getLogger("autopar.cost_models")
 QUICK_FORMAT = "autopar-quick-rates"
-QUICK_VERSION = 8  # 3: collectives timed as the median repeat, not the fastest; 4: sync waits;
+QUICK_VERSION = 9  # 3: collectives timed as the median repeat, not the fastest; 4: sync waits;
 # 5: ring blocks, 64 MiB collectives into fresh outputs, fresh pages; 6: the forward's share of the re-read;
-# 7: core sharing measured with 2 and 4 processes whatever the cores; 8: ring exchanges after compute
+# 7: core sharing measured with 2 and 4 processes whatever the cores; 8: ring exchanges after compute;
+# 9: DTensor AdamW per parameter
 MMAP_THRESHOLD_BYTES = 32 * 2**20
 """glibc's largest dynamic ``M_MMAP_THRESHOLD`` on 64-bit Linux (``DEFAULT_MMAP_THRESHOLD_MAX``):
 torch's CPU tensors beyond it are mapped afresh on every allocation."""
@@ -143,6 +144,11 @@ class CpuRates:
     gloo moves those bytes in its transport thread, which competes with the busy processes for the
     cores (MEASURED, 4 ranks on 2 cores, cp 2 × dp 2: about 6.7 ms of step time per exchange where the
     all-reduce's waits said ~1.6). Empty in an older profile: the all-reduce's waits stand in."""
+    dtensor_optimizer_s_per_param: float = 0.0
+    """MEASURED extra AdamW seconds per DTensor parameter element beyond the per-tensor dispatch
+    (``measure.measure_dtensor_overhead_s``: the extra grows with the tensor, MEASURED one rank of a
+    2-core KVM Xeon: 0.20 ms per 256-element tensor, 0.32 ms at 65,536, 0.58 ms at 262,144 — the
+    runtime's dp 2 AdamW step took 77 ms against 37 ms plain); 0 in an older profile."""
     activation_reread_forward_s_per_byte: float = 0.0
     """FITTED part of ``activation_reread_s_per_byte`` that the forward pays
     (:func:`fit_activation_reread_forward_s_per_byte`); 0 in an older profile (all in the backward)."""
@@ -234,7 +240,8 @@ class CpuRates:
         """AdamW (torch's per-tensor loop, as on CPU) over ``num_params`` in ``num_tensors`` tensors;
         DTensor parameters pay the DTensor dispatch on every per-tensor op."""
         per_tensor = self.optimizer_s_per_tensor + (self.dtensor_optimizer_s_per_tensor if dtensor else 0.0)
-        return num_params * self.optimizer_s_per_param + num_tensors * per_tensor
+        per_param = self.optimizer_s_per_param + (self.dtensor_optimizer_s_per_param if dtensor else 0.0)
+        return num_params * per_param + num_tensors * per_tensor
 
     # --- communication and sharing -------------------------------------------------------
     def _measured_ranks(self, kind: str, num_ranks: int) -> int:
@@ -321,7 +328,7 @@ class CpuRates:
         """Inverse of :meth:`to_dict`; unknown or missing keys raise ValueError."""
         names = {f.name for f in dataclasses.fields(cls)}
         for name, empty in (("sync_waits", ()), ("exchange_waits", ()), ("ring_blocks", ()),
-                            ("fresh_page_s_per_byte", 0.0),
+                            ("fresh_page_s_per_byte", 0.0), ("dtensor_optimizer_s_per_param", 0.0),
                             ("activation_reread_forward_s_per_byte", 0.0)):
             if isinstance(data, Mapping) and name not in data:  # a profile saved before the measurement
                 data = {**data, name: empty}
@@ -418,6 +425,7 @@ class CpuRates:
             optimizer_s_per_tensor=max(small - per_param * small_numel, 0.0),
             dtensor_dispatch_s=raw["dtensor"]["dispatch_s"],
             dtensor_optimizer_s_per_tensor=raw["dtensor"]["optimizer_s_per_tensor"], runtime_step_s=0.0,
+            dtensor_optimizer_s_per_param=raw["dtensor"].get("optimizer_s_per_param", 0.0),
             runtime_microbatch_s=RUNTIME_MICROBATCH_OPS * overhead,
             collectives=tuple((p["kind"], p["num_ranks"], float(p["size_bytes"]), p["time_s"])
                               for p in raw["collectives"]),

@@ -205,9 +205,13 @@ def test_cpu_rates_fit_known_per_parameter_and_per_step_costs() -> None:
         "copy": {"bytes": 1e9, "time_s": 0.1}, "training_op_overhead_s": 5e-6, "transformer_layer": [],
         "optimizer": {"large_tensors": tensors(2**18, 32), "small_tensors": tensors(4096, 256)}}
     group = {"shares": [{"num_processes": 1, "layers_per_cpu_s": [4.0], "copy_bytes_per_s": [8.0]}],
-             "dtensor": {"dispatch_s": 3e-5, "optimizer_s_per_tensor": 1e-4}, "collectives": [],
+             "dtensor": {"dispatch_s": 3e-5, "optimizer_s_per_tensor": 1e-4, "optimizer_s_per_param": 1.5e-9},
+             "collectives": [],
              "runtime": {"step_s_by_microbatches": {"2": 0.005 + 2 * 0.001, "6": 0.005 + 6 * 0.001}}}
     rates = cpu_rates(single, group, num_cores=2, source="test")
+    # AdamW through DTensor pays per tensor and per element beyond the plain loop
+    extra = rates.optimizer_s(1e6, 10, dtensor=True) - rates.optimizer_s(1e6, 10, dtensor=False)
+    assert extra == pytest.approx(10 * 1e-4 + 1e6 * 1.5e-9)
     assert rates.linear_peak_flops_per_s == pytest.approx(100e9)
     assert rates.linear_tile_dim == pytest.approx(8.0)
     assert rates.optimizer_s_per_param == pytest.approx(3e-9)
