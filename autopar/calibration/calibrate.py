@@ -42,6 +42,7 @@ from autopar.calibration.fits import (
     fit_matmul_curve,
     fit_matmul_peak,
     layer_check,
+    rows_by_count,
 )
 from autopar.calibration.group import measure_group
 from autopar.calibration.ops import (
@@ -410,14 +411,14 @@ def _share_rows(rows: list[dict[str, Any]]) -> tuple[ProcessShare, ...]:
     """One ``ProcessShare`` per busy-process count (the repeated one-process row only sets the
     baseline, ``fits.alone_rate``)."""
     base_matmul, base_copy = alone_rate(rows, "matmul_flops_per_s"), alone_rate(rows, "copy_bytes_per_s")
-    alone = ProcessShare(num_processes=1, matmul_fraction=1.0, copy_fraction=1.0)
-    shares: dict[int, ProcessShare] = {1: alone}
-    for row in rows:
-        shares.setdefault(row["num_processes"], ProcessShare(
-            num_processes=row["num_processes"],
-            matmul_fraction=statistics.fmean(row["matmul_flops_per_s"]) / base_matmul,
-            copy_fraction=statistics.fmean(row["copy_bytes_per_s"]) / base_copy))
-    return tuple(shares[n] for n in sorted(shares))
+    def share(row: dict[str, Any]) -> ProcessShare:
+        if row["num_processes"] == 1:
+            return ProcessShare(num_processes=1, matmul_fraction=1.0, copy_fraction=1.0)
+        return ProcessShare(num_processes=row["num_processes"],
+                            matmul_fraction=statistics.fmean(row["matmul_flops_per_s"]) / base_matmul,
+                            copy_fraction=statistics.fmean(row["copy_bytes_per_s"]) / base_copy)
+
+    return tuple(share(row) for row in rows_by_count(rows))
 
 
 def profile_id(single: dict[str, Any], group: dict[str, Any]) -> str:

@@ -122,6 +122,15 @@ def alone_rate(rows: Sequence[dict[str, Any]], key: str) -> float:
     return max(row[key][0] for row in rows if row["num_processes"] == 1)
 
 
+def rows_by_count(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first core-sharing row of each busy-process count, by count (the repeated one-process
+    row only sets the baseline, :func:`alone_rate`)."""
+    first: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        first.setdefault(row["num_processes"], row)
+    return [first[n] for n in sorted(first)]
+
+
 def compute_shares(rows: Sequence[dict[str, Any]], *, num_cores: int) -> tuple[tuple[int, float, float], ...]:
     """``(n, compute, copy)`` per busy-process count: compute = the transformer layer's rate per CPU
     second relative to one process alone (cache and memory contention; at most 1: sharing never
@@ -131,13 +140,15 @@ def compute_shares(rows: Sequence[dict[str, Any]], *, num_cores: int) -> tuple[t
     relative to one process alone (at most 1). The repeated one-process row only sets the baseline
     (:func:`alone_rate`)."""
     layers, copies = alone_rate(rows, "layers_per_cpu_s"), alone_rate(rows, "copy_bytes_per_s")
-    shares: dict[int, tuple[int, float, float]] = {1: (1, 1.0, 1.0)}
-    for row in rows:
+
+    def share(row: dict[str, Any]) -> tuple[int, float, float]:
         n = row["num_processes"]
-        if n not in shares:
-            compute = min(1.0, statistics.fmean(row["layers_per_cpu_s"]) / layers) * min(1.0, num_cores / n)
-            shares[n] = (n, compute, min(1.0, statistics.fmean(row["copy_bytes_per_s"]) / copies))
-    return tuple(shares[n] for n in sorted(shares))
+        if n == 1:
+            return (1, 1.0, 1.0)
+        compute = min(1.0, statistics.fmean(row["layers_per_cpu_s"]) / layers) * min(1.0, num_cores / n)
+        return (n, compute, min(1.0, statistics.fmean(row["copy_bytes_per_s"]) / copies))
+
+    return tuple(share(row) for row in rows_by_count(rows))
 
 
 def cpu_rates(single: dict[str, Any], group: dict[str, Any], *, num_cores: int, source: str) -> CpuRates:
