@@ -111,7 +111,7 @@ class CalibrationConfig:
     cold_pool_bytes: int = 256 * MIB
     elementwise_elements: int = 2**20
     op_elements: tuple[int, ...] = (2**16, 2**19, 2**22)
-    cross_entropy_elements: tuple[int, ...] = (2**20, 2**22, 2**24)
+    cross_entropy_elements: tuple[int, ...] = (2**20, 2**22, 2**23, 2**24)  # 2^23: at the mmap threshold
     attention_shapes: tuple[tuple[int, int, int, int], ...] = (
         (4, 8, 128, 32), (8, 8, 128, 32), (4, 16, 256, 64), (2, 16, 512, 64))
     math_attention_shapes: tuple[tuple[int, int, int, int], ...] = ((4, 8, 128, 32), (2, 16, 256, 64))

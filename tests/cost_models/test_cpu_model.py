@@ -15,7 +15,7 @@ from autopar.config import Fix
 from autopar.cost_models import CostOptions, ModelProfile, estimate, simulate, stage_costs
 from autopar.cost_models.local.compute import DTENSOR_TP, transformer_layer_part
 from autopar.cost_models.local.profile import LinkFit, LocalProfile, ProcessShare, save_profile
-from autopar.cost_models.local.rates import CpuRates, OpTable
+from autopar.cost_models.local.rates import MMAP_THRESHOLD_ELEMENTS, CpuRates, OpTable
 from autopar.cost_models.local.shared_cores import simulate_shared
 from autopar.cost_models.megatron import megatron_plan, megatron_profile
 from autopar.cost_models.schedule import StageTimes
@@ -49,6 +49,17 @@ def test_op_table_interpolates_in_log_size_and_clamps() -> None:
     assert table.seconds(0) == (0.0, 0.0)
     with pytest.raises(ValueError, match="positive"):
         OpTable(points=((1e4, -1.0, 1.0),))
+
+
+def test_op_table_does_not_interpolate_across_the_mmap_threshold() -> None:
+    """Beyond glibc's mmap threshold every output is new memory: a step, not a slope in log size."""
+    at = float(MMAP_THRESHOLD_ELEMENTS)
+    table = OpTable(points=((at / 2, 1 * NS, 2 * NS), (at, 3 * NS, 7 * NS), (2 * at, 3 * NS, 8 * NS)))
+    assert table.seconds(at) == pytest.approx((3 * NS * at, 4 * NS * at))
+    assert table.seconds(0.75 * at) == pytest.approx((1 * NS * 0.75 * at, 1 * NS * 0.75 * at))  # below: its own
+    assert table.seconds(1.5 * at)[0] == pytest.approx(3 * NS * 1.5 * at)
+    below_only = OpTable(points=((at / 4, 1 * NS, 2 * NS), (at / 2, 2 * NS, 4 * NS)))
+    assert below_only.seconds(4 * at) == pytest.approx((2 * NS * 4 * at, 2 * NS * 4 * at))  # none beyond: clamped
 
 
 def test_collectives_are_measured_points_joined_by_lines() -> None:

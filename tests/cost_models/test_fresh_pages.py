@@ -17,7 +17,8 @@ NS = 1e-9
 
 def test_only_tensors_beyond_the_mmap_threshold_pay_and_old_profiles_pay_nothing() -> None:
     rates = dataclasses.replace(CpuRates.placeholders(2), fresh_page_s_per_byte=0.3 * NS)
-    assert rates.fresh_s(MMAP_THRESHOLD_BYTES) == 0.0  # the heap reuses freed memory up to here
+    assert rates.fresh_s(MMAP_THRESHOLD_BYTES - 4096) == 0.0  # the heap reuses freed memory below it
+    assert rates.fresh_s(MMAP_THRESHOLD_BYTES) == pytest.approx(MMAP_THRESHOLD_BYTES * 0.3 * NS)  # mapped
     assert rates.fresh_s(2 * MMAP_THRESHOLD_BYTES) == pytest.approx(2 * MMAP_THRESHOLD_BYTES * 0.3 * NS)
     old = {k: v for k, v in rates.to_dict().items() if k != "fresh_page_s_per_byte"}
     assert CpuRates.from_dict(old).fresh_s(1e9) == 0.0
