@@ -96,6 +96,18 @@ has no input gradient to compute: its W runs the whole backward, as in 1F1B. COU
 the logits of the microbatches whose input step is still to come, the current log-probabilities and
 two microbatches' graphs.
 
+A one-stage plan with a tied LM head has one more moment: the first microbatch's embedding
+backward, at the end of its backward. The head's contribution to the tied weight's gradient has
+waited since the loss (``TEMP``), the embedding's dense gradient joins it and their sum is
+allocated (3 tied-weight-sized ``TEMP`` tensors) while every other gradient exists (``GRAD``
+without the tied one); the other microbatches' activations are still held, and this one's output
+until its backward ends. With full recomputation's small checkpoints the gradients outweigh the
+activations a first loss backward holds, so this moment is the peak of several microbatches
+(COUNTED with MemTracker, cp 2 × dp 2 + full recomputation on 4 gloo ranks: GPT h 256, s 128,
+V 4096, 2 × 4: ACT 58.10 sbh = 8 checkpoints + 34 head + 16 output, TEMP 48 = 3 × 16, GRAD 16 sbh
+short; h 192, s 256, V 8192, 4 × 2: ACT 328.96 = 3 × 95.33 + 42.67, TEMP 96 = 3 × 32, GRAD 32 sbh
+short; the model counted 48 / 39 and 381.3 / 85.3, the first loss backward).
+
 With one microbatch and full recomputation the gradients grow through the backward faster than
 the checkpoints are freed, so the peak comes late, in the first layer's backward, before its and the
 embedding's gradients exist (:func:`_first_gradients_share`; COUNTED dp 2 + recomputation, GPT 8 ×
@@ -304,12 +316,16 @@ def interleaved_peak(*, rank: int, pp: int, virtual_stages: int, num_microbatche
 
 def _first_gradients_share(plan: Plan, profile: ModelProfile, stage_indices: tuple[int, ...]) -> float:
     """The share of the rank's parameters whose gradients its backward accumulates last: its first
-    layer's, and on the first stage the embedding's (and a tied LM head's)."""
+    layer's, and on the first stage the embedding's (a tied LM head's weight is the embedding's on
+    a one-stage plan, counted once; a pipelined plan's last stage holds a copy, whose gradient the
+    head's backward makes first)."""
     stages = [plan.stages[i] for i in stage_indices]
     layers = [layer for stage in stages for layer in profile.layers[stage.layers[0]:stage.layers[1]]]
-    embedding = (profile.embedding_params + profile.tied_head_params) if 0 in stage_indices else 0
-    total = sum(layer.param_count for layer in layers) + embedding + (
-        profile.head_params if len(plan.stages) - 1 in stage_indices else 0)
+    embedding = profile.embedding_params if 0 in stage_indices else 0
+    last = len(plan.stages) - 1
+    head = (profile.head_params + (profile.tied_head_params if profile.tied_embeddings and last > 0 else 0)
+            if last in stage_indices else 0)
+    total = sum(layer.param_count for layer in layers) + embedding + head
     return (embedding + (layers[0].param_count if layers else 0)) / total if total else 0.0
 
 
@@ -397,6 +413,9 @@ def cpu_activation_parts(plan: Plan, profile: ModelProfile, stage_indices: tuple
         current = output if n == 1 else 0.0  # one microbatch in flight: its output, until its backward ends
         bases.append(((n - 1) * (stored + head) + current + recomputed + inputs * (m - n + 1),
                       min(m - n + 2, m) * received + (sending if m > 1 else 0.0), late))
+    if tied:  # the first microbatch's embedding backward (module docstring)
+        moments.append(((n - 1) * (stored + head) + output, 3 * tied,
+                        max(0.0, gradients_bytes - tied / (par.dp * par.cp if plan.zero >= 2 else 1))))
     if sched.name == "interleaved" and len(stage_indices) > 1:
         moments, bases = _interleaved_moments(plan, stage_indices, stored=by_stage, head=head, logits=logits,
                                               sbh=sbh, gradients_bytes=gradients_bytes)

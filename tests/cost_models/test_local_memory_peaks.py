@@ -103,3 +103,19 @@ def test_one_stage_gpipe_keeps_every_microbatch_output_until_its_backward() -> N
     (two, _), _ = _predicted_sbh(Fix(dp=2, num_microbatches=2), global_batch=16, shape=shape)
     assert two * sbh_mib == pytest.approx(323.7, rel=0.05)
     assert two * sbh_mib == pytest.approx(one * 2 * sbh_mib, rel=0.05)  # 1 × 8: sbh twice as large
+
+
+@pytest.mark.parametrize("shape, microbatches, measured", [
+    # COUNTED with MemTracker (4 gloo ranks, cp 2 × dp 2 + full recomputation, global batch 16):
+    # ACT = the other microbatches' checkpoints and heads + this one's output; TEMP = 3 tied weights
+    (SHAPE_A, 2, (58.10, 48.0)),  # 2 × 4: 8 + 34 + 16 sbh; 3 × 16
+    (dict(num_layers=8, hidden_size=192, num_heads=6, vocab_size=8192, seq_len=256), 4,
+     (328.96, 96.0)),  # 4 × 2: 3 × 95.33 + 42.67 sbh; 3 × 32
+])
+def test_several_recomputed_microbatches_peak_at_the_first_embedding_backward(shape, microbatches,
+                                                                             measured) -> None:
+    """With small checkpoints the gradients outweigh a first loss backward's activations: the peak
+    is the first microbatch's embedding backward, the tied weight's gradient three times in TEMP."""
+    fix = Fix(cp=2, dp=2, recompute="full", num_microbatches=microbatches)
+    for got in _predicted_sbh(fix, global_batch=16, shape=shape, cp=2, world=4):
+        assert got == pytest.approx(measured, rel=0.02)
