@@ -9,7 +9,7 @@ import pytest
 
 from autopar.cost_models.local.compute import head_part
 from autopar.cost_models.local.measure import measure_fresh_page_s_per_byte
-from autopar.cost_models.local.rates import MMAP_THRESHOLD_BYTES, CpuRates
+from autopar.cost_models.local.rates import LOSS_GRADIENT_REFAULT_BYTES, MMAP_THRESHOLD_BYTES, CpuRates
 from autopar.cost_models.profile import LayerProfile, ModelProfile
 
 NS = 1e-9
@@ -50,8 +50,17 @@ def test_the_head_pays_for_every_new_logits_tensor_it_writes(tp: int) -> None:
 
     (fwd, bwd), (fwd0, bwd0) = head(rates), head(dataclasses.replace(rates, fresh_page_s_per_byte=0.0))
     # forward: the head's output (a vocabulary shard under tp); under tp the gathered logits'
-    # concatenation; backward: this rank's slice of the logits' gradient (no merged output: the
+    # concatenation; backward: the loss's gradient of the whole logits (the step's trimmed heap,
+    # ``loss_gradient_refault_s``) and under tp this rank's slice of it (no merged output: the
     # engine asks the schedule for none)
     expected_fwd = rate * (logit_bytes / tp + (logit_bytes if tp > 1 else 0))
     assert fwd - fwd0 == pytest.approx(expected_fwd)
-    assert bwd - bwd0 == pytest.approx(rate * logit_bytes / tp if tp > 1 else 0.0)
+    assert bwd - bwd0 == pytest.approx(rate * (logit_bytes + (logit_bytes / tp if tp > 1 else 0.0)))
+
+
+def test_the_loss_gradient_refaults_from_half_the_mmap_threshold() -> None:
+    rates = dataclasses.replace(CpuRates.placeholders(2), fresh_page_s_per_byte=0.3 * NS)
+    assert rates.loss_gradient_refault_s(LOSS_GRADIENT_REFAULT_BYTES - 4096) == 0.0
+    assert rates.loss_gradient_refault_s(LOSS_GRADIENT_REFAULT_BYTES) == pytest.approx(
+        LOSS_GRADIENT_REFAULT_BYTES * 0.3 * NS)
+    assert LOSS_GRADIENT_REFAULT_BYTES == MMAP_THRESHOLD_BYTES // 2
