@@ -421,8 +421,9 @@ def head_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: int, t
     """Final LayerNorm, the LM head (colwise under TP: logits all-gathered) and the cross-entropy
     over all logits (the engine asks the schedule for no merged output: no copy of the step's logits
     at its end). Every logits-sized tensor the head writes is new memory: its
-    page faults (:meth:`CpuRates.fresh_s`, beyond glibc's mmap threshold) are priced where it is
-    written; the cross-entropy's own are in its measured rates.
+    page faults (:meth:`CpuRates.fresh_s`, from glibc's mmap threshold on) are priced where it is
+    written; the cross-entropy's own are in its measured rates, and its gradient of the whole logits
+    refaults inside a step from half that size on (:meth:`CpuRates.loss_gradient_refault_s`).
     With sequence parallelism the norm runs on a sequence shard, its output is all-gathered for the
     head (backward: reduce-scattered, an all-reduce on gloo) and its two parameters' partial
     gradients are all-reduced. Not ``vocab_parallel`` (a pipelined plan keeps only the layers'
