@@ -437,8 +437,10 @@ def head_part(profile: ModelProfile, *, rates: CpuRates, microbatch_size: int, t
     logit_bytes = 4 * logits  # the loss reads fp32 logits
     head_t = tp if vocab_parallel else 1
     written = LayerTimes(forward_s=rates.fresh_s(logits / head_t * profile.bytes_per_element))
-    refault = LayerTimes(backward_input_s=rates.loss_gradient_refault_s(logit_bytes))  # the full logits' gradient
-    times += _linear(rates, tokens, h, vocab / head_t) + written + _op(rates, "cross_entropy", logits) + refault
+    # the loss's gradient of the whole logits
+    refault = LayerTimes(backward_input_s=rates.loss_gradient_refault_s(logit_bytes))
+    times += (_linear(rates, tokens, h, vocab / head_t) + written + _op(rates, "cross_entropy", logits)
+              + refault)
     if tp == 1:
         return CpuPart(times=times)
     times += _dispatch(rates, DTENSOR_TP.dispatches_outside_layers / 2)

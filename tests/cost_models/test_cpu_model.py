@@ -56,10 +56,12 @@ def test_op_table_does_not_interpolate_across_the_mmap_threshold() -> None:
     at = float(MMAP_THRESHOLD_ELEMENTS)
     table = OpTable(points=((at / 2, 1 * NS, 2 * NS), (at, 3 * NS, 7 * NS), (2 * at, 3 * NS, 8 * NS)))
     assert table.seconds(at) == pytest.approx((3 * NS * at, 4 * NS * at))
-    assert table.seconds(0.75 * at) == pytest.approx((1 * NS * 0.75 * at, 1 * NS * 0.75 * at))  # below: its own
+    below = 0.75 * at  # priced from the points below the threshold only
+    assert table.seconds(below) == pytest.approx((1 * NS * below, 1 * NS * below))
     assert table.seconds(1.5 * at)[0] == pytest.approx(3 * NS * 1.5 * at)
     below_only = OpTable(points=((at / 4, 1 * NS, 2 * NS), (at / 2, 2 * NS, 4 * NS)))
-    assert below_only.seconds(4 * at) == pytest.approx((2 * NS * 4 * at, 2 * NS * 4 * at))  # none beyond: clamped
+    # no point beyond the threshold: clamped to the last one, as before
+    assert below_only.seconds(4 * at) == pytest.approx((2 * NS * 4 * at, 2 * NS * 4 * at))
 
 
 def test_collectives_are_measured_points_joined_by_lines() -> None:
