@@ -106,7 +106,7 @@ class CalibrationConfig:
     single_fraction: float = 0.45
     matmul_shapes: tuple[Shape, ...] = transformer_shapes((256, 2048), (128, 256, 512, 1024))
     low_precision_shapes: tuple[Shape, ...] = transformer_shapes((1024,), (256, 1024))
-    linear_shapes: tuple[Shape, ...] = transformer_shapes((512, 2048), (128, 256, 512))
+    linear_shapes: tuple[Shape, ...] = transformer_shapes((64, 512, 2048), (128, 256, 512))  # 64: few tokens
     copy_bytes: int = 256 * MIB
     cold_pool_bytes: int = 256 * MIB
     elementwise_elements: int = 2**20

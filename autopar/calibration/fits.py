@@ -70,6 +70,28 @@ def fit_matmul_curve(points: Sequence[tuple[Shape, float]]) -> tuple[float, floa
     return fit_matmul_peak(points, tile_dim=tile), tile
 
 
+def fit_linear_curve(points: Sequence[tuple[Shape, float]]) -> tuple[float, float, float | None]:
+    """FITTED ``(P, T, T_m)`` of ``rate = P / (1 + T_m/m + T (1/k + 1/n))`` for ``nn.Linear``:
+    both roll-offs on :func:`fit_matmul_curve`'s log grid, P the least-squares log mean; with
+    fewer than two row counts measured, :func:`fit_matmul_curve`'s one roll-off and ``T_m`` None."""
+    if len({m for (m, _, _), _ in points}) < 2:
+        return (*fit_matmul_curve(points), None)
+    grid = [0.0] + [2 ** (i / 4) for i in range(-8, 41)]
+
+    def peak(tile: float, rows: float) -> float:
+        return math.exp(statistics.fmean(math.log(rate * (1 + rows / m + tile * (1 / k + 1 / n)))
+                                         for (m, k, n), rate in points))
+
+    def error(pair: tuple[float, float]) -> float:
+        tile, rows = pair
+        p = peak(tile, rows)
+        return sum((math.log(rate) - math.log(p / (1 + rows / m + tile * (1 / k + 1 / n)))) ** 2
+                   for (m, k, n), rate in points)
+
+    tile, rows = min(((t, r) for t in grid for r in grid), key=error)
+    return peak(tile, rows), tile, rows
+
+
 def ring_coefficients(kind: str, num_ranks: int, size_bytes: float) -> tuple[float, float]:
     """``(x, y)`` with ``t = x/B + y·α`` in ``comm``'s formulas for ``kind`` of a full buffer."""
     n = num_ranks
@@ -155,7 +177,7 @@ def cpu_rates(single: dict[str, Any], group: dict[str, Any], *, num_cores: int, 
     """:class:`CpuRates` from the raw calibration points (module docstring)."""
     linear = [((p["m"], p["k"], p["n"]), 6 * p["m"] * p["k"] * p["n"] / p["time_s"])
               for p in single["linear"]]
-    peak, tile = fit_matmul_curve(linear)
+    peak, tile, rows = fit_linear_curve(linear)
     flash = tuple((float(p["seq"]), float(p["head_dim"]), p["forward_flops_per_s"], p["train_flops_per_s"])
                   for p in single["attention"])
     math_points = [(p["forward_s"] / p["scores"], p["train_s"] / p["scores"])
@@ -173,7 +195,8 @@ def cpu_rates(single: dict[str, Any], group: dict[str, Any], *, num_cores: int, 
     per_microbatch, per_step = _two_terms(*steps[0], *steps[-1]) if len(steps) > 1 else (0.0, 0.0)
     shares = compute_shares(group["shares"], num_cores=num_cores)
     return CpuRates(
-        num_cores=num_cores, linear_peak_flops_per_s=peak, linear_tile_dim=tile, flash_attention=flash,
+        num_cores=num_cores, linear_peak_flops_per_s=peak, linear_tile_dim=tile, linear_token_tile_dim=rows,
+        flash_attention=flash,
         math_attention_s_per_score=tuple(statistics.median(x) for x in zip(*math_points, strict=True)),
         elementwise=tables, copy_bytes_per_s=single["copy"]["bytes"] / single["copy"]["time_s"],
         fresh_page_s_per_byte=single["copy"].get("fresh_page_s_per_byte", 0.0),

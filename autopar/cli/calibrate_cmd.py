@@ -92,8 +92,9 @@ def profile_table(profile: LocalProfile) -> Table:
                 " (one warm matmul: its shapes were too slow to fit)" if probe_only else "")
         table.add_row(f"matmul {dtype}: best measured / FITTED peak{note}",
                       f"{_rate(best[dtype], 'FLOP/s')} / {_rate(peak, 'FLOP/s')}")
+    rows = "" if cpu.linear_token_tile_dim is None else f", rows {cpu.linear_token_tile_dim:.3g}"
     table.add_row("nn.Linear fwd+bwd curve FITTED: peak, roll-off T",
-                  f"{_rate(cpu.linear_peak_flops_per_s, 'FLOP/s')}, {cpu.linear_tile_dim:.3g}")
+                  f"{_rate(cpu.linear_peak_flops_per_s, 'FLOP/s')}, {cpu.linear_tile_dim:.3g}{rows}")
     table.add_row("memory: large copy / elementwise",
                   f"{_rate(profile.memory_bandwidth_bytes_per_s, 'B/s')} / "
                   f"{_rate(profile.elementwise_bandwidth_bytes_per_s, 'B/s')}")

@@ -168,6 +168,11 @@ class CpuRates:
     (``measure.measure_dtensor_overhead_s``: the extra grows with the tensor, MEASURED one rank of a
     2-core KVM Xeon: 0.20 ms per 256-element tensor, 0.32 ms at 65,536, 0.58 ms at 262,144 — the
     runtime's dp 2 AdamW step took 77 ms against 37 ms plain); 0 in an older profile."""
+    linear_token_tile_dim: float | None = None
+    """FITTED roll-off of ``linear_s`` in the rows (tokens) alone: a per-call cost that grows with
+    the weight (``k·n``: MEASURED one thread of a 2-core KVM AMD EPYC, ``nn.Linear`` forward +
+    backward on 64 rows ran 20–36 % slower than a curve fitted to ≥ 512 rows priced, 2–6 % at 1,024
+    rows); None in an older profile, whose one roll-off serves every dimension."""
     activation_reread_forward_s_per_byte: float = 0.0
     """FITTED part of ``activation_reread_s_per_byte`` that the forward pays
     (:func:`fit_activation_reread_forward_s_per_byte`); 0 in an older profile (all in the backward)."""
@@ -195,10 +200,12 @@ class CpuRates:
 
     # --- compute -------------------------------------------------------------------------
     def linear_s(self, m: float, k: float, n: float) -> float:
-        """Forward + backward of a (m×k)(k×n) linear layer: ``6mkn`` FLOPs on the FITTED curve."""
+        """Forward + backward of a (m×k)(k×n) linear layer: ``6mkn`` FLOPs on the FITTED curve,
+        its rows' roll-off ``linear_token_tile_dim`` when the calibration fitted one."""
         if min(m, k, n) <= 0:
             return 0.0
-        rate = self.linear_peak_flops_per_s / (1 + self.linear_tile_dim * (1 / m + 1 / k + 1 / n))
+        rows = self.linear_tile_dim if self.linear_token_tile_dim is None else self.linear_token_tile_dim
+        rate = self.linear_peak_flops_per_s / (1 + rows / m + self.linear_tile_dim * (1 / k + 1 / n))
         return max(6 * m * k * n / rate, 3 * self.op_overhead_s)
 
     def flash_attention_s(self, flops_fwd: float, *, seq_len: float, head_dim: float) -> tuple[float, float]:
@@ -356,7 +363,7 @@ class CpuRates:
         names = {f.name for f in dataclasses.fields(cls)}
         for name, empty in (("sync_waits", ()), ("exchange_waits", ()), ("ring_blocks", ()),
                             ("fresh_page_s_per_byte", 0.0), ("dtensor_optimizer_s_per_param", 0.0),
-                            ("activation_reread_forward_s_per_byte", 0.0)):
+                            ("activation_reread_forward_s_per_byte", 0.0), ("linear_token_tile_dim", None)):
             if isinstance(data, Mapping) and name not in data:  # a profile saved before the measurement
                 data = {**data, name: empty}
         if not isinstance(data, Mapping) or set(data) != names:

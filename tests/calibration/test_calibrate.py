@@ -19,6 +19,7 @@ from autopar import calibration as cal
 from autopar.calibration.fits import (
     fit_activation_reread_s_per_byte,
     fit_alpha_beta,
+    fit_linear_curve,
     fit_matmul_curve,
     fit_matmul_peak,
     ring_coefficients,
@@ -229,6 +230,21 @@ def test_matmul_fits_recover_known_curves() -> None:
     assert flat_peak == pytest.approx(200e9) and flat_tile == 0.0
     # a flat measured curve seen through the model's T = 128 roll-off needs a higher peak
     assert fit_matmul_peak(points(200e9, 0.0)) > 200e9 * (1 + MATMUL_TILE_DIM * 3 / 4096)
+
+
+def test_linear_fit_recovers_a_separate_rows_roll_off() -> None:
+    """``nn.Linear``'s per-call cost grows with the weight: a roll-off in the rows of its own."""
+    shapes = cal.CalibrationConfig.preset(quick=False).linear_shapes
+    points = [((m, k, n), 100e9 / (1 + 32.0 / m + 4.0 * (1 / k + 1 / n))) for m, k, n in shapes]
+    peak, tile, rows = fit_linear_curve(points)
+    assert (peak, tile, rows) == pytest.approx((100e9, 4.0, 32.0), rel=1e-6)
+    rates = dataclasses.replace(CpuRates.placeholders(2), linear_peak_flops_per_s=peak, linear_tile_dim=tile,
+                                linear_token_tile_dim=rows)
+    assert rates.linear_s(64, 256, 1024) == pytest.approx(6 * 64 * 256 * 1024 / (100e9 / (1.5 + 4 * 5 / 1024)))
+    older = dataclasses.replace(rates, linear_token_tile_dim=None)  # one roll-off for every dimension
+    assert older.linear_s(64, 256, 1024) == pytest.approx(6 * 64 * 256 * 1024 / (100e9 / (1 + 4 * 21 / 1024)))
+    one_count = [((512, k, n), rate) for (m, k, n), rate in points if m == 512]
+    assert fit_linear_curve(one_count)[2] is None  # rows cannot be told apart: the old fit
 
 
 def test_activation_reread_fit_recovers_a_known_cost() -> None:
