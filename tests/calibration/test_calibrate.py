@@ -240,9 +240,10 @@ def test_linear_fit_recovers_a_separate_rows_roll_off() -> None:
     assert (peak, tile, rows) == pytest.approx((100e9, 4.0, 32.0), rel=1e-6)
     rates = dataclasses.replace(CpuRates.placeholders(2), linear_peak_flops_per_s=peak, linear_tile_dim=tile,
                                 linear_token_tile_dim=rows)
-    assert rates.linear_s(64, 256, 1024) == pytest.approx(6 * 64 * 256 * 1024 / (100e9 / (1.5 + 4 * 5 / 1024)))
+    flops = 6 * 64 * 256 * 1024
+    assert rates.linear_s(64, 256, 1024) == pytest.approx(flops / (100e9 / (1.5 + 4 * 5 / 1024)))
     older = dataclasses.replace(rates, linear_token_tile_dim=None)  # one roll-off for every dimension
-    assert older.linear_s(64, 256, 1024) == pytest.approx(6 * 64 * 256 * 1024 / (100e9 / (1 + 4 * 21 / 1024)))
+    assert older.linear_s(64, 256, 1024) == pytest.approx(flops / (100e9 / (1 + 4 * 21 / 1024)))
     one_count = [((512, k, n), rate) for (m, k, n), rate in points if m == 512]
     assert fit_linear_curve(one_count)[2] is None  # rows cannot be told apart: the old fit
 
