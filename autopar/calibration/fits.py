@@ -47,49 +47,47 @@ Shape = tuple[int, int, int]
 KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 
 
+ROLL_OFF_GRID = (0.0, *(2 ** (i / 4) for i in range(-8, 41)))
+"""The roll-off scales a curve fit tries: 0 and a log grid 0.25…1024."""
+
+
+def _slowdown(shape: Shape, tile: float, rows: float) -> float:
+    """``1 + T_m/m + T (1/k + 1/n)``: how much slower than the peak a ``(m, k, n)`` matmul runs."""
+    m, k, n = shape
+    return 1 + rows / m + tile * (1 / k + 1 / n)
+
+
+def _peak_and_error(points: Sequence[tuple[Shape, float]], tile: float, rows: float) -> tuple[float, float]:
+    """P as the least-squares log mean of ``rate · slowdown``, and the squared log error around it."""
+    logs = [math.log(rate * _slowdown(shape, tile, rows)) for shape, rate in points]
+    mean = statistics.fmean(logs)
+    return math.exp(mean), sum((x - mean) ** 2 for x in logs)
+
+
 def fit_matmul_peak(points: Sequence[tuple[Shape, float]], *, tile_dim: float = MATMUL_TILE_DIM) -> float:
     """FITTED peak P: least squares of ``log rate = log P − log(1 + T Σ 1/dim)`` over ``points``
     (``((m, k, n), flops_per_s)``)."""
     if not points:
         raise ValueError("no matmul measurements to fit a peak to")
-    logs = [math.log(rate * (1 + tile_dim * (1 / m + 1 / k + 1 / n))) for (m, k, n), rate in points]
-    return math.exp(statistics.fmean(logs))
+    return _peak_and_error(points, tile_dim, tile_dim)[0]
 
 
 def fit_matmul_curve(points: Sequence[tuple[Shape, float]]) -> tuple[float, float]:
-    """FITTED ``(P, T)`` with the roll-off scale free: T on a log grid 0.25…1024, P by
+    """FITTED ``(P, T)`` with the roll-off scale free: T on :data:`ROLL_OFF_GRID`, P by
     :func:`fit_matmul_peak`; the pair with the least squared log error."""
-
-    def error(tile: float) -> float:
-        peak = fit_matmul_peak(points, tile_dim=tile)
-        return sum((math.log(rate) - math.log(peak / (1 + tile * (1 / m + 1 / k + 1 / n)))) ** 2
-                   for (m, k, n), rate in points)
-
-    grid = [0.0] + [2 ** (i / 4) for i in range(-8, 41)]
-    tile = min(grid, key=error)
+    tile = min(ROLL_OFF_GRID, key=lambda t: _peak_and_error(points, t, t)[1])
     return fit_matmul_peak(points, tile_dim=tile), tile
 
 
 def fit_linear_curve(points: Sequence[tuple[Shape, float]]) -> tuple[float, float, float | None]:
     """FITTED ``(P, T, T_m)`` of ``rate = P / (1 + T_m/m + T (1/k + 1/n))`` for ``nn.Linear``:
-    both roll-offs on :func:`fit_matmul_curve`'s log grid, P the least-squares log mean; with
-    fewer than two row counts measured, :func:`fit_matmul_curve`'s one roll-off and ``T_m`` None."""
+    both roll-offs on :data:`ROLL_OFF_GRID`, P the least-squares log mean; with fewer than two row
+    counts measured, :func:`fit_matmul_curve`'s one roll-off and ``T_m`` None."""
     if len({m for (m, _, _), _ in points}) < 2:
         return (*fit_matmul_curve(points), None)
-    grid = [0.0] + [2 ** (i / 4) for i in range(-8, 41)]
-
-    def peak(tile: float, rows: float) -> float:
-        return math.exp(statistics.fmean(math.log(rate * (1 + rows / m + tile * (1 / k + 1 / n)))
-                                         for (m, k, n), rate in points))
-
-    def error(pair: tuple[float, float]) -> float:
-        tile, rows = pair
-        p = peak(tile, rows)
-        return sum((math.log(rate) - math.log(p / (1 + rows / m + tile * (1 / k + 1 / n)))) ** 2
-                   for (m, k, n), rate in points)
-
-    tile, rows = min(((t, r) for t in grid for r in grid), key=error)
-    return peak(tile, rows), tile, rows
+    tile, rows = min(((t, r) for t in ROLL_OFF_GRID for r in ROLL_OFF_GRID),
+                     key=lambda pair: _peak_and_error(points, *pair)[1])
+    return _peak_and_error(points, tile, rows)[0], tile, rows
 
 
 def ring_coefficients(kind: str, num_ranks: int, size_bytes: float) -> tuple[float, float]:
