@@ -53,7 +53,9 @@ class StageCost:
     """One stage (model chunk) per microbatch on one of its devices, split by cause: ``compute``,
     ``comm[kind]`` for each of :data:`COMM_KINDS` it has, the pipeline sends and the runtime's
     per-microbatch ``overhead_s``. ``expert_params_per_device``: the part of ``params_per_device``
-    that is expert parameters (all-reduced over ``dp/ep`` ranks, no ZeRO)."""
+    that is expert parameters (all-reduced over ``dp/ep`` ranks, no ZeRO). ``blocked_s`` (local CPU
+    clusters): the part of the comm and sends that is waiting for peers at collectives (the measured
+    sync waits), during which the process leaves its core to the others."""
 
     compute: LayerTimes
     comm: Mapping[str, CommTimes] = field(default_factory=dict)
@@ -63,6 +65,7 @@ class StageCost:
     params_per_device: float
     expert_params_per_device: float = 0.0
     hardware_flops: float
+    blocked_s: float = 0.0
 
     def __post_init__(self) -> None:
         assert set(self.comm) <= set(COMM_KINDS), f"unknown collective kinds {sorted(self.comm)}"

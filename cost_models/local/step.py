@@ -51,7 +51,10 @@ share cores drift apart and every collective waits for the later one, and a rank
 woken late (``measure.measure_sync_waits``; on a 2-core KVM Xeon 1–2 ms per meeting among 2
 processes, up to ~10 ms among 4). The wait goes to the phase of its collective (``tp_comm``,
 ``cp_comm``, ``ep_comm``, ``dp_comm``, ``pp_comm``). Before it was priced, every tensor-parallel
-plan was predicted 14–36 % too fast.
+plan was predicted 14–36 % too fast. A waiting process is blocked in gloo and leaves its core to
+the others: the waits of a stage's collectives and sends are its ``StageCost.blocked_s``, and the
+processor-sharing simulation lets the other processes compute faster meanwhile
+(``shared_cores``: blocked waits); this matters only with more processes than cores.
 
 Where measured steps and this model part (``compiled.report()``'s time by phase, measured inside
 real steps on gloo ranks; 2 ranks, GPT 4 layers × 128, V 1024, batch 8, at 09:20–09:50 on
@@ -288,14 +291,16 @@ def cpu_stage_costs(plan: Plan, profile: ModelProfile, rates: CpuRates) -> tuple
                            rates=rates, processes=plan.world_size, compute_s=compute_s)
         comm = {kind: times + waits.get(kind, CommTimes()) for kind, times in comm.items()}
         # a pipeline send meets the next stage's receive after a stage's forward or backward
-        send_forward, send_backward = (
-            send + _wait_s(rates, plan.world_size, group=2, interval_s=x, size_bytes=boundary)
-            for x in (t.forward_s, t.backward_s))
+        send_waits = [_wait_s(rates, plan.world_size, group=2, interval_s=x, size_bytes=boundary)
+                      for x in (t.forward_s, t.backward_s)]
+        send_forward, send_backward = (send + w for w in send_waits)
+        first, last = stage.index == 0, stage.index == len(plan.stages) - 1
+        blocked = (sum(w.total_s for w in waits.values()) + (0.0 if last else send_waits[0])
+                   + (0.0 if first else send_waits[1]))
         costs.append(StageCost(
             compute=part.times, comm=comm,
-            send_forward_s=send_forward if stage.index < len(plan.stages) - 1 else 0.0,
-            send_backward_s=send_backward if stage.index > 0 else 0.0, params_per_device=params,
-            hardware_flops=flops,
+            send_forward_s=0.0 if last else send_forward, send_backward_s=0.0 if first else send_backward,
+            params_per_device=params, hardware_flops=flops, blocked_s=blocked,
             overhead_s=rates.runtime_microbatch_s, expert_params_per_device=experts))
     return tuple(costs)
 
@@ -376,6 +381,17 @@ def _tails(plan: Plan, profile: ModelProfile, rates: CpuRates) -> list[tuple[flo
     return tails
 
 
+def _blocked(costs: tuple[StageCost, ...], pp: int) -> list[float]:
+    """Per pipeline rank, the fraction of its pipeline work blocked waiting for peers."""
+    fractions = []
+    for rank in range(pp):
+        mine = costs[rank::pp]
+        work = sum(t.forward_s + t.backward_s + t.backward_weight_s + t.recompute_s + t.send_forward_s
+                   + t.send_backward_s for t in (c.times() for c in mine))
+        fractions.append(min(1.0, sum(c.blocked_s for c in mine) / work) if work > 0 else 0.0)
+    return fractions
+
+
 def estimate_local(plan: Plan, profile: ModelProfile, rates: CpuRates) -> Predicted:
     """The step of ``plan`` on this machine's cores (module docstring)."""
     from autopar.plans import Predicted
@@ -387,7 +403,7 @@ def estimate_local(plan: Plan, profile: ModelProfile, rates: CpuRates) -> Predic
                           num_microbatches=sched.num_microbatches, virtual_stages=sched.virtual_stages,
                           tails=[sync + optimizer for sync, optimizer in tails],
                           weights=[par.dp * par.cp * par.tp] * par.pp, rate=lambda busy: rates.share(busy)[0],
-                          tail_rate=lambda busy: rates.share(busy)[1])
+                          tail_rate=lambda busy: rates.share(busy)[1], blocked=_blocked(costs, par.pp))
     r, m = run.critical_rank, sched.num_microbatches
     mine = costs[r::par.pp]
     c = sum((x.compute for x in mine), LayerTimes())

@@ -125,6 +125,21 @@ def test_shared_cores_spread_the_work_and_fill_pipeline_bubbles() -> None:
     assert solo.total_s == pytest.approx(12 + 3 * 3)  # m·W + (p−1)·W
 
 
+def test_blocked_waits_leave_their_cores_to_the_other_processes() -> None:
+    def cores(k: float) -> float:
+        return min(1.0, 2 / k)
+
+    one = [StageTimes(forward_s=0.5, backward_s=0.5)]  # one unit of work, a quarter of it blocked
+    kwargs = {"schedule": "gpipe", "pp": 1, "num_microbatches": 1, "rate": cores}
+    assert simulate_shared(one, weights=[4], **kwargs).total_s == pytest.approx(2.0)
+    assert simulate_shared(one, weights=[4], blocked=[0.0], **kwargs).total_s == pytest.approx(2.0)
+    # 4 processes on 2 cores, each blocked 0.25 / rate(4) = 0.5 s: computing 2.667 on average, at 0.75
+    # each, so 0.75 / 0.75 + 0.5 = 1.5 s (2 s if a blocked process kept its core)
+    assert simulate_shared(one, weights=[4], blocked=[0.25], **kwargs).total_s == pytest.approx(1.5, rel=1e-6)
+    # no more processes than cores: nobody gains a core from a blocked one
+    assert simulate_shared(one, weights=[2], blocked=[0.25], **kwargs).total_s == pytest.approx(1.0)
+
+
 def test_cpu_layer_is_a_sum_of_measured_operations() -> None:
     rates = _rates()
     layer = ModelProfile.gpt(autopar.models.get_config("gpt", num_layers=2, hidden_size=256, num_heads=8,
