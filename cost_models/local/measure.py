@@ -745,16 +745,22 @@ def measure_sync_waits(work: Callable[[], Any], *, group_sizes: Sequence[int], s
     ``processes``), the others idle.
 
     Per (group size, work between collectives, message size): ``free`` = mean over the busy ranks
-    of an iteration of ``work`` alone; ``synced`` = the slowest rank's iteration of ``work`` then
-    the collective; ``in_step_s = synced − free``. Beyond the collective alone (``collective_s``,
-    the slowest rank's median call after a barrier, kept for reference), it holds the arrival skew
-    of ranks that drift apart while they share cores and caches and the wake-up of a rank that
-    blocked in the collective: on a 2-core KVM Xeon about 1–2 ms per collective among 2
-    processes, 1–9 ms among 4 on the 2 cores. Bounded by ``seconds``: iteration counts follow from
-    the slowest rank's timing of one call, and a longer ``repeats`` level runs only while time is
-    left (rank 0 decides for all). ``kind="p2p"``: instead of the all-reduce, the pair exchange of
-    ring attention's hops (a send to and a receive from the other rank, groups of 2 only), which
-    gloo moves in its transport thread (``CpuRates.exchange_waits``); points carry their ``kind``."""
+    of an iteration of ``work`` alone (``interval_s``); ``in_step_s`` = the mean over the busy ranks
+    of the seconds an iteration spends inside the collective when it follows the work, timed around
+    the call in the same iterations (``loop_s`` = the slowest rank's iteration minus ``free``, kept
+    for reference: a difference of two loops timed seconds apart, which the machine's speed drift
+    spoils — COUNTED on a 2-core KVM AMD EPYC: the same work ran 79.7 then 92.8 ms per iteration a
+    few seconds apart, and such differences came out from −8 to +17 ms at 35–240 ms of work).
+    Beyond the collective alone (``collective_s``, the slowest rank's median call after a barrier,
+    kept for reference), it holds the arrival skew of ranks that drift apart while they share cores
+    and caches and the wake-up of a rank that blocked in the collective: on a 2-core KVM AMD EPYC
+    about 2–5 ms per collective among 2 processes, 3–20 ms among 4 on the 2 cores (while a rank
+    waits, the others use its core: ``shared_cores``' blocked waits). Bounded by ``seconds``:
+    iteration counts follow from the slowest rank's timing of one call, and a longer ``repeats``
+    level runs only while time is left (rank 0 decides for all). ``kind="p2p"``: instead of the
+    all-reduce, the pair exchange of ring attention's hops (a send to and a receive from the other
+    rank, groups of 2 only), which gloo moves in its transport thread (``CpuRates.exchange_waits``);
+    points carry their ``kind``."""
     if kind not in ("all_reduce", "p2p"):
         raise ValueError(f"kind = {kind!r}: expected 'all_reduce' or 'p2p'")
     ranks = ranks or GlooRanks.default()
@@ -859,14 +865,20 @@ def _sync_points(work: Callable[[], Any], reps: int, calls: int, sizes: Sequence
             for handle in works:
                 handle.wait()
 
-        def both(collective: Callable[[], None] = collective) -> None:
+        inside = [0.0]
+
+        def both(collective: Callable[[], None] = collective, inside: list[float] = inside) -> None:
             iteration()
+            start = time.perf_counter()
             collective()
+            inside[0] += time.perf_counter() - start
 
         table = max(ranks.every(statistics.median(timed(1, collective) for _ in range(max(3, calls)))))
+        inside[0] = 0.0
         synced = max(ranks.every(timed(calls, both)))
+        waited = statistics.fmean(ranks.every(inside[0] / calls)[:processes])
         points.append({**labels, "kind": kind, "interval_s": free, "size_bytes": size,
-                       "in_step_s": synced - free, "collective_s": table})
+                       "in_step_s": waited, "loop_s": synced - free, "collective_s": table})
     return points
 
 

@@ -153,16 +153,21 @@ class CpuRates:
     shares: tuple[tuple[int, float, float], ...]
     source: str
     sync_waits: tuple[tuple[int, int, float, float, float], ...] = ()
-    """MEASURED ``(processes, group size, interval_s, size_bytes, in_step_s)``: what a gloo all-reduce
-    of ``size_bytes`` adds to a training loop's iteration when it follows ``interval_s`` of work on
-    each of ``processes`` busy ranks, in disjoint groups of ``group size``
-    (``measure.measure_sync_waits``); empty in a profile older than the measurement."""
+    """MEASURED ``(processes, group size, interval_s, size_bytes, in_step_s)``: the seconds a rank
+    spends inside a gloo all-reduce of ``size_bytes`` (waiting for the later rank, and the transfer)
+    when it follows ``interval_s`` of work on each of ``processes`` busy ranks, in disjoint groups of
+    ``group size`` (``measure.measure_sync_waits``; in profiles before 2026-12-07 the iteration's
+    growth, a difference of two loops that the machine's speed drift spoiled); empty in a profile
+    older than the measurement."""
     exchange_waits: tuple[tuple[int, int, float, float, float], ...] = ()
     """MEASURED as ``sync_waits``, for the pair exchange ring attention makes at every hop (a send to
     and a receive from the other rank of a group of 2, ``measure.measure_sync_waits(kind="p2p")``):
     gloo moves those bytes in its transport thread, which competes with the busy processes for the
     cores (MEASURED, 4 ranks on 2 cores, cp 2 × dp 2: about 6.7 ms of step time per exchange where the
-    all-reduce's waits said ~1.6). Empty in an older profile: the all-reduce's waits stand in."""
+    all-reduce's waits said ~1.6; on a 2-core KVM AMD EPYC, 4 processes in pairs exchanging 1 MiB
+    after ~6 ms of work each: +2–3 ms of CPU time per process and exchange, the 2 cores 1.96–1.98
+    busy throughout), so the step model prices these waits as work, not as a blocked process
+    (``step.cpu_stage_costs``). Empty in an older profile: the all-reduce's waits stand in."""
     dtensor_optimizer_s_per_param: float = 0.0
     """MEASURED extra AdamW seconds per DTensor parameter element beyond the per-tensor dispatch
     (``measure.measure_dtensor_overhead_s``: the extra grows with the tensor, MEASURED one rank of a

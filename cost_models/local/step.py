@@ -54,7 +54,9 @@ processes, up to ~10 ms among 4). The wait goes to the phase of its collective (
 plan was predicted 14–36 % too fast. A waiting process is blocked in gloo and leaves its core to
 the others: the waits of a stage's collectives and sends are its ``StageCost.blocked_s``, and the
 processor-sharing simulation lets the other processes compute faster meanwhile
-(``shared_cores``: blocked waits); this matters only with more processes than cores.
+(``shared_cores``: blocked waits); this matters only with more processes than cores. A ring
+attention hop's exchange waits stay work: gloo's transport thread moves the bytes on the cores
+(``CpuRates.exchange_waits``).
 
 Where measured steps and this model part (``compiled.report()``'s time by phase, measured inside
 real steps on gloo ranks; 2 ranks, GPT 4 layers × 128, V 1024, batch 8, at 09:20–09:50 on
@@ -295,8 +297,10 @@ def cpu_stage_costs(plan: Plan, profile: ModelProfile, rates: CpuRates) -> tuple
                       for x in (t.forward_s, t.backward_s)]
         send_forward, send_backward = (send + w for w in send_waits)
         first, last = stage.index == 0, stage.index == len(plan.stages) - 1
-        blocked = (sum(w.total_s for w in waits.values()) + (0.0 if last else send_waits[0])
-                   + (0.0 if first else send_waits[1]))
+        # blocked: waits at collectives and sends; a ring hop's exchange is gloo's transport thread
+        # working (``CpuRates.exchange_waits``), not a process asleep
+        blocked = (sum(w.total_s for axis, w in waits.items() if axis != "cp")
+                   + (0.0 if last else send_waits[0]) + (0.0 if first else send_waits[1]))
         costs.append(StageCost(
             compute=part.times, comm=comm,
             send_forward_s=0.0 if last else send_forward, send_backward_s=0.0 if first else send_backward,
