@@ -27,7 +27,8 @@ one core's speed where all four computing would give the measured 0.466, while e
 waited a few milliseconds; 4 processes in pairs all-reducing 1.5 MiB after ~7–80 ms of work each
 kept the 2 cores 1.84–1.96 busy (process CPU time over wall clock) while each spent 4–14 ms per
 iteration inside the collective. Without it every 4-rank tensor-parallel plan was predicted 12–26 %
-too slow there; with it, re-predicting the same measured steps, +2 … +15 %.
+too slow there; with it (and the waits measured inside the collective), the full run at 7c38d3a
+had the 4-rank tensor-parallel plans at −6 … +9 % (``benchmarks/results/cost_model_cpu.md``).
 """
 
 from __future__ import annotations
@@ -125,27 +126,21 @@ def _speeds(running: list[int], in_tail: list[bool], weights: list[float], block
             ) -> dict[int, float]:
     """Work per second of each running pipeline rank: the fixed point of the processes computing
     on average and their rate (module docstring: blocked waits)."""
-    def computing(r: int, rho: float) -> float:  # the fraction of its time a process computes
-        beta = 0.0 if in_tail[r] else blocked[r]
-        busy = (1 - beta) / rho
-        return busy / (busy + beta / all_busy) if busy > 0 else 0.0
+    beta = {r: 0.0 if in_tail[r] else blocked[r] for r in running}
+
+    def computing(rho: float) -> float:  # processes computing on average at rate rho
+        return sum(weights[r] * (1 - beta[r]) / rho / ((1 - beta[r]) / rho + beta[r] / all_busy)
+                   for r in running)
 
     rho = rate(sum(weights[r] for r in running))
-    for _ in range(50):
-        k = sum(weights[r] * computing(r, rho) for r in running)
-        new = rate(k)
-        if abs(new - rho) < 1e-9:
-            break
-        rho = new
-    k = sum(weights[r] * computing(r, rho) for r in running)
-    speed = {}
-    for r in running:
-        if in_tail[r]:
-            speed[r] = tail_rate(k)
-        else:
-            beta = blocked[r]
-            speed[r] = 1.0 / ((1 - beta) / rho + beta / all_busy)
-    return speed
+    if any(beta.values()):
+        for _ in range(50):  # monotone from below: rate(k(rho)) grows with rho
+            rho, previous = rate(computing(rho)), rho
+            if abs(rho - previous) < 1e-9:
+                break
+    k = computing(rho)
+    return {r: tail_rate(k) if in_tail[r] else 1.0 / ((1 - beta[r]) / rho + beta[r] / all_busy)
+            for r in running}
 
 
 def _finish(r: int, lists: list[list[Action]], position: list[int], remaining: list[float | None],
